@@ -1,0 +1,1 @@
+"""Example models, datasets and training scripts (installed as ``tm_tensorboard.examples``)."""

@@ -1,0 +1,30 @@
+"""tm-tensorboard: layer-by-layer invariance and equivariance of neural networks, live in TensorBoard."""
+from setuptools import setup
+
+setup(
+    name="tm-tensorboard",
+    version="0.1.0",
+    description="Measure how invariant / equivariant every layer and unit of a PyTorch network is to input "
+    "transformations while it trains, and see it in TensorBoard's Invariance tab.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    # examples/ ships as tm_tensorboard.examples so that the `demo` command finds its models.
+    packages=["tm_tensorboard", "tm_tensorboard.examples"],
+    package_dir={"tm_tensorboard": "tm_tensorboard", "tm_tensorboard.examples": "examples"},
+    install_requires=[
+        "torch>=2.1,<3",
+        "tensorboard>=2.21,<3",
+        "protobuf>=6.31.1,<8",
+        "numpy>=1.24",
+        "werkzeug>=1.0.1",
+    ],
+    extras_require={
+        # pytest runs the suite; playwright drives Debian's Chromium in the browser tests (never
+        # `playwright install`); grpcio-tools checks the committed *_pb2.py against the .proto; tbparse
+        # and scipy are independent readers / references the tests compare against.
+        "test": ["pytest>=7", "playwright>=1.40", "grpcio-tools>=1.62", "tbparse>=0.0.8", "scipy>=1.10"],
+        # The reference implementation the benchmarks compare speed and numbers against.
+        "bench": ["tmeasures==1.2.11", "statsmodels"],
+    },
+)
