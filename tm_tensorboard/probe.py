@@ -1,0 +1,133 @@
+"""The probe: the fixed samples a measurement transforms, gathered from whatever the user has at hand."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+__all__ = ["Probe", "as_probe"]
+
+
+@dataclass
+class Probe:
+    """Images [N, ...] and optional integer class labels [N] (kept on the host for grouping)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device | str) -> "Probe":
+        return Probe(self.images.to(device), self.labels)
+
+    def shard(self, rank: int, world_size: int) -> "Probe":
+        """This process's contiguous share of the samples (possibly empty)."""
+        n = len(self)
+        lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+        return Probe(self.images[lo:hi], None if self.labels is None else self.labels[lo:hi])
+
+
+def _tensor(x: Any, what: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    if isinstance(x, (int, float, np.integer, np.floating)) and what == "label":
+        return torch.tensor(x)
+    raise TypeError(
+        f"probe {what}s must be tensors or numpy arrays, got {type(x).__name__}"
+        + ("; add a ToTensor()-like transform to the dataset" if what == "image" else "")
+    )
+
+
+def _split_item(item: Any) -> tuple[Any, Any]:
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        return item[0], item[1]
+    if isinstance(item, (tuple, list)) and len(item) == 1:
+        return item[0], None
+    return item, None
+
+
+def _from_items(items, num_samples: int | None, batched: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    images, labels, n = [], [], 0
+    for item in items:
+        x, y = _split_item(item)
+        x = _tensor(x, "image")
+        if not batched:
+            x = x.unsqueeze(0)
+        images.append(x)
+        if y is not None:
+            y = _tensor(y, "label").reshape(-1)
+            labels.append(y)
+        n += x.shape[0]
+        if num_samples is not None and n >= num_samples:
+            break
+    if not images:
+        raise ValueError("the probe dataset / loader yielded no samples")
+    if labels and len(labels) != len(images):
+        raise ValueError("some probe items have labels and others do not")
+    out_x = torch.cat(images)
+    out_y = torch.cat(labels) if labels else None
+    if num_samples is not None:
+        out_x, out_y = out_x[:num_samples], None if out_y is None else out_y[:num_samples]
+    return out_x, out_y
+
+
+def as_probe(probe: Any, labels: Any = None, num_samples: int | None = None) -> Probe:
+    """Normalize a tensor [N, ...], an ``(images, labels)`` pair, a Dataset or a DataLoader.
+
+    ``num_samples`` keeps the first N samples (required to be available). Raises ValueError / TypeError
+    naming what is wrong.
+    """
+    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 2):
+        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
+    pair_labels = None
+    if isinstance(probe, (torch.Tensor, np.ndarray)):
+        images = _tensor(probe, "image")
+    elif isinstance(probe, (tuple, list)) and len(probe) == 2 and isinstance(probe[0], (torch.Tensor, np.ndarray)):
+        images, pair_labels = _tensor(probe[0], "image"), _tensor(probe[1], "label")
+    elif isinstance(probe, DataLoader):
+        images, pair_labels = _from_items(iter(probe), num_samples, batched=True)
+    elif isinstance(probe, Dataset) and not isinstance(probe, IterableDataset):
+        n = len(probe) if num_samples is None else min(num_samples, len(probe))
+        images, pair_labels = _from_items((probe[i] for i in range(n)), None, batched=False)
+    elif isinstance(probe, IterableDataset):
+        images, pair_labels = _from_items(iter(probe), num_samples, batched=False)
+    else:
+        raise TypeError(
+            "probe must be a tensor [N, C, H, W], an (images, labels) pair, a Dataset or a DataLoader; "
+            f"got {type(probe).__name__}"
+        )
+    if labels is not None and pair_labels is not None:
+        raise ValueError("labels were given twice: in the probe and as labels=; pass them once")
+    if labels is not None:
+        pair_labels = _tensor(labels, "label")
+    if pair_labels is not None and pair_labels.dim() == 2 and pair_labels.shape[-1] == 1:
+        pair_labels = pair_labels.reshape(-1)
+    if pair_labels is not None and (pair_labels.dim() != 1 or pair_labels.shape[0] != images.shape[0]):
+        raise ValueError(
+            f"labels must be a 1-D sequence with one class index per sample: got shape {list(pair_labels.shape)} "
+            f"for {images.shape[0]} samples"
+        )
+    if num_samples is not None:
+        if images.shape[0] < num_samples:
+            raise ValueError(f"num_samples={num_samples} but the probe has only {images.shape[0]} samples")
+        images = images[:num_samples]
+        pair_labels = None if pair_labels is None else pair_labels[:num_samples]
+    if not images.is_floating_point():
+        images = images.float()
+    if images.dim() < 2:
+        raise ValueError(f"probe images must be shaped [N, ...] with N samples; got shape {list(images.shape)}")
+    if images.shape[0] < 2:
+        raise ValueError(
+            f"the probe has {images.shape[0]} sample(s); the sample variance needs at least 2 (256 or more is typical)"
+        )
+    if pair_labels is not None:
+        if pair_labels.is_floating_point() or pair_labels.is_complex() or pair_labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class indices, got dtype {pair_labels.dtype}")
+        pair_labels = pair_labels.detach().to("cpu", torch.int64)
+    return Probe(images.detach(), pair_labels)
