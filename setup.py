@@ -10,8 +10,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     # examples/ ships as tm_tensorboard.examples so that the `demo` command finds its models.
-    packages=["tm_tensorboard", "tm_tensorboard.examples"],
+    packages=["tm_tensorboard", "tm_tensorboard.proto", "tm_tensorboard.examples"],
     package_dir={"tm_tensorboard": "tm_tensorboard", "tm_tensorboard.examples": "examples"},
+    package_data={"tm_tensorboard.proto": ["*.proto"]},
     install_requires=[
         "torch>=2.1,<3",
         "tensorboard>=2.21,<3",

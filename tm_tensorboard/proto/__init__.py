@@ -1,0 +1,1 @@
+"""The plugin-data protobuf (plugin_data.proto) and its generated module."""
