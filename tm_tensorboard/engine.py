@@ -143,6 +143,7 @@ class Measurement:
         self.batch_size = batch_size
         self.stratified = stratified
         self.modules, self.explicit = select_modules(self.model, layers)
+        self._fits = False  # set once the model ran on a probe batch
 
     @property
     def needs_labels(self) -> bool:
@@ -167,6 +168,13 @@ class Measurement:
 
     def device(self, probe: Probe) -> torch.device:
         return _model_device(self.model, probe.images.device)
+
+    def discover(self, probe: Probe) -> list[LayerInfo]:
+        """Run one probe sample through the model to check that everything fits and learn the layers."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            observers, _ = self.stream(Probe(probe.images[:1], None if probe.labels is None else probe.labels[:1]), None)
+        return [o.info for o in observers.values()]
 
     def run(self, probe: Probe, *, classes: list[int] | None = None) -> MeasureResult:
         """Stream ``probe`` through the model and return the finalized result."""
@@ -225,7 +233,7 @@ class Measurement:
                 try:
                     output = model(batch)
                 except Exception as error:
-                    if lo:
+                    if self._fits or lo:  # explain only a first failure: the probe may not fit the model
                         raise
                     raise ValueError(
                         f"the model could not run on the transformed probe batch of shape {list(batch.shape)} "
@@ -233,6 +241,7 @@ class Measurement:
                     ) from error
                 if lo == 0:
                     self._check_observed(observers, skipped)
+                    self._fits = True
                 if accuracy is not None:
                     if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != batch.shape[0]:
                         raise ValueError(

@@ -1,0 +1,155 @@
+"""The two-line integration: measure every ``every`` training steps and log it for TensorBoard.
+
+    monitor = tm_tensorboard.Monitor(model, probe, tm_tensorboard.transforms.rotations(16), logdir="runs/rotated")
+    ...
+    monitor.step(global_step)   # in the training loop
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from . import metadata
+from .capture import LayerInfo, LayerSelector
+from .engine import DEFAULT_MEASURES, Measurement
+from .preserve import preserved_rng_state
+from .probe import as_probe
+from .result import MeasureResult
+from .summary import SummaryEmitter, run_config
+from .transforms import TransformationSet
+
+__all__ = ["Monitor"]
+
+
+def _open_writer(logdir: str | os.PathLike):
+    """A SummaryWriter for ``logdir``, after checking that the directory can be written."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    try:
+        os.makedirs(logdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=logdir):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write to logdir {os.fspath(logdir)!r}: {error}") from error
+    return SummaryWriter(log_dir=os.fspath(logdir))
+
+
+def _check_writer(writer) -> None:
+    if not hasattr(writer, "_get_file_writer"):
+        raise TypeError(f"writer must be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}")
+    if getattr(writer, "file_writer", None) is None:
+        raise ValueError("the SummaryWriter passed as writer= is closed; pass an open writer or logdir=")
+
+
+class Monitor:
+    """Measures ``model`` on a fixed probe every ``every`` steps and writes the results for TensorBoard.
+
+    Give either ``logdir=`` (the Monitor owns a writer for that run directory) or ``writer=`` (your
+    ``SummaryWriter``; both then write into the same run). Measuring never changes training: modes,
+    autograd, RNG states are restored and hooks removed. A failing measurement warns and training goes on,
+    unless ``strict=True``. Everything that can be checked is checked here, not at step 10,000.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: Any,
+        transformations: TransformationSet,
+        *,
+        logdir: str | os.PathLike | None = None,
+        writer=None,
+        every: int = 100,
+        layers: LayerSelector = None,
+        measures: Sequence[str] = DEFAULT_MEASURES,
+        labels: Any = None,
+        batch_size: int = 64,
+        stratified: bool = False,
+        num_samples: int | None = None,
+        namespace: str = metadata.DEFAULT_NAMESPACE,
+        strict: bool = False,
+    ):
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every must be an int >= 1 (measure every `every` steps), got {every!r}")
+        if (logdir is None) == (writer is None):
+            raise ValueError("give exactly one of logdir= (a run directory) or writer= (a SummaryWriter)")
+        if not namespace or "/" in namespace:
+            raise ValueError(f"namespace must be a non-empty tag prefix without '/', got {namespace!r}")
+        if writer is not None:
+            _check_writer(writer)
+        self.every = every
+        self.strict = strict
+        self._measurement = Measurement(
+            model, transformations, layers=layers, measures=measures, batch_size=batch_size, stratified=stratified
+        )
+        with preserved_rng_state():
+            samples = as_probe(probe, labels=labels, num_samples=num_samples)
+        self._measurement.check_probe(samples)
+        self._classes = self._measurement.classes(samples)
+        self._probe = samples.to(self._measurement.device(samples))  # moved once, not every step
+        self.layers: list[LayerInfo] = self._measurement.discover(self._probe)
+        self._owns_writer = writer is None
+        self.writer = _open_writer(logdir) if writer is None else writer
+        self._emitter = SummaryEmitter(self.writer, namespace)
+        self._last_step: int | None = None
+        config = run_config(
+            transformations,
+            self.layers,
+            self._measurement.measures,
+            probe_size=len(samples),
+            every=every,
+            batch_size=batch_size,
+            stratified=stratified,
+            classes=self._classes,
+        )
+        self._emitter.write_config(config, step=0)
+        self.writer.flush()
+
+    def step(self, global_step: int, *, force: bool = False) -> MeasureResult | None:
+        """Measure and log if ``global_step`` is a multiple of ``every`` (or ``force``); else do nothing.
+
+        Returns the MeasureResult when it measured, None otherwise.
+        """
+        if self.writer is None:
+            raise RuntimeError("this Monitor is closed")
+        if global_step == self._last_step or not (force or global_step % self.every == 0):
+            return None
+        self._last_step = global_step
+        try:
+            device = self._measurement.device(self._probe)
+            if self._probe.images.device != device:  # the model moved since the Monitor was made
+                self._probe = self._probe.to(device)
+            result = self._measurement.run(self._probe, classes=self._classes)
+            self._emitter.write_result(result, global_step)
+            self.writer.flush()
+        except Exception as error:
+            if self.strict:
+                raise
+            warnings.warn(
+                f"tm_tensorboard: measuring at step {global_step} failed and was skipped "
+                f"(training continues; strict=True raises instead): {error!r}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+        return result
+
+    def close(self) -> None:
+        """Flush; close the writer if the Monitor opened it (a writer you passed stays open)."""
+        if self.writer is None:
+            return
+        if self._owns_writer:
+            self.writer.close()
+        else:
+            self.writer.flush()
+        self.writer = None
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

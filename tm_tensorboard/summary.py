@@ -1,0 +1,158 @@
+"""Write side: turn measurement results into TensorBoard summaries in this plugin's format.
+
+One event per measured step carries every value: per-unit float32 vectors (per channel) of each
+(measure, layer), the vector of per-layer means of each measure, the accuracy per transformation, and
+each layer's mean again as an ordinary scalar for the Scalars tab and other tools. Summary metadata is
+attached the first time a tag is written through a writer, as TensorBoard's own writers do.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from google.protobuf import json_format
+from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+from . import __version__, metadata
+from .capture import LayerInfo
+from .measures import DEFINITIONS, MEASURE_GROUPS, finite_mean
+from .result import MeasureResult
+from .transforms import TransformationSet
+
+__all__ = ["layer_proto", "run_config", "SummaryEmitter"]
+
+AGGREGATION = "channel"
+
+
+def layer_proto(info: LayerInfo) -> metadata.Layer:
+    return metadata.Layer(
+        name=info.name, index=info.index, module_type=info.module_type, unit_shape=list(info.unit_shape)
+    )
+
+
+def _transformation_protos(transformations: TransformationSet) -> list:
+    out = []
+    for t in transformations:
+        ops = []
+        for op in t.ops:
+            numbers = [float(v) for v in op.params if not isinstance(v, str)]
+            axis = next((v for v in op.params if isinstance(v, str)), "")
+            ops.append(metadata.plugin_data_pb2.Op(kind=op.kind, values=numbers, axis=axis))
+        out.append(metadata.plugin_data_pb2.Transformation(label=t.label, ops=ops))
+    return out
+
+
+def run_config(
+    transformations: TransformationSet,
+    layers: list[LayerInfo],
+    measure_groups: tuple[str, ...],
+    *,
+    probe_size: int,
+    every: int,
+    batch_size: int,
+    stratified: bool,
+    classes: list[int] | None,
+) -> metadata.RunConfig:
+    """The run-level record of how the measures are taken."""
+    names = [m for g in measure_groups for m in (MEASURE_GROUPS[g] or (g,))]
+    return metadata.RunConfig(
+        library_version=__version__,
+        transformation_set_id=transformations.id,
+        interpolation=transformations.interpolation,
+        padding=transformations.padding,
+        transformations=_transformation_protos(transformations),
+        probe_size=probe_size,
+        layers=[layer_proto(info) for info in layers],
+        measures=[metadata.plugin_data_pb2.MeasureDefinition(name=n, description=DEFINITIONS[n]) for n in names],
+        stratified=stratified,
+        classes=classes or [],
+        every=every,
+        batch_size=batch_size,
+        aggregation=AGGREGATION,
+    )
+
+
+def _float_tensor(values: np.ndarray) -> tensor_pb2.TensorProto:
+    array = np.ascontiguousarray(values, dtype="<f4")
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in array.shape]
+        ),
+        tensor_content=array.tobytes(),
+    )
+
+
+def _string_tensor(text: str) -> tensor_pb2.TensorProto:
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_STRING, tensor_shape=tensor_shape_pb2.TensorShapeProto(), string_val=[text.encode()]
+    )
+
+
+class SummaryEmitter:
+    """Writes one namespace's summaries through a ``torch.utils.tensorboard.SummaryWriter``."""
+
+    def __init__(self, writer, namespace: str = metadata.DEFAULT_NAMESPACE):
+        self.writer = writer
+        self.namespace = namespace
+        self._described: set[str] = set()  # tags whose metadata this emitter already wrote
+
+    def _value(self, tag: str, tensor: tensor_pb2.TensorProto, data: metadata.PluginData) -> summary_pb2.Summary.Value:
+        value = summary_pb2.Summary.Value(tag=tag, tensor=tensor)
+        if tag not in self._described:
+            value.metadata.CopyFrom(metadata.create_summary_metadata(data))
+            self._described.add(tag)
+        return value
+
+    def _emit(self, values: list, step: int) -> None:
+        summary = summary_pb2.Summary(value=values)
+        self.writer._get_file_writer().add_summary(summary, step, time.time())
+
+    def write_config(self, config: metadata.RunConfig, step: int) -> None:
+        data = metadata.PluginData(
+            kind=metadata.RUN_CONFIG,
+            namespace=self.namespace,
+            transformation_set_id=config.transformation_set_id,
+            probe_size=config.probe_size,
+            aggregation=config.aggregation,
+            config=config,
+        )
+        text = json_format.MessageToJson(config, indent=None, preserving_proto_field_name=True)
+        self._emit([self._value(metadata.config_tag(self.namespace), _string_tensor(text), data)], step)
+
+    def write_result(self, result: MeasureResult, step: int) -> None:
+        """All of one measurement's values, as one event at ``step``."""
+        ns = self.namespace
+        common = dict(
+            namespace=ns,
+            transformation_set_id=result.transformations.id,
+            probe_size=result.num_samples,
+            aggregation=AGGREGATION,
+        )
+        values = []
+        for measure in result.measures:
+            layers = result.layers_of(measure)
+            means = []
+            for layer in layers:
+                info = result.layer_info(layer)
+                per_unit = result.get(measure, layer, per=AGGREGATION)
+                data = metadata.PluginData(
+                    kind=metadata.UNIT_VALUES, measure=measure, layer=layer_proto(info), **common
+                )
+                values.append(self._value(metadata.unit_tag(ns, measure, layer), _float_tensor(per_unit), data))
+                means.append(finite_mean(per_unit))
+                values.append(summary_pb2.Summary.Value(tag=metadata.scalar_tag(ns, measure, layer), simple_value=means[-1]))
+            data = metadata.PluginData(
+                kind=metadata.LAYER_MEANS,
+                measure=measure,
+                layers=[layer_proto(result.layer_info(layer)) for layer in layers],
+                **common,
+            )
+            values.append(self._value(metadata.means_tag(ns, measure), _float_tensor(np.array(means)), data))
+        if result.accuracy is not None:
+            data = metadata.PluginData(kind=metadata.ACCURACY, measure="accuracy", **common)
+            values.append(self._value(metadata.accuracy_tag(ns), _float_tensor(result.accuracy), data))
+            values.append(
+                summary_pb2.Summary.Value(tag=metadata.scalar_tag(ns, "accuracy"), simple_value=float(np.mean(result.accuracy)))
+            )
+        self._emit(values, step)
