@@ -7,7 +7,9 @@ from tensorboard.backend.event_processing import data_provider, plugin_event_mul
 
 def provider(logdir) -> data_provider.MultiplexerDataProvider:
     """A MultiplexerDataProvider over ``logdir`` keeping every step of every plugin."""
-    multiplexer = plugin_event_multiplexer.EventMultiplexer(tensor_size_guidance={"tm_invariance": 0, "scalars": 0})
+    multiplexer = plugin_event_multiplexer.EventMultiplexer(
+        tensor_size_guidance={"tm_invariance": 0, "tm_invariance_units": 0, "scalars": 0}
+    )
     multiplexer.AddRunsFromDirectory(str(logdir))
     multiplexer.Reload()
     return data_provider.MultiplexerDataProvider(multiplexer, str(logdir))

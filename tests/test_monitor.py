@@ -64,26 +64,37 @@ def test_logs_read_back_through_tensorboard(tmp_path):
     record: dict[int, tm.MeasureResult] = {}
     train(10, dict(every=4, measures=MEASURES), logdir=tmp_path / "run", record=record)
     assert sorted(record) == [4, 8]
-    p = provider(tmp_path)
-    tensors = p.list_tensors(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run"]
     some = record[4]
-    expected_tags = {metadata.unit_tag("invariance", m, layer) for m in some.measures for layer in some.layers_of(m)}
-    expected_tags |= {metadata.means_tag("invariance", m) for m in some.measures}
-    expected_tags |= {"invariance/accuracy", "invariance/config"}
-    assert set(tensors) == expected_tags
-    data = p.read_tensors(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME, downsample=1000, run_tag_filter=None)["run"]
+    p = provider(tmp_path)
+    everything = dict(experiment_id="", downsample=1000, run_tag_filter=None)
+
+    # Per-layer unit vectors, for other tools.
+    units = p.list_tensors(ctx(), experiment_id="", plugin_name=metadata.UNITS_PLUGIN_NAME)["run"]
+    assert set(units) == {metadata.unit_tag("invariance", m, l) for m in some.measures for l in some.layers_of(m)}
+    data = p.read_tensors(ctx(), plugin_name=metadata.UNITS_PLUGIN_NAME, **everything)["run"]
+    for tag, series in units.items():
+        info = metadata.parse_plugin_data(series.plugin_content)
+        assert info.kind == metadata.UNIT_VALUES
+        assert [d.step for d in data[tag]] == [4, 8]
+        for datum in data[tag]:
+            expected = record[datum.step].get(info.measure, info.layer.name)
+            assert datum.numpy.shape == expected.shape == (info.layer.num_units,)
+            np.testing.assert_allclose(datum.numpy, expected.astype(np.float32), rtol=1e-5)
+        assert tuple(info.layer.unit_shape) == some.layer_info(info.layer.name).unit_shape
+        assert info.layer.index == some.layers.index(info.layer.name)
+
+    # What the Invariance tab reads: snapshots (blob sequences), layer means, accuracy, configuration.
+    tensors = p.list_tensors(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run"]
+    assert set(tensors) == {metadata.means_tag("invariance", m) for m in some.measures} | {
+        "invariance/accuracy",
+        "invariance/config",
+    }
+    data = p.read_tensors(ctx(), plugin_name=metadata.PLUGIN_NAME, **everything)["run"]
     for tag, series in tensors.items():
         info = metadata.parse_plugin_data(series.plugin_content)
-        if info.kind == metadata.UNIT_VALUES:
-            assert [d.step for d in data[tag]] == [4, 8]
-            for datum in data[tag]:
-                expected = record[datum.step].get(info.measure, info.layer.name)
-                assert datum.numpy.shape == expected.shape
-                np.testing.assert_allclose(datum.numpy, expected.astype(np.float32), rtol=1e-5)
-            assert tuple(info.layer.unit_shape) == some.layer_info(info.layer.name).unit_shape
-            assert info.layer.index == some.layers.index(info.layer.name)
-        elif info.kind == metadata.LAYER_MEANS:
+        if info.kind == metadata.LAYER_MEANS:
             assert [layer.name for layer in info.layers] == some.layers_of(info.measure)
+            assert [d.step for d in data[tag]] == [4, 8]
             expected = list(record[8].layer_means(info.measure).values())
             np.testing.assert_allclose(data[tag][-1].numpy, expected, rtol=1e-5)
         elif info.kind == metadata.ACCURACY:
@@ -93,10 +104,23 @@ def test_logs_read_back_through_tensorboard(tmp_path):
             assert info.config.probe_size == 16 and len(info.config.transformations) == 4
             assert [layer.name for layer in info.config.layers] == some.layers
             assert info.config.transformations[1].label == "rotation 90°"
+    blobs = p.list_blob_sequences(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run"]
+    assert set(blobs) == {"invariance/units/invariance", "invariance/units/same_equivariance"}
+    sequences = p.read_blob_sequences(ctx(), plugin_name=metadata.PLUGIN_NAME, **everything)["run"]
+    for tag, series in blobs.items():
+        info = metadata.parse_plugin_data(series.plugin_content)
+        assert info.kind == metadata.UNIT_SNAPSHOT
+        for datum in sequences[tag]:
+            snapshot = metadata.decode_snapshot(p.read_blob(ctx(), blob_key=datum.values[0].blob_key), info)
+            for measure in info.measures:
+                for layer, values in zip(info.layers, snapshot[measure]):
+                    expected = record[datum.step].get(measure, layer.name).astype(np.float32)
+                    np.testing.assert_array_equal(values, expected)
+
+    # Each layer's mean as an ordinary scalar.
     scalars = p.list_scalars(ctx(), experiment_id="", plugin_name="scalars")["run"]
     assert metadata.scalar_tag("invariance", "nvi", "3") in scalars
-    points = p.read_scalars(ctx(), experiment_id="", plugin_name="scalars", downsample=1000,
-                            run_tag_filter=None)["run"][metadata.scalar_tag("invariance", "nvi", "3")]
+    points = p.read_scalars(ctx(), plugin_name="scalars", **everything)["run"][metadata.scalar_tag("invariance", "nvi", "3")]
     assert [(d.step, pytest.approx(d.value, rel=1e-5)) for d in points] == [
         (s, record[s].layer_means("nvi")["3"]) for s in (4, 8)
     ]
@@ -123,7 +147,7 @@ def test_users_summary_writer_one_writer_per_run(tmp_path):
     assert len(glob.glob(str(tmp_path / "run" / "events.out.tfevents.*"))) == 1
     p = provider(tmp_path)
     assert "loss" in p.list_scalars(ctx(), experiment_id="", plugin_name="scalars")["run"]
-    assert "invariance/nvi/0" in p.list_tensors(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run"]
+    assert "invariance/nvi/0" in p.list_tensors(ctx(), experiment_id="", plugin_name=metadata.UNITS_PLUGIN_NAME)["run"]
 
 
 def test_two_monitors_two_runs_do_not_mix(tmp_path):
@@ -134,13 +158,14 @@ def test_two_monitors_two_runs_do_not_mix(tmp_path):
     ra, rb = ma.step(0), mb.step(0)
     ma.close(), mb.close()
     p = provider(tmp_path)
-    tensors = p.list_tensors(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME)
+    tensors = p.list_tensors(ctx(), experiment_id="", plugin_name=metadata.UNITS_PLUGIN_NAME)
     assert "invariance/nvse/0" not in tensors["a"] and "invariance/nvi/9" in tensors["a"]
     assert "invariance/nvi/9" not in tensors["b"] and "invariance/nvse/3" in tensors["b"]
-    data = p.read_tensors(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME, downsample=10, run_tag_filter=None)
+    data = p.read_tensors(ctx(), experiment_id="", plugin_name=metadata.UNITS_PLUGIN_NAME, downsample=10, run_tag_filter=None)
     np.testing.assert_allclose(data["a"]["invariance/nvi/0"][0].numpy, ra.get("nvi", "0").astype(np.float32))
     np.testing.assert_allclose(data["b"]["invariance/nvi/0"][0].numpy, rb.get("nvi", "0").astype(np.float32))
-    config = metadata.parse_plugin_data(tensors["b"]["invariance/config"].plugin_content).config
+    config_series = p.list_tensors(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME)["b"]["invariance/config"]
+    config = metadata.parse_plugin_data(config_series.plugin_content).config
     assert config.transformation_set_id.startswith("flips(") and [l.name for l in config.layers] == ["0", "3"]
 
 

@@ -1,32 +1,41 @@
-"""Where the write side and the read side meet: plugin name, tag scheme and plugin data in and out.
+"""Where the write side and the read side meet: plugin names, tag scheme, plugin data and the snapshot
+blob format, in and out.
 
 Imports neither torch nor the SDK, so the TensorBoard plugin can use it.
 """
 from __future__ import annotations
 
+import numpy as np
 from google.protobuf import message
-
 from tensorboard.compat.proto import summary_pb2
 
 from .proto import plugin_data_pb2
 
 __all__ = [
     "PLUGIN_NAME",
+    "UNITS_PLUGIN_NAME",
     "PROTO_VERSION",
     "DEFAULT_NAMESPACE",
     "PluginData",
     "Layer",
     "RunConfig",
     "unit_tag",
+    "snapshot_tag",
     "means_tag",
     "accuracy_tag",
     "config_tag",
     "scalar_tag",
     "create_summary_metadata",
     "parse_plugin_data",
+    "encode_snapshot",
+    "decode_snapshot",
 ]
 
+# What the Invariance tab reads; TensorBoard is told to keep every step of it.
 PLUGIN_NAME = "tm_invariance"
+# Per-layer unit vectors for other tools (tbparse, scripts); TensorBoard samples these as usual, which
+# bounds its memory: the tab reads the same values from the per-step snapshots.
+UNITS_PLUGIN_NAME = "tm_invariance_units"
 PROTO_VERSION = 1
 DEFAULT_NAMESPACE = "invariance"
 
@@ -37,13 +46,19 @@ UNIT_VALUES = PluginData.UNIT_VALUES
 LAYER_MEANS = PluginData.LAYER_MEANS
 ACCURACY = PluginData.ACCURACY
 RUN_CONFIG = PluginData.RUN_CONFIG
+UNIT_SNAPSHOT = PluginData.UNIT_SNAPSHOT
 
 
-# Tags. Layer names never contain "/" (module names join attributes with "."), so a unit tag has three
-# parts and cannot collide with the two-part per-run tags.
+# Tags. Layer names never contain "/" (module names join attributes with "."), and measure names are
+# fixed, so the schemes below cannot collide.
 def unit_tag(namespace: str, measure: str, layer: str) -> str:
     """Per-unit values of one measure for one layer: ``invariance/nvi/conv1``."""
     return f"{namespace}/{measure}/{layer}"
+
+
+def snapshot_tag(namespace: str, group: str) -> str:
+    """Every unit of every layer for one measure group at each step: ``invariance/units/invariance``."""
+    return f"{namespace}/units/{group}"
 
 
 def means_tag(namespace: str, measure: str) -> str:
@@ -65,12 +80,14 @@ def scalar_tag(namespace: str, measure: str, layer: str | None = None) -> str:
     return f"{namespace}_mean/{measure}" if layer is None else f"{namespace}_mean/{measure}/{layer}"
 
 
-def create_summary_metadata(data: PluginData) -> summary_pb2.SummaryMetadata:
-    """Summary metadata for a tensor of this plugin (with DATA_CLASS_TENSOR, which the Rust reader needs)."""
+def create_summary_metadata(
+    data: PluginData, *, plugin_name: str = PLUGIN_NAME, blob_sequence: bool = False
+) -> summary_pb2.SummaryMetadata:
+    """Summary metadata with our plugin data and an explicit data class (the Rust reader needs one)."""
     data.version = PROTO_VERSION
     return summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=data.SerializeToString()),
-        data_class=summary_pb2.DATA_CLASS_TENSOR,
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin_name, content=data.SerializeToString()),
+        data_class=summary_pb2.DATA_CLASS_BLOB_SEQUENCE if blob_sequence else summary_pb2.DATA_CLASS_TENSOR,
     )
 
 
@@ -86,3 +103,20 @@ def parse_plugin_data(content: bytes) -> PluginData:
     if data.kind == PluginData.KIND_UNSPECIFIED:
         raise ValueError(f"{PLUGIN_NAME} plugin data without a kind")
     return data
+
+
+def encode_snapshot(rows: np.ndarray) -> bytes:
+    """A snapshot blob: float32 little-endian [measures, units of all layers]."""
+    return np.ascontiguousarray(rows, dtype="<f4").tobytes()
+
+
+def decode_snapshot(blob: bytes, data: PluginData) -> dict[str, list[np.ndarray]]:
+    """{measure: [values of each layer of ``data.layers``]}; ValueError if the blob does not fit."""
+    sizes = [layer.num_units for layer in data.layers]
+    total = sum(sizes)
+    values = np.frombuffer(blob, dtype="<f4")
+    if not data.measures or values.size != total * len(data.measures):
+        raise ValueError(f"snapshot of {values.size} values does not match {len(data.measures)} × {total} units")
+    rows = values.reshape(len(data.measures), total)
+    bounds = np.cumsum([0, *sizes])
+    return {m: [row[a:b] for a, b in zip(bounds[:-1], bounds[1:])] for m, row in zip(data.measures, rows)}

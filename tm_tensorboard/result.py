@@ -48,6 +48,11 @@ class MeasureResult:
         return self.classes is not None
 
     @property
+    def groups(self) -> list[str]:
+        """Measure groups in this result, e.g. ["invariance", "same_equivariance"]."""
+        return list(self._variances)
+
+    @property
     def measures(self) -> list[str]:
         """Per-unit measures available in this result."""
         return [m for group in self._variances for m in MEASURE_GROUPS[group]]

@@ -1,9 +1,10 @@
 """Write side: turn measurement results into TensorBoard summaries in this plugin's format.
 
-One event per measured step carries every value: per-unit float32 vectors (per channel) of each
-(measure, layer), the vector of per-layer means of each measure, the accuracy per transformation, and
-each layer's mean again as an ordinary scalar for the Scalars tab and other tools. Summary metadata is
-attached the first time a tag is written through a writer, as TensorBoard's own writers do.
+One event per measured step carries every value: for each measure group a snapshot blob of every unit
+of every layer (what the Invariance tab reads, with random access per step), the vector of per-layer
+means of each measure, the accuracy per transformation; and for other tools the per-unit float32
+vector (per channel) of each (measure, layer) and each layer's mean as an ordinary scalar. Summary
+metadata is attached the first time a tag is written through a writer, as TensorBoard's own writers do.
 """
 from __future__ import annotations
 
@@ -24,9 +25,13 @@ __all__ = ["layer_proto", "run_config", "SummaryEmitter"]
 AGGREGATION = "channel"
 
 
-def layer_proto(info: LayerInfo) -> metadata.Layer:
+def layer_proto(info: LayerInfo, num_units: int | None = None) -> metadata.Layer:
     return metadata.Layer(
-        name=info.name, index=info.index, module_type=info.module_type, unit_shape=list(info.unit_shape)
+        name=info.name,
+        index=info.index,
+        module_type=info.module_type,
+        unit_shape=list(info.unit_shape),
+        num_units=info.num_channels if num_units is None else num_units,
     )
 
 
@@ -89,6 +94,15 @@ def _string_tensor(text: str) -> tensor_pb2.TensorProto:
     )
 
 
+def _blob_tensor(blob: bytes) -> tensor_pb2.TensorProto:
+    """A blob sequence of length one (DT_STRING [1])."""
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_STRING,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]),
+        string_val=[blob],
+    )
+
+
 class SummaryEmitter:
     """Writes one namespace's summaries through a ``torch.utils.tensorboard.SummaryWriter``."""
 
@@ -97,10 +111,11 @@ class SummaryEmitter:
         self.namespace = namespace
         self._described: set[str] = set()  # tags whose metadata this emitter already wrote
 
-    def _value(self, tag: str, tensor: tensor_pb2.TensorProto, data: metadata.PluginData) -> summary_pb2.Summary.Value:
+    def _value(self, tag: str, tensor: tensor_pb2.TensorProto, data: metadata.PluginData, **kind) -> summary_pb2.Summary.Value:
+        """A tensor value; its metadata (``kind``: plugin_name, blob_sequence) only the first time."""
         value = summary_pb2.Summary.Value(tag=tag, tensor=tensor)
         if tag not in self._described:
-            value.metadata.CopyFrom(metadata.create_summary_metadata(data))
+            value.metadata.CopyFrom(metadata.create_summary_metadata(data, **kind))
             self._described.add(tag)
         return value
 
@@ -130,25 +145,25 @@ class SummaryEmitter:
             aggregation=AGGREGATION,
         )
         values = []
-        for measure in result.measures:
-            layers = result.layers_of(measure)
-            means = []
-            for layer in layers:
-                info = result.layer_info(layer)
-                per_unit = result.get(measure, layer, per=AGGREGATION)
-                data = metadata.PluginData(
-                    kind=metadata.UNIT_VALUES, measure=measure, layer=layer_proto(info), **common
-                )
-                values.append(self._value(metadata.unit_tag(ns, measure, layer), _float_tensor(per_unit), data))
-                means.append(finite_mean(per_unit))
-                values.append(summary_pb2.Summary.Value(tag=metadata.scalar_tag(ns, measure, layer), simple_value=means[-1]))
-            data = metadata.PluginData(
-                kind=metadata.LAYER_MEANS,
-                measure=measure,
-                layers=[layer_proto(result.layer_info(layer)) for layer in layers],
-                **common,
-            )
-            values.append(self._value(metadata.means_tag(ns, measure), _float_tensor(np.array(means)), data))
+        for group in result.groups:
+            measures = MEASURE_GROUPS[group]
+            layers = result.layers_of(measures[0])
+            per_unit = {m: [result.get(m, layer, per=AGGREGATION) for layer in layers] for m in measures}
+            protos = [layer_proto(result.layer_info(layer), len(v)) for layer, v in zip(layers, per_unit[measures[0]])]
+            snapshot = np.stack([np.concatenate(per_unit[m]) for m in measures])
+            data = metadata.PluginData(kind=metadata.UNIT_SNAPSHOT, measures=measures, layers=protos, **common)
+            blob = _blob_tensor(metadata.encode_snapshot(snapshot))
+            values.append(self._value(metadata.snapshot_tag(ns, group), blob, data, blob_sequence=True))
+            for measure in measures:
+                means = []
+                for layer, proto, vector in zip(layers, protos, per_unit[measure]):
+                    data = metadata.PluginData(kind=metadata.UNIT_VALUES, measure=measure, layer=proto, **common)
+                    tag = metadata.unit_tag(ns, measure, layer)
+                    values.append(self._value(tag, _float_tensor(vector), data, plugin_name=metadata.UNITS_PLUGIN_NAME))
+                    means.append(finite_mean(vector))
+                    values.append(summary_pb2.Summary.Value(tag=metadata.scalar_tag(ns, measure, layer), simple_value=means[-1]))
+                data = metadata.PluginData(kind=metadata.LAYER_MEANS, measure=measure, layers=protos, **common)
+                values.append(self._value(metadata.means_tag(ns, measure), _float_tensor(np.array(means)), data))
         if result.accuracy is not None:
             data = metadata.PluginData(kind=metadata.ACCURACY, measure="accuracy", **common)
             values.append(self._value(metadata.accuracy_tag(ns), _float_tensor(result.accuracy), data))
