@@ -1,0 +1,1 @@
+"""The TensorBoard plugin (read side): imports neither torch nor the SDK, only ``tm_tensorboard.metadata``."""

@@ -1,0 +1,341 @@
+"""The Invariance tab's backend: JSON routes over ``context.data_provider`` and the static frontend.
+
+Routes (relative to ``data/plugin/tm_invariance``):
+
+- ``/runs``: every (run, namespace) with its measures, layers (network order), accuracy, step range.
+- ``/units?run&namespace&measure[&step]``: every unit of every layer at one step (latest by default),
+  with the indices of dead units (tv = sv = 0) and the list of steps that have units.
+- ``/layer_means?run&namespace&measure[&downsample]``: per-layer means at every step (curves, layer ×
+  step heatmap, layer profile).
+- ``/accuracy?run&namespace[&downsample]``: accuracy per transformation at every step.
+- ``/config?run&namespace``: the run's configuration record.
+- ``/index.js`` and ``/static/<file>``: the frontend (a fixed list of files; nothing else is served).
+
+Bad or missing parameters give 400, unknown runs / measures / steps 404; steps come back sorted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from importlib import resources
+
+import numpy as np
+from google.protobuf import json_format
+from tensorboard import errors, plugin_util
+from tensorboard.backend import http_util
+from tensorboard.data import provider
+from tensorboard.plugins import base_plugin
+from werkzeug import wrappers
+
+from .. import metadata
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DOWNSAMPLE = 1000
+MAX_DOWNSAMPLE = 10000
+# Enough to hold every step of any run: reading blob references is cheap (no values).
+ALL_STEPS = 10**9
+MAX_PARAM_LENGTH = 1024
+_MIME = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png"}
+MEASURE_ORDER = ("tvi", "svi", "nvi", "tvse", "svse", "nvse")
+
+
+def _number(value: float) -> float | str:
+    """A JSON-safe number with float32 precision; non-finite values as TensorBoard spells them."""
+    if math.isfinite(value):
+        return float(f"{value:.7g}")
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _numbers(values: np.ndarray) -> list:
+    return [_number(v) for v in np.asarray(values, dtype=np.float64).tolist()]
+
+
+def _json(request, payload: dict) -> wrappers.Response:
+    return http_util.Respond(request, json.dumps(payload, ensure_ascii=False), "application/json; charset=utf-8")
+
+
+def _param(request, name: str, *, required: bool = True) -> str | None:
+    value = request.args.get(name)
+    if value is None or value == "":
+        if required:
+            raise errors.InvalidArgumentError(f"missing query parameter {name!r}")
+        return None
+    if len(value) > MAX_PARAM_LENGTH:
+        raise errors.InvalidArgumentError(f"query parameter {name!r} is too long")
+    return value
+
+
+def _int_param(request, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    text = _param(request, name, required=False)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise errors.InvalidArgumentError(f"query parameter {name!r} must be an integer, got {text!r}") from None
+    if not lo <= value <= hi:
+        raise errors.InvalidArgumentError(f"query parameter {name!r} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _layer_json(layer: metadata.Layer) -> dict:
+    return {
+        "name": layer.name,
+        "index": layer.index,
+        "module_type": layer.module_type,
+        "unit_shape": list(layer.unit_shape),
+        "num_units": layer.num_units,
+    }
+
+
+class InvariancePlugin(base_plugin.TBPlugin):
+    """Serves the Invariance tab."""
+
+    plugin_name = metadata.PLUGIN_NAME
+
+    def __init__(self, context: base_plugin.TBContext):
+        self._provider = context.data_provider
+        self._static: dict[str, tuple[bytes, str]] | None = None
+
+    def get_plugin_apps(self):
+        return {
+            "/index.js": self._serve_index,
+            "/static/*": self._serve_static,
+            "/runs": self._serve_runs,
+            "/units": self._serve_units,
+            "/layer_means": self._serve_layer_means,
+            "/accuracy": self._serve_accuracy,
+            "/config": self._serve_config,
+        }
+
+    def is_active(self) -> bool:
+        return False  # deprecated by TensorBoard: the frontend asks data_plugin_names instead
+
+    def data_plugin_names(self):
+        return (metadata.PLUGIN_NAME,)
+
+    def frontend_metadata(self):
+        return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Invariance")
+
+    # -- static files --------------------------------------------------------------------------------
+    def _files(self) -> dict[str, tuple[bytes, str]]:
+        """The frontend's files by name, read once; requests are looked up here, never on disk."""
+        if self._static is None:
+            root = resources.files("tm_tensorboard.frontend")
+            self._static = {
+                entry.name: (entry.read_bytes(), _MIME[suffix])
+                for entry in root.iterdir()
+                if entry.is_file() and (suffix := "." + entry.name.rsplit(".", 1)[-1]) in _MIME
+            }
+        return self._static
+
+    @wrappers.Request.application
+    def _serve_index(self, request):
+        content, mime = self._files()["index.js"]
+        return http_util.Respond(request, content, mime)
+
+    @wrappers.Request.application
+    def _serve_static(self, request):
+        name = request.path.rsplit("/static/", 1)[-1]
+        found = self._files().get(name)
+        if found is None:
+            raise errors.NotFoundError(f"no frontend file {name!r}")
+        return http_util.Respond(request, found[0], found[1])
+
+    # -- data access -----------------------------------------------------------------------------------
+    def _ids(self, request):
+        return plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
+
+    def _list(self, request, kind: str, run: str | None = None, tag: str | None = None) -> dict:
+        """{run: {tag: time series}} of this plugin's tensors ("tensor") or blob sequences ("blob").
+
+        A run whose data the provider cannot list (a corrupt file can leave a tag with metadata and no
+        values) is left out instead of failing the whole request.
+        """
+        ctx, eid = self._ids(request)
+        listing = self._provider.list_tensors if kind == "tensor" else self._provider.list_blob_sequences
+
+        def one(runs):
+            return listing(
+                ctx,
+                experiment_id=eid,
+                plugin_name=metadata.PLUGIN_NAME,
+                run_tag_filter=provider.RunTagFilter(runs=runs, tags=None if tag is None else [tag]),
+            )
+
+        try:
+            return one(None if run is None else [run])
+        except errors.PublicError:
+            raise
+        except Exception:
+            if run is not None:
+                logger.warning("tm-tensorboard: cannot list %s data of run %r", kind, run, exc_info=True)
+                return {}
+        ctx_runs = self._provider.list_runs(ctx, experiment_id=eid)
+        out = {}
+        for r in ctx_runs:
+            out.update(self._list(request, kind, r.run_name, tag))
+        return out
+
+    def _series(self, request, kind: str, run: str, tag: str | None = None) -> dict:
+        """{tag: (time series, plugin data)} of one run; foreign or future plugin data is skipped."""
+        out = {}
+        for name, series in self._list(request, kind, run, tag).get(run, {}).items():
+            try:
+                out[name] = (series, metadata.parse_plugin_data(series.plugin_content))
+            except ValueError:
+                continue
+        return out
+
+    def _one(self, request, kind: str, run: str, tag: str, what: str):
+        found = self._series(request, kind, run, tag)
+        if tag not in found:
+            raise errors.NotFoundError(f"no {what} for run {run!r}")
+        return found[tag]
+
+    def _read(self, request, run: str, tag: str, downsample: int) -> list:
+        ctx, eid = self._ids(request)
+        data = self._provider.read_tensors(
+            ctx,
+            experiment_id=eid,
+            plugin_name=metadata.PLUGIN_NAME,
+            downsample=downsample,
+            run_tag_filter=provider.RunTagFilter(runs=[run], tags=[tag]),
+        )
+        return sorted(data.get(run, {}).get(tag, []), key=lambda d: d.step)
+
+    # -- routes ----------------------------------------------------------------------------------------
+    @wrappers.Request.application
+    def _serve_runs(self, request):
+        listing = self._list(request, "tensor")
+        entries: dict[tuple[str, str], dict] = {}
+        for run, tags in listing.items():
+            for series in tags.values():
+                try:
+                    data = metadata.parse_plugin_data(series.plugin_content)
+                except ValueError:
+                    continue  # foreign or future data: skipped
+                entry = entries.setdefault(
+                    (run, data.namespace),
+                    {"run": run, "namespace": data.namespace, "layers": {}, "measure_layers": {},
+                     "accuracy": False, "config": False, "max_step": None},
+                )
+                if data.kind == metadata.LAYER_MEANS:
+                    entry["measure_layers"][data.measure] = [layer.name for layer in data.layers]
+                    entry["layers"].update((layer.name, _layer_json(layer)) for layer in data.layers)
+                    entry["max_step"] = max(series.max_step, entry["max_step"] or series.max_step)
+                elif data.kind == metadata.ACCURACY:
+                    entry["accuracy"] = True
+                elif data.kind == metadata.RUN_CONFIG:
+                    entry["config"] = True
+        rank = {m: i for i, m in enumerate(MEASURE_ORDER)}
+        runs = [
+            {
+                **entry,
+                "layers": sorted(entry["layers"].values(), key=lambda layer: layer["index"]),
+                "measures": sorted(entry["measure_layers"], key=lambda m: (rank.get(m, len(rank)), m)),
+            }
+            for _, entry in sorted(entries.items())
+        ]
+        return _json(request, {"runs": runs})
+
+    @wrappers.Request.application
+    def _serve_units(self, request):
+        run, namespace, measure = _param(request, "run"), _param(request, "namespace"), _param(request, "measure")
+        step = _int_param(request, "step", None, -(2**63), 2**63 - 1)
+        snapshots = [
+            (tag, data)
+            for tag, (_, data) in self._series(request, "blob", run).items()
+            if data.kind == metadata.UNIT_SNAPSHOT and data.namespace == namespace and measure in data.measures
+        ]
+        if not snapshots:
+            raise errors.NotFoundError(f"run {run!r} has no {measure!r} units in namespace {namespace!r}")
+        tag, data = snapshots[0]
+        ctx, eid = self._ids(request)
+        sequences = self._provider.read_blob_sequences(
+            ctx,
+            experiment_id=eid,
+            plugin_name=metadata.PLUGIN_NAME,
+            downsample=ALL_STEPS,
+            run_tag_filter=provider.RunTagFilter(runs=[run], tags=[tag]),
+        )
+        points = sorted(sequences.get(run, {}).get(tag, []), key=lambda d: d.step)
+        if not points:
+            raise errors.NotFoundError(f"run {run!r} has no {measure!r} units yet")
+        chosen = points[-1] if step is None else next((p for p in points if p.step == step), None)
+        if chosen is None or not chosen.values:
+            raise errors.NotFoundError(f"run {run!r} has no {measure!r} units at step {step}")
+        blob = self._provider.read_blob(ctx, blob_key=chosen.values[0].blob_key)
+        try:
+            snapshot = metadata.decode_snapshot(blob, data)
+        except ValueError as error:
+            raise errors.NotFoundError(f"run {run!r}, step {chosen.step}: unreadable units ({error})") from None
+        # Dead units: no variance at all (tv = sv = 0), whatever the measure shown.
+        tv = next((snapshot[m] for m in data.measures if m.startswith("tv")), None)
+        sv = next((snapshot[m] for m in data.measures if m.startswith("sv")), None)
+        layers = []
+        for i, layer in enumerate(data.layers):
+            dead = np.flatnonzero((tv[i] <= 0) & (sv[i] <= 0)) if tv is not None and sv is not None else []
+            layers.append({**_layer_json(layer), "values": _numbers(snapshot[measure][i]), "dead": [int(u) for u in dead]})
+        return _json(
+            request,
+            {
+                "run": run,
+                "namespace": namespace,
+                "measure": measure,
+                "step": chosen.step,
+                "steps": [p.step for p in points],
+                "layers": layers,
+            },
+        )
+
+    @wrappers.Request.application
+    def _serve_layer_means(self, request):
+        run, namespace, measure = _param(request, "run"), _param(request, "namespace"), _param(request, "measure")
+        downsample = _int_param(request, "downsample", DEFAULT_DOWNSAMPLE, 1, MAX_DOWNSAMPLE)
+        tag = metadata.means_tag(namespace, measure)
+        _, data = self._one(request, "tensor", run, tag, f"{measure!r} layer means")
+        if data.kind != metadata.LAYER_MEANS:
+            raise errors.NotFoundError(f"{measure!r} is not a per-layer measure")
+        points = self._read(request, run, tag, downsample)
+        names = [layer.name for layer in data.layers]
+        return _json(
+            request,
+            {
+                "run": run,
+                "namespace": namespace,
+                "measure": measure,
+                "layers": names,
+                "steps": [p.step for p in points],
+                "values": [_numbers(p.numpy) for p in points if p.numpy.shape == (len(names),)],
+            },
+        )
+
+    @wrappers.Request.application
+    def _serve_accuracy(self, request):
+        run, namespace = _param(request, "run"), _param(request, "namespace")
+        downsample = _int_param(request, "downsample", DEFAULT_DOWNSAMPLE, 1, MAX_DOWNSAMPLE)
+        tag = metadata.accuracy_tag(namespace)
+        self._one(request, "tensor", run, tag, "accuracy")
+        config = self._series(request, "tensor", run, metadata.config_tag(namespace)).get(metadata.config_tag(namespace))
+        labels = [t.label for t in config[1].config.transformations] if config else []
+        points = self._read(request, run, tag, downsample)
+        return _json(
+            request,
+            {
+                "run": run,
+                "namespace": namespace,
+                "labels": labels,
+                "steps": [p.step for p in points],
+                "values": [_numbers(p.numpy) for p in points],
+            },
+        )
+
+    @wrappers.Request.application
+    def _serve_config(self, request):
+        run, namespace = _param(request, "run"), _param(request, "namespace")
+        _, data = self._one(request, "tensor", run, metadata.config_tag(namespace), "configuration")
+        config = json_format.MessageToDict(data.config, preserving_proto_field_name=True)
+        return _json(request, {"run": run, "namespace": namespace, "config": config})
