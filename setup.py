@@ -10,9 +10,21 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     # examples/ ships as tm_tensorboard.examples so that the `demo` command finds its models.
-    packages=["tm_tensorboard", "tm_tensorboard.proto", "tm_tensorboard.examples"],
-    package_dir={"tm_tensorboard": "tm_tensorboard", "tm_tensorboard.examples": "examples"},
-    package_data={"tm_tensorboard.proto": ["*.proto"]},
+    # frontend/ ships as tm_tensorboard.frontend (static files the plugin serves).
+    packages=[
+        "tm_tensorboard",
+        "tm_tensorboard.proto",
+        "tm_tensorboard.plugin",
+        "tm_tensorboard.frontend",
+        "tm_tensorboard.examples",
+    ],
+    package_dir={
+        "tm_tensorboard": "tm_tensorboard",
+        "tm_tensorboard.frontend": "frontend",
+        "tm_tensorboard.examples": "examples",
+    },
+    package_data={"tm_tensorboard.proto": ["*.proto"], "tm_tensorboard.frontend": ["*.js", "*.css", "*.svg"]},
+    entry_points={"tensorboard_plugins": ["tm_invariance = tm_tensorboard.plugin.loader:InvarianceLoader"]},
     install_requires=[
         "torch>=2.1,<3",
         "tensorboard>=2.21,<3",
