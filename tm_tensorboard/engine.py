@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .capture import Capture, LayerInfo, LayerSelector, select_modules, unwrap
 from .measures import MEASURE_GROUPS
 from .preserve import preserved_rng_state, preserved_training_state
@@ -177,11 +178,73 @@ class Measurement:
         return [o.info for o in observers.values()]
 
     def run(self, probe: Probe, *, classes: list[int] | None = None) -> MeasureResult:
-        """Stream ``probe`` through the model and return the finalized result."""
+        """Stream ``probe`` through the model and return the finalized result.
+
+        Under torch.distributed every rank passes the same probe, streams its shard of it, and gets the
+        same merged result.
+        """
+        if distributed.process_group() is not None:
+            return self._run_distributed(probe, classes)
         self.check_probe(probe)
         classes = classes if classes is not None else self.classes(probe)
         observers, accuracy = self.stream(probe, classes)
         return self.finalize(observers, accuracy, len(probe), classes)
+
+    def _run_distributed(self, probe: Probe, classes: list[int] | None) -> MeasureResult:
+        rank, world = distributed.process_group()
+        # 1. Local checks, then agree that every rank can go on and measures the same thing.
+        error = None
+        try:
+            self.check_probe(probe)
+            classes = classes if classes is not None else self.classes(probe)
+        except Exception as caught:
+            error = caught
+        distributed.exchange_status(
+            error,
+            (
+                self.transformations.id,
+                self.measures,
+                [name for name, _ in self.modules],
+                [tuple(b.shape) for b in self.model.buffers()],
+                len(probe),
+                tuple(probe.images.shape[1:]),
+                classes,
+            ),
+        )
+        # 2. Stream this rank's shard (with rank 0's buffers), then agree on the outcome.
+        observers, accuracy = {}, None
+        with distributed.rank0_buffers(self.model):
+            try:
+                shard = probe.shard(rank, world)
+                if len(shard):
+                    observers, accuracy = self.stream(shard, classes)
+                else:  # nothing to stream, but this rank still holds (empty) states for the merge
+                    observers, accuracy = self._empty_states(probe, classes)
+            except Exception as caught:
+                error = caught
+        distributed.exchange_status(error, [(o.info.name, o.info.unit_shape, tuple(o.states)) for o in observers.values()])
+        # 3. Merge every state across ranks, exactly.
+        shards = [probe.shard(r, world) for r in range(world)]
+        for observer in observers.values():
+            for states in observer.states.values():
+                for k, state in enumerate(states):
+                    counts = [self._class_count(s, classes, k) for s in shards]
+                    states[k] = distributed.merge_variance(state, counts)
+        if accuracy is not None:
+            accuracy = distributed.merge_accuracy(accuracy, len(probe))
+        return self.finalize(observers, accuracy, len(probe), classes)
+
+    @staticmethod
+    def _class_count(shard: Probe, classes: list[int] | None, k: int) -> int:
+        """Samples of state k in a shard: all of them, or those of class ``classes[k]``."""
+        return len(shard) if classes is None else int((shard.labels == classes[k]).sum())
+
+    def _empty_states(self, probe: Probe, classes: list[int] | None) -> tuple[dict[str, _Observer], AccuracyState | None]:
+        T, device = len(self.transformations), self.device(probe)
+        groups = [g for g in self.measures if g != "accuracy"]
+        infos = self.discover(probe)
+        observers = {info.name: _Observer(info, groups, len(classes or [0]), T, device) for info in infos}
+        return observers, AccuracyState(T, device) if "accuracy" in self.measures else None
 
     def stream(
         self, probe: Probe, classes: list[int] | None

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import metadata
+from . import distributed, metadata
 from .capture import LayerInfo, LayerSelector
 from .engine import DEFAULT_MEASURES, Measurement
 from .preserve import preserved_rng_state
@@ -50,7 +50,8 @@ class Monitor:
     """Measures ``model`` on a fixed probe every ``every`` steps and writes the results for TensorBoard.
 
     Give either ``logdir=`` (the Monitor owns a writer for that run directory) or ``writer=`` (your
-    ``SummaryWriter``; both then write into the same run). Measuring never changes training: modes,
+    ``SummaryWriter``; both then write into the same run). Under torch.distributed every rank makes the
+    Monitor with the same probe and calls ``step`` at the same steps; only rank 0 writes. Measuring never changes training: modes,
     autograd, RNG states are restored and hooks removed. A failing measurement warns and training goes on,
     unless ``strict=True``. Everything that can be checked is checked here, not at step 10,000.
     """
@@ -75,11 +76,12 @@ class Monitor:
     ):
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be an int >= 1 (measure every `every` steps), got {every!r}")
-        if (logdir is None) == (writer is None):
+        self._writes = distributed.is_writer()  # under torch.distributed only rank 0 writes
+        if self._writes and (logdir is None) == (writer is None):
             raise ValueError("give exactly one of logdir= (a run directory) or writer= (a SummaryWriter)")
         if not namespace or "/" in namespace:
             raise ValueError(f"namespace must be a non-empty tag prefix without '/', got {namespace!r}")
-        if writer is not None:
+        if self._writes and writer is not None:
             _check_writer(writer)
         self.every = every
         self.strict = strict
@@ -92,29 +94,32 @@ class Monitor:
         self._classes = self._measurement.classes(samples)
         self._probe = samples.to(self._measurement.device(samples))  # moved once, not every step
         self.layers: list[LayerInfo] = self._measurement.discover(self._probe)
-        self._owns_writer = writer is None
-        self.writer = _open_writer(logdir) if writer is None else writer
-        self._emitter = SummaryEmitter(self.writer, namespace)
+        self._closed = False
         self._last_step: int | None = None
-        config = run_config(
-            transformations,
-            self.layers,
-            self._measurement.measures,
-            probe_size=len(samples),
-            every=every,
-            batch_size=batch_size,
-            stratified=stratified,
-            classes=self._classes,
-        )
-        self._emitter.write_config(config, step=0)
-        self.writer.flush()
+        self._owns_writer = writer is None
+        self.writer = None
+        if self._writes:
+            self.writer = _open_writer(logdir) if writer is None else writer
+            self._emitter = SummaryEmitter(self.writer, namespace)
+            config = run_config(
+                transformations,
+                self.layers,
+                self._measurement.measures,
+                probe_size=len(samples),
+                every=every,
+                batch_size=batch_size,
+                stratified=stratified,
+                classes=self._classes,
+            )
+            self._emitter.write_config(config, step=0)
+            self.writer.flush()
 
     def step(self, global_step: int, *, force: bool = False) -> MeasureResult | None:
         """Measure and log if ``global_step`` is a multiple of ``every`` (or ``force``); else do nothing.
 
         Returns the MeasureResult when it measured, None otherwise.
         """
-        if self.writer is None:
+        if self._closed:
             raise RuntimeError("this Monitor is closed")
         if global_step == self._last_step or not (force or global_step % self.every == 0):
             return None
@@ -124,8 +129,9 @@ class Monitor:
             if self._probe.images.device != device:  # the model moved since the Monitor was made
                 self._probe = self._probe.to(device)
             result = self._measurement.run(self._probe, classes=self._classes)
-            self._emitter.write_result(result, global_step)
-            self.writer.flush()
+            if self._writes:
+                self._emitter.write_result(result, global_step)
+                self.writer.flush()
         except Exception as error:
             if self.strict:
                 raise
@@ -140,6 +146,9 @@ class Monitor:
 
     def close(self) -> None:
         """Flush; close the writer if the Monitor opened it (a writer you passed stays open)."""
+        if self._closed:
+            return
+        self._closed = True
         if self.writer is None:
             return
         if self._owns_writer:
