@@ -112,10 +112,14 @@ def test_logs_read_back_through_tensorboard(tmp_path):
         assert info.kind == metadata.UNIT_SNAPSHOT
         for datum in sequences[tag]:
             snapshot = metadata.decode_snapshot(p.read_blob(ctx(), blob_key=datum.values[0].blob_key), info)
-            for measure in info.measures:
-                for layer, values in zip(info.layers, snapshot[measure]):
+            measures = [m for m in info.measures if m != metadata.DEAD_ROW]
+            assert info.measures == measures + [metadata.DEAD_ROW]
+            ratio = measures[2]  # nvi / nvse: its 0 / 0 units are the dead ones
+            for measure in measures:
+                for layer, values, dead in zip(info.layers, snapshot[measure], snapshot[metadata.DEAD_ROW]):
                     expected = record[datum.step].get(measure, layer.name).astype(np.float32)
                     np.testing.assert_array_equal(values, expected)
+                    np.testing.assert_array_equal(dead, record[datum.step].dead(ratio, layer.name))
 
     # Each layer's mean as an ordinary scalar.
     scalars = p.list_scalars(ctx(), experiment_id="", plugin_name="scalars")["run"]
@@ -229,3 +233,25 @@ def test_bad_input_fails_at_construction(tmp_path):
     with pytest.raises(ValueError, match="valid module names"):
         tm.Monitor(model, images[:4], rot, logdir=tmp_path / "x", layers=["fc"])
     assert not (tmp_path / "x").exists()  # nothing was written by the failed constructions
+
+
+def test_new_measures_and_noise_floor_are_logged(tmp_path):
+    images, labels = _data()
+    groups = ("invariance", "equivariance_error", "goodfellow", "anova")
+    with tm.Monitor(small_cnn(), images[:8], tm.transforms.rot90(), logdir=tmp_path / "run", every=1, measures=groups,
+                    noise_floor=True, actions={"3": tm.actions.cyclic_shift(4)}, disk=True, alpha=0.05) as monitor:
+        result = monitor.step(0)
+    p = provider(tmp_path)
+    tensors = p.list_tensors(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run"]
+    assert {metadata.means_tag("invariance", m) for m in ("ee", "gf", "gfl", "gfg", "anova_f", "anova")} <= set(tensors)
+    config = metadata.parse_plugin_data(tensors["invariance/config"].plugin_content).config
+    assert config.noise_floor and config.disk and config.alpha == 0.05
+    assert config.actions["3"] == "cyclic_shift(4)" and config.actions["0"] == "identity"
+    assert config.layers[0].name == "input" and {d.name for d in config.measures} >= {"ee", "gf", "anova"}
+    blobs = p.list_blob_sequences(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run"]
+    rows = {tag: metadata.parse_plugin_data(s.plugin_content).measures for tag, s in blobs.items()}
+    assert rows["invariance/units/anova"] == ["anova_f", "anova"]  # no ratio, no dead row
+    assert rows["invariance/units/goodfellow"] == ["gfl", "gfg", "gf", metadata.DEAD_ROW]
+    means = p.read_tensors(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME, downsample=10,
+                           run_tag_filter=None)["run"]["invariance/ee"][0].numpy
+    np.testing.assert_allclose(means, list(result.layer_means("ee").values()), rtol=1e-5)

@@ -12,6 +12,7 @@ import tm_tensorboard as tm
 from tm_tensorboard import transforms as T
 from tm_tensorboard.engine import Measurement
 from tm_tensorboard.probe import as_probe
+from tm_tensorboard.statistics import AccuracyState
 from models import small_cnn
 
 
@@ -198,11 +199,19 @@ def test_streaming_runs_on_the_meta_device():
     """Every state tensor lives on the model's device: nothing is created on the host mid-way."""
     model = small_cnn().to("meta")
     probe = as_probe(torch.randn(6, 3, 8, 8), labels=torch.randint(0, 5, (6,))).to("meta")
-    session = Measurement(model, T.rotations(3), measures=("invariance", "same_equivariance", "accuracy"),
-                          batch_size=4, stratified=False)
-    observers, accuracy = session.stream(probe, None)
+    groups = ("invariance", "same_equivariance", "equivariance_error", "goodfellow", "anova", "accuracy")
+    session = Measurement(model, T.rotations(3), measures=groups, batch_size=4, stratified=True, noise_floor=True)
+    observers, accuracy = {}, AccuracyState(3, torch.device("meta"))
+    for phase in session.phases:
+        session.stream(probe, [0, 1, 2, 3, 4], phase, observers, accuracy)
+        for observer in observers.values():
+            for m in observer.measures.values():
+                m.finish(phase)
+    assert session.phases == ["thresholds", "global", "transformed"]
     assert accuracy.correct.device.type == "meta"
+    assert "input" in observers and len(observers["3"].measures) == 5
     for observer in observers.values():
-        for states in observer.states.values():
-            for state in states:
-                assert all(t.device.type == "meta" for t in state.tensors())
+        for m in observer.measures.values():
+            for phase in m.phases:
+                for states in m.states(phase):
+                    assert all(t.device.type == "meta" for state in states for t in state.tensors())

@@ -16,12 +16,13 @@ _LAZY = {
     "MeasureResult": ("tm_tensorboard.result", "MeasureResult"),
     "Monitor": ("tm_tensorboard.monitor", "Monitor"),
     "transforms": ("tm_tensorboard.transforms", None),
+    "actions": ("tm_tensorboard.actions", None),
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import transforms
+    from . import actions, transforms
     from .engine import measure
     from .monitor import Monitor
     from .result import MeasureResult

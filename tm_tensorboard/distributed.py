@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .statistics import AccuracyState, VarianceState
+from .statistics import AccuracyState, StreamingState
 
-__all__ = ["process_group", "exchange_status", "merge_variance", "merge_accuracy", "is_writer", "rank0_buffers"]
+__all__ = ["process_group", "exchange_status", "merge_state", "merge_accuracy", "is_writer", "rank0_buffers"]
 
 
 def process_group() -> tuple[int, int] | None:
@@ -80,23 +80,20 @@ def _gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     return parts
 
 
-def merge_variance(state: VarianceState, counts: list[int]) -> VarianceState:
-    """The merge of every rank's ``state`` (rank r streamed ``counts[r]`` samples), in rank order."""
+def merge_state(state: StreamingState, counts: list[int]) -> None:
+    """Replace ``state`` by the merge of every rank's copy (rank r streamed ``counts[r]`` samples), folded
+    in rank order with the state's own ``merge``."""
     tensors = state.tensors()
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    merged = None
-    for count, part in zip(counts, _gather(flat)):
-        pieces = list(torch.split(part, [t.numel() for t in tensors]))
-        rank_state = VarianceState.from_tensors(count, [p.view_as(t) for p, t in zip(pieces, tensors)])
-        if merged is None:
-            merged = rank_state
+    for rank, (count, part) in enumerate(zip(counts, _gather(flat))):
+        pieces = [p.view_as(t) for p, t in zip(torch.split(part, [t.numel() for t in tensors]), tensors)]
+        if rank == 0:
+            state.load(count, pieces)
         else:
-            merged.merge(rank_state)
-    return merged
+            state.merge(state.empty().load(count, pieces))
 
 
-def merge_accuracy(state: AccuracyState, total: int) -> AccuracyState:
+def merge_accuracy(state: AccuracyState, total: int) -> None:
     """Sum the correct counts of all ranks (``total`` = probe size)."""
     dist.all_reduce(state.correct, op=dist.ReduceOp.SUM)
     state.count = total
-    return state

@@ -2,32 +2,43 @@
 
 For each chunk of b probe samples the b·T batch of all their transformations is built in one batched
 call on the model's device and forwarded once (eval mode, no autograd). Forward hooks view each
-observed output as [b, T, units] and fold it into that activation's streaming state on the spot, so no
+observed output as [b, T, units] and fold it into that activation's streaming states on the spot, so no
 activation is kept (memory is O(state)) and a later in-place op cannot alter what was measured. After
-the last chunk each activation's state is finalized on the device and copied to the host once.
+the last chunk each activation's states are finalized on the device and copied to the host once.
+(Goodfellow's thresholds need two extra passes over the untransformed probe first.)
 """
 from __future__ import annotations
 
-import math
+import fnmatch
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import distributed
+from .actions import FeatureAction, identity
 from .capture import Capture, LayerInfo, LayerSelector, select_modules, unwrap
+from .layer_measures import GROUPS, TRANSFORMED, UNTRANSFORMED_PHASES, Chunk, MeasureOptions
 from .measures import MEASURE_GROUPS
 from .preserve import preserved_rng_state, preserved_training_state
 from .probe import Probe, as_probe
 from .result import MeasureResult
-from .statistics import AccuracyState, VarianceState
-from .transforms import TransformationSet
+from .statistics import AccuracyState
+from .transforms import Op, Transformation, TransformationSet
 
 __all__ = ["measure", "Measurement", "DEFAULT_MEASURES"]
 
 DEFAULT_MEASURES = ("invariance", "same_equivariance")
+INPUT_LAYER = "input"  # the noise floor: the identity network, observed before the model
+_UNTRANSFORMED = TransformationSet([Transformation((Op("identity", ()),))], "identity")
+
+Actions = FeatureAction | Mapping[str, FeatureAction] | None
+
+
+class LayerMeasureError(ValueError):
+    """A selected layer cannot be measured as asked (raised from inside the forward hooks)."""
 
 
 def measure(
@@ -41,16 +52,33 @@ def measure(
     labels: Any = None,
     stratified: bool = False,
     num_samples: int | None = None,
+    noise_floor: bool = False,
+    actions: Actions = None,
+    disk: bool = False,
+    alpha: float = 0.01,
 ) -> MeasureResult:
-    """Measure how invariant / same-equivariant every observed unit of ``model`` is to ``transformations``.
+    """Measure how invariant / equivariant every observed unit of ``model`` is to ``transformations``.
 
     ``probe``: a tensor [N, C, H, W], an ``(images, labels)`` pair, a Dataset or a DataLoader (its first
-    ``num_samples`` samples). ``measures``: any of "invariance", "same_equivariance", "accuracy" (needs
-    labels). ``batch_size``: probe samples per forward pass (each pass sees batch_size × T images).
-    ``stratified=True`` measures every class separately and reports the mean (needs labels).
+    ``num_samples`` samples). ``measures``: groups among "invariance", "same_equivariance",
+    "equivariance_error", "goodfellow", "anova", "accuracy" (needs labels). ``batch_size``: probe samples
+    per forward pass (each pass sees batch_size × T images). ``stratified=True`` measures every class
+    separately and reports the mean (needs labels). ``noise_floor=True`` also measures the input itself
+    (layer "input"). ``actions``: the equivariance error's feature action, one for all layers or
+    {glob pattern: action}. ``disk``: equivariance error inside the central disk only. ``alpha``: ANOVA
+    level (Bonferroni-corrected over each layer's units).
     """
     session = Measurement(
-        model, transformations, layers=layers, measures=measures, batch_size=batch_size, stratified=stratified
+        model,
+        transformations,
+        layers=layers,
+        measures=measures,
+        batch_size=batch_size,
+        stratified=stratified,
+        noise_floor=noise_floor,
+        actions=actions,
+        disk=disk,
+        alpha=alpha,
     )
     with preserved_rng_state():  # reading a shuffling DataLoader draws random numbers
         samples = as_probe(probe, labels=labels, num_samples=num_samples)
@@ -65,42 +93,47 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
     return fallback
 
 
-class _Chunk:
-    """What the hooks need to know about the chunk being forwarded."""
+def _action_lookup(actions: Actions):
+    """layer name -> FeatureAction, from one action or {glob pattern: action} (first match; else identity)."""
+    if actions is None or isinstance(actions, FeatureAction):
+        action = actions or identity()
+        return lambda layer: action
+    if not isinstance(actions, Mapping) or not all(isinstance(a, FeatureAction) for a in actions.values()):
+        raise TypeError("actions must be a FeatureAction or a {layer name or glob pattern: FeatureAction} mapping")
+    items = list(actions.items())
 
-    def __init__(self, size: int, groups: list[tuple[int, torch.Tensor | None]]):
-        self.size = size
-        self.groups = groups  # (state index, row indices on the device or None for all rows)
+    def lookup(layer: str) -> FeatureAction:
+        return next((action for pattern, action in items if fnmatch.fnmatchcase(layer, pattern)), identity())
+
+    return lookup
 
 
 class _Observer:
-    """Streaming states of one activation: one VarianceState per (measure group, class)."""
+    """The measure groups' states on one activation."""
 
-    def __init__(self, info: LayerInfo, groups: list[str], num_classes: int, T: int, device: torch.device):
+    def __init__(self, info: LayerInfo, groups: Sequence[str], num_classes: int, transformations: TransformationSet,
+                 device: torch.device, options: MeasureOptions):
         self.info = info
-        units = math.prod(info.unit_shape)
-        self.states = {
-            g: [VarianceState(T, units, device) for _ in range(num_classes)]
-            for g in groups
-            if g == "invariance" or (g == "same_equivariance" and info.is_spatial)
+        self.measures = {
+            g: GROUPS[g](info, transformations, num_classes, device, options) for g in groups if GROUPS[g].applies(info)
         }
 
-    def update(self, activation: torch.Tensor, chunk: _Chunk, transformations: TransformationSet) -> None:
-        b, T = chunk.size, len(transformations)
-        for group, states in self.states.items():
-            values = transformations.invert_features(activation) if group == "same_equivariance" else activation
-            values = values.reshape(b, T, -1)
-            for state_index, rows in chunk.groups:
-                states[state_index].update(values if rows is None else values.index_select(0, rows))
+    def update(self, phase: str, activation: torch.Tensor, chunk: Chunk) -> None:
+        for m in self.measures.values():
+            if phase in m.phases:
+                m.update(phase, activation, chunk)
 
-    def finalize(self) -> dict[str, np.ndarray]:
-        """{group: [classes, 2, *unit_shape]} on the host, with one device-to-host copy."""
-        if not self.states:
+    def finalize(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+        """{group: (component names, [classes, components, *shape])} on the host, one device-to-host copy."""
+        if not self.measures:
             return {}
-        stacked = torch.stack([torch.stack([s.compute() for s in states]) for states in self.states.values()])
-        host = stacked.cpu().numpy()
-        shape = host.shape[1:3] + self.info.unit_shape
-        return {group: host[i].reshape(shape) for i, group in enumerate(self.states)}
+        computed = [m.compute() for m in self.measures.values()]
+        host = torch.cat([c.reshape(-1) for c in computed]).cpu().numpy()
+        out, start = {}, 0
+        for (group, m), c in zip(self.measures.items(), computed):
+            out[group] = (m.components, host[start : start + c.numel()].reshape(c.shape[:2] + m.unit_shape))
+            start += c.numel()
+        return out
 
 
 class Measurement:
@@ -115,6 +148,10 @@ class Measurement:
         measures: Sequence[str] = DEFAULT_MEASURES,
         batch_size: int = 64,
         stratified: bool = False,
+        noise_floor: bool = False,
+        actions: Actions = None,
+        disk: bool = False,
+        alpha: float = 0.01,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -136,13 +173,25 @@ class Measurement:
                 f"unknown measure(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
                 f"allowed: {', '.join(MEASURE_GROUPS)}"
             )
+        if "equivariance_error" in measures and transformations.identity_index is None:
+            raise ValueError(
+                "equivariance_error compares every transformed input with the untransformed one, so the "
+                "transformations must include the identity (rotations(n) and rot90() do; product() with a set "
+                "that has it does too)"
+            )
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int (probe samples per forward), got {batch_size!r}")
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
         self.model = unwrap(model)
         self.transformations = transformations
         self.measures = tuple(dict.fromkeys(measures))
+        self.groups = [g for g in self.measures if g != "accuracy"]
+        self.phases = [p for p in UNTRANSFORMED_PHASES if any(p in GROUPS[g].phases for g in self.groups)] + [TRANSFORMED]
         self.batch_size = batch_size
         self.stratified = stratified
+        self.noise_floor = noise_floor
+        self.options = MeasureOptions(actions=_action_lookup(actions), disk=disk, alpha=alpha)
         self.modules, self.explicit = select_modules(self.model, layers)
         self._fits = False  # set once the model ran on a probe batch
 
@@ -172,9 +221,11 @@ class Measurement:
 
     def discover(self, probe: Probe) -> list[LayerInfo]:
         """Run one probe sample through the model to check that everything fits and learn the layers."""
+        observers: dict[str, _Observer] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            observers, _ = self.stream(Probe(probe.images[:1], None if probe.labels is None else probe.labels[:1]), None)
+            first = Probe(probe.images[:1], None if probe.labels is None else probe.labels[:1])
+            self.stream(first, None, TRANSFORMED, observers, None, groups=())
         return [o.info for o in observers.values()]
 
     def run(self, probe: Probe, *, classes: list[int] | None = None) -> MeasureResult:
@@ -187,7 +238,13 @@ class Measurement:
             return self._run_distributed(probe, classes)
         self.check_probe(probe)
         classes = classes if classes is not None else self.classes(probe)
-        observers, accuracy = self.stream(probe, classes)
+        observers: dict[str, _Observer] = {}
+        accuracy = AccuracyState(len(self.transformations), self.device(probe)) if "accuracy" in self.measures else None
+        for phase in self.phases:
+            self.stream(probe, classes, phase, observers, accuracy)
+            for observer in observers.values():
+                for m in observer.measures.values():
+                    m.finish(phase)
         return self.finalize(observers, accuracy, len(probe), classes)
 
     def _run_distributed(self, probe: Probe, classes: list[int] | None) -> MeasureResult:
@@ -211,55 +268,68 @@ class Measurement:
                 classes,
             ),
         )
-        # 2. Stream this rank's shard (with rank 0's buffers), then agree on the outcome.
-        observers, accuracy = {}, None
+        # 2. Each phase: stream this rank's shard (with rank 0's buffers), agree on the outcome, merge.
+        shard = probe.shard(rank, world)
+        counts = [
+            [len(s)] if classes is None else [int((s.labels == c).sum()) for c in classes]
+            for s in (probe.shard(r, world) for r in range(world))
+        ]
+        observers: dict[str, _Observer] = {}
+        accuracy = AccuracyState(len(self.transformations), self.device(probe)) if "accuracy" in self.measures else None
         with distributed.rank0_buffers(self.model):
-            try:
-                shard = probe.shard(rank, world)
-                if len(shard):
-                    observers, accuracy = self.stream(shard, classes)
-                else:  # nothing to stream, but this rank still holds (empty) states for the merge
-                    observers, accuracy = self._empty_states(probe, classes)
-            except Exception as caught:
-                error = caught
-        distributed.exchange_status(error, [(o.info.name, o.info.unit_shape, tuple(o.states)) for o in observers.values()])
-        # 3. Merge every state across ranks, exactly.
-        shards = [probe.shard(r, world) for r in range(world)]
-        for observer in observers.values():
-            for states in observer.states.values():
-                for k, state in enumerate(states):
-                    counts = [self._class_count(s, classes, k) for s in shards]
-                    states[k] = distributed.merge_variance(state, counts)
+            for phase in self.phases:
+                try:
+                    if len(shard):
+                        self.stream(shard, classes, phase, observers, accuracy)
+                    elif not observers:  # nothing to stream, but this rank holds (empty) states for the merges
+                        observers.update(self._empty_observers(probe, classes))
+                except Exception as caught:
+                    error = caught
+                distributed.exchange_status(
+                    error, [(o.info.name, o.info.unit_shape, tuple(o.measures)) for o in observers.values()]
+                )
+                for observer in observers.values():
+                    for m in observer.measures.values():
+                        if phase in m.phases:
+                            for k, states in enumerate(m.states(phase)):
+                                for state in states:
+                                    distributed.merge_state(state, [c[k] for c in counts])
+                        m.finish(phase)
         if accuracy is not None:
-            accuracy = distributed.merge_accuracy(accuracy, len(probe))
+            distributed.merge_accuracy(accuracy, len(probe))
         return self.finalize(observers, accuracy, len(probe), classes)
 
-    @staticmethod
-    def _class_count(shard: Probe, classes: list[int] | None, k: int) -> int:
-        """Samples of state k in a shard: all of them, or those of class ``classes[k]``."""
-        return len(shard) if classes is None else int((shard.labels == classes[k]).sum())
-
-    def _empty_states(self, probe: Probe, classes: list[int] | None) -> tuple[dict[str, _Observer], AccuracyState | None]:
-        T, device = len(self.transformations), self.device(probe)
-        groups = [g for g in self.measures if g != "accuracy"]
-        infos = self.discover(probe)
-        observers = {info.name: _Observer(info, groups, len(classes or [0]), T, device) for info in infos}
-        return observers, AccuracyState(T, device) if "accuracy" in self.measures else None
+    def _empty_observers(self, probe: Probe, classes: list[int] | None) -> dict[str, _Observer]:
+        device = self.device(probe)
+        return {
+            info.name: _Observer(info, self.groups, len(classes or [0]), self.transformations, device, self.options)
+            for info in self.discover(probe)
+        }
 
     def stream(
-        self, probe: Probe, classes: list[int] | None
-    ) -> tuple[dict[str, _Observer], AccuracyState | None]:
-        """Forward the probe chunk by chunk, updating the states inside the hooks; returns the states."""
-        model, transformations, T = self.model, self.transformations, len(self.transformations)
-        device = self.device(probe)
-        groups = [g for g in self.measures if g != "accuracy"]
-        class_index = {c: i for i, c in enumerate(classes)} if classes is not None else None
-        observers: dict[str, _Observer] = {}
-        skipped: set[str] = set()
-        accuracy = AccuracyState(T, device) if "accuracy" in self.measures else None
-        chunk: _Chunk | None = None
+        self,
+        probe: Probe,
+        classes: list[int] | None,
+        phase: str,
+        observers: dict[str, _Observer],
+        accuracy: AccuracyState | None,
+        groups: Sequence[str] | None = None,
+    ) -> None:
+        """Forward the probe chunk by chunk for one phase, updating the states inside the hooks.
 
-        def on_output(name: str, module: nn.Module, output: object) -> None:
+        Observers are created on the first chunk that meets a layer; ``groups`` (default: the measured
+        ones) chooses which measure groups they hold.
+        """
+        model = self.model
+        transformations = self.transformations if phase == TRANSFORMED else _UNTRANSFORMED
+        T = len(transformations)
+        groups = self.groups if groups is None else groups
+        device = self.device(probe)
+        class_index = {c: i for i, c in enumerate(classes)} if classes is not None else None
+        skipped: set[str] = set()
+        chunk: Chunk | None = None
+
+        def on_output(name: str, module: nn.Module | None, output: object) -> None:
             if name in skipped:
                 return
             observer = observers.get(name)
@@ -272,31 +342,37 @@ class Measurement:
                         else f"returns a batch of {output.shape[0] if output.dim() else 0} rows for "
                         f"{chunk.size * T} inputs"
                     )
-                    if self.explicit:
-                        raise ValueError(f"layer {name!r} ({type(module).__name__}) {problem}; it cannot be measured")
+                    if self.explicit and module is not None:
+                        raise LayerMeasureError(f"layer {name!r} ({type(module).__name__}) {problem}; it cannot be measured")
                     skipped.add(name)
                     return
-                info = LayerInfo(name, len(observers), type(module).__name__, tuple(output.shape[1:]))
-                observer = observers[name] = _Observer(info, groups, len(classes or [0]), T, device)
+                module_type = "Input" if module is None else type(module).__name__
+                info = LayerInfo(name, len(observers), module_type, tuple(output.shape[1:]))
+                try:
+                    observer = observers[name] = _Observer(
+                        info, groups, len(classes or [0]), self.transformations, device, self.options
+                    )
+                except ValueError as error:  # a measure cannot apply to this layer (e.g. its feature action)
+                    raise LayerMeasureError(f"layer {name!r}: {error}") from error
             activation = output.detach()
             if activation.dtype not in (torch.float32, torch.float64):
                 activation = activation.float()
-            observer.update(activation, chunk, transformations)
+            observer.update(phase, activation, chunk)
 
-        images = probe.images
-        labels = probe.labels
-        n = len(probe)
+        images, labels, n = probe.images, probe.labels, len(probe)
         with preserved_training_state(model), Capture(self.modules, on_output) as capture:
             for lo in range(0, n, self.batch_size):
                 hi = min(lo + self.batch_size, n)
                 x = images[lo:hi].to(device, non_blocking=True)
-                chunk = _Chunk(hi - lo, self._groups(labels, lo, hi, class_index, device))
+                chunk = Chunk(hi - lo, self._groups(labels, lo, hi, class_index, device))
                 batch = transformations.apply(x)
+                if self.noise_floor:
+                    on_output(INPUT_LAYER, None, batch)
                 capture.start_forward()
                 try:
                     output = model(batch)
                 except Exception as error:
-                    if self._fits or lo:  # explain only a first failure: the probe may not fit the model
+                    if isinstance(error, LayerMeasureError) or self._fits or lo:  # explain a first model failure
                         raise
                     raise ValueError(
                         f"the model could not run on the transformed probe batch of shape {list(batch.shape)} "
@@ -305,14 +381,13 @@ class Measurement:
                 if lo == 0:
                     self._check_observed(observers, skipped)
                     self._fits = True
-                if accuracy is not None:
+                if accuracy is not None and phase == TRANSFORMED:
                     if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != batch.shape[0]:
                         raise ValueError(
                             "accuracy needs the model to return logits shaped [batch, classes]; got "
                             + (f"shape {list(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__)
                         )
                     accuracy.update(output, labels[lo:hi].to(device, non_blocking=True))
-        return observers, accuracy
 
     @staticmethod
     def _groups(labels, lo, hi, class_index, device) -> list[tuple[int, torch.Tensor | None]]:
@@ -344,12 +419,12 @@ class Measurement:
         classes: list[int] | None,
     ) -> MeasureResult:
         """One host copy per activation; NaN values are reported with a warning."""
-        variances: dict[str, dict[str, np.ndarray]] = {g: {} for g in self.measures if g != "accuracy"}
+        components: dict[str, dict] = {g: {} for g in self.groups}
         nan_layers = []
         for name, observer in observers.items():
-            for group, values in observer.finalize().items():
-                variances[group][name] = values
-                if np.isnan(values).any():
+            for group, (names, values) in observer.finalize().items():
+                components[group][name] = (names, values)
+                if np.isnan(values).any() and not (group == "equivariance_error" and self.options.disk):
                     nan_layers.append(name)
         if nan_layers:
             warnings.warn(
@@ -362,7 +437,8 @@ class Measurement:
             [o.info for o in observers.values()],
             self.transformations,
             num_samples,
-            variances,
+            components,
             accuracy.compute().cpu().numpy() if accuracy is not None else None,
             classes,
+            masked_groups=("equivariance_error",) if self.options.disk else (),
         )

@@ -1,35 +1,83 @@
-"""Names and definitions of the measures (tmeasures 1.2.11 conventions), and how results are reduced."""
+"""Names and definitions of the measures, and how per-element components become per-unit values.
+
+Every measure is computed from per-element *components* of one measure group (e.g. the invariance group
+streams TV and SV): a plain measure is one component, a ratio measure divides two with ``safe_divide``.
+Per channel, components are averaged over positions separately and then divided (tmeasures'
+AverageFeatureMaps), so ratios of channel means, not means of ratios.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MEASURE_GROUPS", "DEFINITIONS", "group_of", "safe_divide", "per_channel", "finite_mean"]
+__all__ = [
+    "MeasureSpec",
+    "SPECS",
+    "MEASURE_GROUPS",
+    "DEFINITIONS",
+    "group_of",
+    "safe_divide",
+    "per_channel",
+    "finite_mean",
+    "evaluate",
+]
 
-# What users ask for (measures=...) -> the per-unit measures it yields.
+
+@dataclass(frozen=True)
+class MeasureSpec:
+    name: str
+    group: str
+    components: tuple[str, ...]  # one: the value itself; two: numerator / denominator (safe_divide)
+    description: str
+
+    @property
+    def is_ratio(self) -> bool:
+        return len(self.components) == 2
+
+
+_SPECS = [
+    MeasureSpec("tvi", "invariance", ("tv",), "transformation variance: mean over samples of the std over transformations"),
+    MeasureSpec("svi", "invariance", ("sv",), "sample variance: mean over transformations of the std over samples"),
+    MeasureSpec("nvi", "invariance", ("tv", "sv"),
+                "normalized variance (invariance): tvi / svi; 0 = invariant, ~1 = varies as much as across samples"),
+    MeasureSpec("tvse", "same_equivariance", ("tv",), "transformation variance of inverse-transformed feature maps"),
+    MeasureSpec("svse", "same_equivariance", ("sv",), "sample variance of inverse-transformed feature maps"),
+    MeasureSpec("nvse", "same_equivariance", ("tv", "sv"),
+                "normalized variance of inverse-transformed feature maps (same-equivariance); 0 = same-equivariant"),
+    MeasureSpec("ee", "equivariance_error", ("mse", "var2"),
+                "equivariance error: mean (psi(f(x)) - g^-1 psi(f(g x)))^2 over samples and transformations / "
+                "(2 * sample variance of psi(f(x))); 0 = equivariant under the layer's feature action, ~1 = as "
+                "different as two random samples"),
+    MeasureSpec("gfl", "goodfellow", ("local",), "local firing rate: fraction of transformed inputs above the unit's threshold"),
+    MeasureSpec("gfg", "goodfellow", ("global",), "global firing rate: fraction of untransformed inputs above the threshold"),
+    MeasureSpec("gf", "goodfellow", ("local", "global"),
+                "Goodfellow invariance: local / global firing rate; threshold = mean + std * z(0.99) on untransformed inputs"),
+    MeasureSpec("anova_f", "anova", ("f",), "one-way ANOVA F statistic over transformation groups"),
+    MeasureSpec("anova", "anova", ("reject",),
+                "fraction of units whose ANOVA rejects 'the transformation has no effect' at level alpha, Bonferroni-"
+                "corrected over the layer's units"),
+]
+
+SPECS: dict[str, MeasureSpec] = {s.name: s for s in _SPECS}
+
+# What users ask for (measures=...) -> the per-unit measures it yields, in order.
 MEASURE_GROUPS: dict[str, tuple[str, ...]] = {
-    "invariance": ("tvi", "svi", "nvi"),
-    "same_equivariance": ("tvse", "svse", "nvse"),
+    **{g: tuple(s.name for s in _SPECS if s.group == g) for g in dict.fromkeys(s.group for s in _SPECS)},
     "accuracy": (),
 }
 
 DEFINITIONS: dict[str, str] = {
-    "tvi": "transformation variance: mean over samples of the std over transformations",
-    "svi": "sample variance: mean over transformations of the std over samples",
-    "nvi": "normalized variance (invariance): tvi / svi; 0 = invariant, ~1 = varies as much as across samples",
-    "tvse": "transformation variance of inverse-transformed feature maps (same-equivariance)",
-    "svse": "sample variance of inverse-transformed feature maps (same-equivariance)",
-    "nvse": "normalized variance of inverse-transformed feature maps; 0 = same-equivariant",
+    **{s.name: s.description for s in _SPECS},
     "accuracy": "top-1 accuracy of the model output for each transformation",
 }
 
 
 def group_of(measure: str) -> str:
     """The group a per-unit measure belongs to; ValueError listing the valid names otherwise."""
-    for group, names in MEASURE_GROUPS.items():
-        if measure in names:
-            return group
-    valid = [m for names in MEASURE_GROUPS.values() for m in names]
-    raise ValueError(f"unknown measure {measure!r}; valid measures: {', '.join(valid)}")
+    if measure not in SPECS:
+        raise ValueError(f"unknown measure {measure!r}; valid measures: {', '.join(SPECS)}")
+    return SPECS[measure].group
 
 
 def safe_divide(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -44,13 +92,24 @@ def safe_divide(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def per_channel(values: np.ndarray) -> np.ndarray:
-    """Average per-element values of one sample's units [C, ...] over everything but the channel axis."""
+def per_channel(values: np.ndarray, masked: bool = False) -> np.ndarray:
+    """Average per-element values of one sample's units [C, ...] over everything but the channel axis.
+
+    ``masked``: positions holding NaN were excluded (the equivariance error's central disk) and are skipped.
+    """
     if values.ndim == 0:
         return values.reshape(1)
     if values.ndim == 1:
         return values
-    return values.reshape(values.shape[0], -1).mean(axis=1)
+    flat = values.reshape(values.shape[0], -1)
+    return np.nanmean(flat, axis=1) if masked else flat.mean(axis=1)
+
+
+def evaluate(spec: MeasureSpec, components: dict[str, np.ndarray]) -> np.ndarray:
+    """The measure from its (already reduced) components."""
+    if spec.is_ratio:
+        return safe_divide(components[spec.components[0]], components[spec.components[1]])
+    return components[spec.components[0]]
 
 
 def finite_mean(values: np.ndarray) -> float:

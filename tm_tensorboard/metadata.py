@@ -38,6 +38,7 @@ PLUGIN_NAME = "tm_invariance"
 UNITS_PLUGIN_NAME = "tm_invariance_units"
 PROTO_VERSION = 1
 DEFAULT_NAMESPACE = "invariance"
+DEAD_ROW = "dead"  # snapshot row: 1 where the group's ratio measure is 0 / 0 (a unit without any variance)
 
 PluginData = plugin_data_pb2.InvariancePluginData
 Layer = plugin_data_pb2.Layer

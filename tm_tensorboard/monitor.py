@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed, metadata
 from .capture import LayerInfo, LayerSelector
-from .engine import DEFAULT_MEASURES, Measurement
+from .engine import DEFAULT_MEASURES, Actions, Measurement
 from .preserve import preserved_rng_state
 from .probe import as_probe
 from .result import MeasureResult
@@ -73,6 +73,10 @@ class Monitor:
         num_samples: int | None = None,
         namespace: str = metadata.DEFAULT_NAMESPACE,
         strict: bool = False,
+        noise_floor: bool = False,
+        actions: Actions = None,
+        disk: bool = False,
+        alpha: float = 0.01,
     ):
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be an int >= 1 (measure every `every` steps), got {every!r}")
@@ -86,7 +90,16 @@ class Monitor:
         self.every = every
         self.strict = strict
         self._measurement = Measurement(
-            model, transformations, layers=layers, measures=measures, batch_size=batch_size, stratified=stratified
+            model,
+            transformations,
+            layers=layers,
+            measures=measures,
+            batch_size=batch_size,
+            stratified=stratified,
+            noise_floor=noise_floor,
+            actions=actions,
+            disk=disk,
+            alpha=alpha,
         )
         with preserved_rng_state():
             samples = as_probe(probe, labels=labels, num_samples=num_samples)
@@ -101,16 +114,7 @@ class Monitor:
         if self._writes:
             self.writer = _open_writer(logdir) if writer is None else writer
             self._emitter = SummaryEmitter(self.writer, namespace)
-            config = run_config(
-                transformations,
-                self.layers,
-                self._measurement.measures,
-                probe_size=len(samples),
-                every=every,
-                batch_size=batch_size,
-                stratified=stratified,
-                classes=self._classes,
-            )
+            config = run_config(self._measurement, self.layers, probe_size=len(samples), every=every, classes=self._classes)
             self._emitter.write_config(config, step=0)
             self.writer.flush()
 

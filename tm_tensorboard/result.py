@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 
 from .capture import LayerInfo
-from .measures import MEASURE_GROUPS, finite_mean, group_of, per_channel, safe_divide
+from .measures import MEASURE_GROUPS, SPECS, evaluate, finite_mean, group_of, per_channel
 from .transforms import TransformationSet
 
 __all__ = ["MeasureResult"]
@@ -17,9 +17,10 @@ PER = ("channel", "element")
 class MeasureResult:
     """Per-unit measures of one measurement, in network order.
 
-    ``get("nvi", "conv1")`` gives one value per channel (tmeasures' AverageFeatureMaps: TV and SV are
-    averaged over positions separately, then divided); ``per="element"`` gives the full unit shape.
-    With ``stratified=True`` values are the mean of the per-class results; ``label=k`` gives class k's.
+    ``get("nvi", "conv1")`` gives one value per channel (components such as TV and SV are averaged over
+    positions separately, then divided: tmeasures' AverageFeatureMaps); ``per="element"`` gives the full
+    unit shape. With ``stratified=True`` values are the mean of the per-class results; ``label=k`` gives
+    class k's.
     """
 
     def __init__(
@@ -27,14 +28,17 @@ class MeasureResult:
         layers: Sequence[LayerInfo],
         transformations: TransformationSet,
         num_samples: int,
-        variances: dict[str, dict[str, np.ndarray]],
+        components: dict[str, dict[str, tuple[tuple[str, ...], np.ndarray]]],
         accuracy: np.ndarray | None = None,
         classes: Sequence[int] | None = None,
+        masked_groups: Sequence[str] = (),
     ):
         self._layers = {info.name: info for info in layers}
         self.transformations = transformations
         self.num_samples = num_samples
-        self._variances = variances  # group -> layer -> [classes, 2 (TV, SV), *unit_shape] float64
+        # group -> layer -> (component names, float64 [classes, components, *shape])
+        self._components = components
+        self._masked = set(masked_groups)
         self.accuracy = accuracy
         self.classes = list(classes) if classes is not None else None
 
@@ -50,12 +54,12 @@ class MeasureResult:
     @property
     def groups(self) -> list[str]:
         """Measure groups in this result, e.g. ["invariance", "same_equivariance"]."""
-        return list(self._variances)
+        return list(self._components)
 
     @property
     def measures(self) -> list[str]:
         """Per-unit measures available in this result."""
-        return [m for group in self._variances for m in MEASURE_GROUPS[group]]
+        return [m for group in self._components for m in MEASURE_GROUPS[group]]
 
     def layer_info(self, layer: str) -> LayerInfo:
         if layer not in self._layers:
@@ -63,35 +67,50 @@ class MeasureResult:
         return self._layers[layer]
 
     def layers_of(self, measure: str) -> list[str]:
-        """Layers that have values for ``measure`` (same-equivariance skips layers without feature maps)."""
+        """Layers that have values for ``measure`` (equivariance measures skip layers without feature maps)."""
         group = group_of(measure)
-        return [name for name in self._layers if name in self._variances.get(group, {})]
+        return [name for name in self._layers if name in self._components.get(group, {})]
 
-    def get(self, measure: str, layer: str, per: str = "channel", label: int | None = None) -> np.ndarray:
-        """Values of ``measure`` for every unit of ``layer``: per channel, or per element (unit shape)."""
+    def _class_components(self, measure: str, layer: str, per: str, label: int | None) -> list[dict[str, np.ndarray]]:
+        """Per class (or the one class asked for): {component: reduced values}."""
         group = group_of(measure)
-        if group not in self._variances:
+        if group not in self._components:
             raise KeyError(f"{measure} was not measured; measured: {', '.join(self.measures) or 'none'}")
         info = self.layer_info(layer)
-        stats = self._variances[group].get(layer)
-        if stats is None:
+        found = self._components[group].get(layer)
+        if found is None:
             raise KeyError(
                 f"{measure} is not defined for layer {layer!r}: its output {list(info.unit_shape)} has no "
-                "[C, H, W] feature maps to inverse-transform"
+                "[C, H, W] feature maps to transform back"
             )
         if per not in PER:
             raise ValueError(f"per must be one of {', '.join(PER)}; got {per!r}")
+        names, values = found
         if label is not None:
             if not self.stratified or label not in self.classes:
                 raise KeyError(f"no per-class result for label {label!r}; classes: {self.classes}")
-            stats = stats[self.classes.index(label) : self.classes.index(label) + 1]
-        reduce = per_channel if per == "channel" else (lambda v: v)
-        kind = measure[:2]  # tv, sv or nv
-        values = []
-        for tv_sv in stats:
-            tv, sv = reduce(tv_sv[0]), reduce(tv_sv[1])
-            values.append(tv if kind == "tv" else sv if kind == "sv" else safe_divide(tv, sv))
+            values = values[self.classes.index(label) : self.classes.index(label) + 1]
+        masked = group in self._masked
+        reduce = (lambda v: per_channel(v, masked)) if per == "channel" else (lambda v: v)
+        return [{name: reduce(c) for name, c in zip(names, per_class)} for per_class in values]
+
+    def get(self, measure: str, layer: str, per: str = "channel", label: int | None = None) -> np.ndarray:
+        """Values of ``measure`` for every unit of ``layer``: per channel, or per element (unit shape)."""
+        group_of(measure)  # ValueError naming the valid measures
+        spec = SPECS[measure]
+        values = [evaluate(spec, c) for c in self._class_components(measure, layer, per, label)]
         return np.mean(values, axis=0) if len(values) > 1 else values[0]
+
+    def dead(self, measure: str, layer: str, per: str = "channel", label: int | None = None) -> np.ndarray:
+        """Units where a ratio measure is 0 / 0 (e.g. no variance at all: tv = sv = 0); all False otherwise.
+
+        Stratified: dead in every class."""
+        per_class = self._class_components(measure, layer, per, label)
+        spec = SPECS[measure]
+        if not spec.is_ratio:
+            return np.zeros(per_class[0][spec.components[0]].shape, dtype=bool)
+        num, den = spec.components
+        return np.all([(c[num] <= 0) & (c[den] <= 0) for c in per_class], axis=0)
 
     def layer_means(self, measure: str, per: str = "channel", label: int | None = None) -> dict[str, float]:
         """{layer: mean of ``measure`` over the layer's finite units}, in network order."""

@@ -16,7 +16,8 @@ from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, 
 
 from . import __version__, metadata
 from .capture import LayerInfo
-from .measures import DEFINITIONS, MEASURE_GROUPS, finite_mean
+from .engine import Measurement
+from .measures import DEFINITIONS, MEASURE_GROUPS, SPECS, finite_mean
 from .result import MeasureResult
 from .transforms import TransformationSet
 
@@ -48,18 +49,12 @@ def _transformation_protos(transformations: TransformationSet) -> list:
 
 
 def run_config(
-    transformations: TransformationSet,
-    layers: list[LayerInfo],
-    measure_groups: tuple[str, ...],
-    *,
-    probe_size: int,
-    every: int,
-    batch_size: int,
-    stratified: bool,
-    classes: list[int] | None,
+    measurement: Measurement, layers: list[LayerInfo], *, probe_size: int, every: int, classes: list[int] | None
 ) -> metadata.RunConfig:
     """The run-level record of how the measures are taken."""
-    names = [m for g in measure_groups for m in (MEASURE_GROUPS[g] or (g,))]
+    transformations = measurement.transformations
+    names = [m for g in measurement.measures for m in (MEASURE_GROUPS[g] or (g,))]
+    with_actions = "equivariance_error" in measurement.groups
     return metadata.RunConfig(
         library_version=__version__,
         transformation_set_id=transformations.id,
@@ -69,11 +64,15 @@ def run_config(
         probe_size=probe_size,
         layers=[layer_proto(info) for info in layers],
         measures=[metadata.plugin_data_pb2.MeasureDefinition(name=n, description=DEFINITIONS[n]) for n in names],
-        stratified=stratified,
+        stratified=measurement.stratified,
         classes=classes or [],
         every=every,
-        batch_size=batch_size,
+        batch_size=measurement.batch_size,
         aggregation=AGGREGATION,
+        noise_floor=measurement.noise_floor,
+        alpha=measurement.options.alpha,
+        disk=measurement.options.disk,
+        actions={info.name: measurement.options.actions(info.name).name for info in layers if with_actions and info.is_spatial},
     )
 
 
@@ -150,9 +149,17 @@ class SummaryEmitter:
             layers = result.layers_of(measures[0])
             per_unit = {m: [result.get(m, layer, per=AGGREGATION) for layer in layers] for m in measures}
             protos = [layer_proto(result.layer_info(layer), len(v)) for layer, v in zip(layers, per_unit[measures[0]])]
-            snapshot = np.stack([np.concatenate(per_unit[m]) for m in measures])
-            data = metadata.PluginData(kind=metadata.UNIT_SNAPSHOT, measures=measures, layers=protos, **common)
-            blob = _blob_tensor(metadata.encode_snapshot(snapshot))
+            rows = [np.concatenate(per_unit[m]) for m in measures]
+            ratio = next((m for m in measures if SPECS[m].is_ratio), None)
+            if ratio is not None:  # units with 0 / 0 (no variance at all): the tab shows them apart
+                rows.append(np.concatenate([result.dead(ratio, layer, per=AGGREGATION) for layer in layers]))
+            data = metadata.PluginData(
+                kind=metadata.UNIT_SNAPSHOT,
+                measures=list(measures) + ([metadata.DEAD_ROW] if ratio is not None else []),
+                layers=protos,
+                **common,
+            )
+            blob = _blob_tensor(metadata.encode_snapshot(np.stack(rows)))
             values.append(self._value(metadata.snapshot_tag(ns, group), blob, data, blob_sequence=True))
             for measure in measures:
                 means = []

@@ -151,6 +151,17 @@ class Transformation:
                 delta += op.params[0]
         return factor, delta
 
+    @property
+    def is_identity(self) -> bool:
+        return all(op.is_identity for op in self.ops)
+
+    @property
+    def rotation(self) -> float | None:
+        """The rotation angle in degrees if the geometric part is a pure rotation (or nothing), else None."""
+        if any(op.kind in ("scale", "translate", "flip") and not op.is_identity for op in self.ops):
+            return None
+        return sum(op.params[0] for op in self.ops if op.kind == "rotate") % 360
+
     def as_dict(self) -> dict:
         return {"label": self.label, "ops": [op.as_dict() for op in self.ops]}
 
@@ -217,6 +228,11 @@ class TransformationSet(Sequence[Transformation]):
     @property
     def labels(self) -> list[str]:
         return [t.label for t in self._items]
+
+    @property
+    def identity_index(self) -> int | None:
+        """Index of the identity transformation in the set, if there is one."""
+        return next((i for i, t in enumerate(self._items) if t.is_identity), None)
 
     @property
     def is_spatial(self) -> bool:

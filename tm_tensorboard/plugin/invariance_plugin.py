@@ -249,6 +249,7 @@ class InvariancePlugin(base_plugin.TBPlugin):
             (tag, data)
             for tag, (_, data) in self._series(request, "blob", run).items()
             if data.kind == metadata.UNIT_SNAPSHOT and data.namespace == namespace and measure in data.measures
+            and measure != metadata.DEAD_ROW
         ]
         if not snapshots:
             raise errors.NotFoundError(f"run {run!r} has no {measure!r} units in namespace {namespace!r}")
@@ -272,12 +273,10 @@ class InvariancePlugin(base_plugin.TBPlugin):
             snapshot = metadata.decode_snapshot(blob, data)
         except ValueError as error:
             raise errors.NotFoundError(f"run {run!r}, step {chosen.step}: unreadable units ({error})") from None
-        # Dead units: no variance at all (tv = sv = 0), whatever the measure shown.
-        tv = next((snapshot[m] for m in data.measures if m.startswith("tv")), None)
-        sv = next((snapshot[m] for m in data.measures if m.startswith("sv")), None)
+        dead_rows = snapshot.get(metadata.DEAD_ROW)  # units without any variance, whatever the measure shown
         layers = []
         for i, layer in enumerate(data.layers):
-            dead = np.flatnonzero((tv[i] <= 0) & (sv[i] <= 0)) if tv is not None and sv is not None else []
+            dead = np.flatnonzero(dead_rows[i] > 0.5) if dead_rows is not None else []
             layers.append({**_layer_json(layer), "values": _numbers(snapshot[measure][i]), "dead": [int(u) for u in dead]})
         return _json(
             request,
