@@ -24,7 +24,10 @@ setup(
         "tm_tensorboard.examples": "examples",
     },
     package_data={"tm_tensorboard.proto": ["*.proto"], "tm_tensorboard.frontend": ["*.js", "*.css", "*.svg"]},
-    entry_points={"tensorboard_plugins": ["tm_invariance = tm_tensorboard.plugin.loader:InvarianceLoader"]},
+    entry_points={
+        "tensorboard_plugins": ["tm_invariance = tm_tensorboard.plugin.loader:InvarianceLoader"],
+        "console_scripts": ["tm-tensorboard = tm_tensorboard.cli:main"],
+    },
     install_requires=[
         "torch>=2.1,<3",
         "tensorboard>=2.21,<3",

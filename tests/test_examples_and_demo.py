@@ -1,0 +1,154 @@
+"""The example scripts and the demo, end to end on CPU: they train, log, and the plugin serves the logs."""
+from __future__ import annotations
+
+import importlib.util
+import pickle
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tm_tensorboard import metadata
+from test_example_datasets import MNIST_NAMES, idx_bytes
+from test_plugin_routes import client_for, get_json
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "tm_tensorboard.cli"]
+
+
+def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def write_mnist(root: Path, train: int = 256, test: int = 64) -> None:
+    rng = np.random.default_rng(0)
+    for is_train, count in ((True, train), (False, test)):
+        images, labels = MNIST_NAMES[is_train]
+        (root / images).write_bytes(idx_bytes(rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)))
+        (root / labels).write_bytes(idx_bytes(rng.integers(0, 10, count, dtype=np.uint8)))
+
+
+def write_cifar10(root: Path, per_batch: int = 64) -> None:
+    directory = root / "cifar-10-batches-py"
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"labels": rng.integers(0, 10, per_batch).tolist(),
+                 b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)}
+        (directory / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def served_runs(logdir: Path) -> dict[str, dict]:
+    return {entry["run"]: entry for entry in get_json(client_for(logdir), "/runs")["runs"]}
+
+
+def load_script(name: str):
+    """An example script as a module, to call its main(argv) in this process (no second torch import)."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "examples" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "script, writer, variants",
+    [
+        ("mnist.py", write_mnist, [("simple_cnn", ["none", "affine"]), ("p4cnn", ["rotation"]), ("stn", ["none"])]),
+        ("cifar10.py", write_cifar10, [("allconv", ["none"]), ("vgg", ["rotation"]), ("resnet18", ["affine"])]),
+    ],
+)
+def test_example_scripts_smoke(tmp_path, script, writer, variants):
+    data = tmp_path / "data"
+    data.mkdir()
+    writer(data)
+    main = load_script(script).main
+    for model, augmentations in variants:
+        logdir = tmp_path / "runs" / model
+        assert main(["--smoke", "--model", model, "--width", "0.25", "--data-dir", str(data), "--logdir", str(logdir),
+                     "--augmentation", *augmentations]) == 0
+        runs = served_runs(logdir)
+        assert set(runs) == {f"{model}-{a}" for a in augmentations}
+        entry = runs[f"{model}-{augmentations[0]}"]
+        assert entry["accuracy"] and "nvi" in entry["measures"] and entry["max_step"] == 20
+        assert entry["layers"][0]["name"] == "input"  # the noise floor
+
+
+@pytest.mark.parametrize("script", ["mnist.py", "cifar10.py"])
+def test_example_scripts_explain_missing_data(tmp_path, script):
+    done = run([sys.executable, f"examples/{script}", "--smoke", "--data-dir", str(tmp_path / "nothing")])
+    assert done.returncode == 2
+    assert "not found" in done.stderr and "--download" in done.stderr
+
+
+def test_quickstart_runs():
+    done = run([sys.executable, "examples/quickstart.py"])
+    assert done.returncode == 0, done.stderr
+    assert "rot90-symmetric CNN" in done.stdout
+
+
+def test_demo_command_writes_logs_the_plugin_serves(tmp_path):
+    done = run([*CLI, "demo", "--smoke", "--no-serve", "--logdir", str(tmp_path / "demo")])
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = served_runs(tmp_path / "demo")
+    assert set(runs) == {"cnn", "cnn-rotation-augmented", "p4cnn"}
+    for entry in runs.values():
+        assert {"nvi", "nvse", "ee"} <= set(entry["measures"]) and entry["accuracy"] and entry["config"]
+        assert entry["max_step"] == 40
+
+
+def test_demo_command_serves_tensorboard(tmp_path):
+    process = subprocess.Popen([*CLI, "demo", "--smoke", "--port", "0", "--logdir", str(tmp_path / "demo")],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        deadline, output = time.time() + 300, ""
+        while time.time() < deadline:
+            line = process.stdout.readline()
+            output += line
+            match = re.search(r"TensorBoard at (http://127\.0\.0\.1:\d+/)", line)
+            if match:
+                break
+            assert process.poll() is None, output
+        assert match, output
+        url = match.group(1)
+        for _ in range(60):
+            with urllib.request.urlopen(url + "data/plugins_listing", timeout=30) as response:
+                if b'"tm_invariance"' in response.read():
+                    break
+            time.sleep(0.5)
+        with urllib.request.urlopen(url + "data/plugin/tm_invariance/runs", timeout=30) as response:
+            assert b"p4cnn" in response.read()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_demo_shows_the_expected_science(tmp_path):
+    """At the last step: the p4 network is invariant after its group pooling; rotation augmentation makes
+    the CNN's last layers more invariant than without it."""
+    from tm_tensorboard.demo import write_demo_logs
+
+    write_demo_logs(tmp_path, steps=150, every=50, train_size=3000, probe_size=64, verbose=False)
+    client = client_for(tmp_path)
+
+    def last_means(run: str) -> dict[str, float]:
+        payload = get_json(client, "/layer_means", run=run, namespace="invariance", measure="nvi")
+        assert payload["steps"][-1] == 150
+        return dict(zip(payload["layers"], payload["values"][-1]))
+
+    p4, plain, augmented = last_means("p4cnn"), last_means("cnn"), last_means("cnn-rotation-augmented")
+    for layer in ("spatial_pool", "classifier.1"):
+        assert p4[layer] < 1e-4, (layer, p4[layer])
+    last = list(plain)[-1]
+    assert list(augmented)[-1] == last == "classifier.3"
+    assert augmented[last] < 0.8 * plain[last], (augmented[last], plain[last])
+    ee = get_json(client, "/layer_means", run="p4cnn", namespace="invariance", measure="ee")
+    group_layers = [i for i, name in enumerate(ee["layers"]) if name.startswith("features.")]
+    assert max(ee["values"][-1][i] for i in group_layers) < 1e-4  # equivariant under the cyclic-shift action
+    config = get_json(client, "/config", run="p4cnn", namespace="invariance")["config"]
+    assert config["actions"]["features.0"] == "cyclic_shift(4)" and config["noise_floor"]
+    assert metadata.PLUGIN_NAME == "tm_invariance"
