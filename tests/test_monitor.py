@@ -255,3 +255,15 @@ def test_new_measures_and_noise_floor_are_logged(tmp_path):
     means = p.read_tensors(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME, downsample=10,
                            run_tag_filter=None)["run"]["invariance/ee"][0].numpy
     np.testing.assert_allclose(means, list(result.layer_means("ee").values()), rtol=1e-5)
+
+
+def test_without_unit_tensors_the_tab_data_is_all_there(tmp_path):
+    images, _ = _data()
+    with tm.Monitor(small_cnn(), images[:6], tm.transforms.flips(), logdir=tmp_path / "run", every=1,
+                    unit_tensors=False) as monitor:
+        monitor.step(0)
+    p = provider(tmp_path)
+    assert "run" not in p.list_tensors(ctx(), experiment_id="", plugin_name=metadata.UNITS_PLUGIN_NAME)
+    assert "invariance/nvi" in p.list_tensors(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run"]
+    assert "invariance/units/invariance" in p.list_blob_sequences(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run"]
+    assert "invariance_mean/nvi/0" in p.list_scalars(ctx(), experiment_id="", plugin_name="scalars")["run"]

@@ -54,6 +54,8 @@ class Monitor:
     Monitor with the same probe and calls ``step`` at the same steps; only rank 0 writes. Measuring never changes training: modes,
     autograd, RNG states are restored and hooks removed. A failing measurement warns and training goes on,
     unless ``strict=True``. Everything that can be checked is checked here, not at step 10,000.
+    ``unit_tensors=False`` leaves out the per-layer unit vectors written for other tools (the Invariance
+    tab does not need them), which halves the log size.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class Monitor:
         actions: Actions = None,
         disk: bool = False,
         alpha: float = 0.01,
+        unit_tensors: bool = True,
     ):
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be an int >= 1 (measure every `every` steps), got {every!r}")
@@ -113,7 +116,7 @@ class Monitor:
         self.writer = None
         if self._writes:
             self.writer = _open_writer(logdir) if writer is None else writer
-            self._emitter = SummaryEmitter(self.writer, namespace)
+            self._emitter = SummaryEmitter(self.writer, namespace, unit_tensors=unit_tensors)
             config = run_config(self._measurement, self.layers, probe_size=len(samples), every=every, classes=self._classes)
             self._emitter.write_config(config, step=0)
             self.writer.flush()

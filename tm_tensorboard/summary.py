@@ -36,7 +36,7 @@ def layer_proto(info: LayerInfo, num_units: int | None = None) -> metadata.Layer
     )
 
 
-def _transformation_protos(transformations: TransformationSet) -> list:
+def transformation_protos(transformations: TransformationSet) -> list:
     out = []
     for t in transformations:
         ops = []
@@ -60,7 +60,7 @@ def run_config(
         transformation_set_id=transformations.id,
         interpolation=transformations.interpolation,
         padding=transformations.padding,
-        transformations=_transformation_protos(transformations),
+        transformations=transformation_protos(transformations),
         probe_size=probe_size,
         layers=[layer_proto(info) for info in layers],
         measures=[metadata.plugin_data_pb2.MeasureDefinition(name=n, description=DEFINITIONS[n]) for n in names],
@@ -105,9 +105,10 @@ def _blob_tensor(blob: bytes) -> tensor_pb2.TensorProto:
 class SummaryEmitter:
     """Writes one namespace's summaries through a ``torch.utils.tensorboard.SummaryWriter``."""
 
-    def __init__(self, writer, namespace: str = metadata.DEFAULT_NAMESPACE):
+    def __init__(self, writer, namespace: str = metadata.DEFAULT_NAMESPACE, unit_tensors: bool = True):
         self.writer = writer
         self.namespace = namespace
+        self.unit_tensors = unit_tensors  # per-layer vectors for other tools (the tab reads the snapshots)
         self._described: set[str] = set()  # tags whose metadata this emitter already wrote
 
     def _value(self, tag: str, tensor: tensor_pb2.TensorProto, data: metadata.PluginData, **kind) -> summary_pb2.Summary.Value:
@@ -164,9 +165,10 @@ class SummaryEmitter:
             for measure in measures:
                 means = []
                 for layer, proto, vector in zip(layers, protos, per_unit[measure]):
-                    data = metadata.PluginData(kind=metadata.UNIT_VALUES, measure=measure, layer=proto, **common)
-                    tag = metadata.unit_tag(ns, measure, layer)
-                    values.append(self._value(tag, _float_tensor(vector), data, plugin_name=metadata.UNITS_PLUGIN_NAME))
+                    if self.unit_tensors:
+                        data = metadata.PluginData(kind=metadata.UNIT_VALUES, measure=measure, layer=proto, **common)
+                        tag = metadata.unit_tag(ns, measure, layer)
+                        values.append(self._value(tag, _float_tensor(vector), data, plugin_name=metadata.UNITS_PLUGIN_NAME))
                     means.append(finite_mean(vector))
                     values.append(summary_pb2.Summary.Value(tag=metadata.scalar_tag(ns, measure, layer), simple_value=means[-1]))
                 data = metadata.PluginData(kind=metadata.LAYER_MEANS, measure=measure, layers=protos, **common)
