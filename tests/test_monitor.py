@@ -267,3 +267,13 @@ def test_without_unit_tensors_the_tab_data_is_all_there(tmp_path):
     assert "invariance/nvi" in p.list_tensors(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run"]
     assert "invariance/units/invariance" in p.list_blob_sequences(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run"]
     assert "invariance_mean/nvi/0" in p.list_scalars(ctx(), experiment_id="", plugin_name="scalars")["run"]
+
+
+def test_model_without_feature_maps_logs_default_measures(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 8), nn.ReLU(), nn.Linear(8, 3))
+    images, _ = _data()
+    with tm.Monitor(model, images[:6], tm.transforms.flips(), logdir=tmp_path / "run", every=1) as monitor:
+        result = monitor.step(0)
+    assert result.layers_of("nvse") == [] and result.layers_of("nvi") == ["1", "2", "3"]
+    blobs = provider(tmp_path).list_blob_sequences(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run"]
+    assert set(blobs) == {"invariance/units/invariance"}

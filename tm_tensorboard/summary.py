@@ -148,6 +148,8 @@ class SummaryEmitter:
         for group in result.groups:
             measures = MEASURE_GROUPS[group]
             layers = result.layers_of(measures[0])
+            if not layers:  # e.g. same-equivariance on a model without feature maps
+                continue
             per_unit = {m: [result.get(m, layer, per=AGGREGATION) for layer in layers] for m in measures}
             protos = [layer_proto(result.layer_info(layer), len(v)) for layer, v in zip(layers, per_unit[measures[0]])]
             rows = [np.concatenate(per_unit[m]) for m in measures]
