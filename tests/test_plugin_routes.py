@@ -97,6 +97,7 @@ def test_units_match_what_the_sdk_wrote(logs, measure):
             tv = result.get(measure.replace("nv", "tv").replace("sv", "tv"), layer["name"])
             sv = result.get(measure.replace("nv", "sv").replace("tv", "sv"), layer["name"])
             assert layer["dead"] == [int(u) for u in np.flatnonzero((tv <= 0) & (sv <= 0))]
+            assert layer["mean"] == pytest.approx(result.layer_means(measure)[layer["name"]], rel=1e-6)
     first = get_json(client, "/units", run="cnn", namespace="invariance", measure="nvi")["layers"]
     assert first[1]["name"] == "1" and 0 in first[1]["dead"]  # the dead ReLU channel is reported
 

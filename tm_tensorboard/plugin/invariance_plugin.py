@@ -4,7 +4,8 @@ Routes (relative to ``data/plugin/tm_invariance``):
 
 - ``/runs``: every (run, namespace) with its measures, layers (network order), accuracy, step range.
 - ``/units?run&namespace&measure[&step]``: every unit of every layer at one step (latest by default),
-  with the indices of dead units (tv = sv = 0) and the list of steps that have units.
+  with each layer's mean over finite units, the indices of dead units (no variance at all) and the
+  list of steps that have units.
 - ``/layer_means?run&namespace&measure[&downsample]``: per-layer means at every step (curves, layer ×
   step heatmap, layer profile).
 - ``/accuracy?run&namespace[&downsample]``: accuracy per transformation at every step.
@@ -296,7 +297,14 @@ class InvariancePlugin(base_plugin.TBPlugin):
         layers = []
         for i, layer in enumerate(data.layers):
             dead = np.flatnonzero(dead_rows[i] > 0.5) if dead_rows is not None else []
-            layers.append({**_layer_json(layer), "values": _numbers(snapshot[measure][i]), "dead": [int(u) for u in dead]})
+            values = snapshot[measure][i]
+            finite = values[np.isfinite(values)]
+            layers.append({
+                **_layer_json(layer),
+                "values": _numbers(values),
+                "dead": [int(u) for u in dead],
+                "mean": _number(float(finite.mean())) if finite.size else "NaN",  # as the layer means route
+            })
         return _json(
             request,
             {
