@@ -1,0 +1,91 @@
+// The backend's routes: the only module that calls fetch. URLs are relative to the plugin's base href, so
+// the tab works behind TensorBoard's --path_prefix; non-finite numbers arrive as strings and are decoded.
+
+const NON_FINITE = {"Infinity": Infinity, "-Infinity": -Infinity, "NaN": NaN};
+
+/** A number from the backend's JSON: finite numbers as they are, "Infinity" / "-Infinity" / "NaN" decoded. */
+function decodeNumber(value) {
+  return typeof value === "string" ? (value in NON_FINITE ? NON_FINITE[value] : Number(value)) : value;
+}
+
+function decodeNumbers(values) {
+  return Float64Array.from(values, decodeNumber);
+}
+
+function url(route, params) {
+  const query = Object.entries(params)
+    .filter(([, value]) => value !== null && value !== undefined)
+    .map(([key, value]) => `${encodeURIComponent(key)}=${encodeURIComponent(value)}`)
+    .join("&");
+  return query ? `${route}?${query}` : route;
+}
+
+/** JSON of a route, or null when the backend answers 404 (no such data); other failures throw. */
+async function getJson(route, params = {}) {
+  const address = url(route, params);
+  const response = await fetch(address);
+  if (response.status === 404) return null;
+  if (!response.ok) throw new Error(`${address}: HTTP ${response.status} ${(await response.text()).slice(0, 200)}`);
+  return response.json();
+}
+
+function layerInfo(layer) {
+  return {
+    name: layer.name,
+    index: layer.index,
+    moduleType: layer.module_type,
+    unitShape: layer.unit_shape,
+    numUnits: layer.num_units,
+  };
+}
+
+/** Every (run, namespace) the backend knows, with its measures, layers and last step. */
+export async function fetchRuns() {
+  const payload = await getJson("runs");
+  return (payload ? payload.runs : []).map((entry) => ({
+    run: entry.run,
+    namespace: entry.namespace,
+    measures: entry.measures,
+    layers: entry.layers.map(layerInfo),
+    measureLayers: entry.measure_layers,
+    accuracy: entry.accuracy,
+    config: entry.config,
+    maxStep: entry.max_step,
+  }));
+}
+
+/** Every unit of every layer of one run at one step (latest when step is null), or null if absent. */
+export async function fetchUnits(entry, measure, step) {
+  const payload = await getJson("units", {run: entry.run, namespace: entry.namespace, measure, step});
+  if (!payload) return null;
+  return {
+    step: payload.step,
+    steps: payload.steps,
+    layers: payload.layers.map((layer) => ({
+      ...layerInfo(layer),
+      values: decodeNumbers(layer.values),
+      dead: new Set(layer.dead),
+      mean: decodeNumber(layer.mean),
+    })),
+  };
+}
+
+/** Per-layer means of one measure at every (sampled) step: {layers, steps, values: [Float64Array per step]}. */
+export async function fetchLayerMeans(entry, measure) {
+  const payload = await getJson("layer_means", {run: entry.run, namespace: entry.namespace, measure});
+  if (!payload) return null;
+  return {layers: payload.layers, steps: payload.steps, values: payload.values.map(decodeNumbers)};
+}
+
+/** Accuracy per transformation at every (sampled) step: {labels, steps, values}, or null if not logged. */
+export async function fetchAccuracy(entry) {
+  const payload = await getJson("accuracy", {run: entry.run, namespace: entry.namespace});
+  if (!payload) return null;
+  return {labels: payload.labels, steps: payload.steps, values: payload.values.map(decodeNumbers)};
+}
+
+/** The run's configuration record (protobuf JSON: 64-bit integers arrive as strings), or null. */
+export async function fetchConfig(entry) {
+  const payload = await getJson("config", {run: entry.run, namespace: entry.namespace});
+  return payload ? payload.config : null;
+}
