@@ -25,7 +25,7 @@ from .measures import MEASURE_GROUPS
 from .preserve import preserved_rng_state, preserved_training_state
 from .probe import Probe, as_probe
 from .result import MeasureResult
-from .statistics import AccuracyState
+from .statistics import AccuracyState, Scratch
 from .transforms import Op, Transformation, TransformationSet
 
 __all__ = ["measure", "Measurement", "DEFAULT_MEASURES"]
@@ -48,7 +48,7 @@ def measure(
     *,
     layers: LayerSelector = None,
     measures: Sequence[str] = DEFAULT_MEASURES,
-    batch_size: int = 64,
+    batch_size: int = 16,
     labels: Any = None,
     stratified: bool = False,
     num_samples: int | None = None,
@@ -146,7 +146,7 @@ class Measurement:
         *,
         layers: LayerSelector = None,
         measures: Sequence[str] = DEFAULT_MEASURES,
-        batch_size: int = 64,
+        batch_size: int = 16,
         stratified: bool = False,
         noise_floor: bool = False,
         actions: Actions = None,
@@ -328,6 +328,7 @@ class Measurement:
         class_index = {c: i for i, c in enumerate(classes)} if classes is not None else None
         skipped: set[str] = set()
         chunk: Chunk | None = None
+        scratch = Scratch()
 
         def on_output(name: str, module: nn.Module | None, output: object) -> None:
             if name in skipped:
@@ -364,7 +365,7 @@ class Measurement:
             for lo in range(0, n, self.batch_size):
                 hi = min(lo + self.batch_size, n)
                 x = images[lo:hi].to(device, non_blocking=True)
-                chunk = Chunk(hi - lo, self._groups(labels, lo, hi, class_index, device))
+                chunk = Chunk(hi - lo, self._groups(labels, lo, hi, class_index, device), scratch)
                 batch = transformations.apply(x)
                 if self.noise_floor:
                     on_output(INPUT_LAYER, None, batch)

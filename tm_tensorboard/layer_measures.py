@@ -18,7 +18,7 @@ import torch
 from .actions import FeatureAction, identity
 from .capture import LayerInfo
 from .f_distribution import f_critical_value
-from .statistics import SampleMoments, SampleSum, StreamingState, TransformationSpread
+from .statistics import SampleMoments, SampleSum, Scratch, StreamingState, TransformationSpread
 from .transforms import TransformationSet
 
 __all__ = ["MeasureOptions", "Chunk", "LayerMeasure", "GROUPS", "UNTRANSFORMED_PHASES", "TRANSFORMED"]
@@ -43,6 +43,7 @@ class Chunk:
 
     size: int
     groups: list[tuple[int, torch.Tensor | None]]  # (class state index, row indices on the device or None)
+    scratch: Scratch = field(default_factory=Scratch)  # shared work buffer of the states' updates
 
     def rows(self, values: torch.Tensor):
         """(class index, the chunk's rows of that class) pairs of values [b, ...]."""
@@ -110,8 +111,8 @@ class VarianceMeasure(LayerMeasure):
     def update(self, phase, activation, chunk):
         values = self.values(activation).reshape(chunk.size, self.T, self.units)
         for k, rows in chunk.rows(values):
-            self.per_class[k]["spread"].update(rows)
-            self.per_class[k]["moments"].update(rows)
+            self.per_class[k]["spread"].update(rows, chunk.scratch)
+            self.per_class[k]["moments"].update(rows, chunk.scratch)
 
     def compute_class(self, states):
         return [states["spread"].mean(), states["moments"].std().mean(dim=0)]
@@ -161,7 +162,7 @@ class EquivarianceErrorMeasure(LayerMeasure):
         for k, rows in chunk.rows(difference):
             self.per_class[k]["squared"].update(rows)
         for k, rows in chunk.rows(reference):
-            self.per_class[k]["reference"].update(rows)
+            self.per_class[k]["reference"].update(rows, chunk.scratch)
 
     def compute_class(self, states):
         keep = [t for t in range(self.T) if t != self.identity]
@@ -213,7 +214,7 @@ class GoodfellowMeasure(LayerMeasure):
     def update(self, phase, activation, chunk):
         if phase == "thresholds":
             for k, rows in chunk.rows(activation.reshape(chunk.size, self.units)):
-                self.per_class[k]["moments"].update(rows)
+                self.per_class[k]["moments"].update(rows, chunk.scratch)
             return
         T = 1 if phase == "global" else self.T
         for k, rows in chunk.rows(activation.reshape(chunk.size, T, self.units)):
@@ -237,7 +238,7 @@ class AnovaMeasure(LayerMeasure):
     def update(self, phase, activation, chunk):
         values = activation.reshape(chunk.size, self.T, self.units)
         for k, rows in chunk.rows(values):
-            self.per_class[k]["moments"].update(rows)
+            self.per_class[k]["moments"].update(rows, chunk.scratch)
 
     def compute_class(self, states):
         moments = states["moments"]

@@ -70,7 +70,7 @@ class Monitor:
         layers: LayerSelector = None,
         measures: Sequence[str] = DEFAULT_MEASURES,
         labels: Any = None,
-        batch_size: int = 64,
+        batch_size: int = 16,
         stratified: bool = False,
         num_samples: int | None = None,
         namespace: str = metadata.DEFAULT_NAMESPACE,

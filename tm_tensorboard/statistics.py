@@ -11,13 +11,28 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["StreamingState", "SampleMoments", "SampleSum", "TransformationSpread", "AccuracyState"]
+__all__ = ["Scratch", "StreamingState", "SampleMoments", "SampleSum", "TransformationSpread", "AccuracyState"]
 
 
-def _two_pass(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+class Scratch:
+    """A reusable work buffer for the deviations of two-pass moments: a fresh multi-megabyte tensor per
+    layer and chunk costs page faults that, on CPU, took longer than the arithmetic."""
+
+    def __init__(self):
+        self._buffer: torch.Tensor | None = None
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        """An uninitialized tensor shaped like x (same device and dtype), valid until the next call."""
+        buffer = self._buffer
+        if buffer is None or buffer.numel() < x.numel() or buffer.device != x.device or buffer.dtype != x.dtype:
+            buffer = self._buffer = torch.empty(x.numel(), device=x.device, dtype=x.dtype)
+        return buffer[: x.numel()].view(x.shape)
+
+
+def _two_pass(x: torch.Tensor, dim: int, scratch: Scratch | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, sum of squared deviations) of x along ``dim``: mean first, then deviations from it."""
     mean = x.mean(dim=dim, keepdim=True)
-    dev = x - mean
+    dev = x - mean if scratch is None else torch.sub(x, mean, out=scratch.like(x))
     return mean.squeeze(dim), dev.mul_(dev).sum(dim=dim)
 
 
@@ -52,11 +67,11 @@ class SampleMoments(StreamingState):
     def __init__(self, shape: tuple[int, ...], device: torch.device):
         super().__init__(shape, device, ("mean", "m2"))
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, scratch: Scratch | None = None) -> None:
         """Fold in a chunk x [b, *shape] of b samples."""
         b = x.shape[0]
         if b:
-            mean, m2 = _two_pass(x, 0)
+            mean, m2 = _two_pass(x, 0, scratch)
             self._fold(b, mean, m2)
 
     def merge(self, other: "SampleMoments") -> None:
@@ -103,11 +118,11 @@ class SampleSum(StreamingState):
 class TransformationSpread(SampleSum):
     """Sum over samples of the unbiased std over transformations, for the transformation variance."""
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, scratch: Scratch | None = None) -> None:
         """Fold in x [b, T, *shape]: b samples under all T transformations."""
         b, T = x.shape[0], x.shape[1]
         if b:
-            _, m2 = _two_pass(x, 1)
+            _, m2 = _two_pass(x, 1, scratch)
             self.total.add_(m2.div_(T - 1).sqrt_().sum(dim=0, dtype=torch.float64))
             self.count += b
 
