@@ -15,8 +15,8 @@ __all__ = ["Scratch", "StreamingState", "SampleMoments", "SampleSum", "Transform
 
 
 class Scratch:
-    """A reusable work buffer for the deviations of two-pass moments: a fresh multi-megabyte tensor per
-    layer and chunk costs page faults that, on CPU, took longer than the arithmetic."""
+    """A reusable work buffer for the deviations of two-pass moments (fresh allocations per layer and
+    chunk cost page faults on CPU)."""
 
     def __init__(self):
         self._buffer: torch.Tensor | None = None
@@ -30,12 +30,19 @@ class Scratch:
 
 
 def _two_pass(x: torch.Tensor, dim: int, scratch: Scratch | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, sum of squared deviations) of x along ``dim``: mean first, then deviations from it."""
-    mean = x.mean(dim=dim, keepdim=True)
-    dev = x - mean if scratch is None else torch.sub(x, mean, out=scratch.like(x))
-    return mean.squeeze(dim), dev.mul_(dev).sum(dim=dim)
+    """(mean, sum of squared deviations) of x along ``dim``: the mean first, then the deviations from it.
 
-
+    The deviations are formed one slice along ``dim`` at a time into a slice-sized buffer and squared into
+    the sum there, so x is read twice and no x-sized temporary is written: the statistics are
+    memory-bound, and this takes a third of the traffic of materializing, squaring and summing them.
+    """
+    mean = x.mean(dim=dim)
+    m2 = torch.zeros_like(mean)
+    dev = torch.empty_like(mean) if scratch is None else scratch.like(mean)
+    for i in range(x.shape[dim]):
+        torch.sub(x.select(dim, i), mean, out=dev)
+        m2.addcmul_(dev, dev)
+    return mean, m2
 class StreamingState:
     """Float64 state tensors plus a host sample count; subclasses define ``update`` and ``merge``."""
 
