@@ -66,7 +66,7 @@ class Monitor:
         *,
         logdir: str | os.PathLike | None = None,
         writer=None,
-        every: int = 100,
+        every: int = 500,
         layers: LayerSelector = None,
         measures: Sequence[str] = DEFAULT_MEASURES,
         labels: Any = None,

@@ -39,6 +39,7 @@ class MeasureResult:
         # group -> layer -> (component names, float64 [classes, components, *shape])
         self._components = components
         self._masked = set(masked_groups)
+        self._reduced: dict[tuple, list[dict[str, np.ndarray]]] = {}  # memo of _class_components
         self.accuracy = accuracy
         self.classes = list(classes) if classes is not None else None
 
@@ -72,8 +73,14 @@ class MeasureResult:
         return [name for name in self._layers if name in self._components.get(group, {})]
 
     def _class_components(self, measure: str, layer: str, per: str, label: int | None) -> list[dict[str, np.ndarray]]:
-        """Per class (or the one class asked for): {component: reduced values}."""
+        """Per class (or the one class asked for): {component: reduced values}; computed once per layer."""
         group = group_of(measure)
+        key = (group, layer, per, label)
+        if key not in self._reduced:
+            self._reduced[key] = self._reduce(measure, group, layer, per, label)
+        return self._reduced[key]
+
+    def _reduce(self, measure: str, group: str, layer: str, per: str, label: int | None) -> list[dict[str, np.ndarray]]:
         if group not in self._components:
             raise KeyError(f"{measure} was not measured; measured: {', '.join(self.measures) or 'none'}")
         info = self.layer_info(layer)
@@ -99,7 +106,7 @@ class MeasureResult:
         group_of(measure)  # ValueError naming the valid measures
         spec = SPECS[measure]
         values = [evaluate(spec, c) for c in self._class_components(measure, layer, per, label)]
-        return np.mean(values, axis=0) if len(values) > 1 else values[0]
+        return np.mean(values, axis=0) if len(values) > 1 else values[0].copy()  # never the memoized array
 
     def dead(self, measure: str, layer: str, per: str = "channel", label: int | None = None) -> np.ndarray:
         """Units where a ratio measure is 0 / 0 (e.g. no variance at all: tv = sv = 0); all False otherwise.
