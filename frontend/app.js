@@ -143,9 +143,11 @@ export async function startApp(root) {
   let catalogRequest = 0;
   let pendingFrame = null;
 
-  // Unit snapshots for a step the slider passes are fetched once it rests for STEP_FETCH_DELAY_MS.
+  // Unit snapshots of the step the slider shows: fetched at once after a pause (a click or a key moves
+  // it), while it is dragged only once it rests for STEP_FETCH_DELAY_MS (not every step it passes).
   const wantedUnits = new Map();
   let unitTimer = null;
+  let lastUnitFetch = -Infinity;
 
   const store = createStore(scheduleRender);
   const heatmaps = createUnitHeatmaps(view.heatmaps, tooltip);
@@ -181,11 +183,15 @@ export async function startApp(root) {
 
   function requestUnits(entry, step) {
     wantedUnits.set(JSON.stringify([runKey(entry), state.measure, step]), entry);
-    if (unitTimer === null) unitTimer = setTimeout(fetchWantedUnits, STEP_FETCH_DELAY_MS);
+    if (unitTimer === null) {
+      const wait = Math.max(0, lastUnitFetch + STEP_FETCH_DELAY_MS - performance.now());
+      unitTimer = setTimeout(fetchWantedUnits, wait);
+    }
   }
 
   function fetchWantedUnits() {
     unitTimer = null;
+    lastUnitFetch = performance.now();
     const entries = [...wantedUnits.values()];
     wantedUnits.clear();
     for (const entry of entries) {
