@@ -20,13 +20,37 @@ function url(route, params) {
   return query ? `${route}?${query}` : route;
 }
 
+// Requests the heatmaps wait for (runs, units, config) go first: the backend answers one request at a time
+// per core, so a background request (curves, accuracy) starts only while none of those is in flight.
+let urgentInFlight = 0;
+let backgroundWaiting = [];
+
+function urgentDone() {
+  urgentInFlight -= 1;
+  if (urgentInFlight === 0) {
+    const release = backgroundWaiting;
+    backgroundWaiting = [];
+    for (const resolve of release) resolve();
+  }
+}
+
+function backgroundTurn() {
+  return urgentInFlight === 0 ? Promise.resolve() : new Promise((resolve) => backgroundWaiting.push(resolve));
+}
+
 /** JSON of a route, or null when the backend answers 404 (no such data); other failures throw. */
-async function getJson(route, params = {}) {
+async function getJson(route, params = {}, {background = false} = {}) {
   const address = url(route, params);
-  const response = await fetch(address);
-  if (response.status === 404) return null;
-  if (!response.ok) throw new Error(`${address}: HTTP ${response.status} ${(await response.text()).slice(0, 200)}`);
-  return response.json();
+  if (background) await backgroundTurn();
+  else urgentInFlight += 1;
+  try {
+    const response = await fetch(address);
+    if (response.status === 404) return null;
+    if (!response.ok) throw new Error(`${address}: HTTP ${response.status} ${(await response.text()).slice(0, 200)}`);
+    return await response.json();
+  } finally {
+    if (!background) urgentDone();
+  }
 }
 
 function layerInfo(layer) {
@@ -72,14 +96,14 @@ export async function fetchUnits(entry, measure, step) {
 
 /** Per-layer means of one measure at every (sampled) step: {layers, steps, values: [Float64Array per step]}. */
 export async function fetchLayerMeans(entry, measure) {
-  const payload = await getJson("layer_means", {run: entry.run, namespace: entry.namespace, measure});
+  const payload = await getJson("layer_means", {run: entry.run, namespace: entry.namespace, measure}, {background: true});
   if (!payload) return null;
   return {layers: payload.layers, steps: payload.steps, values: payload.values.map(decodeNumbers)};
 }
 
 /** Accuracy per transformation at every (sampled) step: {labels, steps, values}, or null if not logged. */
 export async function fetchAccuracy(entry) {
-  const payload = await getJson("accuracy", {run: entry.run, namespace: entry.namespace});
+  const payload = await getJson("accuracy", {run: entry.run, namespace: entry.namespace}, {background: true});
   if (!payload) return null;
   return {labels: payload.labels, steps: payload.steps, values: payload.values.map(decodeNumbers)};
 }

@@ -1,7 +1,7 @@
 // Layer means over training: per run, one line per layer colored by its depth (small multiples sharing
 // both axes), drawn on a canvas under an SVG of axes and a marker at the chosen step.
 import {depthColor} from "./colors.js";
-import {drawAxes, finiteExtent, formatValue, html, linearScale, niceTicks, svg} from "./plot.js";
+import {chartCache, drawAxes, finiteExtent, formatValue, html, linearScale, niceDomain, niceTicks, svg} from "./plot.js";
 import {layerDepth, stepAtOrBefore} from "./state.js";
 
 const HEIGHT = 220;
@@ -103,6 +103,7 @@ function createChart(run, {x, y, width, measure, tooltip, yTicks}) {
 export function createCurves(container, tooltip) {
   let charts = [];
   let xScale = null;
+  const cache = chartCache();
 
   return {
     /** runs: [{key, entry, label, color, means}]; options: {width, measure}. */
@@ -111,12 +112,13 @@ export function createCurves(container, tooltip) {
       const steps = withData.flatMap((run) => [run.means.steps[0], run.means.steps.at(-1)]);
       const [lo, hi] = finiteExtent(withData.flatMap((run) => run.means.values)) || [0, 1];
       const pad = Math.max((hi - lo) * 0.05, Math.abs(hi) * 0.01, 1e-6);
-      const extent = [lo - pad, hi + pad];
-      const yTicks = niceTicks(extent[0], extent[1], 4);
+      const {domain, ticks: yTicks} = niceDomain(lo - pad, hi + pad, 4);
       const x = linearScale([Math.min(...steps), Math.max(...steps)], [MARGIN.left, width - MARGIN.right]);
-      const y = linearScale([Math.min(extent[0], yTicks[0]), Math.max(extent[1], yTicks.at(-1))], [HEIGHT - MARGIN.bottom, MARGIN.top]);
+      const y = linearScale(domain, [HEIGHT - MARGIN.bottom, MARGIN.top]);
       xScale = x;
-      charts = withData.map((run) => createChart(run, {x, y, width, measure, tooltip, yTicks}));
+      cache.keepOnly(new Set(withData.map((run) => run.key)));
+      charts = withData.map((run) => cache.chart(run.key, [run.means, run.color, run.label, width, measure, ...x.domain, ...y.domain],
+        () => createChart(run, {x, y, width, measure, tooltip, yTicks})));
       container.replaceChildren(...charts.map((chart) => chart.figure));
     },
 

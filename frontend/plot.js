@@ -53,6 +53,18 @@ export function niceTicks(lo, hi, count = 5) {
   return ticks;
 }
 
+/**
+ * Ticks for [lo, hi] and the domain they span: the ticks' step extended to whole steps past lo and hi, so
+ * that the domain stays the same while the data moves within a step (charts sharing it need no redraw).
+ */
+export function niceDomain(lo, hi, count = 5) {
+  const ticks = niceTicks(lo, hi, count);
+  if (ticks.length < 2) return {domain: [lo, hi], ticks};
+  const step = ticks[1] - ticks[0];
+  const domain = [Math.floor(lo / step + 1e-9) * step, Math.ceil(hi / step - 1e-9) * step].map((v) => Number(v.toPrecision(12)));
+  return {domain, ticks: niceTicks(domain[0], domain[1], Math.round((domain[1] - domain[0]) / step))};
+}
+
 /** A value for axes and tooltips: 4 significant digits, "+inf" / "-inf" / "NaN" spelled out. */
 export function formatValue(value) {
   if (Number.isNaN(value)) return "NaN";
@@ -147,4 +159,27 @@ export function drawRunLine(root, {entry, color, points, tooltip, describe}) {
   dots.addEventListener("mousemove", (event) => tooltip.show(event, describe(Number(event.target.dataset.index))));
   dots.addEventListener("mouseleave", () => tooltip.hide());
   root.append(path, dots);
+}
+
+/**
+ * Charts by key, redrawn only when what they show changed: chart(key, signature, draw) returns the chart
+ * drawn last for that key if its signature (an array compared element by element) is the same, else
+ * draw(); keepOnly(keys) forgets the others.
+ */
+export function chartCache() {
+  const drawn = new Map();
+  return {
+    chart(key, signature, draw) {
+      const found = drawn.get(key);
+      if (found && found.signature.length === signature.length && signature.every((value, i) => value === found.signature[i])) {
+        return found.chart;
+      }
+      const chart = draw();
+      drawn.set(key, {chart, signature});
+      return chart;
+    },
+    keepOnly(keys) {
+      for (const key of drawn.keys()) if (!keys.has(key)) drawn.delete(key);
+    },
+  };
 }

@@ -1,7 +1,7 @@
 // "Invariance during training": per run, a layer x step heatmap of the layer means (rows: layers in network
 // order, columns: logged steps), on a color scale shared by the runs, with a marker at the chosen step.
 import {pixelColors} from "./colors.js";
-import {html, shorten, svg, svgText, svgTitle, formatValue} from "./plot.js";
+import {chartCache, html, shorten, svg, svgText, svgTitle, formatValue} from "./plot.js";
 import {stepAtOrBefore} from "./state.js";
 
 const LABELS = 76;
@@ -88,10 +88,15 @@ function createChart(run, {width, scale, measure, tooltip}) {
 /** The view in `container`: render(runs, options) draws the heatmaps, showStep(step) moves the markers. */
 export function createTrainingHeatmaps(container, tooltip) {
   let charts = [];
+  const cache = chartCache();
   return {
     /** runs: [{key, entry, label, color, means}]; options: {width, scale, measure}. */
     render(runs, options) {
-      charts = runs.filter((run) => run.means && run.means.steps.length).map((run) => createChart(run, {...options, tooltip}));
+      const withData = runs.filter((run) => run.means && run.means.steps.length);
+      cache.keepOnly(new Set(withData.map((run) => run.key)));
+      const {width, measure, scale} = options;
+      charts = withData.map((run) => cache.chart(run.key, [run.means, run.color, run.label, width, measure, scale.min, scale.max],
+        () => createChart(run, {...options, tooltip})));
       container.replaceChildren(...charts.map((chart) => chart.figure));
     },
 
