@@ -1,5 +1,6 @@
 // The backend's routes: the only module that calls fetch. URLs are relative to the plugin's base href, so
-// the tab works behind TensorBoard's --path_prefix; non-finite numbers arrive as strings and are decoded.
+// the tab works behind TensorBoard's --path_prefix. Non-finite numbers in JSON arrive as strings; bulk values (units,
+// means, accuracy) as base64 float32. Both are decoded here.
 
 const NON_FINITE = {"Infinity": Infinity, "-Infinity": -Infinity, "NaN": NaN};
 
@@ -8,8 +9,18 @@ function decodeNumber(value) {
   return typeof value === "string" ? (value in NON_FINITE ? NON_FINITE[value] : Number(value)) : value;
 }
 
-function decodeNumbers(values) {
-  return Float64Array.from(values, decodeNumber);
+/** Values sent as base64 of little-endian float32 (the byte order of every platform browsers run on). */
+function decodeFloat32(base64) {
+  const text = atob(base64);
+  const bytes = new Uint8Array(text.length);
+  for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
+  return new Float32Array(bytes.buffer);
+}
+
+/** A [steps, width] series: one Float32Array view per step. */
+function decodeRows({shape: [rows, width], values}) {
+  const flat = decodeFloat32(values);
+  return Array.from({length: rows}, (_, r) => flat.subarray(r * width, (r + 1) * width));
 }
 
 function url(route, params) {
@@ -87,7 +98,7 @@ export async function fetchUnits(entry, measure, step) {
     steps: payload.steps,
     layers: payload.layers.map((layer) => ({
       ...layerInfo(layer),
-      values: decodeNumbers(layer.values),
+      values: decodeFloat32(layer.values),
       dead: new Set(layer.dead),
       mean: decodeNumber(layer.mean),
     })),
@@ -98,14 +109,14 @@ export async function fetchUnits(entry, measure, step) {
 export async function fetchLayerMeans(entry, measure) {
   const payload = await getJson("layer_means", {run: entry.run, namespace: entry.namespace, measure}, {background: true});
   if (!payload) return null;
-  return {layers: payload.layers, steps: payload.steps, values: payload.values.map(decodeNumbers)};
+  return {layers: payload.layers, steps: payload.steps, values: decodeRows(payload)};
 }
 
 /** Accuracy per transformation at every (sampled) step: {labels, steps, values}, or null if not logged. */
 export async function fetchAccuracy(entry) {
   const payload = await getJson("accuracy", {run: entry.run, namespace: entry.namespace}, {background: true});
   if (!payload) return null;
-  return {labels: payload.labels, steps: payload.steps, values: payload.values.map(decodeNumbers)};
+  return {labels: payload.labels, steps: payload.steps, values: decodeRows(payload)};
 }
 
 /** The run's configuration record (protobuf JSON: 64-bit integers arrive as strings), or null. */

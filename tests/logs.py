@@ -1,6 +1,9 @@
 """Reading logdirs back through TensorBoard's own readers, for the tests."""
 from __future__ import annotations
 
+import base64
+
+import numpy as np
 from tensorboard import context
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 
@@ -17,3 +20,15 @@ def provider(logdir) -> data_provider.MultiplexerDataProvider:
 
 def ctx() -> context.RequestContext:
     return context.RequestContext()
+
+
+def floats(text: str) -> np.ndarray:
+    """Values a route sent as base64 of little-endian float32."""
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float64)
+
+
+def rows(payload: dict) -> np.ndarray:
+    """The [steps, width] values of a /layer_means or /accuracy payload."""
+    values = floats(payload["values"])
+    assert list(payload["shape"]) == [len(payload["steps"]), values.size // max(len(payload["steps"]), 1)]
+    return values.reshape(payload["shape"])

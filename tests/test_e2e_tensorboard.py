@@ -6,6 +6,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 
+from logs import floats, rows
 from logwriter import write_run
 from tensorboard_process import TensorBoard
 
@@ -44,11 +45,11 @@ def test_real_tensorboard_serves_every_step_and_live_updates(logdir, load_fast):
         runs = tb.wait_for(f"{BASE}/runs", lambda p: {e["run"] for e in p["runs"]} >= {"long", XSS})["runs"]
         long = next(e for e in runs if e["run"] == "long")
         assert long["max_step"] == means["steps"][-1] and long["measures"][:3] == ["tvi", "svi", "nvi"]
-        np.testing.assert_allclose(means["values"][57], list(records[57].layer_means("nvi").values()), rtol=1e-6)
+        np.testing.assert_allclose(rows(means)[means["steps"].index(57)], list(records[57].layer_means("nvi").values()), rtol=1e-6)
         units = tb.json(f"{BASE}/units?run=long&namespace=invariance&measure=nvse&step=57")
         assert units["steps"] == means["steps"] and units["step"] == 57
         for layer in units["layers"]:
-            np.testing.assert_allclose(layer["values"], records[57].get("nvse", layer["name"]), rtol=1e-6)
+            np.testing.assert_allclose(floats(layer["values"]), records[57].get("nvse", layer["name"]), rtol=1e-6)
         accuracy = tb.json(f"{BASE}/accuracy?run=long&namespace=invariance")
         assert accuracy["steps"] == means["steps"]
         assert tb.json(f"{BASE}/units?run={q(XSS)}&namespace=invariance&measure=nvi")["run"] == XSS

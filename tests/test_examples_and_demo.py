@@ -15,6 +15,7 @@ import pytest
 
 from tm_tensorboard import metadata
 from test_example_datasets import MNIST_NAMES, idx_bytes
+from logs import rows
 from test_plugin_routes import client_for, get_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def test_demo_shows_the_expected_science(tmp_path):
     def last_means(run: str) -> dict[str, float]:
         payload = get_json(client, "/layer_means", run=run, namespace="invariance", measure="nvi")
         assert payload["steps"][-1] == 150
-        return dict(zip(payload["layers"], payload["values"][-1]))
+        return dict(zip(payload["layers"], rows(payload)[-1]))
 
     p4, plain, augmented = last_means("p4cnn"), last_means("cnn"), last_means("cnn-rotation-augmented")
     for layer in ("spatial_pool", "classifier.1"):
@@ -148,7 +149,7 @@ def test_demo_shows_the_expected_science(tmp_path):
     assert augmented[last] < 0.8 * plain[last], (augmented[last], plain[last])
     ee = get_json(client, "/layer_means", run="p4cnn", namespace="invariance", measure="ee")
     group_layers = [i for i, name in enumerate(ee["layers"]) if name.startswith("features.")]
-    assert max(ee["values"][-1][i] for i in group_layers) < 1e-4  # equivariant under the cyclic-shift action
+    assert max(rows(ee)[-1][i] for i in group_layers) < 1e-4  # equivariant under the cyclic-shift action
     config = get_json(client, "/config", run="p4cnn", namespace="invariance")["config"]
     assert config["actions"]["features.0"] == "cyclic_shift(4)" and config["noise_floor"]
     assert metadata.PLUGIN_NAME == "tm_invariance"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from urllib.parse import quote
@@ -19,7 +18,7 @@ import tm_tensorboard as tm
 from tm_tensorboard import metadata
 from tm_tensorboard.plugin.invariance_plugin import InvariancePlugin
 from tm_tensorboard.plugin.loader import InvarianceLoader
-from logs import provider
+from logs import floats, provider, rows
 from logwriter import write_run
 
 BASE = "/data/plugin/tm_invariance"
@@ -43,10 +42,6 @@ def get_json(client, path, **params):
     status, body = get(client, path, **params)
     assert status == 200, (path, params, body[:300])
     return json.loads(body)
-
-
-def number(value):
-    return {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}.get(value, value)
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +87,21 @@ def test_units_match_what_the_sdk_wrote(logs, measure):
         assert payload["steps"] == [0, 5, 10, 15]
         assert [layer["name"] for layer in payload["layers"]] == result.layers_of(measure)
         for layer in payload["layers"]:
-            values = np.array([number(v) for v in layer["values"]], dtype=np.float64)
-            np.testing.assert_allclose(values, result.get(measure, layer["name"]), rtol=1e-6)
+            np.testing.assert_allclose(floats(layer["values"]), result.get(measure, layer["name"]), rtol=1e-6)
             tv = result.get(measure.replace("nv", "tv").replace("sv", "tv"), layer["name"])
             sv = result.get(measure.replace("nv", "sv").replace("tv", "sv"), layer["name"])
             assert layer["dead"] == [int(u) for u in np.flatnonzero((tv <= 0) & (sv <= 0))]
             assert layer["mean"] == pytest.approx(result.layer_means(measure)[layer["name"]], rel=1e-6)
     first = get_json(client, "/units", run="cnn", namespace="invariance", measure="nvi")["layers"]
     assert first[1]["name"] == "1" and 0 in first[1]["dead"]  # the dead ReLU channel is reported
+
+
+def test_bulk_values_keep_non_finite_values_and_float32_precision():
+    from tm_tensorboard.plugin.invariance_plugin import _float32_base64
+
+    values = np.array([0.1, np.inf, -np.inf, np.nan, 1e-30, -3.5], dtype=np.float64)
+    decoded = floats(_float32_base64(values))
+    np.testing.assert_array_equal(decoded, values.astype(np.float32).astype(np.float64))
 
 
 def test_unsorted_steps_come_back_sorted(logs):
@@ -116,9 +118,9 @@ def test_layer_means_match(logs):
     payload = get_json(client_for(logdir), "/layer_means", run="cnn", namespace="invariance", measure="nvse")
     assert payload["steps"] == [0, 5, 10, 15]
     assert payload["layers"] == records["cnn"][0].layers_of("nvse")
-    for step, row in zip(payload["steps"], payload["values"]):
+    for step, row in zip(payload["steps"], rows(payload)):
         expected = list(records["cnn"][step].layer_means("nvse").values())
-        np.testing.assert_allclose([number(v) for v in row], expected, rtol=1e-6)
+        np.testing.assert_allclose(row, expected, rtol=1e-6)
     few = get_json(client_for(logdir), "/layer_means", run="cnn", namespace="invariance", measure="nvi", downsample=2)
     assert len(few["steps"]) == 2 and few["steps"][-1] == 15  # downsampling keeps the latest step
 
@@ -129,7 +131,7 @@ def test_accuracy_and_config(logs):
     payload = get_json(client, "/accuracy", run="cnn", namespace="invariance")
     assert payload["labels"] == ["rotation 0°", "rotation 90°", "rotation 180°", "rotation 270°"]
     assert payload["steps"] == [0, 5, 10, 15]
-    for step, row in zip(payload["steps"], payload["values"]):
+    for step, row in zip(payload["steps"], rows(payload)):
         np.testing.assert_allclose(row, records["cnn"][step].accuracy, rtol=1e-6)
     config = get_json(client, "/config", run="cnn", namespace="invariance")["config"]
     assert config["probe_size"] == "12" and config["transformation_set_id"].startswith("rotations(0,90,180,270)")
