@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 import tm_tensorboard as tm
+from provenance import source_version
 
 N = 256  # probe samples
 T = 16  # rotations
@@ -266,17 +267,6 @@ def child(method: str) -> None:
         run, _ = case.runner(method)
         run()
     print(json.dumps({"peak_rss_kib": peak_rss_kib()}))
-
-
-def source_version() -> str:
-    """The git commit of the measured code, marked "+dirty" if tm_tensorboard/ has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--", "tm_tensorboard") else "")
 
 
 def cpu_name() -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from provenance import source_version  # noqa: E402
 from tensorboard_process import TensorBoard  # noqa: E402
 
 BASE = "/data/plugin/tm_invariance"
@@ -100,7 +101,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     expected = len(list(args.logdir.iterdir()))
-    figures: dict = {"load_average_before": os.getloadavg()}
+    figures: dict = {"commit": source_version(), "load_average_before": os.getloadavg()}
     with TensorBoard(args.logdir, "--reload_interval=0", timeout=600) as tb, sync_playwright() as playwright:
         tb.wait_for(f"{BASE}/runs", lambda p: len(p["runs"]) == expected
                     and all(r["max_step"] == args.steps - 1 for r in p["runs"]), timeout=3600)

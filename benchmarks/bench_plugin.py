@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from provenance import source_version  # noqa: E402
 from tensorboard_process import TensorBoard  # noqa: E402
 
 BASE = "/data/plugin/tm_invariance"
@@ -98,6 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     size = sum(f.stat().st_size for f in args.logdir.rglob("events.out.tfevents.*"))
     figures = {
+        "commit": source_version(),
         "logdir_bytes": size,
         "load_average_before": os.getloadavg(),
         "loaders": [bench_loader(args.logdir, loader, args.repeats, args.steps, seed=0) for loader in args.loaders],
