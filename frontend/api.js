@@ -1,6 +1,6 @@
 // The backend's routes: the only module that calls fetch. URLs are relative to the plugin's base href, so
-// the tab works behind TensorBoard's --path_prefix. Non-finite numbers in JSON arrive as strings; bulk values (units,
-// means, accuracy) as base64 float32. Both are decoded here.
+// the tab works behind TensorBoard's --path_prefix. Non-finite numbers in JSON arrive as strings, bulk
+// values (units, means, accuracy) as base64 float32; both are decoded here.
 
 const NON_FINITE = {"Infinity": Infinity, "-Infinity": -Infinity, "NaN": NaN};
 
@@ -105,7 +105,7 @@ export async function fetchUnits(entry, measure, step) {
   };
 }
 
-/** Per-layer means of one measure at every (sampled) step: {layers, steps, values: [Float64Array per step]}. */
+/** Per-layer means of one measure at every (sampled) step: {layers, steps, values: [Float32Array per step]}. */
 export async function fetchLayerMeans(entry, measure) {
   const payload = await getJson("layer_means", {run: entry.run, namespace: entry.namespace, measure}, {background: true});
   if (!payload) return null;
