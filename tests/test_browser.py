@@ -327,3 +327,38 @@ def test_empty_logdir_shows_how_to_start(page, tmp_path):
         assert "monitor.step(global_step)" in text
         assert frame.locator("#tm-heatmaps").is_hidden()
         page.screenshot(path=str(ARTIFACTS / "empty-state.png"))
+
+
+def test_toggling_a_run_keeps_the_other_runs_charts(page, tmp_path):
+    """Selecting or deselecting a run draws only that run's curves and layer x step heatmap: the other runs'
+    canvases stay the same elements (redrawing every run at every toggle froze the tab with 20 runs). The
+    runs hold identical values, so the shared axes and color scale cannot change; 3 and 4 charts per row
+    have the same width at this viewport."""
+    names = ["a", "b", "c", "d"]
+    for name in names:
+        write_run(tmp_path / name, STEPS, seed=5)
+    with TensorBoard(tmp_path) as tb:
+        tb.wait_for(f"{BASE}/runs", lambda p: len(p["runs"]) == 4 and all(e["max_step"] == 20 for e in p["runs"]))
+        frame = open_tab(page, tb)
+        charts = "#tm-curves canvas, #tm-training canvas"
+
+        def mark_and_count():
+            return frame.evaluate(f"""() => {{
+                const canvases = [...document.querySelectorAll("{charts}")];
+                const kept = canvases.filter((c) => c.tmMarked).length;
+                canvases.forEach((c) => {{ c.tmMarked = true; }});
+                return [canvases.length, kept];
+            }}""")
+
+        select_runs(frame, set(names))
+        wait_for_heatmaps(frame, dict.fromkeys(names, 20))
+        frame.wait_for_function(f"document.querySelectorAll('{charts}').length === 8")
+        assert mark_and_count() == [8, 0]
+        select_runs(frame, {"a", "b", "c"})
+        wait_for_heatmaps(frame, dict.fromkeys("abc", 20))
+        frame.wait_for_function(f"document.querySelectorAll('{charts}').length === 6")
+        assert mark_and_count() == [6, 6]  # a, b, c were not redrawn
+        select_runs(frame, set(names))
+        wait_for_heatmaps(frame, dict.fromkeys(names, 20))
+        frame.wait_for_function(f"document.querySelectorAll('{charts}').length === 8")
+        assert mark_and_count() == [8, 6]  # only d was drawn
