@@ -104,6 +104,30 @@ def test_bulk_values_keep_non_finite_values_and_float32_precision():
     np.testing.assert_array_equal(decoded, values.astype(np.float32).astype(np.float64))
 
 
+def test_units_of_a_listed_step_skip_listing_and_new_steps_are_found(tmp_path):
+    """A step already listed costs one data-provider call (its blob); the latest step, or a step written
+    since, lists the series again."""
+    records = write_run(tmp_path / "live", [0, 5], measures=("invariance",))
+    data_provider = provider(tmp_path)
+    listings = []
+    read_blob_sequences = data_provider.read_blob_sequences
+    data_provider.read_blob_sequences = lambda *a, **k: listings.append(1) or read_blob_sequences(*a, **k)
+    plugin = InvariancePlugin(base_plugin.TBContext(data_provider=data_provider, logdir=str(tmp_path)))
+    client = werkzeug_test.Client(application.TensorBoardWSGI([plugin], data_provider=data_provider))
+    params = dict(run="live", namespace="invariance", measure="nvi")
+    assert get_json(client, "/units", **params)["steps"] == [0, 5]
+    assert get_json(client, "/units", **params, step=0)["step"] == 0
+    assert get_json(client, "/units", **params, step=5)["step"] == 5
+    assert len(listings) == 1
+    records.update(write_run(tmp_path / "live", [9], measures=("invariance",)))
+    data_provider._multiplexer.Reload()
+    units = get_json(client, "/units", **params, step=9)  # not listed yet: listed again
+    assert units["steps"] == [0, 5, 9] and len(listings) == 2
+    for layer in units["layers"]:
+        np.testing.assert_allclose(floats(layer["values"]), records[9].get("nvi", layer["name"]), rtol=1e-6)
+    assert get(client, "/units", **params, step=7)[0] == 404 and len(listings) == 3
+
+
 def test_unsorted_steps_come_back_sorted(logs):
     logdir, records = logs
     client = client_for(logdir)

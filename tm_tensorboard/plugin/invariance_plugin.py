@@ -5,7 +5,7 @@ Routes (relative to ``data/plugin/tm_invariance``):
 - ``/runs``: every (run, namespace) with its measures, layers (network order), accuracy, step range.
 - ``/units?run&namespace&measure[&step]``: every unit of every layer at one step (latest by default),
   with each layer's mean over finite units, the indices of dead units (no variance at all) and the
-  list of steps that have units.
+  list of steps that have units (as of the last request for the latest step or a step not seen before).
 - ``/layer_means?run&namespace&measure[&downsample]``: per-layer means at every step (curves, layer ×
   step heatmap, layer profile).
 - ``/accuracy?run&namespace[&downsample]``: accuracy per transformation at every step.
@@ -112,6 +112,7 @@ class InvariancePlugin(base_plugin.TBPlugin):
         self._provider = context.data_provider
         self._static: dict[str, tuple[bytes, str]] | None = None
         self._described: dict[tuple, dict[str, metadata.PluginData]] = {}  # (experiment, kind, run) -> tags
+        self._snapshots: dict[tuple, dict[int, str]] = {}  # (experiment, run, tag) -> {step: blob key}
 
     def get_plugin_apps(self):
         return {
@@ -223,6 +224,28 @@ class InvariancePlugin(base_plugin.TBPlugin):
                     return tag, data
         raise errors.NotFoundError(f"no {what} for run {run!r}")
 
+    def _snapshot_keys(self, request, run: str, tag: str, step: int | None) -> dict[int, str]:
+        """{step: blob key} of a run's snapshot series, in step order.
+
+        Cached: a step's blob key never changes once written, so a request for a step already listed
+        makes one data-provider call (the blob) instead of two; the latest step (step None) or a step
+        not listed yet lists the series again, which also brings the steps written since.
+        """
+        cache_key = (plugin_util.experiment_id(request.environ), run, tag)
+        keys = self._snapshots.get(cache_key)
+        if step is None or keys is None or step not in keys:
+            ctx, eid = self._ids(request)
+            sequences = self._provider.read_blob_sequences(
+                ctx,
+                experiment_id=eid,
+                plugin_name=metadata.PLUGIN_NAME,
+                downsample=ALL_STEPS,
+                run_tag_filter=provider.RunTagFilter(runs=[run], tags=[tag]),
+            )
+            points = sorted(sequences.get(run, {}).get(tag, []), key=lambda d: d.step)
+            keys = self._snapshots[cache_key] = {p.step: p.values[0].blob_key for p in points if p.values}
+        return keys
+
     def _config(self, request, run: str, namespace: str) -> tuple[str, metadata.PluginData]:
         tag = metadata.config_tag(namespace)
         return self._find(request, "tensor", run, "configuration", lambda t, d: t == tag and d.kind == metadata.RUN_CONFIG)
@@ -286,25 +309,18 @@ class InvariancePlugin(base_plugin.TBPlugin):
             and measure in d.measures
             and measure != metadata.DEAD_ROW,
         )
-        ctx, eid = self._ids(request)
-        sequences = self._provider.read_blob_sequences(
-            ctx,
-            experiment_id=eid,
-            plugin_name=metadata.PLUGIN_NAME,
-            downsample=ALL_STEPS,
-            run_tag_filter=provider.RunTagFilter(runs=[run], tags=[tag]),
-        )
-        points = sorted(sequences.get(run, {}).get(tag, []), key=lambda d: d.step)
-        if not points:
+        keys = self._snapshot_keys(request, run, tag, step)
+        if not keys:
             raise errors.NotFoundError(f"run {run!r} has no {measure!r} units yet")
-        chosen = points[-1] if step is None else next((p for p in points if p.step == step), None)
-        if chosen is None or not chosen.values:
+        chosen = next(reversed(keys)) if step is None else step
+        if chosen not in keys:
             raise errors.NotFoundError(f"run {run!r} has no {measure!r} units at step {step}")
-        blob = self._provider.read_blob(ctx, blob_key=chosen.values[0].blob_key)
+        ctx, _ = self._ids(request)
+        blob = self._provider.read_blob(ctx, blob_key=keys[chosen])
         try:
             snapshot = metadata.decode_snapshot(blob, data)
         except ValueError as error:
-            raise errors.NotFoundError(f"run {run!r}, step {chosen.step}: unreadable units ({error})") from None
+            raise errors.NotFoundError(f"run {run!r}, step {chosen}: unreadable units ({error})") from None
         dead_rows = snapshot.get(metadata.DEAD_ROW)  # units without any variance, whatever the measure shown
         layers = []
         for i, layer in enumerate(data.layers):
@@ -323,8 +339,8 @@ class InvariancePlugin(base_plugin.TBPlugin):
                 "run": run,
                 "namespace": namespace,
                 "measure": measure,
-                "step": chosen.step,
-                "steps": [p.step for p in points],
+                "step": chosen,
+                "steps": list(keys),
                 "layers": layers,
             },
         )
