@@ -71,10 +71,9 @@ export function createStore(onChange) {
       return file(key, request(() => api.fetchUnits(entry, measure, step), (units) => remember(entry, measure, units)));
     },
 
-    /** Units at one step if already received, else undefined (never fetches). */
+    /** Units at one step if already requested (received or on the way), else undefined (never fetches). */
     peekUnits(entry, measure, step) {
-      const found = snapshots.get(snapshotKey(entry, measure, step));
-      return found && found.done ? found : undefined;
+      return snapshots.get(snapshotKey(entry, measure, step));
     },
 
     /** Units at the run's latest step; also filed under that step. */
