@@ -9,6 +9,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 from tensorboard.backend import application
+from tensorboard.backend.event_processing import data_provider as tb_data_provider
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins import base_plugin
 from torch.utils.tensorboard import SummaryWriter
@@ -105,8 +106,8 @@ def test_bulk_values_keep_non_finite_values_and_float32_precision():
 
 
 def test_units_of_a_listed_step_skip_listing_and_new_steps_are_found(tmp_path):
-    """A step already listed costs one data-provider call (its blob); the latest step, or a step written
-    since, lists the series again."""
+    """A step already listed costs one data-provider call (its blob); the latest step, a step written since,
+    or a cached key whose blob is gone lists the series again."""
     records = write_run(tmp_path / "live", [0, 5], measures=("invariance",))
     data_provider = provider(tmp_path)
     listings = []
@@ -126,6 +127,10 @@ def test_units_of_a_listed_step_skip_listing_and_new_steps_are_found(tmp_path):
     for layer in units["layers"]:
         np.testing.assert_allclose(floats(layer["values"]), records[9].get("nvi", layer["name"]), rtol=1e-6)
     assert get(client, "/units", **params, step=7)[0] == 404 and len(listings) == 3
+    (cached,) = plugin._snapshots.values()  # a cached key whose blob is gone (a purged step): listed again
+    experiment, plugin_name, run, tag, _, index = tb_data_provider._decode_blob_key(cached[5])
+    cached[5] = tb_data_provider._encode_blob_key(experiment, plugin_name, run, tag, 7, index)
+    assert get_json(client, "/units", **params, step=5)["step"] == 5 and len(listings) == 4
 
 
 def test_unsorted_steps_come_back_sorted(logs):

@@ -224,16 +224,38 @@ class InvariancePlugin(base_plugin.TBPlugin):
                     return tag, data
         raise errors.NotFoundError(f"no {what} for run {run!r}")
 
-    def _snapshot_keys(self, request, run: str, tag: str, step: int | None) -> dict[int, str]:
-        """{step: blob key} of a run's snapshot series, in step order.
+    def _snapshot(self, request, run: str, tag: str, step: int | None, what: str) -> tuple[int, list[int], bytes]:
+        """(step, all steps with a snapshot, blob) of a run's snapshot series at ``step`` (None: latest).
 
-        Cached: a step's blob key never changes once written, so a request for a step already listed
-        makes one data-provider call (the blob) instead of two; the latest step (step None) or a step
-        not listed yet lists the series again, which also brings the steps written since.
+        The series' {step: blob key} is cached: a step's key never changes once written, so a step
+        already listed costs one data-provider call (the blob) instead of two. The latest step, a step
+        not listed yet, or a cached key whose blob is gone (TensorBoard purges steps of a restarted run)
+        lists the series again.
         """
+        ctx, _ = self._ids(request)
+
+        def pick(keys: dict[int, str]) -> tuple[int, list[int], bytes]:
+            if not keys:
+                raise errors.NotFoundError(f"run {run!r} has no {what} yet")
+            chosen = next(reversed(keys)) if step is None else step
+            if chosen not in keys:
+                raise errors.NotFoundError(f"run {run!r} has no {what} at step {step}")
+            return chosen, list(keys), self._provider.read_blob(ctx, blob_key=keys[chosen])
+
+        keys, listed = self._snapshot_keys(request, run, tag, step, refresh=False)
+        try:
+            return pick(keys)
+        except errors.NotFoundError:
+            if listed:
+                raise
+        return pick(self._snapshot_keys(request, run, tag, step, refresh=True)[0])
+
+    def _snapshot_keys(self, request, run: str, tag: str, step: int | None, refresh: bool) -> tuple[dict[int, str], bool]:
+        """({step: blob key} of the series in step order, whether it was listed just now)."""
         cache_key = (plugin_util.experiment_id(request.environ), run, tag)
         keys = self._snapshots.get(cache_key)
-        if step is None or keys is None or step not in keys:
+        listed = refresh or step is None or keys is None or step not in keys
+        if listed:
             ctx, eid = self._ids(request)
             sequences = self._provider.read_blob_sequences(
                 ctx,
@@ -244,7 +266,7 @@ class InvariancePlugin(base_plugin.TBPlugin):
             )
             points = sorted(sequences.get(run, {}).get(tag, []), key=lambda d: d.step)
             keys = self._snapshots[cache_key] = {p.step: p.values[0].blob_key for p in points if p.values}
-        return keys
+        return keys, listed
 
     def _config(self, request, run: str, namespace: str) -> tuple[str, metadata.PluginData]:
         tag = metadata.config_tag(namespace)
@@ -309,14 +331,7 @@ class InvariancePlugin(base_plugin.TBPlugin):
             and measure in d.measures
             and measure != metadata.DEAD_ROW,
         )
-        keys = self._snapshot_keys(request, run, tag, step)
-        if not keys:
-            raise errors.NotFoundError(f"run {run!r} has no {measure!r} units yet")
-        chosen = next(reversed(keys)) if step is None else step
-        if chosen not in keys:
-            raise errors.NotFoundError(f"run {run!r} has no {measure!r} units at step {step}")
-        ctx, _ = self._ids(request)
-        blob = self._provider.read_blob(ctx, blob_key=keys[chosen])
+        chosen, steps, blob = self._snapshot(request, run, tag, step, f"{measure!r} units")
         try:
             snapshot = metadata.decode_snapshot(blob, data)
         except ValueError as error:
@@ -340,7 +355,7 @@ class InvariancePlugin(base_plugin.TBPlugin):
                 "namespace": namespace,
                 "measure": measure,
                 "step": chosen,
-                "steps": list(keys),
+                "steps": steps,
                 "layers": layers,
             },
         )
