@@ -43,6 +43,8 @@ def _two_pass(x: torch.Tensor, dim: int, scratch: Scratch | None) -> tuple[torch
         torch.sub(x.select(dim, i), mean, out=dev)
         m2.addcmul_(dev, dev)
     return mean, m2
+
+
 class StreamingState:
     """Float64 state tensors plus a host sample count; subclasses define ``update`` and ``merge``."""
 

@@ -242,39 +242,30 @@ class InvariancePlugin(base_plugin.TBPlugin):
                 raise errors.NotFoundError(f"run {run!r} has no {what} at step {step}")
             return chosen, list(keys), self._provider.read_blob(ctx, blob_key=keys[chosen])
 
-        keys, listed = self._snapshot_keys(request, run, tag, step, refresh=False)
-        try:
-            return pick(keys)
-        except errors.NotFoundError:
-            if listed:
-                raise
-        return pick(self._snapshot_keys(request, run, tag, step, refresh=True)[0])
+        keys = self._snapshots.get((plugin_util.experiment_id(request.environ), run, tag))
+        if keys is not None and step is not None and step in keys:
+            try:
+                return pick(keys)
+            except errors.NotFoundError:
+                pass  # the step is gone since it was listed
+        return pick(self._list_snapshots(request, run, tag))
 
-    def _snapshot_keys(self, request, run: str, tag: str, step: int | None, refresh: bool) -> tuple[dict[int, str], bool]:
-        """({step: blob key} of the series in step order, whether it was listed just now)."""
-        cache_key = (plugin_util.experiment_id(request.environ), run, tag)
-        keys = self._snapshots.get(cache_key)
-        listed = refresh or step is None or keys is None or step not in keys
-        if listed:
-            ctx, eid = self._ids(request)
-            sequences = self._provider.read_blob_sequences(
-                ctx,
-                experiment_id=eid,
-                plugin_name=metadata.PLUGIN_NAME,
-                downsample=ALL_STEPS,
-                run_tag_filter=provider.RunTagFilter(runs=[run], tags=[tag]),
-            )
-            points = sorted(sequences.get(run, {}).get(tag, []), key=lambda d: d.step)
-            keys = self._snapshots[cache_key] = {p.step: p.values[0].blob_key for p in points if p.values}
-        return keys, listed
+    def _list_snapshots(self, request, run: str, tag: str) -> dict[int, str]:
+        """{step: blob key} of a run's snapshot series in step order, listed now and cached."""
+        points = self._read(request, run, tag, ALL_STEPS, blobs=True)
+        keys = {p.step: p.values[0].blob_key for p in points if p.values}
+        self._snapshots[(plugin_util.experiment_id(request.environ), run, tag)] = keys
+        return keys
 
     def _config(self, request, run: str, namespace: str) -> tuple[str, metadata.PluginData]:
         tag = metadata.config_tag(namespace)
         return self._find(request, "tensor", run, "configuration", lambda t, d: t == tag and d.kind == metadata.RUN_CONFIG)
 
-    def _read(self, request, run: str, tag: str, downsample: int) -> list:
+    def _read(self, request, run: str, tag: str, downsample: int, *, blobs: bool = False) -> list:
+        """The points of one of this plugin's tensor series (or blob sequences), sorted by step."""
         ctx, eid = self._ids(request)
-        data = self._provider.read_tensors(
+        read = self._provider.read_blob_sequences if blobs else self._provider.read_tensors
+        data = read(
             ctx,
             experiment_id=eid,
             plugin_name=metadata.PLUGIN_NAME,
