@@ -15,6 +15,8 @@ from tm_tensorboard import metadata
 from logs import ctx, provider
 from models import small_cnn
 
+pytestmark = pytest.mark.usefixtures("kernels")  # every test with the eager and the compiled updates
+
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
 

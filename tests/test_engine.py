@@ -13,6 +13,8 @@ from tm_tensorboard import transforms as T
 from models import rot90_equivariant_cnn, small_cnn
 from reference import activation_matrix, measures as ref_measures, safe_divide as ref_safe_divide
 
+pytestmark = pytest.mark.usefixtures("kernels")  # every test with the eager and the compiled updates
+
 N = 11
 CHUNKS = [1, 3, N + 5]
 

@@ -17,6 +17,8 @@ from tm_tensorboard.measures import safe_divide
 from models import small_cnn
 from reference import activation_matrix, channel
 
+pytestmark = pytest.mark.usefixtures("kernels")  # every test with the eager and the compiled updates
+
 N = 11
 CHUNKS = [1, 4, N + 3]
 

@@ -149,6 +149,7 @@ def test_explicit_layer_with_tuple_output_is_an_error_default_skips_it():
         tm.measure(Net(), probe, T.rotations(2), layers=["pair"])
 
 
+@pytest.mark.usefixtures("kernels")
 def test_nan_activations_give_nan_and_a_warning():
     model = small_cnn()
     with torch.no_grad():

@@ -3,9 +3,11 @@
 For each chunk of b probe samples the b·T batch of all their transformations is built in one batched
 call on the model's device and forwarded once (eval mode, no autograd). Forward hooks view each
 observed output as [b, T, units] and fold it into that activation's streaming states on the spot, so no
-activation is kept (memory is O(state)) and a later in-place op cannot alter what was measured. After
-the last chunk each activation's states are finalized on the device and copied to the host once.
-(Goodfellow's thresholds need two extra passes over the untransformed probe first.)
+activation is kept (memory is O(state)) and a later in-place op cannot alter what was measured. Each
+group's fold is one fused update (``fused.py``), compiled when that pays, and nothing on the chunk path
+reads a device value back to the host. After the last chunk each activation's states are finalized on
+the device and copied to the host once. (Goodfellow's thresholds need two extra passes over the
+untransformed probe first.)
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, fused
 from .actions import FeatureAction, identity
 from .capture import Capture, LayerInfo, LayerSelector, select_modules, unwrap
 from .layer_measures import GROUPS, TRANSFORMED, UNTRANSFORMED_PHASES, Chunk, MeasureOptions
@@ -32,6 +34,9 @@ __all__ = ["measure", "Measurement", "DEFAULT_MEASURES"]
 
 DEFAULT_MEASURES = ("invariance", "same_equivariance")
 INPUT_LAYER = "input"  # the noise floor: the identity network, observed before the model
+# compile=None compiles the fused updates for a measurement with at least this many activation values
+# (probe samples × transformations × observed units): below it, compiling takes longer than it saves.
+COMPILE_WHEN_VALUES = 2_000_000_000
 _UNTRANSFORMED = TransformationSet([Transformation((Op("identity", ()),))], "identity")
 
 Actions = FeatureAction | Mapping[str, FeatureAction] | None
@@ -56,6 +61,7 @@ def measure(
     actions: Actions = None,
     disk: bool = False,
     alpha: float = 0.01,
+    compile: bool | None = None,
 ) -> MeasureResult:
     """Measure how invariant / equivariant every observed unit of ``model`` is to ``transformations``.
 
@@ -66,7 +72,9 @@ def measure(
     separately and reports the mean (needs labels). ``noise_floor=True`` also measures the input itself
     (layer "input"). ``actions``: the equivariance error's feature action, one for all layers or
     {glob pattern: action}. ``disk``: equivariance error inside the central disk only. ``alpha``: ANOVA
-    level (Bonferroni-corrected over each layer's units).
+    level (Bonferroni-corrected over each layer's units). ``compile``: run the statistics as kernels
+    fused by ``torch.compile`` (True), eagerly (False), or (None) compiled when the measurement is large
+    enough to repay the seconds compiling costs once per process, or the kernels are already compiled.
     """
     session = Measurement(
         model,
@@ -79,6 +87,7 @@ def measure(
         actions=actions,
         disk=disk,
         alpha=alpha,
+        compile=compile,
     )
     with preserved_rng_state():  # reading a shuffling DataLoader draws random numbers
         samples = as_probe(probe, labels=labels, num_samples=num_samples)
@@ -114,11 +123,13 @@ class _Observer:
     def __init__(self, info: LayerInfo, groups: Sequence[str], num_classes: int, transformations: TransformationSet,
                  device: torch.device, options: MeasureOptions):
         self.info = info
+        self.compiled = False
         self.measures = {
             g: GROUPS[g](info, transformations, num_classes, device, options) for g in groups if GROUPS[g].applies(info)
         }
 
     def update(self, phase: str, activation: torch.Tensor, chunk: Chunk) -> None:
+        self.compiled = chunk.compiled  # finalize the way the chunks went
         for m in self.measures.values():
             if phase in m.phases:
                 m.update(phase, activation, chunk)
@@ -127,7 +138,7 @@ class _Observer:
         """{group: (component names, [classes, components, *shape])} on the host, one device-to-host copy."""
         if not self.measures:
             return {}
-        computed = [m.compute() for m in self.measures.values()]
+        computed = [m.compute(self.compiled) for m in self.measures.values()]
         host = torch.cat([c.reshape(-1) for c in computed]).cpu().numpy()
         out, start = {}, 0
         for (group, m), c in zip(self.measures.items(), computed):
@@ -152,6 +163,7 @@ class Measurement:
         actions: Actions = None,
         disk: bool = False,
         alpha: float = 0.01,
+        compile: bool | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -183,6 +195,8 @@ class Measurement:
             raise ValueError(f"batch_size must be a positive int (probe samples per forward), got {batch_size!r}")
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        if compile not in (None, True, False):
+            raise ValueError(f"compile must be True, False or None (compile when it pays), got {compile!r}")
         self.model = unwrap(model)
         self.transformations = transformations
         self.measures = tuple(dict.fromkeys(measures))
@@ -192,6 +206,7 @@ class Measurement:
         self.stratified = stratified
         self.noise_floor = noise_floor
         self.options = MeasureOptions(actions=_action_lookup(actions), disk=disk, alpha=alpha)
+        self.compile = compile if compile is not None else fused.mode_from_environment()
         self.modules, self.explicit = select_modules(self.model, layers)
         self._fits = False  # set once the model ran on a probe batch
 
@@ -238,14 +253,41 @@ class Measurement:
             return self._run_distributed(probe, classes)
         self.check_probe(probe)
         classes = classes if classes is not None else self.classes(probe)
+        observers, accuracy = self._stream_phases(probe, classes)
+        return self.finalize(observers, accuracy, len(probe), classes)
+
+    def _stream_phases(self, probe: Probe, classes: list[int] | None, compiled: bool | None = None):
         observers: dict[str, _Observer] = {}
         accuracy = AccuracyState(len(self.transformations), self.device(probe)) if "accuracy" in self.measures else None
         for phase in self.phases:
-            self.stream(probe, classes, phase, observers, accuracy)
+            self.stream(probe, classes, phase, observers, accuracy, compiled=compiled)
             for observer in observers.values():
                 for m in observer.measures.values():
                     m.finish(phase)
-        return self.finalize(observers, accuracy, len(probe), classes)
+        return observers, accuracy
+
+    def warm_up(self, probe: Probe) -> float:
+        """Compile the fused updates this measurement needs, on two probe samples (results discarded), and
+        return the seconds compiling took (0 when eager, or already compiled in this process). Later
+        measurements reuse the kernels for every chunk size and layer."""
+        if self.compile is False or not fused.compile_available():
+            return 0.0
+        before = fused.compiled_seconds()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "NaN in the measures", RuntimeWarning)  # of a 2-sample measurement
+            self._stream_phases(Probe(probe.images[:2], None if probe.labels is None else probe.labels[:2]), None, True)
+        return fused.compiled_seconds() - before
+
+    def _compiled(self, probe_size: int, observers: dict[str, "_Observer"]) -> bool:
+        """Whether to run the fused updates compiled, once the layers are known (after the first chunk)."""
+        if self.compile is not None:
+            return self.compile
+        if fused.compiled_seconds() > 0 and fused.compile_available():  # compiled already: nothing to pay
+            return True
+        if not observers:  # the first chunk: layer sizes unknown yet
+            return False
+        values = sum(m.units * m.T for o in observers.values() for m in o.measures.values())
+        return probe_size * values >= COMPILE_WHEN_VALUES
 
     def _run_distributed(self, probe: Probe, classes: list[int] | None) -> MeasureResult:
         rank, world = distributed.process_group()
@@ -314,11 +356,12 @@ class Measurement:
         observers: dict[str, _Observer],
         accuracy: AccuracyState | None,
         groups: Sequence[str] | None = None,
+        compiled: bool | None = None,
     ) -> None:
         """Forward the probe chunk by chunk for one phase, updating the states inside the hooks.
 
         Observers are created on the first chunk that meets a layer; ``groups`` (default: the measured
-        ones) chooses which measure groups they hold.
+        ones) chooses which measure groups they hold; ``compiled`` overrides the ``compile`` setting.
         """
         model = self.model
         transformations = self.transformations if phase == TRANSFORMED else _UNTRANSFORMED
@@ -355,7 +398,7 @@ class Measurement:
                     )
                 except ValueError as error:  # a measure cannot apply to this layer (e.g. its feature action)
                     raise LayerMeasureError(f"layer {name!r}: {error}") from error
-            activation = output.detach()
+            activation = output.detach() if output.requires_grad else output  # (no_grad: it never does)
             if activation.dtype not in (torch.float32, torch.float64):
                 activation = activation.float()
             observer.update(phase, activation, chunk)
@@ -365,7 +408,9 @@ class Measurement:
             for lo in range(0, n, self.batch_size):
                 hi = min(lo + self.batch_size, n)
                 x = images[lo:hi].to(device, non_blocking=True)
-                chunk = Chunk(hi - lo, self._groups(labels, lo, hi, class_index, device), scratch)
+                use_compiled = compiled if compiled is not None else self._compiled(n, observers)
+                use_compiled = use_compiled and device.type != "meta"  # shapes only: nothing to run compiled
+                chunk = Chunk(hi - lo, self._groups(labels, lo, hi, class_index, device), scratch, use_compiled)
                 batch = transformations.apply(x)
                 if self.noise_floor:
                     on_output(INPUT_LAYER, None, batch)

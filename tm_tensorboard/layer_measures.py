@@ -2,9 +2,11 @@
 
 A ``LayerMeasure`` is updated inside the forward hook with the activation of a chunk ([b·T, *unit_shape]
 in sample-major order) and keeps one set of streaming states per class (one class unless stratified).
-Most groups need one pass over the transformed probe; Goodfellow's thresholds need the untransformed
-probe first, so a group declares the passes (*phases*) it takes part in. ``compute`` returns the
-per-element components of the group, e.g. (tv, sv), from which ``measures.evaluate`` makes the measures.
+Each group's per-chunk update is one fused function of the activation and its states' tensors
+(``fused.py``): one compiled region per layer and chunk, or a constant handful of eager ops. Most groups
+need one pass over the transformed probe; Goodfellow's thresholds need the untransformed probe first, so
+a group declares the passes (*phases*) it takes part in. ``compute`` returns the per-element components
+of the group, e.g. (tv, sv), from which ``measures.evaluate`` makes the measures.
 """
 from __future__ import annotations
 
@@ -18,7 +20,19 @@ import torch
 from .actions import FeatureAction, identity
 from .capture import LayerInfo
 from .f_distribution import f_critical_value
-from .statistics import SampleMoments, SampleSum, Scratch, StreamingState, TransformationSpread
+from .fused import fused
+from .statistics import (
+    SampleMoments,
+    SampleSum,
+    Scratch,
+    StreamingState,
+    TransformationSpread,
+    fold_moments,
+    fold_spread,
+    fold_sum,
+    mean_of_sum,
+    unbiased_var,
+)
 from .transforms import TransformationSet
 
 __all__ = ["MeasureOptions", "Chunk", "LayerMeasure", "GROUPS", "UNTRANSFORMED_PHASES", "TRANSFORMED"]
@@ -43,12 +57,14 @@ class Chunk:
 
     size: int
     groups: list[tuple[int, torch.Tensor | None]]  # (class state index, row indices on the device or None)
-    scratch: Scratch = field(default_factory=Scratch)  # shared work buffer of the states' updates
+    scratch: Scratch = field(default_factory=Scratch)  # shared work buffer of the eager updates
+    compiled: bool = False  # run the fused updates compiled
 
     def rows(self, values: torch.Tensor):
-        """(class index, the chunk's rows of that class) pairs of values [b, ...]."""
+        """(class index, the chunk's samples of that class) pairs of values [b·T, ...] or [b, ...]: all of
+        them as they are, or the class's samples as [b_k, T·units]."""
         for k, rows in self.groups:
-            yield k, values if rows is None else values.index_select(0, rows)
+            yield k, values if rows is None else values.reshape(self.size, -1).index_select(0, rows)
 
 
 class LayerMeasure:
@@ -88,12 +104,28 @@ class LayerMeasure:
     def finish(self, phase: str) -> None:
         """Called after a phase (and its cross-rank merge)."""
 
-    def compute_class(self, states: dict[str, StreamingState]) -> list[torch.Tensor]:
+    def compute_class(self, states: dict[str, StreamingState], compiled: bool) -> torch.Tensor:
+        """[components, units] float64 on the device."""
         raise NotImplementedError
 
-    def compute(self) -> torch.Tensor:
-        """[classes, components, units] float64 on the device."""
-        return torch.stack([torch.stack(self.compute_class(states)) for states in self.per_class])
+    def compute(self, compiled: bool = False) -> torch.Tensor:
+        """[classes, components, units] float64 on the device (``compiled``: with the fused kernels)."""
+        per_class = [self.compute_class(states, compiled) for states in self.per_class]
+        return per_class[0].unsqueeze(0) if len(per_class) == 1 else torch.stack(per_class)
+
+
+@fused
+def _variance_compute(spread_total, spread_count, m2, count, scratch=None):
+    """[TV, SV]: the mean over samples of their spread; the mean over transformations of the std over samples."""
+    return torch.stack([mean_of_sum(spread_total, spread_count), unbiased_var(m2, count).sqrt().mean(dim=0)])
+
+
+@fused
+def _variance_update(output, T, spread_total, spread_count, mean, m2, count, scratch=None):
+    """Samples' std over transformations (TV) and per-transformation moments over samples (SV)."""
+    x = output.reshape(-1, T, mean.shape[-1])  # [b, T, units]
+    fold_spread(x, spread_total, spread_count, scratch)
+    fold_moments(x, mean, m2, count, scratch)
 
 
 class VarianceMeasure(LayerMeasure):
@@ -109,13 +141,16 @@ class VarianceMeasure(LayerMeasure):
         return activation
 
     def update(self, phase, activation, chunk):
-        values = self.values(activation).reshape(chunk.size, self.T, self.units)
-        for k, rows in chunk.rows(values):
-            self.per_class[k]["spread"].update(rows, chunk.scratch)
-            self.per_class[k]["moments"].update(rows, chunk.scratch)
+        for k, rows in chunk.rows(self.values(activation)):
+            spread, moments = self.per_class[k]["spread"], self.per_class[k]["moments"]
+            _variance_update(
+                chunk.compiled, rows, self.T, spread.total, spread.count, moments.mean, moments.m2, moments.count,
+                scratch=chunk.scratch,
+            )
 
-    def compute_class(self, states):
-        return [states["spread"].mean(), states["moments"].std().mean(dim=0)]
+    def compute_class(self, states, compiled):
+        spread, moments = states["spread"], states["moments"]
+        return _variance_compute(compiled, spread.total, spread.count, moments.m2, moments.count)
 
 
 class SameEquivarianceMeasure(VarianceMeasure):
@@ -131,6 +166,26 @@ class SameEquivarianceMeasure(VarianceMeasure):
         return self.transformations.invert_features(activation)
 
 
+@fused
+def _equivariance_error_update(back, psi, T, identity, squared_total, squared_count, mean, m2, count, scratch=None):
+    """Squared differences of every moved-back transformed feature from the untransformed one, and the
+    moments of the untransformed features. (Never writes into ``back`` or ``psi``: either may be the
+    activation itself, which later layers still read.)"""
+    units = mean.shape[-1]
+    reference = psi.reshape(-1, T, units)[:, identity]  # [b, units]
+    fold_sum((back.reshape(-1, T, units) - reference.unsqueeze(1)).square(), squared_total, squared_count)
+    fold_moments(reference, mean, m2, count, scratch)
+
+
+@fused
+def _equivariance_error_compute(squared_total, squared_count, m2, count, keep, inside, scratch=None):
+    """[MSE, 2·var]: the mean squared difference over samples and the transformations ``keep`` (all but
+    the identity), and twice the sample variance of the untransformed features; NaN outside ``inside``."""
+    mse = mean_of_sum(squared_total, squared_count).index_select(0, keep).mean(dim=0)
+    values = torch.stack([mse, 2 * unbiased_var(m2, count)])
+    return torch.where(inside, values, float("nan"))
+
+
 class EquivarianceErrorMeasure(LayerMeasure):
     """E = mean over samples, transformations ≠ identity and positions of (ψ(φ(x)) − g⁻¹ψ(φ(g x)))²,
     normalized by 2 · the sample variance of ψ(φ(x)) (what two random samples would give)."""
@@ -143,6 +198,9 @@ class EquivarianceErrorMeasure(LayerMeasure):
         self.action.check(info.unit_shape[0], transformations)
         self.identity = transformations.identity_index
         super().__init__(info, transformations, num_classes, device, options)
+        self.keep = torch.tensor([t for t in range(self.T) if t != self.identity], device=device)
+        everywhere = torch.ones(self.unit_shape, dtype=torch.bool, device=device)
+        self.inside = (_central_disk(self.unit_shape, device) if options.disk else everywhere).reshape(-1)
 
     @staticmethod
     def applies(info):
@@ -156,22 +214,19 @@ class EquivarianceErrorMeasure(LayerMeasure):
 
     def update(self, phase, activation, chunk):
         psi = self.action.psi(activation)
-        back = self.action.undo(psi, self.transformations).reshape(chunk.size, self.T, self.units)
-        reference = psi.reshape(chunk.size, self.T, self.units)[:, self.identity]
-        difference = back.sub_(reference.unsqueeze(1)).square_()
-        for k, rows in chunk.rows(difference):
-            self.per_class[k]["squared"].update(rows)
-        for k, rows in chunk.rows(reference):
-            self.per_class[k]["reference"].update(rows, chunk.scratch)
+        back = self.action.undo(psi, self.transformations)
+        for (k, back_rows), (_, psi_rows) in zip(chunk.rows(back), chunk.rows(psi)):
+            squared, reference = self.per_class[k]["squared"], self.per_class[k]["reference"]
+            _equivariance_error_update(
+                chunk.compiled, back_rows, psi_rows, self.T, self.identity, squared.total, squared.count,
+                reference.mean, reference.m2, reference.count, scratch=chunk.scratch,
+            )
 
-    def compute_class(self, states):
-        keep = [t for t in range(self.T) if t != self.identity]
-        mse = states["squared"].mean()[keep].mean(dim=0)
-        var2 = 2 * states["reference"].var()
-        if self.options.disk:
-            outside = ~_central_disk(self.unit_shape, mse.device).reshape(-1)
-            mse, var2 = mse.masked_fill(outside, float("nan")), var2.masked_fill(outside, float("nan"))
-        return [mse, var2]
+    def compute_class(self, states, compiled):
+        squared, reference = states["squared"], states["reference"]
+        return _equivariance_error_compute(
+            compiled, squared.total, squared.count, reference.m2, reference.count, self.keep, self.inside
+        )
 
 
 def _central_disk(unit_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -181,6 +236,19 @@ def _central_disk(unit_shape: tuple[int, ...], device: torch.device) -> torch.Te
     x = (torch.arange(w, device=device, dtype=torch.float64) + 0.5) / w * 2 - 1
     inside = (y.view(-1, 1) ** 2 + x.view(1, -1) ** 2) <= 1.0
     return inside.expand(channels, h, w)
+
+
+@fused
+def _moments_update(output, mean, m2, count, scratch=None):
+    """Moments over samples of activations [b·T, *unit_shape] (or [b, ...]) per (transformation, unit)."""
+    fold_moments(output.reshape(-1, *mean.shape), mean, m2, count, scratch)
+
+
+@fused
+def _firing_update(output, T, thresholds, total, count, scratch=None):
+    """Per sample, the fraction of its T inputs on which each unit fires above its threshold."""
+    x = output.reshape(-1, T, thresholds.shape[-1])
+    fold_sum((x > thresholds).to(x.dtype).mean(dim=1), total, count)
 
 
 class GoodfellowMeasure(LayerMeasure):
@@ -212,17 +280,17 @@ class GoodfellowMeasure(LayerMeasure):
             ]
 
     def update(self, phase, activation, chunk):
-        if phase == "thresholds":
-            for k, rows in chunk.rows(activation.reshape(chunk.size, self.units)):
-                self.per_class[k]["moments"].update(rows, chunk.scratch)
-            return
-        T = 1 if phase == "global" else self.T
-        for k, rows in chunk.rows(activation.reshape(chunk.size, T, self.units)):
-            fired = (rows > self.thresholds[k]).float().mean(dim=1)  # per sample: fraction of its T inputs
-            self.per_class[k][self._STATE_OF_PHASE[phase]].update(fired)
+        for k, rows in chunk.rows(activation):
+            if phase == "thresholds":
+                moments = self.per_class[k]["moments"]
+                _moments_update(chunk.compiled, rows, moments.mean, moments.m2, moments.count, scratch=chunk.scratch)
+            else:
+                rate = self.per_class[k][self._STATE_OF_PHASE[phase]]
+                T = 1 if phase == "global" else self.T
+                _firing_update(chunk.compiled, rows, T, self.thresholds[k], rate.total, rate.count)
 
-    def compute_class(self, states):
-        return [states["local"].mean(), states["global"].mean()]
+    def compute_class(self, states, compiled):
+        return torch.stack([states["local"].mean(), states["global"].mean()])
 
 
 class AnovaMeasure(LayerMeasure):
@@ -236,18 +304,18 @@ class AnovaMeasure(LayerMeasure):
         return {"moments": SampleMoments((self.T, self.units), device)}
 
     def update(self, phase, activation, chunk):
-        values = activation.reshape(chunk.size, self.T, self.units)
-        for k, rows in chunk.rows(values):
-            self.per_class[k]["moments"].update(rows, chunk.scratch)
+        for k, rows in chunk.rows(activation):
+            moments = self.per_class[k]["moments"]
+            _moments_update(chunk.compiled, rows, moments.mean, moments.m2, moments.count, scratch=chunk.scratch)
 
-    def compute_class(self, states):
+    def compute_class(self, states, compiled):
         moments = states["moments"]
-        n, T = moments.count, self.T
+        n, T = int(moments.count), self.T  # finalizing: reading the count back is fine
         between = n * (moments.mean - moments.mean.mean(dim=0)).square().sum(dim=0)
         within = moments.m2.sum(dim=0)
         f = (between / (T - 1)) / (within / (n * T - T))
         critical = f_critical_value(self.options.alpha / self.units, T - 1, n * T - T) if n > 1 else math.inf
-        return [f, (f > critical).double()]
+        return torch.stack([f, (f > critical).double()])
 
 
 GROUPS: dict[str, type[LayerMeasure]] = {

@@ -3,20 +3,39 @@
 Each state reads like a torchmetrics ``Metric``: its tensors are declared in ``__init__``, ``update``
 folds in a chunk of samples, ``merge`` folds in another state of the same kind (the distributed merge is
 defined here: ranks all-gather ``tensors()`` and fold them with ``merge``), and the owner finalizes.
-Counts are host integers (chunk sizes are known on the host), so updating never synchronizes with the
-device. Within a chunk moments are two-pass in the activations' own precision (float32); across chunks
-they accumulate in float64 with Chan's parallel formula.
+
+Everything lives on the device, the sample count included, and an update reads nothing back to the host,
+so a chunk's updates can be queued (or captured in a CUDA graph) without a synchronization. The update
+rules are plain functions of tensors (``fold_moments``, ``fold_spread``, ``fold_sum``) that a measure
+group composes into one update per chunk, run eagerly or compiled into a few fused kernels
+(``fused.py``). Moments over samples take deviations from a shift near the mean in the activations' own
+precision and accumulate them in float64 (Chan's parallel formula across chunks and ranks); the spread
+over transformations is two-pass within each sample.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["Scratch", "StreamingState", "SampleMoments", "SampleSum", "TransformationSpread", "AccuracyState"]
+__all__ = [
+    "Scratch",
+    "StreamingState",
+    "SampleMoments",
+    "SampleSum",
+    "TransformationSpread",
+    "AccuracyState",
+    "fold_moments",
+    "fold_spread",
+    "fold_sum",
+    "mean_of_sum",
+    "unbiased_var",
+]
+
+F64 = torch.float64
 
 
 class Scratch:
-    """A reusable work buffer for the deviations of two-pass moments (fresh allocations per layer and
-    chunk cost page faults on CPU)."""
+    """A reusable work buffer for the deviations of two-pass moments on the eager path (fresh
+    activation-sized allocations cost page faults on CPU)."""
 
     def __init__(self):
         self._buffer: torch.Tensor | None = None
@@ -29,44 +48,86 @@ class Scratch:
         return buffer[: x.numel()].view(x.shape)
 
 
-def _two_pass(x: torch.Tensor, dim: int, scratch: Scratch | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, sum of squared deviations) of x along ``dim``: the mean first, then the deviations from it.
+def _squared_deviations(x: torch.Tensor, mean: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
+    """(x − mean)², into the scratch buffer when there is one (eager), else a fresh tensor (compiled code
+    fuses it away)."""
+    if scratch is None:
+        return (x - mean).square()
+    return torch.sub(x, mean, out=scratch.like(x)).square_()
 
-    The deviations are formed one slice along ``dim`` at a time into a slice-sized buffer and squared into
-    the sum there, so x is read twice and no x-sized temporary is written: the statistics are
-    memory-bound, and this takes a third of the traffic of materializing, squaring and summing them.
+
+def fold_moments(x: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor,
+                 scratch: Scratch | None = None) -> None:
+    """Fold b samples x [b, *shape] into a float64 (mean, M2, count) state, in one pass over x.
+
+    The samples' deviations are taken from a shift, the running mean (or, before any sample, the chunk's
+    first sample) rounded to x's precision: for a near-constant unit they are exact, where deviations
+    from a float32 chunk mean are not (its rounding, merged by Chan's formula, cost up to 1e-3 of M2
+    there). Their sums accumulate in float64 and the merge with the state is Chan's formula written for
+    a shift (``offset``: the state's mean relative to it), with weights computed on the device.
     """
-    mean = x.mean(dim=dim)
-    m2 = torch.zeros_like(mean)
-    dev = torch.empty_like(mean) if scratch is None else scratch.like(mean)
-    for i in range(x.shape[dim]):
-        torch.sub(x.select(dim, i), mean, out=dev)
-        m2.addcmul_(dev, dev)
-    return mean, m2
+    b = x.shape[0]
+    n_a = count.to(F64)
+    shift = torch.where(count > 0, mean, x[0]).to(x.dtype)
+    deviations = x - shift if scratch is None else torch.sub(x, shift, out=scratch.like(x))
+    s1 = deviations.sum(dim=0, dtype=F64)
+    s2 = (deviations.square() if scratch is None else deviations.square_()).sum(dim=0, dtype=F64)
+    offset = mean - shift  # float64 (type promotion)
+    total = n_a * offset + s1  # sum over all samples of (value − shift)
+    n = n_a + b
+    m2.add_(n_a * offset.square() + s2 - total.square() / n)
+    mean.copy_(shift + total / n)
+    count.add_(b)
+
+
+def fold_spread(x: torch.Tensor, total: torch.Tensor, count: torch.Tensor, scratch: Scratch | None = None) -> None:
+    """Add each sample's unbiased std over transformations, x [b, T, *shape], to a float64 total."""
+    T = x.shape[1]
+    m2 = _squared_deviations(x, x.mean(dim=1, keepdim=True), scratch).sum(dim=1)
+    total.add_(m2.div_(T - 1).sqrt_().sum(dim=0, dtype=F64))
+    count.add_(x.shape[0])
+
+
+def fold_sum(x: torch.Tensor, total: torch.Tensor, count: torch.Tensor) -> None:
+    """Add a per-sample quantity x [b, *shape] to a float64 total."""
+    total.add_(x.sum(dim=0, dtype=F64))
+    count.add_(x.shape[0])
+
+
+def mean_of_sum(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mean over samples from their sum; NaN without samples (0 / 0)."""
+    return total / count
+
+
+def unbiased_var(m2: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Unbiased (ddof = 1) variance from M2; NaN with fewer than two samples (0 / 0: M2 of one sample or
+    none is 0)."""
+    return m2 / (count - 1).clamp_min(0)
 
 
 class StreamingState:
-    """Float64 state tensors plus a host sample count; subclasses define ``update`` and ``merge``."""
+    """Float64 state tensors and an int64 sample count on the device; subclasses define ``update`` and
+    ``merge``."""
 
     def __init__(self, shape: tuple[int, ...], device: torch.device, names: tuple[str, ...]):
         self.shape = tuple(shape)
-        self.count = 0
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
         self._names = names
         for name in names:
-            setattr(self, name, torch.zeros(self.shape, dtype=torch.float64, device=device))
+            setattr(self, name, torch.zeros(self.shape, dtype=F64, device=device))
 
     def tensors(self) -> list[torch.Tensor]:
-        """The state's tensors in a fixed order (what ranks exchange)."""
+        """The state's tensors in a fixed order (what ranks exchange; the count is known to every rank)."""
         return [getattr(self, name) for name in self._names]
 
     def empty(self) -> "StreamingState":
         """A zero state of the same kind, shape and device."""
-        return type(self)(self.shape, self.tensors()[0].device)
+        return type(self)(self.shape, self.count.device)
 
     def load(self, count: int, tensors: list[torch.Tensor]) -> "StreamingState":
         for own, value in zip(self.tensors(), tensors):
             own.copy_(value)
-        self.count = count
+        self.count.fill_(count)
         return self
 
 
@@ -78,28 +139,20 @@ class SampleMoments(StreamingState):
 
     def update(self, x: torch.Tensor, scratch: Scratch | None = None) -> None:
         """Fold in a chunk x [b, *shape] of b samples."""
-        b = x.shape[0]
-        if b:
-            mean, m2 = _two_pass(x, 0, scratch)
-            self._fold(b, mean, m2)
+        fold_moments(x, self.mean, self.m2, self.count, scratch)
 
     def merge(self, other: "SampleMoments") -> None:
         """Chan's parallel merge: the result equals updating with both states' samples."""
-        self._fold(other.count, other.mean, other.m2)
-
-    def _fold(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        if n_b == 0:
-            return
-        n_a = self.count
-        n = n_a + n_b
-        delta = mean_b.to(torch.float64) - self.mean
-        self.mean.add_(delta, alpha=n_b / n)
-        self.m2.add_(m2_b).addcmul_(delta, delta, value=n_a * n_b / n)
-        self.count = n
+        n_a, n_b = self.count.to(F64), other.count.to(F64)
+        n = (n_a + n_b).clamp_min(1)  # two empty states merge into an empty one
+        delta = other.mean - self.mean
+        self.mean.add_(delta * (n_b / n))
+        self.m2.add_(other.m2).add_(delta.square_() * (n_a * n_b / n))
+        self.count.add_(other.count)
 
     def var(self) -> torch.Tensor:
         """Unbiased (ddof = 1) variance over samples; NaN with fewer than two samples."""
-        return self.m2 / (self.count - 1) if self.count > 1 else torch.full_like(self.m2, float("nan"))
+        return unbiased_var(self.m2, self.count)
 
     def std(self) -> torch.Tensor:
         return self.var().sqrt()
@@ -113,15 +166,15 @@ class SampleSum(StreamingState):
 
     def update(self, x: torch.Tensor) -> None:
         """Fold in x [b, *shape]."""
-        self.total.add_(x.sum(dim=0, dtype=torch.float64))
-        self.count += x.shape[0]
+        fold_sum(x, self.total, self.count)
 
     def merge(self, other: "SampleSum") -> None:
         self.total.add_(other.total)
-        self.count += other.count
+        self.count.add_(other.count)
 
     def mean(self) -> torch.Tensor:
-        return self.total / self.count if self.count else torch.full_like(self.total, float("nan"))
+        """Mean over samples; NaN without samples."""
+        return mean_of_sum(self.total, self.count)
 
 
 class TransformationSpread(SampleSum):
@@ -129,18 +182,14 @@ class TransformationSpread(SampleSum):
 
     def update(self, x: torch.Tensor, scratch: Scratch | None = None) -> None:
         """Fold in x [b, T, *shape]: b samples under all T transformations."""
-        b, T = x.shape[0], x.shape[1]
-        if b:
-            _, m2 = _two_pass(x, 1, scratch)
-            self.total.add_(m2.div_(T - 1).sqrt_().sum(dim=0, dtype=torch.float64))
-            self.count += b
+        fold_spread(x, self.total, self.count, scratch)
 
 
 class AccuracyState:
     """Top-1 correct predictions per transformation."""
 
     def __init__(self, num_transformations: int, device: torch.device):
-        self.count = 0
+        self.count = 0  # samples: a host number, known from the chunk sizes
         self.correct = torch.zeros(num_transformations, dtype=torch.int64, device=device)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:

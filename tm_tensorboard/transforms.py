@@ -209,6 +209,7 @@ class TransformationSet(Sequence[Transformation]):
         self.padding = padding
         self.require_square = require_square
         self._warp_cache: dict = {}
+        self._batch_grids: dict = {}
 
     # -- sequence protocol and description -------------------------------------------------------
     def __len__(self) -> int:
@@ -349,8 +350,19 @@ class TransformationSet(Sequence[Transformation]):
             flat = x.reshape(b, T, channels, height * width)
             index = data.view(1, T, 1, height * width).expand(b, T, channels, height * width)
             return flat.gather(3, index).view(n, channels, height, width)
-        grid = data.repeat(b, 1, 1, 1)
-        return F.grid_sample(x, grid, mode=self.interpolation, padding_mode=self.padding, align_corners=False)
+        return F.grid_sample(x, self._batch_grid(data, b), mode=self.interpolation, padding_mode=self.padding,
+                             align_corners=False)
+
+    def _batch_grid(self, grid: torch.Tensor, b: int) -> torch.Tensor:
+        """The [T, h, w, 2] sampling grid repeated for b samples, kept for the next chunk of the same size
+        (one op less per layer and chunk)."""
+        per_map = self._batch_grids.setdefault(b, {})
+        if len(self._batch_grids) > 2:  # keep two chunk sizes: a measurement's and its last chunk's
+            del self._batch_grids[next(iter(self._batch_grids))]
+        key = grid.data_ptr()  # the plan's grid: cached for the set's lifetime, so its address is stable
+        if key not in per_map:
+            per_map[key] = grid.repeat(b, 1, 1, 1)
+        return per_map[key]
 
 
 # -- constructors ------------------------------------------------------------------------------------
