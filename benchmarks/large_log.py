@@ -4,9 +4,8 @@
 
 Every run gets the Monitor's configuration record and, at every step, what the Monitor writes for the
 invariance measures and accuracy (snapshot blob, per-layer means, accuracy, scalars; no per-layer unit
-tensors, ``unit_tensors=False``), with values drawn at random (seeded). Runs are written by two
-processes. If ``google-crc32c`` is installed (the ``bench`` extra) the event files' CRC32C is computed by
-it instead of TensorBoard's pure-Python loop: the bytes written are the same, only faster.
+tensors, ``unit_tensors=False``), with values drawn at random (seeded), through the Monitor's write
+path (CRC32C in C). Runs are written by two processes.
 """
 from __future__ import annotations
 
@@ -25,22 +24,7 @@ from tm_tensorboard.result import MeasureResult
 from tm_tensorboard.summary import SummaryEmitter, layer_proto, transformation_protos
 
 
-def _fast_crc32c() -> None:
-    try:
-        import google_crc32c
-    except ImportError:
-        return
-    from tensorboard.summary.writer import record_writer
-
-    def masked(data: bytes) -> int:
-        crc = google_crc32c.value(bytes(data))
-        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-    record_writer.masked_crc32c = masked
-
-
 def write_run(rundir: Path, steps: int, layers: int, units: int, seed: int) -> None:
-    _fast_crc32c()
     rng = np.random.default_rng(seed)
     tset = transforms.rotations(16)
     infos = [LayerInfo(f"block{i // 4}.layer{i % 4}", i, "Conv2d", (units,)) for i in range(layers)]

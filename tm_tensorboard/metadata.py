@@ -27,7 +27,7 @@ __all__ = [
     "scalar_tag",
     "create_summary_metadata",
     "parse_plugin_data",
-    "encode_snapshot",
+    "SNAPSHOT_DTYPE",
     "decode_snapshot",
 ]
 
@@ -106,16 +106,15 @@ def parse_plugin_data(content: bytes) -> PluginData:
     return data
 
 
-def encode_snapshot(rows: np.ndarray) -> bytes:
-    """A snapshot blob: float32 little-endian [measures, units of all layers]."""
-    return np.ascontiguousarray(rows, dtype="<f4").tobytes()
+# A snapshot blob is the bytes of a C-contiguous array [measures, units of all layers] of this dtype.
+SNAPSHOT_DTYPE = np.dtype("<f4")
 
 
 def decode_snapshot(blob: bytes, data: PluginData) -> dict[str, list[np.ndarray]]:
     """{measure: [values of each layer of ``data.layers``]}; ValueError if the blob does not fit."""
     sizes = [layer.num_units for layer in data.layers]
     total = sum(sizes)
-    values = np.frombuffer(blob, dtype="<f4")
+    values = np.frombuffer(blob, dtype=SNAPSHOT_DTYPE)
     if not data.measures or values.size != total * len(data.measures):
         raise ValueError(f"snapshot of {values.size} values does not match {len(data.measures)} × {total} units")
     rows = values.reshape(len(data.measures), total)

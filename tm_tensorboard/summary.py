@@ -5,16 +5,19 @@ of every layer (what the Invariance tab reads, with random access per step), the
 means of each measure, the accuracy per transformation; and for other tools the per-unit float32
 vector (per channel) of each (measure, layer) and each layer's mean as an ordinary scalar. Summary
 metadata is attached the first time a tag is written through a writer, as TensorBoard's own writers do.
+Events are written through ``event_records`` (C CRC32C, serialized in chunks) and are in the event file
+when ``write_*`` returns.
 """
 from __future__ import annotations
 
 import time
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 from google.protobuf import json_format
 from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
-from . import __version__, metadata
+from . import __version__, event_records, metadata
 from .capture import LayerInfo
 from .engine import Measurement
 from .measures import DEFINITIONS, MEASURE_GROUPS, SPECS, finite_mean
@@ -93,13 +96,33 @@ def _string_tensor(text: str) -> tensor_pb2.TensorProto:
     )
 
 
-def _blob_tensor(blob: bytes) -> tensor_pb2.TensorProto:
-    """A blob sequence of length one (DT_STRING [1])."""
+def _blob_tensor() -> tensor_pb2.TensorProto:
+    """A blob sequence of length one (DT_STRING [1]) without its blob (a BlobValue carries it)."""
     return tensor_pb2.TensorProto(
         dtype=types_pb2.DT_STRING,
         tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]),
-        string_val=[blob],
     )
+
+
+_T = TypeVar("_T")
+
+
+def _paced(items: Iterable[_T], pace: Callable[[], None]) -> Iterator[_T]:
+    """``items``, calling ``pace`` after each one is used."""
+    for item in items:
+        yield item
+        pace()
+
+
+def _snapshot(rows: list[list[np.ndarray]], pace: Callable[[], None]) -> np.ndarray:
+    """The snapshot blob's array from each row's per-layer vectors, filled one layer at a time."""
+    out = np.empty((len(rows), sum(len(v) for v in rows[0])), dtype=metadata.SNAPSHOT_DTYPE)
+    for row, vectors in zip(out, rows):
+        start = 0
+        for vector in _paced(vectors, pace):
+            row[start : start + len(vector)] = vector
+            start += len(vector)
+    return out
 
 
 class SummaryEmitter:
@@ -119,9 +142,8 @@ class SummaryEmitter:
             self._described.add(tag)
         return value
 
-    def _emit(self, values: list, step: int) -> None:
-        summary = summary_pb2.Summary(value=values)
-        self.writer._get_file_writer().add_summary(summary, step, time.time())
+    def _emit(self, values: list, step: int, pace: Callable[[], None] = event_records.no_pause) -> None:
+        event_records.write_summary(self.writer, values, step, time.time(), pace)
 
     def write_config(self, config: metadata.RunConfig, step: int) -> None:
         data = metadata.PluginData(
@@ -135,8 +157,12 @@ class SummaryEmitter:
         text = json_format.MessageToJson(config, indent=None, preserving_proto_field_name=True)
         self._emit([self._value(metadata.config_tag(self.namespace), _string_tensor(text), data)], step)
 
-    def write_result(self, result: MeasureResult, step: int) -> None:
-        """All of one measurement's values, as one event at ``step``."""
+    def write_result(self, result: MeasureResult, step: int, pace: Callable[[], None] = event_records.no_pause) -> None:
+        """All of one measurement's values, as one event at ``step``.
+
+        ``pace`` is called between small pieces of the work: a background writer uses it to let the
+        training thread have the GIL.
+        """
         ns = self.namespace
         common = dict(
             namespace=ns,
@@ -150,23 +176,24 @@ class SummaryEmitter:
             layers = result.layers_of(measures[0])
             if not layers:  # e.g. same-equivariance on a model without feature maps
                 continue
-            per_unit = {m: [result.get(m, layer, per=AGGREGATION) for layer in layers] for m in measures}
-            protos = [layer_proto(result.layer_info(layer), len(v)) for layer, v in zip(layers, per_unit[measures[0]])]
-            rows = [np.concatenate(per_unit[m]) for m in measures]
+            per_unit = {m: [result.get(m, layer, per=AGGREGATION) for layer in _paced(layers, pace)] for m in measures}
+            protos = [layer_proto(result.layer_info(layer), len(v))
+                      for layer, v in _paced(zip(layers, per_unit[measures[0]]), pace)]
+            rows = [per_unit[m] for m in measures]
             ratio = next((m for m in measures if SPECS[m].is_ratio), None)
             if ratio is not None:  # units with 0 / 0 (no variance at all): the tab shows them apart
-                rows.append(np.concatenate([result.dead(ratio, layer, per=AGGREGATION) for layer in layers]))
+                rows.append([result.dead(ratio, layer, per=AGGREGATION) for layer in _paced(layers, pace)])
             data = metadata.PluginData(
                 kind=metadata.UNIT_SNAPSHOT,
                 measures=list(measures) + ([metadata.DEAD_ROW] if ratio is not None else []),
                 layers=protos,
                 **common,
             )
-            blob = _blob_tensor(metadata.encode_snapshot(np.stack(rows)))
-            values.append(self._value(metadata.snapshot_tag(ns, group), blob, data, blob_sequence=True))
+            snapshot = self._value(metadata.snapshot_tag(ns, group), _blob_tensor(), data, blob_sequence=True)
+            values.append(event_records.BlobValue(snapshot, _snapshot(rows, pace)))
             for measure in measures:
                 means = []
-                for layer, proto, vector in zip(layers, protos, per_unit[measure]):
+                for layer, proto, vector in _paced(zip(layers, protos, per_unit[measure]), pace):
                     if self.unit_tensors:
                         data = metadata.PluginData(kind=metadata.UNIT_VALUES, measure=measure, layer=proto, **common)
                         tag = metadata.unit_tag(ns, measure, layer)
@@ -181,4 +208,4 @@ class SummaryEmitter:
             values.append(
                 summary_pb2.Summary.Value(tag=metadata.scalar_tag(ns, "accuracy"), simple_value=float(np.mean(result.accuracy)))
             )
-        self._emit(values, step)
+        self._emit(values, step, pace)
