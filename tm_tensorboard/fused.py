@@ -16,11 +16,11 @@ import contextlib
 import os
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["FusedFunction", "fused", "compile_available", "compiled_seconds", "mode_from_environment"]
+__all__ = ["FusedFunction", "fused", "compiling", "compile_available", "compiled_seconds", "mode_from_environment"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_COMPILE"
 
@@ -64,17 +64,31 @@ def mode_from_environment() -> bool | None:
     return modes[value]
 
 
-def _shape_config() -> contextlib.ExitStack:
-    """Compile sizes symbolically without specializing on 0 / 1 or on equal sizes (a chunk of one sample,
-    a 1×1 feature map, a square map all reuse the general kernel), and allow a few graphs per function
-    (one per activation rank and dtype)."""
-    import torch._dynamo.config as dynamo_config
-    import torch.fx.experimental._config as fx_config
+_PATCHES: list = []  # the compiler settings below, built once: entering them costs microseconds
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(fx_config.patch(backed_size_oblivious=True, use_duck_shape=False))
-    stack.enter_context(dynamo_config.patch(recompile_limit=32))
-    return stack
+
+@contextlib.contextmanager
+def compiling() -> Iterator[None]:
+    """The compiler settings of the fused functions, around each compiled call only (they are
+    thread-local, and the model's own forward, perhaps compiled by its user, runs outside them): sizes
+    compile symbolically without specializing on 0 / 1 or on equal sizes (a one-sample chunk, a 1×1 map
+    and a square map reuse the general kernel), a few graphs per function are allowed (one per
+    activation rank and dtype), and Inductor compiles in this process instead of starting worker
+    processes that would compete with training for the CPU."""
+    if not _PATCHES:
+        import torch._dynamo.config as dynamo_config
+        import torch._inductor.config as inductor_config
+        import torch.fx.experimental._config as fx_config
+
+        _PATCHES.extend([
+            fx_config.patch(backed_size_oblivious=True, use_duck_shape=False),
+            dynamo_config.patch(recompile_limit=32),
+            inductor_config.patch(compile_threads=1),
+        ])
+    with contextlib.ExitStack() as stack:
+        for patch in _PATCHES:
+            stack.enter_context(patch)
+        yield
 
 
 class FusedFunction:
@@ -104,7 +118,7 @@ class FusedFunction:
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
         start = time.perf_counter()
         graphs_before = _graph_count()
-        with _shape_config():
+        with compiling():
             out = self._compiled(*args, scratch=None)
         if _graph_count() != graphs_before:
             _COMPILER.seconds += time.perf_counter() - start
