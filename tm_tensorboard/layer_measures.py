@@ -26,7 +26,6 @@ from .statistics import (
     SampleSum,
     Scratch,
     StreamingState,
-    TransformationSpread,
     fold_moments,
     fold_spread,
     fold_sum,
@@ -135,7 +134,8 @@ class VarianceMeasure(LayerMeasure):
     components = ("tv", "sv")
 
     def make_states(self, device):
-        return {"spread": TransformationSpread((self.units,), device), "moments": SampleMoments((self.T, self.units), device)}
+        # spread: the sum over samples of each one's std over transformations
+        return {"spread": SampleSum((self.units,), device), "moments": SampleMoments((self.T, self.units), device)}
 
     def values(self, activation: torch.Tensor) -> torch.Tensor:
         return activation
@@ -173,7 +173,12 @@ def _equivariance_error_update(back, psi, T, identity, squared_total, squared_co
     activation itself, which later layers still read.)"""
     units = mean.shape[-1]
     reference = psi.reshape(-1, T, units)[:, identity]  # [b, units]
-    fold_sum((back.reshape(-1, T, units) - reference.unsqueeze(1)).square(), squared_total, squared_count)
+    moved = back.reshape(-1, T, units)
+    if scratch is None:
+        squared = (moved - reference.unsqueeze(1)).square()
+    else:
+        squared = torch.sub(moved, reference.unsqueeze(1), out=scratch.like(moved, "squared")).square_()
+    fold_sum(squared, squared_total, squared_count, scratch)
     fold_moments(reference, mean, m2, count, scratch)
 
 
@@ -248,7 +253,7 @@ def _moments_update(output, mean, m2, count, scratch=None):
 def _firing_update(output, T, thresholds, total, count, scratch=None):
     """Per sample, the fraction of its T inputs on which each unit fires above its threshold."""
     x = output.reshape(-1, T, thresholds.shape[-1])
-    fold_sum((x > thresholds).to(x.dtype).mean(dim=1), total, count)
+    fold_sum((x > thresholds).to(x.dtype).mean(dim=1), total, count, scratch)
 
 
 class GoodfellowMeasure(LayerMeasure):
@@ -287,7 +292,7 @@ class GoodfellowMeasure(LayerMeasure):
             else:
                 rate = self.per_class[k][self._STATE_OF_PHASE[phase]]
                 T = 1 if phase == "global" else self.T
-                _firing_update(chunk.compiled, rows, T, self.thresholds[k], rate.total, rate.count)
+                _firing_update(chunk.compiled, rows, T, self.thresholds[k], rate.total, rate.count, scratch=chunk.scratch)
 
     def compute_class(self, states, compiled):
         return torch.stack([states["local"].mean(), states["global"].mean()])

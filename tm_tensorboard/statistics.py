@@ -1,8 +1,9 @@
 """Streaming statistics over samples: exact under any chunking and under merging across processes.
 
-Each state reads like a torchmetrics ``Metric``: its tensors are declared in ``__init__``, ``update``
-folds in a chunk of samples, ``merge`` folds in another state of the same kind (the distributed merge is
-defined here: ranks all-gather ``tensors()`` and fold them with ``merge``), and the owner finalizes.
+Each state reads like a torchmetrics ``Metric``: its tensors are declared in ``__init__``, ``merge`` folds
+in another state of the same kind (the distributed merge is defined here: ranks all-gather ``tensors()``
+and fold them with ``merge``), and ``mean`` / ``var`` finalize it. Chunks of samples are folded in by
+the update rules below, which a measure group composes into one fused update of all its states.
 
 Everything lives on the device, the sample count included, and an update reads nothing back to the host,
 so a chunk's updates can be queued (or captured in a CUDA graph) without a synchronization. The update
@@ -14,6 +15,8 @@ over transformations is two-pass within each sample.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -21,7 +24,6 @@ __all__ = [
     "StreamingState",
     "SampleMoments",
     "SampleSum",
-    "TransformationSpread",
     "AccuracyState",
     "fold_moments",
     "fold_spread",
@@ -34,63 +36,85 @@ F64 = torch.float64
 
 
 class Scratch:
-    """A reusable work buffer for the deviations of two-pass moments on the eager path (fresh
-    activation-sized allocations cost page faults on CPU)."""
+    """Reusable work buffers of the eager path, by name: fresh activation-sized allocations cost page
+    faults on CPU, each chunk and layer. (Compiled code allocates its own.)"""
 
     def __init__(self):
-        self._buffer: torch.Tensor | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
 
-    def like(self, x: torch.Tensor) -> torch.Tensor:
-        """An uninitialized tensor shaped like x (same device and dtype), valid until the next call."""
-        buffer = self._buffer
-        if buffer is None or buffer.numel() < x.numel() or buffer.device != x.device or buffer.dtype != x.dtype:
-            buffer = self._buffer = torch.empty(x.numel(), device=x.device, dtype=x.dtype)
-        return buffer[: x.numel()].view(x.shape)
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialized tensor, valid until the next ``get`` of the same name."""
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
 
-
-def _squared_deviations(x: torch.Tensor, mean: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
-    """(x − mean)², into the scratch buffer when there is one (eager), else a fresh tensor (compiled code
-    fuses it away)."""
-    if scratch is None:
-        return (x - mean).square()
-    return torch.sub(x, mean, out=scratch.like(x)).square_()
+    def like(self, x: torch.Tensor, name: str = "activation") -> torch.Tensor:
+        return self.get(name, tuple(x.shape), x.dtype, x.device)
 
 
 def fold_moments(x: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor,
                  scratch: Scratch | None = None) -> None:
     """Fold b samples x [b, *shape] into a float64 (mean, M2, count) state, in one pass over x.
 
-    The samples' deviations are taken from a shift, the running mean (or, before any sample, the chunk's
-    first sample) rounded to x's precision: for a near-constant unit they are exact, where deviations
-    from a float32 chunk mean are not (its rounding, merged by Chan's formula, cost up to 1e-3 of M2
-    there). Their sums accumulate in float64 and the merge with the state is Chan's formula written for
-    a shift (``offset``: the state's mean relative to it), with weights computed on the device.
+    The samples' deviations are taken from the chunk's first sample: for a near-constant unit they are
+    exact, where deviations from a float32 chunk mean are not (its rounding, merged by Chan's formula,
+    cost up to 1e-3 of M2 there). The merge with the state is Chan's formula written for that shift
+    (``offset``: the state's mean relative to it) in float64, with weights computed on the device.
+    Compiled (``scratch`` None) it is plain expressions, the chunk's sums in float64; eager, the same
+    steps run in place in ``scratch``'s buffers, the chunk's sums in x's precision (a float64 sum of a
+    float32 tensor first copies all of it).
     """
     b = x.shape[0]
     n_a = count.to(F64)
-    shift = torch.where(count > 0, mean, x[0]).to(x.dtype)
-    deviations = x - shift if scratch is None else torch.sub(x, shift, out=scratch.like(x))
-    s1 = deviations.sum(dim=0, dtype=F64)
-    s2 = (deviations.square() if scratch is None else deviations.square_()).sum(dim=0, dtype=F64)
-    offset = mean - shift  # float64 (type promotion)
-    total = n_a * offset + s1  # sum over all samples of (value − shift)
     n = n_a + b
-    m2.add_(n_a * offset.square() + s2 - total.square() / n)
-    mean.copy_(shift + total / n)
+    shift = x[0]
+    if scratch is None:
+        deviations = x - shift
+        s1 = deviations.sum(dim=0, dtype=F64)
+        s2 = deviations.square().sum(dim=0, dtype=F64)
+        offset = mean - shift  # float64 (type promotion)
+        total = n_a * offset + s1  # sum over all samples of (value − shift)
+        m2.add_(n_a * offset.square() + s2 - total.square() / n)
+        mean.copy_(shift + total / n)
+    else:
+        buffer = lambda name, dtype=F64: scratch.get(name, tuple(mean.shape), dtype, x.device)  # noqa: E731
+        deviations = torch.sub(x, shift, out=scratch.like(x))
+        s1 = torch.sum(deviations, dim=0, out=buffer("s1", x.dtype))
+        s2 = torch.sum(deviations.square_(), dim=0, out=buffer("s2", x.dtype))
+        offset = torch.sub(mean, shift, out=buffer("offset"))
+        total = torch.addcmul(s1, offset, n_a, out=buffer("total"))
+        m2.addcmul_(offset, torch.mul(offset, n_a, out=buffer("weighted"))).add_(s2)
+        quotient = torch.div(total, n, out=offset)  # total / n
+        m2.addcmul_(total, quotient, value=-1)
+        torch.add(quotient, shift, out=mean)
     count.add_(b)
 
 
 def fold_spread(x: torch.Tensor, total: torch.Tensor, count: torch.Tensor, scratch: Scratch | None = None) -> None:
-    """Add each sample's unbiased std over transformations, x [b, T, *shape], to a float64 total."""
-    T = x.shape[1]
-    m2 = _squared_deviations(x, x.mean(dim=1, keepdim=True), scratch).sum(dim=1)
-    total.add_(m2.div_(T - 1).sqrt_().sum(dim=0, dtype=F64))
-    count.add_(x.shape[0])
+    """Add each sample's unbiased std over transformations, x [b, T, *shape], to a float64 total
+    (two-pass within each sample; eager, in ``scratch``'s buffers)."""
+    b, T = x.shape[0], x.shape[1]
+    if scratch is None:
+        m2 = (x - x.mean(dim=1, keepdim=True)).square().sum(dim=1)
+        total.add_(m2.div_(T - 1).sqrt_().sum(dim=0, dtype=F64))
+    else:
+        per_sample = (b, 1, *x.shape[2:])
+        mean = torch.mean(x, dim=1, keepdim=True, out=scratch.get("spread mean", per_sample, x.dtype, x.device))
+        deviations = torch.sub(x, mean, out=scratch.like(x)).square_()
+        m2 = torch.sum(deviations, dim=1, keepdim=True, out=mean)
+        std = m2.div_(T - 1).sqrt_()
+        total.add_(torch.sum(std, dim=(0, 1), out=scratch.get("spread sum", tuple(total.shape), x.dtype, x.device)))
+    count.add_(b)
 
 
-def fold_sum(x: torch.Tensor, total: torch.Tensor, count: torch.Tensor) -> None:
+def fold_sum(x: torch.Tensor, total: torch.Tensor, count: torch.Tensor, scratch: Scratch | None = None) -> None:
     """Add a per-sample quantity x [b, *shape] to a float64 total."""
-    total.add_(x.sum(dim=0, dtype=F64))
+    if scratch is None:
+        total.add_(x.sum(dim=0, dtype=F64))
+    else:
+        total.add_(torch.sum(x, dim=0, out=scratch.get("sum", tuple(total.shape), x.dtype, x.device)))
     count.add_(x.shape[0])
 
 
@@ -137,10 +161,6 @@ class SampleMoments(StreamingState):
     def __init__(self, shape: tuple[int, ...], device: torch.device):
         super().__init__(shape, device, ("mean", "m2"))
 
-    def update(self, x: torch.Tensor, scratch: Scratch | None = None) -> None:
-        """Fold in a chunk x [b, *shape] of b samples."""
-        fold_moments(x, self.mean, self.m2, self.count, scratch)
-
     def merge(self, other: "SampleMoments") -> None:
         """Chan's parallel merge: the result equals updating with both states' samples."""
         n_a, n_b = self.count.to(F64), other.count.to(F64)
@@ -159,14 +179,11 @@ class SampleMoments(StreamingState):
 
 
 class SampleSum(StreamingState):
-    """Per position sum over samples of a per-sample quantity (counts, squared differences)."""
+    """Per position sum over samples of a per-sample quantity (a spread, a firing rate, a squared
+    difference)."""
 
     def __init__(self, shape: tuple[int, ...], device: torch.device):
         super().__init__(shape, device, ("total",))
-
-    def update(self, x: torch.Tensor) -> None:
-        """Fold in x [b, *shape]."""
-        fold_sum(x, self.total, self.count)
 
     def merge(self, other: "SampleSum") -> None:
         self.total.add_(other.total)
@@ -175,14 +192,6 @@ class SampleSum(StreamingState):
     def mean(self) -> torch.Tensor:
         """Mean over samples; NaN without samples."""
         return mean_of_sum(self.total, self.count)
-
-
-class TransformationSpread(SampleSum):
-    """Sum over samples of the unbiased std over transformations, for the transformation variance."""
-
-    def update(self, x: torch.Tensor, scratch: Scratch | None = None) -> None:
-        """Fold in x [b, T, *shape]: b samples under all T transformations."""
-        fold_spread(x, self.total, self.count, scratch)
 
 
 class AccuracyState:
