@@ -1,0 +1,226 @@
+"""The fused statistics: ops a GPU would launch, measure() against its forward floor, and compile time.
+
+    python benchmarks/bench_fused.py            # ~12 min on an idle 2-core machine
+
+1. Ops per observed layer per chunk (what a GPU would launch), counted as in tests/launches.py: every
+   top-level ``aten::`` op in torch.profiler's record plus one per compiled region, the forward's own
+   subtracted; SimpleCNN and ResNet18Style(width=0.25) on 3×32×32, N = 64, T = 16 rotations,
+   batch_size = 16 (4 chunks), invariance and the default measures, compiled and eager.
+2. Wall time of ``measure()`` against the forward-only floor at the same images per forward (all N·T
+   transformed images through the model, eval, no_grad), CPU, 2 threads: the reference case of
+   bench_engine.py (13 layers, N = 256) and ResNet18Style(width=0.25) at 32 px (59 layers, N = 128),
+   T = 16 rotations, batch_size 4 and 16; invariance compiled and eager, the default measures compiled.
+   Every method runs once per repetition, in turn; medians of ``--reps``. The kernels are compiled
+   before the timed part (that cost is item 3).
+3. Compile time: a fresh process with an empty Inductor cache measuring the reference case once with
+   ``compile=True`` (cold: what a first run on a machine pays), the same with the cache that run left
+   (warm: every later process), and the time to make a Monitor (which compiles) and its first
+   measurement, against a later one.
+
+The allocator: glibc returns freed memory to the system until a large block (> 32 MiB) has once been
+freed, after which it keeps it; a training process has long done that, a fresh benchmark process has
+not, and then every chunk's activations page-fault in anew (measured: 0.55 M page faults and +1.3 s on
+a 1.9 s floor). The script frees one 64 MiB block first, as training would have.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import tm_tensorboard as tm
+from bench_engine import Net, cpu_name
+from provenance import source_version
+from tm_tensorboard.examples.models import ResNet18Style, SimpleCNN
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from launches import top_level_ops  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "fused.json"
+T = 16
+THREADS = 2
+INVARIANCE = ("invariance",)
+DEFAULT = ("invariance", "same_equivariance")
+TARGETS = {"ops_invariance": 8, "ops_default": 16, "invariance_over_floor": 1.5, "default_over_floor": 2.0}
+
+
+def warm_allocator() -> None:
+    """Free one block above glibc's largest mmap threshold, as any training process has (see the docstring)."""
+    block = np.ones(64 << 20, dtype=np.uint8)
+    del block
+
+
+def ops_per_layer_per_chunk(make_model: Callable[[], torch.nn.Module], measures, compile: bool) -> dict:
+    torch.manual_seed(0)
+    model = make_model().eval()
+    probe = torch.rand(64, 3, 32, 32)
+    tset = tm.transforms.rotations(T)
+    run = lambda: tm.measure(model, probe, tset, measures=measures, batch_size=16, compile=compile)  # noqa: E731
+    layers = len(run().layers)
+    measured = top_level_ops(run)
+    batches = [tset.apply(probe[i : i + 16]) for i in range(0, 64, 16)]
+
+    def forward_only() -> None:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+
+    forward = top_level_ops(forward_only)
+    extra = measured - forward
+    return {
+        "layers": layers,
+        "chunks": len(batches),
+        "measure_ops": sum(measured.values()),
+        "forward_ops": sum(forward.values()),
+        "per_layer_per_chunk": (sum(measured.values()) - sum(forward.values())) / (layers * len(batches)),
+        "most_common_extra": extra.most_common(8),
+    }
+
+
+def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int) -> dict:
+    """Interleaved wall times of the floors and measure() variants of one model."""
+    tset = tm.transforms.rotations(T)
+    methods: dict[str, Callable[[], Any]] = {}
+    for batch_size in (4, 16):
+        images = [tset.apply(chunk) for chunk in probe.split(batch_size)]
+
+        def floor(images=images) -> None:
+            with torch.no_grad():
+                for x in images:
+                    model(x)
+
+        methods[f"floor_b{batch_size}"] = floor
+        variants = [("invariance", INVARIANCE, True), ("invariance_eager", INVARIANCE, False), ("default", DEFAULT, True)]
+        for label, measures, compile in variants:
+            methods[f"{label}_b{batch_size}"] = (
+                lambda m=measures, c=compile, b=batch_size: tm.measure(model, probe, tset, measures=m, batch_size=b, compile=c)
+            )
+    for run in methods.values():  # compiles, warms caches and the allocator
+        run()
+    wall: dict[str, list[float]] = {m: [] for m in methods}
+    load_before = os.getloadavg()
+    for rep in range(reps):
+        for method, run in methods.items():
+            start = time.perf_counter()
+            run()
+            wall[method].append(time.perf_counter() - start)
+        print(f"{name} rep {rep + 1}/{reps}: " + ", ".join(f"{m} {wall[m][-1]:.2f}" for m in methods), flush=True)
+    median = {m: statistics.median(ts) for m, ts in wall.items()}
+    ratios = {
+        f"{m}_over_floor": median[m] / median[f"floor_b{m.rsplit('_b', 1)[1]}"] for m in methods if not m.startswith("floor")
+    }
+    return {
+        "N": len(probe),
+        "layers": len(tm.measure(model, probe[:2], tset, measures=INVARIANCE).layers),
+        "median_s": median,
+        "min_s": {m: min(ts) for m, ts in wall.items()},
+        "all_s": wall,
+        "ratios": ratios,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+
+
+_COMPILE_CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    sys.path.insert(0, {benchmarks!r})
+    import numpy as np
+    import torch
+    block = np.ones(64 << 20, dtype=np.uint8); del block  # the allocator as in training (see bench_fused.py)
+    torch.set_num_threads({threads})
+    import tm_tensorboard as tm
+    from tm_tensorboard import fused
+    from bench_engine import Net
+    torch.manual_seed(0)
+    model, probe = Net().eval(), torch.rand(256, 3, 32, 32)
+    tset = tm.transforms.rotations({T})
+    start = time.perf_counter()
+    monitor = tm.Monitor(model, probe, tset, logdir={logdir!r}, measures=("invariance", "same_equivariance"))
+    made = time.perf_counter() - start
+    steps = []
+    for step in range(3):
+        start = time.perf_counter()
+        monitor.step(step, force=True)
+        steps.append(time.perf_counter() - start)
+    monitor.close()
+    print(json.dumps({{"monitor_made_s": made, "compile_s": monitor.compile_seconds, "steps_s": steps}}))
+    """
+)
+
+
+def compile_times(cache: Path) -> dict:
+    """Monitor construction (compiling) and its first measurements, with a cold and a warm Inductor cache."""
+    out = {}
+    for label in ("cold", "warm"):
+        with tempfile.TemporaryDirectory() as logdir:
+            script = _COMPILE_CHILD.format(benchmarks=str(Path(__file__).parent), threads=THREADS, T=T, logdir=logdir)
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+            env.pop("TM_TENSORBOARD_COMPILE", None)
+            done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+            out[label] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"compile, {label} cache: {out[label]}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    warm_allocator()
+
+    figures: dict[str, Any] = {
+        "environment": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "tm_tensorboard": f"{tm.__version__} ({source_version()})",
+        },
+        "targets": TARGETS,
+    }
+    with tempfile.TemporaryDirectory() as cache:
+        figures["compile"] = compile_times(Path(cache))
+
+    models = {"SimpleCNN": lambda: SimpleCNN(3, 10), "ResNet18Style_w0.25": lambda: ResNet18Style(3, 10, width=0.25)}
+    figures["ops"] = {
+        f"{name}/{'+'.join(measures)}/{'compiled' if compile else 'eager'}": ops_per_layer_per_chunk(make, measures, compile)
+        for name, make in models.items()
+        for measures in (INVARIANCE, DEFAULT)
+        for compile in (True, False)
+    }
+    for key, value in figures["ops"].items():
+        print(f"ops per layer per chunk {key}: {value['per_layer_per_chunk']:.2f}", flush=True)
+
+    torch.manual_seed(0)
+    reference = Net().eval()
+    reference_probe = torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    resnet = ResNet18Style(3, 10, width=0.25).eval()
+    resnet_probe = torch.rand(128, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    figures["speed"] = {
+        "reference": speed_case("reference", reference, reference_probe, args.reps),
+        "ResNet18Style_w0.25_32px": speed_case("resnet", resnet, resnet_probe, args.reps),
+    }
+    for case, value in figures["speed"].items():
+        print(case, json.dumps({k: round(v, 2) for k, v in value["ratios"].items()}))
+    print(json.dumps(figures, indent=1))
+    if not args.no_save:
+        args.output.write_text(json.dumps(figures, indent=1) + "\n")
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
