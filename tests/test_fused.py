@@ -205,3 +205,41 @@ def test_near_constant_units_keep_their_precision(batch_size):
     tv = values.std(axis=1, ddof=1).mean(axis=0)
     np.testing.assert_allclose(result.get("svi", "input", per="element"), sv, rtol=1e-6)
     np.testing.assert_allclose(result.get("tvi", "input", per="element"), tv, rtol=1e-5)
+
+
+_MONITOR_CHILD = textwrap.dedent(
+    """
+    import json, sys, tempfile
+    import torch
+    sys.path.insert(0, {tests!r})
+    import tm_tensorboard as tm
+    from tm_tensorboard import fused, transforms as T
+    from models import small_cnn
+    torch.manual_seed(0)
+    model, probe = small_cnn(), torch.randn(6, 3, 8, 8)
+    out = {{}}
+    with tempfile.TemporaryDirectory() as logdir:
+        for name, compile in (("auto", None), ("compiled", True)):
+            monitor = tm.Monitor(model, probe, T.rotations(4), logdir=logdir + "/" + name, compile=compile)
+            made = fused.compiled_seconds()
+            monitor.step(0)
+            out[name] = {{"compile_seconds": monitor.compile_seconds, "made": made,
+                         "after_step": fused.compiled_seconds()}}
+            monitor.close()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_a_monitor_compiles_when_made_and_only_when_it_pays(tmp_path):
+    """A small Monitor measures eagerly (ten measurements would not repay compiling); with compile=True it
+    compiles when it is made, says how long that took, and its measurements compile nothing more."""
+    script = _MONITOR_CHILD.format(tests=os.path.dirname(__file__))
+    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    environment.pop("TM_TENSORBOARD_COMPILE", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=600)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["auto"] == {"compile_seconds": 0, "made": 0, "after_step": 0}
+    assert out["compiled"]["compile_seconds"] > 0
+    assert out["compiled"]["after_step"] == out["compiled"]["made"] == pytest.approx(out["compiled"]["compile_seconds"])

@@ -12,6 +12,7 @@ untransformed probe first.)
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -34,12 +35,21 @@ __all__ = ["measure", "Measurement", "DEFAULT_MEASURES"]
 
 DEFAULT_MEASURES = ("invariance", "same_equivariance")
 INPUT_LAYER = "input"  # the noise floor: the identity network, observed before the model
-# compile=None compiles the fused updates for a measurement with at least this many activation values
-# (probe samples × transformations × observed units): below it, compiling takes longer than it saves.
+# compile=None compiles the fused updates for at least this many activation values folded in (probe samples
+# × transformations × observed units, over the measurements expected): below it, compiling (~20 s on a
+# fresh machine, a few seconds with Inductor's disk cache) takes longer than it saves (~2 ns a value on CPU).
 COMPILE_WHEN_VALUES = 2_000_000_000
 _UNTRANSFORMED = TransformationSet([Transformation((Op("identity", ()),))], "identity")
 
 Actions = FeatureAction | Mapping[str, FeatureAction] | None
+
+
+def compile_pays(values: int, measurements: int = 1) -> bool:
+    """Whether compiling the fused updates pays for ``measurements`` measurements of ``values`` activation
+    values each: always once this process has compiled them, else above COMPILE_WHEN_VALUES in all."""
+    if not fused.compile_available():
+        return False
+    return fused.compiled_seconds() > 0 or values * measurements >= COMPILE_WHEN_VALUES
 
 
 class LayerMeasureError(ValueError):
@@ -275,19 +285,22 @@ class Measurement:
         before = fused.compiled_seconds()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "NaN in the measures", RuntimeWarning)  # of a 2-sample measurement
-            self._stream_phases(Probe(probe.images[:2], None if probe.labels is None else probe.labels[:2]), None, True)
+            pair = Probe(probe.images[:2], None if probe.labels is None else probe.labels[:2])
+            self.finalize(*self._stream_phases(pair, None, True), len(pair), None)
         return fused.compiled_seconds() - before
 
     def _compiled(self, probe_size: int, observers: dict[str, "_Observer"]) -> bool:
         """Whether to run the fused updates compiled, once the layers are known (after the first chunk)."""
         if self.compile is not None:
             return self.compile
-        if fused.compiled_seconds() > 0 and fused.compile_available():  # compiled already: nothing to pay
-            return True
         if not observers:  # the first chunk: layer sizes unknown yet
-            return False
-        values = sum(m.units * m.T for o in observers.values() for m in o.measures.values())
-        return probe_size * values >= COMPILE_WHEN_VALUES
+            return compile_pays(0)
+        return compile_pays(probe_size * sum(m.units * m.T for o in observers.values() for m in o.measures.values()))
+
+    def values_per_measurement(self, layers: Sequence[LayerInfo], probe_size: int) -> int:
+        """Activation values the statistics fold in per measurement (an estimate before measuring)."""
+        units = sum(math.prod(info.unit_shape) for info in layers)
+        return probe_size * len(self.transformations) * units * max(len(self.groups), 1)
 
     def _run_distributed(self, probe: Probe, classes: list[int] | None) -> MeasureResult:
         rank, world = distributed.process_group()

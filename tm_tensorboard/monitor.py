@@ -16,10 +16,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import distributed, fused, metadata
+from . import distributed, metadata
 from .background_writer import BackgroundWriter, close_at_exit
 from .capture import LayerInfo, LayerSelector
-from .engine import DEFAULT_MEASURES, Actions, Measurement
+from .engine import DEFAULT_MEASURES, Actions, Measurement, compile_pays
 from .preserve import preserved_rng_state
 from .probe import as_probe
 from .result import MeasureResult
@@ -29,6 +29,7 @@ from .transforms import TransformationSet
 __all__ = ["Monitor"]
 
 _LOG = logging.getLogger(__name__)
+MEASUREMENTS_EXPECTED = 10  # what a Monitor's compile decision counts on (a run measures at least this often)
 
 
 def _open_writer(logdir: str | os.PathLike):
@@ -65,9 +66,9 @@ class Monitor:
     measurement warns and training goes on, as does a failing write (reported at the next ``step()`` or
     ``close()``), unless ``strict=True``. Everything that can be checked is checked here, not at step
     10,000. ``unit_tensors=False`` leaves out the per-layer unit vectors written for other tools (the
-    Invariance tab does not need them), which halves the log size. The statistics run as kernels fused by
-    ``torch.compile``, compiled here, once per process (``compile_seconds``); ``compile=False`` (or
-    TM_TENSORBOARD_COMPILE=0) measures with the eager kernels instead: same numbers, slower.
+    Invariance tab does not need them), which halves the log size. ``compile`` is measure()'s: by default
+    the statistics run as kernels fused by ``torch.compile`` when that pays over ten measurements, and
+    are compiled here, once per process (``compile_seconds``); the eager kernels give the same numbers.
     """
 
     def __init__(
@@ -116,8 +117,7 @@ class Monitor:
             actions=actions,
             disk=disk,
             alpha=alpha,
-            # A Monitor measures many times: compiling pays unless it is switched off.
-            compile=compile if compile is not None else fused.mode_from_environment() is not False,
+            compile=compile,
         )
         with preserved_rng_state():
             samples = as_probe(probe, labels=labels, num_samples=num_samples)
@@ -125,6 +125,9 @@ class Monitor:
         self._classes = self._measurement.classes(samples)
         self._probe = samples.to(self._measurement.device(samples))  # moved once, not every step
         self.layers: list[LayerInfo] = self._measurement.discover(self._probe)
+        if self._measurement.compile is None:  # decide now: compiling pays over the many measurements to come
+            values = self._measurement.values_per_measurement(self.layers, len(samples))
+            self._measurement.compile = compile_pays(values, MEASUREMENTS_EXPECTED)
         self.compile_seconds = self._measurement.warm_up(self._probe)  # 0 if already compiled or eager
         if self.compile_seconds:
             _LOG.info("tm_tensorboard: compiled the measurement kernels in %.1f s", self.compile_seconds)
