@@ -1,6 +1,6 @@
 """Monitor costs: event-file bytes and write time per measured step, and amortized training overhead.
 
-    python benchmarks/bench_monitor.py            # ~5 min on an idle 2-core machine
+    python benchmarks/bench_monitor.py            # ~10 min on an idle 2-core machine
 
 1. A ResNet-18-sized model (examples' ResNet18Style, width 1: 11.2 M parameters, 3×32×32 inputs,
    per-channel values): bytes added to the event file by each measured step (the first step also
