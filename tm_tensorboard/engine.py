@@ -36,8 +36,8 @@ __all__ = ["measure", "Measurement", "DEFAULT_MEASURES"]
 DEFAULT_MEASURES = ("invariance", "same_equivariance")
 INPUT_LAYER = "input"  # the noise floor: the identity network, observed before the model
 # compile=None compiles the fused updates for at least this many activation values folded in (probe samples
-# × transformations × observed units, over the measurements expected): below it, compiling (~20 s on a
-# fresh machine, a few seconds with Inductor's disk cache) takes longer than it saves (~2 ns a value on CPU).
+# × transformations × observed units, over the measurements expected): below it, compiling (~16 s on a
+# fresh machine, ~4 s with Inductor's disk cache) takes longer than it saves (~1-2 ns a value on CPU).
 COMPILE_WHEN_VALUES = 2_000_000_000
 _UNTRANSFORMED = TransformationSet([Transformation((Op("identity", ()),))], "identity")
 
