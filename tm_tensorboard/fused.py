@@ -3,13 +3,13 @@
 Each measure group writes its per-chunk update once, in torch ops (``statistics.fold_*``). Run eagerly,
 it is vectorized: a constant number of ops whatever T and the chunk size. Run through ``torch.compile``
 (Inductor), it becomes one compiled region of a few fused kernels that read the activations once or
-twice.
-Shapes are compiled symbolically (batch, units, T, feature-map size), so one compilation serves every
-layer of a given rank and every chunk size; Inductor caches it on disk for later processes too.
+twice. Shapes are compiled symbolically (batch, units, T, feature-map size), so one compilation serves
+every layer of a given rank and every chunk size; Inductor caches it on disk for later processes too.
 
-Compiling costs seconds once per process, so it is used when it pays (``engine.compile_pays``). A compiler that
-is missing or fails warns once and the eager path takes over for the rest of the process: a measurement
-never fails because of the compiler, and both paths give the same numbers up to float rounding.
+Compiling costs seconds once per process, so it is used when it pays (``engine.compile_pays``). A
+compiler that is missing or fails warns once and the eager path takes over for the rest of the process:
+a measurement never fails because of the compiler, and both paths give the same numbers up to float
+rounding.
 """
 from __future__ import annotations
 
