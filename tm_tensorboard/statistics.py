@@ -130,8 +130,7 @@ def unbiased_var(m2: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 
 class StreamingState:
-    """Float64 state tensors and an int64 sample count on the device; subclasses define ``update`` and
-    ``merge``."""
+    """Float64 state tensors and an int64 sample count on the device; subclasses define ``merge``."""
 
     def __init__(self, shape: tuple[int, ...], device: torch.device, names: tuple[str, ...]):
         self.shape = tuple(shape)
