@@ -15,7 +15,6 @@ the tab does by default, then all 20). Recorded, each as the median of ``--repea
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from provenance import source_version  # noqa: E402
+from provenance import save_results, source_version  # noqa: E402
 from tensorboard_process import TensorBoard  # noqa: E402
 
 BASE = "/data/plugin/tm_invariance"
@@ -135,9 +134,7 @@ def main() -> None:
             }
         browser.close()
     figures["load_average_after"] = os.getloadavg()
-    print(json.dumps(figures, indent=2))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(figures, indent=2) + "\n")
+    save_results(figures, args.output)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -31,6 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 import tm_tensorboard as tm
 from tm_tensorboard.engine import Measurement
 from tm_tensorboard.probe import as_probe
+from provenance import save_results, source_version
 from tm_tensorboard.examples.models import ResNet18Style, SimpleCNN
 from tm_tensorboard.examples.shapes import make_shapes
 from tm_tensorboard.summary import SummaryEmitter
@@ -180,6 +180,7 @@ def main() -> None:
     block = np.ones(64 << 20, dtype=np.uint8)  # the allocator as in a training process (bench_fused.py)
     del block
     figures = {
+        "commit": source_version(),
         "load_average_before": os.getloadavg(),
         "resnet18_default": bytes_and_write_time(("invariance", "same_equivariance"), steps=6),
         "resnet18_invariance": bytes_and_write_time(("invariance",), steps=6),
@@ -187,9 +188,7 @@ def main() -> None:
         "overhead_invariance": training_overhead(args.steps, args.repeats, ("invariance", "accuracy")),
         "load_average_after": os.getloadavg(),
     }
-    print(json.dumps(figures, indent=2))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(figures, indent=2) + "\n")
+    save_results(figures, args.output)
 
 
 if __name__ == "__main__":

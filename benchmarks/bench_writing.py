@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
-import json
 import os
 import statistics
 import subprocess
@@ -40,7 +39,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import tm_tensorboard as tm
-from provenance import source_version
+from provenance import save_results, source_version
 from tm_tensorboard import event_records, transforms
 from tm_tensorboard.capture import LayerInfo
 from tm_tensorboard.result import MeasureResult
@@ -221,9 +220,7 @@ def main() -> None:
         "training_thread": training_thread(result, args.root, args.repeats),
         "load_average_after": os.getloadavg(),
     }
-    print(json.dumps(figures, indent=2))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(figures, indent=2) + "\n")
+    save_results(figures, args.output)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Which code a benchmark measured: recorded with every result."""
+"""Which code a benchmark measured, recorded with every result, and writing the results."""
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -15,3 +16,11 @@ def source_version() -> str:
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     return commit + ("+dirty" if git("status", "--porcelain", "--", "tm_tensorboard", "frontend") else "")
+
+
+def save_results(figures: dict, output: str | Path) -> None:
+    """Print ``figures`` and write them as JSON to ``output`` (its folder made if needed)."""
+    text = json.dumps(figures, indent=2)
+    print(text)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(text + "\n")
