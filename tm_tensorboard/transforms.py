@@ -322,8 +322,8 @@ class TransformationSet(Sequence[Transformation]):
         forward = [t.matrix(height, width) for t in self._items]
         return forward if inverse else [np.linalg.inv(m) for m in forward]
 
-    def _warp_plan(self, height: int, width: int, inverse: bool, device: torch.device, dtype: torch.dtype):
-        key = (height, width, inverse, str(device), dtype)
+    def _warp_plan(self, key: tuple, height: int, width: int, inverse: bool, device: torch.device,
+                   dtype: torch.dtype):
         plan = self._warp_cache.get(key)
         if plan is None:
             mats = self._sampling_matrices(height, width, inverse)
@@ -345,24 +345,24 @@ class TransformationSet(Sequence[Transformation]):
         if n % T:
             raise ValueError(f"batch of {n} rows is not a whole number of {T}-transformation groups")
         b = n // T
-        kind, data = self._warp_plan(height, width, inverse, x.device, x.dtype)
+        key = (height, width, inverse, str(x.device), x.dtype)
+        kind, data = self._warp_plan(key, height, width, inverse, x.device, x.dtype)
         if kind == "gather":
             flat = x.reshape(b, T, channels, height * width)
             index = data.view(1, T, 1, height * width).expand(b, T, channels, height * width)
             return flat.gather(3, index).view(n, channels, height, width)
-        return F.grid_sample(x, self._batch_grid(data, b), mode=self.interpolation, padding_mode=self.padding,
+        return F.grid_sample(x, self._batch_grid(key, data, b), mode=self.interpolation, padding_mode=self.padding,
                              align_corners=False)
 
-    def _batch_grid(self, grid: torch.Tensor, b: int) -> torch.Tensor:
-        """The [T, h, w, 2] sampling grid repeated for b samples, kept for the next chunk of the same size
-        (one op less per layer and chunk)."""
-        per_map = self._batch_grids.setdefault(b, {})
+    def _batch_grid(self, key: tuple, grid: torch.Tensor, b: int) -> torch.Tensor:
+        """The plan ``key``'s [T, h, w, 2] sampling grid repeated for b samples, kept for the next chunk of
+        the same size (one op less per layer and chunk)."""
+        per_plan = self._batch_grids.setdefault(b, {})
         if len(self._batch_grids) > 2:  # keep two chunk sizes: a measurement's and its last chunk's
             del self._batch_grids[next(iter(self._batch_grids))]
-        key = grid.data_ptr()  # the plan's grid: cached for the set's lifetime, so its address is stable
-        if key not in per_map:
-            per_map[key] = grid.repeat(b, 1, 1, 1)
-        return per_map[key]
+        if key not in per_plan:
+            per_plan[key] = grid.repeat(b, 1, 1, 1)
+        return per_plan[key]
 
 
 # -- constructors ------------------------------------------------------------------------------------
