@@ -1,10 +1,15 @@
-"""The ``tm-tensorboard`` command: ``tm-tensorboard demo`` trains the demo runs and opens TensorBoard."""
+"""The tm-tensorboard command: "demo" trains the demo runs and opens TensorBoard, "measure" measures saved
+checkpoints into a logdir, "export" writes a logdir's measures as CSV or JSON."""
 from __future__ import annotations
 
 import argparse
 import sys
 import threading
 from typing import Sequence
+
+# Errors that are the user's to fix (a bad path, a factory that does not import, a malformed argument):
+# one line on stderr, exit status 2, no traceback.
+USER_ERRORS = (ValueError, OSError, ImportError, LookupError)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -24,9 +29,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tm-tensorboard", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _measure(args: argparse.Namespace) -> int:
+    from .checkpoints import measure_checkpoints_command
+
+    return measure_checkpoints_command(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .reader import export
+
+    return export(args.logdir, fmt=args.format, output=args.output, namespace=args.namespace, units=args.units)
+
+
+def _add_demo(commands) -> None:
     demo = commands.add_parser(
         "demo",
         help="train three small models on a built-in dataset, log them, start TensorBoard",
@@ -41,12 +56,53 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-serve", action="store_true", help="only write the logs")
     demo.add_argument("--smoke", action="store_true", help="a tiny budget, for tests (seconds, not minutes)")
     demo.set_defaults(run=_demo)
+
+
+def _add_measure(commands) -> None:
+    from .checkpoints import add_arguments
+
+    measure = commands.add_parser(
+        "measure",
+        help="measure saved checkpoints of a model into a logdir, one step per checkpoint",
+        description="Build the model with a factory, load each checkpoint into it, measure it on a probe "
+        "and log the result at the checkpoint's step, as the Monitor would have during training.",
+    )
+    add_arguments(measure)
+    measure.set_defaults(run=_measure)
+
+
+def _add_export(commands) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write a logdir's measures (layer means per step, optionally every unit) as CSV or JSON",
+        description="Read every run of LOGDIR with TensorBoard's own event reader, without a server, and "
+        "write one row per (run, measure, layer, step) as CSV, or the nested structure as JSON.",
+    )
+    export.add_argument("logdir", help="a directory of runs written by tm_tensorboard")
+    export.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: csv)")
+    export.add_argument("--output", "-o", default="-", help="output file (default: standard output)")
+    export.add_argument("--namespace", default=None, help="the Monitor's namespace (default: invariance)")
+    export.add_argument("--units", action="store_true", help="also every unit's value at every step")
+    export.set_defaults(run=_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tm-tensorboard", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_demo(commands)
+    _add_measure(commands)
+    _add_export(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        print(f"tm-tensorboard {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
