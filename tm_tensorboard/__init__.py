@@ -17,13 +17,18 @@ _LAZY = {
     "Monitor": ("tm_tensorboard.monitor", "Monitor"),
     "transforms": ("tm_tensorboard.transforms", None),
     "actions": ("tm_tensorboard.actions", None),
+    "read": ("tm_tensorboard.reader", "read"),
+    "measure_checkpoints": ("tm_tensorboard.checkpoints", "measure_checkpoints"),
+    "testing": ("tm_tensorboard.testing", None),
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import actions, transforms
+    from . import actions, testing, transforms
+    from .checkpoints import measure_checkpoints
     from .engine import measure
+    from .reader import read
     from .monitor import Monitor
     from .result import MeasureResult
 
