@@ -41,8 +41,16 @@ setup(
     extras_require={
         # pytest runs the suite; playwright drives Debian's Chromium in the browser tests (never
         # `playwright install`); grpcio-tools checks the committed *_pb2.py against the .proto; tbparse
-        # and scipy are independent readers / references the tests compare against.
-        "test": ["pytest>=7", "playwright>=1.40", "grpcio-tools>=1.62", "tbparse>=0.0.8", "scipy>=1.10"],
+        # and scipy are independent readers / references the tests compare against; lightning and pandas
+        # are there so the tests exercise the callback and read(...).to_pandas() for real.
+        "test": [
+            "pytest>=7", "playwright>=1.40", "grpcio-tools>=1.62", "tbparse>=0.0.8", "scipy>=1.10",
+            "lightning>=2.2", "pandas>=2",
+        ],
+        # tm_tensorboard.lightning.InvarianceCallback, for PyTorch Lightning's Trainer.
+        "lightning": ["lightning>=2.2"],
+        # read(logdir).to_pandas(): the measures as a data frame.
+        "pandas": ["pandas>=2"],
         # The reference implementation the benchmarks compare speed and numbers against.
         "bench": ["tmeasures==1.2.11", "statsmodels"],
     },
