@@ -3,6 +3,7 @@ transformation sets the command line takes, on real checkpoint files from a shor
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -253,3 +254,22 @@ def test_actions_expressions():
         parse_actions(["cyclic_shift(4)", "identity()"])
     with pytest.raises(ValueError, match="not one of ours"):
         parse_actions(["rot90()"])
+
+
+def test_the_readme_command_as_written(tmp_path):
+    """The README's `tm-tensorboard measure` command, run verbatim next to a checkpoints/ folder."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Measuring saved checkpoints"):]
+    command = section[section.index("```bash") + len("```bash"):section.index("```", section.index("```bash") + 7)]
+    (tmp_path / "checkpoints").mkdir()
+    for step in (100, 200):
+        torch.manual_seed(step)
+        torch.save(SimpleCNN(1, 5).state_dict(), tmp_path / "checkpoints" / f"step-{step}.pt")
+    bin_dir = str(Path(sys.executable).parent)
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]})
+    assert done.returncode == 0, done.stdout + done.stderr
+    logs = tm.read(tmp_path / "runs")
+    assert list(logs) == ["from-checkpoints"]
+    assert logs["from-checkpoints"].means["nvi"]["features.0"].steps.tolist() == [100, 200]
+    assert logs["from-checkpoints"].accuracy is not None  # the shapes probe has labels
