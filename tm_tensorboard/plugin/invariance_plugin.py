@@ -12,7 +12,12 @@ Routes (relative to ``data/plugin/tm_invariance``):
 - ``/config?run&namespace``: the run's configuration record.
 - ``/index.js`` and ``/static/<file>``: the frontend (a fixed list of files; nothing else is served).
 
-Bad or missing parameters give 400, unknown runs / measures / steps 404; steps come back sorted.
+Bad or missing parameters give 400, unknown runs / measures / steps 404; steps come back sorted. Every
+route only reads: methods other than GET and HEAD give 405. Data under the plugin's name that is not
+what the SDK writes never gives 500: a point whose values are not float numbers in the shape they declare
+is left out (see ``tensors``), a snapshot that cannot be read gives 404, and a warning is logged once
+per series.
+
 Bulk values (units, means, accuracy) come as base64 of little-endian float32, the precision they were
 logged in, with their shape: formatting tens of thousands of numbers as JSON text cost more than half of
 a request's time.
@@ -29,11 +34,12 @@ import numpy as np
 from google.protobuf import json_format
 from tensorboard import errors, plugin_util
 from tensorboard.backend import http_util
-from tensorboard.data import provider
+from tensorboard.data import grpc_provider, provider
 from tensorboard.plugins import base_plugin
-from werkzeug import wrappers
+from werkzeug import exceptions, wrappers
 
 from .. import metadata
+from . import tensors
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +99,17 @@ def _int_param(request, name: str, default: int | None, lo: int, hi: int) -> int
     return value
 
 
+def _read_only(app):
+    """``app`` for GET and HEAD; any other method gets 405 with ``Allow: GET, HEAD``."""
+
+    def route(environ, start_response):
+        if environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
+            return app(environ, start_response)
+        return exceptions.MethodNotAllowed(valid_methods=["GET", "HEAD"])(environ, start_response)
+
+    return route
+
+
 def _layer_json(layer: metadata.Layer) -> dict:
     return {
         "name": layer.name,
@@ -113,9 +130,10 @@ class InvariancePlugin(base_plugin.TBPlugin):
         self._static: dict[str, tuple[bytes, str]] | None = None
         self._described: dict[tuple, dict[str, metadata.PluginData]] = {}  # (experiment, kind, run) -> tags
         self._snapshots: dict[tuple, dict[int, str]] = {}  # (experiment, run, tag) -> {step: blob key}
+        self._warned: set[tuple] = set()  # (experiment, run, tag) of series with unreadable data
 
     def get_plugin_apps(self):
-        return {
+        routes = {
             "/index.js": self._serve_index,
             "/static/*": self._serve_static,
             "/runs": self._serve_runs,
@@ -124,6 +142,7 @@ class InvariancePlugin(base_plugin.TBPlugin):
             "/accuracy": self._serve_accuracy,
             "/config": self._serve_config,
         }
+        return {path: _read_only(app) for path, app in routes.items()}
 
     def is_active(self) -> bool:
         return False  # deprecated by TensorBoard: the frontend asks data_plugin_names instead
@@ -232,15 +251,13 @@ class InvariancePlugin(base_plugin.TBPlugin):
         not listed yet, or a cached key whose blob is gone (TensorBoard purges steps of a restarted run)
         lists the series again.
         """
-        ctx, _ = self._ids(request)
-
         def pick(keys: dict[int, str]) -> tuple[int, list[int], bytes]:
             if not keys:
                 raise errors.NotFoundError(f"run {run!r} has no {what} yet")
             chosen = next(reversed(keys)) if step is None else step
             if chosen not in keys:
                 raise errors.NotFoundError(f"run {run!r} has no {what} at step {step}")
-            return chosen, list(keys), self._provider.read_blob(ctx, blob_key=keys[chosen])
+            return chosen, list(keys), self._blob(request, run, tag, chosen, keys[chosen], what)
 
         keys = self._snapshots.get((plugin_util.experiment_id(request.environ), run, tag))
         if keys is not None and step is not None and step in keys:
@@ -250,9 +267,48 @@ class InvariancePlugin(base_plugin.TBPlugin):
                 pass  # the step is gone since it was listed
         return pick(self._list_snapshots(request, run, tag))
 
+    def _blob(self, request, run: str, tag: str, step: int, key: str, what: str) -> bytes:
+        """One snapshot blob; 404 if what the data provider holds there is not bytes.
+
+        The Python loader converts the stored tensor before taking the blob out of it: a DT_VARIANT
+        tensor raises KeyError there, string content ValueError, and a float tensor gives a number.
+        """
+        ctx, _ = self._ids(request)
+        try:
+            blob = self._provider.read_blob(ctx, blob_key=key)
+            if isinstance(blob, bytes):
+                return blob
+            problem = f"a {type(blob).__name__}, not bytes"
+        except errors.PublicError:
+            raise
+        except Exception as error:
+            problem = repr(error)
+        self._warn_once(request, run, tag, f"step {step}: {problem}")
+        raise errors.NotFoundError(f"run {run!r}, step {step}: unreadable {what} ({problem})")
+
     def _list_snapshots(self, request, run: str, tag: str) -> dict[int, str]:
-        """{step: blob key} of a run's snapshot series in step order, listed now and cached."""
-        points = self._read(request, run, tag, ALL_STEPS, blobs=True)
+        """{step: blob key} of a run's snapshot series in step order, listed now and cached.
+
+        The SDK writes one blob per step. The Python data provider makes a blob key for every element a
+        step declares, so that an event of 200 bytes declaring shape [2**27] would cost gigabytes and
+        minutes: a series declaring more than one blob at some step is not read. The Rust data server
+        counts the blobs a step holds instead, and listing there costs ~40 ms: its series are read as
+        they are.
+        """
+        if not isinstance(self._provider, grpc_provider.GrpcDataProvider):
+            series = self._list(request, "blob", run, tag).get(run, {}).get(tag)
+            if series is not None and (series.max_length or 0) > 1:
+                self._warn_once(request, run, tag, f"a step declares {series.max_length} blobs, not 1")
+                raise errors.NotFoundError(f"run {run!r}: {tag!r} declares {series.max_length} blobs per step, not 1")
+        ctx, eid = self._ids(request)
+        data = self._provider.read_blob_sequences(
+            ctx,
+            experiment_id=eid,
+            plugin_name=metadata.PLUGIN_NAME,
+            downsample=ALL_STEPS,
+            run_tag_filter=provider.RunTagFilter(runs=[run], tags=[tag]),
+        )
+        points = sorted(data.get(run, {}).get(tag, []), key=lambda d: d.step)
         keys = {p.step: p.values[0].blob_key for p in points if p.values}
         self._snapshots[(plugin_util.experiment_id(request.environ), run, tag)] = keys
         return keys
@@ -261,18 +317,24 @@ class InvariancePlugin(base_plugin.TBPlugin):
         tag = metadata.config_tag(namespace)
         return self._find(request, "tensor", run, "configuration", lambda t, d: t == tag and d.kind == metadata.RUN_CONFIG)
 
-    def _read(self, request, run: str, tag: str, downsample: int, *, blobs: bool = False) -> list:
-        """The points of one of this plugin's tensor series (or blob sequences), sorted by step."""
+    def _read(self, request, run: str, tag: str, downsample: int) -> list[provider.TensorDatum]:
+        """The points of one of this plugin's tensor series with float values, sorted by step; the others
+        are left out."""
         ctx, eid = self._ids(request)
-        read = self._provider.read_blob_sequences if blobs else self._provider.read_tensors
-        data = read(
-            ctx,
-            experiment_id=eid,
-            plugin_name=metadata.PLUGIN_NAME,
+        points, left_out = tensors.read(
+            self._provider, ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME, run=run, tag=tag,
             downsample=downsample,
-            run_tag_filter=provider.RunTagFilter(runs=[run], tags=[tag]),
         )
-        return sorted(data.get(run, {}).get(tag, []), key=lambda d: d.step)
+        if left_out:
+            self._warn_once(request, run, tag, f"left out {len(left_out)} point(s): {'; '.join(left_out[:3])}")
+        return sorted(points, key=lambda d: d.step)
+
+    def _warn_once(self, request, run: str, tag: str, problem: str) -> None:
+        """Log that a series holds data the plugin cannot read, once per series."""
+        key = (plugin_util.experiment_id(request.environ), run, tag)
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("tm-tensorboard: run %r, tag %r is not as the SDK writes it: %s", run, tag, problem)
 
     # -- routes ----------------------------------------------------------------------------------------
     @wrappers.Request.application
@@ -326,6 +388,7 @@ class InvariancePlugin(base_plugin.TBPlugin):
         try:
             snapshot = metadata.decode_snapshot(blob, data)
         except ValueError as error:
+            self._warn_once(request, run, tag, f"step {chosen}: {error}")
             raise errors.NotFoundError(f"run {run!r}, step {chosen}: unreadable units ({error})") from None
         dead_rows = snapshot.get(metadata.DEAD_ROW)  # units without any variance, whatever the measure shown
         layers = []
