@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -159,6 +160,34 @@ def test_anova_equals_brute_force_and_scipy(probe, chunk):
         flagged = (f_scipy > critical).reshape(A[layer].shape[2:])
         np.testing.assert_array_equal(result.get("anova", layer, per="element"), flagged)
         np.testing.assert_allclose(result.get("anova", layer), channel(flagged.astype(float)))
+
+
+def test_anova_constant_units_have_f_zero(probe):
+    """A unit with no variance within or between the transformation groups (always 0 after a ReLU, or a
+    constant conv channel) shows no effect of the transformation: F = 0 and not rejected, not 0 / 0 = NaN
+    spoiling its channel's mean, nor a rounding-error F = inf; and no warning blames NaN activations."""
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, :, 0, 0] = 1.0  # channel 0 sees the zero padding alone in the first row and column
+        conv.bias.copy_(torch.tensor([0.0, 0.1, -100.0]))  # channel 1 is 0.1 everywhere, channel 2 dead after the ReLU
+    model = nn.Sequential(conv, nn.ReLU())
+    tset = T.rotations(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = tm.measure(model, probe, tset, measures=("anova",))
+    A = brute(model, probe, tset, ["1"])["1"].reshape(N, len(tset), 3, -1)
+    alive = A[:, :, 0].std(axis=(0, 1)) > 0
+    assert 0 < alive.sum() < alive.size  # channel 0 is 0 in its first row and column for every input
+    f_scipy = np.array([stats.f_oneway(*A[:, :, 0, u].T).statistic for u in np.flatnonzero(alive)])
+    for layer in ("0", "1"):
+        f = result.get("anova_f", layer, per="element")
+        np.testing.assert_array_equal(f[1:], 0)
+        np.testing.assert_array_equal(result.get("anova", layer, per="element")[1:], 0)
+        assert np.isfinite(result.get("anova_f", layer)).all()
+    f = result.get("anova_f", "1", per="element")[0].reshape(-1)
+    np.testing.assert_array_equal(f[~alive], 0)
+    np.testing.assert_allclose(f[alive], f_scipy, rtol=1e-5)
 
 
 def test_anova_bonferroni_flags_a_plausible_fraction():

@@ -7,6 +7,7 @@ times in one forward (a shared ReLU) yields one activation per call: ``name``, `
 from __future__ import annotations
 
 import fnmatch
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, Union
 
@@ -39,12 +40,25 @@ class LayerInfo:
         return self.unit_shape[0] if self.unit_shape else 1
 
 
+def _compiled_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is torch.compile's OptimizedModule (torch.compile imports its module, we never do)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, getattr(eval_frame, "OptimizedModule", ()))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DataParallel / DistributedDataParallel wrappers (names without ``module.``)."""
+    """The module inside DataParallel / DistributedDataParallel wrappers (names without ``module.``) and
+    ``torch.compile``'s OptimizedModule (names without ``_orig_mod.``). A compiled model is measured
+    through its original module, eagerly: forward hooks on it would make Dynamo recompile (and measure
+    slower than eager on the first call), and the compiled code training runs stays as it was."""
     wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif _compiled_wrapper(model):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _display_name(name: str) -> str:

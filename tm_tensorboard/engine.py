@@ -62,7 +62,7 @@ def measure(
     transformations: TransformationSet,
     *,
     layers: LayerSelector = None,
-    measures: Sequence[str] = DEFAULT_MEASURES,
+    measures: Sequence[str] | None = None,
     batch_size: int = 16,
     labels: Any = None,
     stratified: bool = False,
@@ -76,8 +76,9 @@ def measure(
     """Measure how invariant / equivariant every observed unit of ``model`` is to ``transformations``.
 
     ``probe``: a tensor [N, C, H, W], an ``(images, labels)`` pair, a Dataset or a DataLoader (its first
-    ``num_samples`` samples). ``measures``: groups among "invariance", "same_equivariance",
-    "equivariance_error", "goodfellow", "anova", "accuracy" (needs labels). ``batch_size``: probe samples
+    ``num_samples`` samples, 256 by default). ``measures``: groups among "invariance", "same_equivariance",
+    "equivariance_error", "goodfellow", "anova", "accuracy" (needs labels); by default DEFAULT_MEASURES,
+    plus accuracy when the probe has labels. ``batch_size``: probe samples
     per forward pass (each pass sees batch_size × T images). ``stratified=True`` measures every class
     separately and reports the mean (needs labels). ``noise_floor=True`` also measures the input itself
     (layer "input"). ``actions``: the equivariance error's feature action, one for all layers or
@@ -85,6 +86,8 @@ def measure(
     level (Bonferroni-corrected over each layer's units). ``compile``: run the statistics as kernels
     fused by ``torch.compile`` (True), eagerly (False), or (None) compiled when the measurement is large
     enough to repay the seconds compiling costs once per process, or the kernels are already compiled.
+    A ``torch.compile``d model is measured eagerly through its original module (as a DDP model through
+    its ``.module``); a half / bfloat16 model is given the transformed probe in its own dtype.
     """
     session = Measurement(
         model,
@@ -101,7 +104,22 @@ def measure(
     )
     with preserved_rng_state():  # reading a shuffling DataLoader draws random numbers
         samples = as_probe(probe, labels=labels, num_samples=num_samples)
+    session.use_labels(samples)
     return session.run(samples)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of the model's parameters (else buffers); None if it has neither."""
+    for tensors in (model.parameters(), model.buffers()):
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                return tensor.dtype
+    return None
+
+
+def _eager_call(model: nn.Module):
+    """``model``'s call without the compiled code ``model.compile()`` installed: hooks would recompile it."""
+    return model._call_impl if getattr(model, "_compiled_call_impl", None) is not None else model
 
 
 def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
@@ -144,17 +162,20 @@ class _Observer:
             if phase in m.phases:
                 m.update(phase, activation, chunk)
 
-    def finalize(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
-        """{group: (component names, [classes, components, *shape])} on the host, one device-to-host copy."""
+    def finalize(self) -> tuple[dict[str, tuple[tuple[str, ...], np.ndarray]], bool, bool]:
+        """{group: (component names, [classes, components, *shape])} on the host, and whether the states
+        hold NaN / inf (what the activations were: see ``Measurement.finalize``), one device-to-host copy."""
         if not self.measures:
-            return {}
+            return {}, False, False
         computed = [m.compute(self.compiled) for m in self.measures.values()]
-        host = torch.cat([c.reshape(-1) for c in computed]).cpu().numpy()
+        flags = [m.nonfinite() for m in self.measures.values()]
+        host = torch.cat([c.reshape(-1) for c in computed] + flags).cpu().numpy()
         out, start = {}, 0
         for (group, m), c in zip(self.measures.items(), computed):
             out[group] = (m.components, host[start : start + c.numel()].reshape(c.shape[:2] + m.unit_shape))
             start += c.numel()
-        return out
+        flags = host[start:].reshape(-1, 2).any(axis=0)
+        return out, bool(flags[0]), bool(flags[1])
 
 
 class Measurement:
@@ -166,7 +187,7 @@ class Measurement:
         transformations: TransformationSet,
         *,
         layers: LayerSelector = None,
-        measures: Sequence[str] = DEFAULT_MEASURES,
+        measures: Sequence[str] | None = None,
         batch_size: int = 16,
         stratified: bool = False,
         noise_floor: bool = False,
@@ -187,6 +208,10 @@ class Measurement:
                 f"the transformation set has {len(transformations)} transformation(s); the transformation "
                 "variance needs at least 2"
             )
+        self.measures_given = measures is not None  # else the default: DEFAULT_MEASURES, accuracy with labels
+        self._accuracy_implied = False
+        if measures is None:
+            measures = DEFAULT_MEASURES
         if isinstance(measures, str):
             measures = (measures,)
         unknown = [m for m in measures if m not in MEASURE_GROUPS]
@@ -220,6 +245,22 @@ class Measurement:
         self.modules, self.explicit = select_modules(self.model, layers)
         self._fits = False  # set once the model ran on a probe batch
 
+    def use_labels(self, probe: Probe) -> None:
+        """With the default measures, a probe with labels adds accuracy; explicit measures that leave the
+        labels unused (no accuracy, not stratified) get a warning."""
+        if probe.labels is None or "accuracy" in self.measures:
+            return
+        if not self.measures_given:
+            self.measures += ("accuracy",)
+            self._accuracy_implied = True
+        elif not self.stratified:
+            warnings.warn(
+                'the probe\'s labels are unused: measures= has no "accuracy" and stratified=False; add "accuracy" '
+                "to measures= to log accuracy per transformation, or pass no labels",
+                UserWarning,
+                stacklevel=3,
+            )
+
     @property
     def needs_labels(self) -> bool:
         return self.stratified or "accuracy" in self.measures
@@ -244,13 +285,48 @@ class Measurement:
     def device(self, probe: Probe) -> torch.device:
         return _model_device(self.model, probe.images.device)
 
+    def _check_logits(self, output: object, rows: int) -> None:
+        """Accuracy compares labels with the argmax of logits [batch, classes]: check the model returns them
+        (shapes only). Accuracy added by default (labels, no measures=) is left out, with a warning."""
+        if isinstance(output, torch.Tensor) and output.dim() == 2 and output.shape[0] == rows:
+            return
+        got = f"shape {list(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
+        if not self._accuracy_implied:
+            raise ValueError(f"accuracy needs the model to return logits shaped [batch, classes]; got {got}")
+        warnings.warn(
+            f"not measuring accuracy: the probe has labels, but the model returns {got}, not logits shaped "
+            "[batch, classes] (pass measures= to choose the measures and silence this)",
+            UserWarning,
+            stacklevel=2,
+        )
+        self.measures = tuple(m for m in self.measures if m != "accuracy")
+        self._accuracy_implied = False
+
+    def _check_labels(self, labels: torch.Tensor | None, classes: int) -> None:
+        """ValueError unless every label indexes one of the model's ``classes`` outputs (host labels: no sync)."""
+        if labels is None or "accuracy" not in self.measures:
+            return
+        bad = torch.unique(labels[(labels < 0) | (labels >= classes)]).tolist()
+        if bad:
+            shown = ", ".join(map(str, bad[:6])) + (", ..." if len(bad) > 6 else "")
+            hint = (
+                "; labels with the default measures add accuracy: if they are not the model's classes, pass "
+                "measures= without \"accuracy\""
+                if self._accuracy_implied
+                else ""
+            )
+            raise ValueError(
+                f"labels must be class indices in [0, {classes}): the model returns {classes} logits and accuracy "
+                f"compares the labels with their argmax; got {shown}{hint}"
+            )
+
     def discover(self, probe: Probe) -> list[LayerInfo]:
         """Run one probe sample through the model to check that everything fits and learn the layers."""
         observers: dict[str, _Observer] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             first = Probe(probe.images[:1], None if probe.labels is None else probe.labels[:1])
-            self.stream(first, None, TRANSFORMED, observers, None, groups=())
+            self.stream(first, None, TRANSFORMED, observers, None, groups=(), all_labels=probe.labels)
         return [o.info for o in observers.values()]
 
     def run(self, probe: Probe, *, classes: list[int] | None = None) -> MeasureResult:
@@ -284,7 +360,7 @@ class Measurement:
             return 0.0
         before = fused.compiled_seconds()
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "NaN in the measures", RuntimeWarning)  # of a 2-sample measurement
+            warnings.filterwarnings("ignore", "(NaN|inf) in the measures", RuntimeWarning)  # of a 2-sample measurement
             pair = Probe(probe.images[:2], None if probe.labels is None else probe.labels[:2])
             self.finalize(*self._stream_phases(pair, None, True), len(pair), None)
         return fused.compiled_seconds() - before
@@ -370,17 +446,20 @@ class Measurement:
         accuracy: AccuracyState | None,
         groups: Sequence[str] | None = None,
         compiled: bool | None = None,
+        all_labels: torch.Tensor | None = None,
     ) -> None:
         """Forward the probe chunk by chunk for one phase, updating the states inside the hooks.
 
         Observers are created on the first chunk that meets a layer; ``groups`` (default: the measured
-        ones) chooses which measure groups they hold; ``compiled`` overrides the ``compile`` setting.
+        ones) chooses which measure groups they hold; ``compiled`` overrides the ``compile`` setting;
+        ``all_labels`` (default: the probe's) are checked against the model's classes after the first chunk.
         """
         model = self.model
         transformations = self.transformations if phase == TRANSFORMED else _UNTRANSFORMED
         T = len(transformations)
         groups = self.groups if groups is None else groups
         device = self.device(probe)
+        dtype = _model_dtype(model)
         class_index = {c: i for i, c in enumerate(classes)} if classes is not None else None
         skipped: set[str] = set()
         chunk: Chunk | None = None
@@ -404,6 +483,12 @@ class Measurement:
                     skipped.add(name)
                     return
                 module_type = "Input" if module is None else type(module).__name__
+                if output.is_complex():
+                    raise LayerMeasureError(
+                        f"layer {name!r} ({module_type}) returns {str(output.dtype).removeprefix('torch.')} values; "
+                        "the measures are defined on real activations: leave the layer out with layers=, or "
+                        "measure a module that takes its real part or magnitude"
+                    )
                 info = LayerInfo(name, len(observers), module_type, tuple(output.shape[1:]))
                 try:
                     observer = observers[name] = _Observer(
@@ -416,20 +501,28 @@ class Measurement:
                 activation = activation.float()
             observer.update(phase, activation, chunk)
 
-        images, labels, n = probe.images, probe.labels, len(probe)
+        images, n = probe.images, len(probe)
+        labels = probe.labels
+        all_labels = labels if all_labels is None else all_labels
+        # The transformations run in the wider of the probe's and the model's dtypes, the model in its own:
+        # a half / bfloat16 model gets a half / bfloat16 batch, interpolated in the probe's precision.
+        work = images.dtype if dtype is None else torch.promote_types(images.dtype, dtype)
+        forward = _eager_call(model)
         with preserved_training_state(model), Capture(self.modules, on_output) as capture:
             for lo in range(0, n, self.batch_size):
                 hi = min(lo + self.batch_size, n)
-                x = images[lo:hi].to(device, non_blocking=True)
+                x = images[lo:hi].to(device, work, non_blocking=True)
                 use_compiled = compiled if compiled is not None else self._compiled(n, observers)
                 use_compiled = use_compiled and device.type != "meta"  # shapes only: nothing to run compiled
                 chunk = Chunk(hi - lo, self._groups(labels, lo, hi, class_index, device), scratch, use_compiled)
                 batch = transformations.apply(x)
+                if dtype is not None and batch.dtype != dtype:
+                    batch = batch.to(dtype)
                 if self.noise_floor:
                     on_output(INPUT_LAYER, None, batch)
                 capture.start_forward()
                 try:
-                    output = model(batch)
+                    output = forward(batch)
                 except Exception as error:
                     if isinstance(error, LayerMeasureError) or self._fits or lo:  # explain a first model failure
                         raise
@@ -440,12 +533,11 @@ class Measurement:
                 if lo == 0:
                     self._check_observed(observers, skipped)
                     self._fits = True
-                if accuracy is not None and phase == TRANSFORMED:
-                    if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != batch.shape[0]:
-                        raise ValueError(
-                            "accuracy needs the model to return logits shaped [batch, classes]; got "
-                            + (f"shape {list(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__)
-                        )
+                    if "accuracy" in self.measures:
+                        self._check_logits(output, batch.shape[0])
+                    if "accuracy" in self.measures:  # (unless the default accuracy was just left out)
+                        self._check_labels(all_labels, output.shape[1])
+                if accuracy is not None and phase == TRANSFORMED and "accuracy" in self.measures:
                     accuracy.update(output, labels[lo:hi].to(device, non_blocking=True))
 
     @staticmethod
@@ -477,27 +569,47 @@ class Measurement:
         num_samples: int,
         classes: list[int] | None,
     ) -> MeasureResult:
-        """One host copy per activation; NaN values are reported with a warning."""
+        """One host copy per activation; non-finite values are reported with a warning naming the layers.
+
+        The states tell what went wrong, with no check on the chunk path: NaN in them means NaN or infinite
+        activations (inf − inf is NaN too); inf without NaN means finite activations whose sums or squared
+        deviations overflowed the activations' precision (float32 beyond ~1e19). (Components can also be NaN
+        with finite states, e.g. a class without two samples; the outside of the equivariance error's disk is
+        NaN by definition.)"""
         components: dict[str, dict] = {g: {} for g in self.groups}
-        nan_layers = []
+        nan_layers, inf_layers, other_layers = [], [], []
         for name, observer in observers.items():
-            for group, (names, values) in observer.finalize().items():
+            values_of, nan_states, inf_states = observer.finalize()
+            for group, (names, values) in values_of.items():
                 components[group][name] = (names, values)
-                if np.isnan(values).any() and not (group == "equivariance_error" and self.options.disk):
-                    nan_layers.append(name)
-        if nan_layers:
-            warnings.warn(
-                f"NaN in the measures of layer(s) {', '.join(dict.fromkeys(nan_layers))}: the model produced NaN "
-                "activations (or a class has too few samples); those units are reported as NaN",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            if nan_states:
+                nan_layers.append(name)
+            elif inf_states:
+                inf_layers.append(name)
+            elif any(np.isnan(v).any() for g, (_, v) in values_of.items() if g not in self.masked_groups):
+                other_layers.append(name)
+        for layers, why in (
+            (nan_layers, "the model produced NaN or infinite activations there; those units are reported as NaN"),
+            (inf_layers, "their sums or squared deviations overflowed the activations' precision (float32: values "
+                         "beyond ~1e19), so those units are inf or NaN; scale the probe (or the model's inputs) "
+                         "down, or measure a float64 copy of the model"),
+            (other_layers, "those units are reported as NaN"),
+        ):
+            if layers:
+                what = "inf" if layers is inf_layers else "NaN"
+                warnings.warn(f"{what} in the measures of layer(s) {', '.join(layers)}: {why}", RuntimeWarning,
+                              stacklevel=4)  # the caller of measure() / Monitor.step()
         return MeasureResult(
             [o.info for o in observers.values()],
             self.transformations,
             num_samples,
             components,
-            accuracy.compute().cpu().numpy() if accuracy is not None else None,
+            accuracy.compute().cpu().numpy() if accuracy is not None and "accuracy" in self.measures else None,
             classes,
-            masked_groups=("equivariance_error",) if self.options.disk else (),
+            masked_groups=self.masked_groups,
         )
+
+    @property
+    def masked_groups(self) -> tuple[str, ...]:
+        """Groups whose values are NaN by definition at excluded positions."""
+        return ("equivariance_error",) if self.options.disk else ()

@@ -112,6 +112,11 @@ class LayerMeasure:
         per_class = [self.compute_class(states, compiled) for states in self.per_class]
         return per_class[0].unsqueeze(0) if len(per_class) == 1 else torch.stack(per_class)
 
+    def nonfinite(self) -> torch.Tensor:
+        """[any NaN, any ±inf] in the states, float64 on the device (read with the results when finalizing)."""
+        values = torch.cat([t.reshape(-1) for states in self.per_class for s in states.values() for t in s.tensors()])
+        return torch.stack([values.isnan().any(), values.isinf().any()]).double()
+
 
 @fused
 def _variance_compute(spread_total, spread_count, m2, count, scratch=None):
@@ -316,9 +321,18 @@ class AnovaMeasure(LayerMeasure):
     def compute_class(self, states, compiled):
         moments = states["moments"]
         n, T = int(moments.count), self.T  # finalizing: reading the count back is fine
-        between = n * (moments.mean - moments.mean.mean(dim=0)).square().sum(dim=0)
+        # The group means' spread, from their offsets to the first group's mean: exactly 0 when the means
+        # are equal (a constant unit), where the grand mean computed directly can round off them.
+        offsets = moments.mean - moments.mean[0]
+        between = n * (offsets - offsets.mean(dim=0)).square().sum(dim=0)
         within = moments.m2.sum(dim=0)
         f = (between / (T - 1)) / (within / (n * T - T))
+        # A unit with no variance at all, within or between the groups (a position a ReLU always zeroes, a
+        # constant channel), is 0 / 0. It shows no effect of the transformation: F = 0 (p = 1, not rejected),
+        # so it counts as the invariant unit it is in its channel's mean and in the layer's rejected fraction
+        # instead of making both NaN. (No within- but some between-group variance stays F = inf: the
+        # transformation alone sets the value.)
+        f = torch.where((between == 0) & (within == 0), 0.0, f)
         critical = f_critical_value(self.options.alpha / self.units, T - 1, n * T - T) if n > 1 else math.inf
         return torch.stack([f, (f > critical).double()])
 

@@ -9,17 +9,19 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import warnings
 import weakref
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import distributed, metadata
 from .background_writer import BackgroundWriter, close_at_exit
 from .capture import LayerInfo, LayerSelector
-from .engine import DEFAULT_MEASURES, Actions, Measurement, compile_pays
+from .engine import Actions, Measurement, compile_pays
 from .preserve import preserved_rng_state
 from .probe import as_probe
 from .result import MeasureResult
@@ -45,6 +47,60 @@ def _open_writer(logdir: str | os.PathLike):
     return SummaryWriter(log_dir=os.fspath(logdir))
 
 
+# (real path of the run directory, namespace) -> a weak reference to the live Monitor writing it: two
+# Monitors logging the same tags into one run would interleave their steps and TensorBoard would show one.
+_LIVE: dict[tuple[str, str], weakref.ref] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+def _run_key(logdir, writer, namespace: str) -> tuple[str, str]:
+    directory = logdir if writer is None else writer.get_logdir()
+    return os.path.realpath(os.fspath(directory)), namespace
+
+
+def _refuse_shared_run(key: tuple[str, str]) -> None:
+    """ValueError if a live Monitor already writes ``key``'s namespace into ``key``'s run directory."""
+    ref = _LIVE.get(key)
+    other = None if ref is None else ref()
+    if other is not None and not other._closed:
+        raise ValueError(
+            f"another Monitor is already writing namespace {key[1]!r} into the run directory {key[0]!r}: their "
+            "steps would interleave under the same tags and TensorBoard would show one model's data; pass another "
+            "namespace= (a tag prefix, e.g. namespace='invariance_b') or logdir=, or close() the other Monitor first"
+        )
+
+
+def _register_run(key: tuple[str, str], monitor: "Monitor") -> None:
+    def forget(ref, key=key):  # the Monitor was garbage-collected unclosed
+        with _LIVE_LOCK:
+            if _LIVE.get(key) is ref:
+                del _LIVE[key]
+
+    with _LIVE_LOCK:
+        _refuse_shared_run(key)
+        _LIVE[key] = weakref.ref(monitor, forget)
+
+
+def _release_run(key: tuple[str, str], monitor: "Monitor") -> None:
+    with _LIVE_LOCK:
+        ref = _LIVE.get(key)
+        if ref is not None and ref() is monitor:
+            del _LIVE[key]
+
+
+def _as_step(global_step: Any) -> int:
+    """``global_step`` as an int: a Python, numpy or 0-d torch integer (not a bool, float or string)."""
+    if isinstance(global_step, torch.Tensor) and global_step.dim() == 0 and not global_step.is_floating_point() \
+            and not global_step.is_complex() and global_step.dtype != torch.bool:
+        return int(global_step.item())
+    if isinstance(global_step, (int, np.integer)) and not isinstance(global_step, (bool, np.bool_)):
+        return int(global_step)
+    shown = f"a tensor of dtype {global_step.dtype} and shape {list(global_step.shape)}" \
+        if isinstance(global_step, torch.Tensor) else f"{type(global_step).__name__} {global_step!r}"
+    raise TypeError(f"monitor.step(global_step) takes an int (the training step; numpy and 0-d torch integers "
+                    f"too), got {shown}")
+
+
 def _check_writer(writer) -> None:
     if not hasattr(writer, "_get_file_writer"):
         raise TypeError(f"writer must be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}")
@@ -57,7 +113,10 @@ class Monitor:
 
     Give either ``logdir=`` (the Monitor owns a writer for that run directory) or ``writer=`` (your
     ``SummaryWriter``; both then write into the same run, and you may keep calling ``add_scalar`` on it
-    meanwhile). Under torch.distributed every rank makes the Monitor with the same probe and calls ``step``
+    meanwhile). A second live Monitor writing the same ``namespace`` into the same run directory is refused
+    (their steps would interleave under the same tags): give it another ``namespace=`` or ``logdir=``. With
+    labels (in the probe or ``labels=``) and the default ``measures``, accuracy per transformation is logged
+    too. Under torch.distributed every rank makes the Monitor with the same probe and calls ``step``
     at the same steps; only rank 0 writes. Measuring never changes training: modes, autograd, RNG states
     are restored and hooks removed. ``step`` measures on the calling thread, then hands the result to a
     background thread that builds the summaries and writes them (CRC32C in C, chunk by chunk, yielding the
@@ -81,7 +140,7 @@ class Monitor:
         writer=None,
         every: int = 500,
         layers: LayerSelector = None,
-        measures: Sequence[str] = DEFAULT_MEASURES,
+        measures: Sequence[str] | None = None,
         labels: Any = None,
         batch_size: int = 16,
         stratified: bool = False,
@@ -104,6 +163,9 @@ class Monitor:
             raise ValueError(f"namespace must be a non-empty tag prefix without '/', got {namespace!r}")
         if self._writes and writer is not None:
             _check_writer(writer)
+        self._run = _run_key(logdir, writer, namespace) if self._writes else None
+        if self._run is not None:
+            _refuse_shared_run(self._run)  # before the expensive checks; registered once they passed
         self.every = every
         self.strict = strict
         self._measurement = Measurement(
@@ -121,6 +183,7 @@ class Monitor:
         )
         with preserved_rng_state():
             samples = as_probe(probe, labels=labels, num_samples=num_samples)
+        self._measurement.use_labels(samples)  # the default measures log accuracy when there are labels
         self._measurement.check_probe(samples)
         self._classes = self._measurement.classes(samples)
         self._probe = samples.to(self._measurement.device(samples))  # moved once, not every step
@@ -136,10 +199,16 @@ class Monitor:
         self._owns_writer = writer is None
         self.writer = None
         if self._writes:
-            self.writer = _open_writer(logdir) if writer is None else writer
-            self._emitter = SummaryEmitter(self.writer, namespace, unit_tensors=unit_tensors)
-            config = run_config(self._measurement, self.layers, probe_size=len(samples), every=every, classes=self._classes)
-            self._emitter.write_config(config, step=0)  # in the event file when it returns
+            _register_run(self._run, self)
+            try:
+                self.writer = _open_writer(logdir) if writer is None else writer
+                self._emitter = SummaryEmitter(self.writer, namespace, unit_tensors=unit_tensors)
+                config = run_config(self._measurement, self.layers, probe_size=len(samples), every=every,
+                                    classes=self._classes)
+                self._emitter.write_config(config, step=0)  # in the event file when it returns
+            except BaseException:
+                _release_run(self._run, self)
+                raise
             self._background = BackgroundWriter(self._emitter)
             weakref.finalize(self, close_at_exit, self._background)  # also runs at interpreter exit
 
@@ -149,6 +218,7 @@ class Monitor:
         Returns the MeasureResult when it measured (its summaries are written in the background), None
         otherwise. A background write that failed since the last call is reported here.
         """
+        global_step = _as_step(global_step)
         if self._closed:
             raise RuntimeError("this Monitor is closed")
         if self._writes:
@@ -195,6 +265,8 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
+        if self._run is not None:
+            _release_run(self._run, self)
         if self.writer is None:
             return
         try:
