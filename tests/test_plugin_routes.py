@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tensorboard.backend import application
 from tensorboard.backend.event_processing import data_provider as tb_data_provider
-from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins import base_plugin
 from torch.utils.tensorboard import SummaryWriter
 from werkzeug import test as werkzeug_test

@@ -11,7 +11,6 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, Union
 
-import torch
 from torch import nn
 
 __all__ = ["LayerSelector", "select_modules", "unwrap", "Capture", "LayerInfo"]
