@@ -109,7 +109,27 @@ def test_dead_and_infinite_units():
         assert np.isinf(nvi[0]) and nvi[0] > 0
         assert nvi[1] == 1.0 and nvi[2] == 1.0
         assert result.get("svi", "1")[2] == 0 and result.get("tvi", "1")[2] == 0
-        assert result.layer_means("nvi")["1"] == 1.0  # the mean is over finite units only
+        # layer means are over finite live units: channel 0 is inf and 1, 2 are dead, so none is left
+        assert np.isnan(result.layer_means("nvi")["1"])
+        assert result.layer_means("tvi")["1"] == result.get("tvi", "1")[0]  # the one live unit's
+        assert result.layer_means("nvi", include_dead=True)["1"] == 1.0  # tmeasures' mean: finite units
+        np.testing.assert_array_equal(result.group_dead("tvi", "1"), [False, True, True])
+
+
+def test_layer_means_leave_dead_units_out():
+    """A ReLU layer where some channels never fire: their nvi is 0 / 0 = 1 (tmeasures), which the layer mean
+    leaves out by default and counts with include_dead=True."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.bias[2:] = -1e3  # channels 2 and 3 never fire after the ReLU
+    model = nn.Sequential(conv, nn.ReLU())
+    result = tm.measure(model, torch.rand(8, 1, 6, 6), T.rot90(), measures=("invariance",))
+    nvi = result.get("nvi", "1")
+    np.testing.assert_array_equal(result.dead("nvi", "1"), [False, False, True, True])
+    assert result.layer_means("nvi")["1"] == pytest.approx(nvi[:2].mean())
+    assert result.layer_means("nvi", include_dead=True)["1"] == pytest.approx(nvi.mean())
+    assert result.layer_means("svi")["1"] == pytest.approx(result.get("svi", "1")[:2].mean())
 
 
 def test_safe_divide_matches_reference():

@@ -277,3 +277,25 @@ def test_model_without_feature_maps_logs_default_measures(tmp_path):
     assert result.layers_of("nvse") == [] and result.layers_of("nvi") == ["1", "2", "3"]
     blobs = provider(tmp_path).list_blob_sequences(ctx(), experiment_id="", plugin_name=metadata.PLUGIN_NAME)["run"]
     assert set(blobs) == {"invariance/units/invariance"}
+
+
+@pytest.mark.parametrize("include_dead", [False, True])
+def test_layer_means_over_live_units_unless_asked(tmp_path, include_dead):
+    """A ReLU channel that never fires is dead (nvi 0 / 0 = 1): the logged layer means, the scalars and the
+    config record leave it out by default and count it with means_include_dead=True (tmeasures' mean)."""
+    torch.manual_seed(0)
+    model = small_cnn()
+    with torch.no_grad():
+        model[0].weight[0].zero_()
+        model[0].bias[0] = -1.0
+    images, labels = _data()
+    probe = images[:16]
+    with tm.Monitor(model, probe, tm.transforms.rotations(4), logdir=tmp_path / "run", every=1,
+                    measures=("invariance",), means_include_dead=include_dead) as monitor:
+        result = monitor.step(1)
+    assert result.dead("nvi", "1")[0]
+    expected = result.layer_means("nvi", include_dead=include_dead)["1"]
+    assert expected != pytest.approx(result.layer_means("nvi", include_dead=not include_dead)["1"])
+    logs = tm.read(tmp_path)
+    assert logs["run"].means["nvi"]["1"].values[0] == np.float32(expected)
+    assert logs["run"].config["means_include_dead"] is include_dead

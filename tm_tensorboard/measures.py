@@ -20,6 +20,7 @@ __all__ = [
     "safe_divide",
     "per_channel",
     "finite_mean",
+    "ratio_measure",
     "evaluate",
 ]
 
@@ -112,7 +113,13 @@ def evaluate(spec: MeasureSpec, components: dict[str, np.ndarray]) -> np.ndarray
     return components[spec.components[0]]
 
 
-def finite_mean(values: np.ndarray) -> float:
-    """Mean over finite values (NaN if there are none): per-layer averages skip inf and NaN units."""
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else float("nan")
+def finite_mean(values: np.ndarray, dead: np.ndarray | None = None) -> float:
+    """Mean over finite values, leaving out ``dead`` units if given (NaN if none are left): per-layer
+    averages skip inf and NaN units, and by default units without any variance."""
+    keep = np.isfinite(values) if dead is None else np.isfinite(values) & ~dead
+    return float(values[keep].mean()) if keep.any() else float("nan")
+
+
+def ratio_measure(group: str) -> str | None:
+    """The group's ratio measure (nvi, nvse, ...), whose 0 / 0 units are the group's dead units."""
+    return next((m for m in MEASURE_GROUPS[group] if SPECS[m].is_ratio), None)

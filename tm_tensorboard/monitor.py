@@ -125,9 +125,11 @@ class Monitor:
     measurement warns and training goes on, as does a failing write (reported at the next ``step()`` or
     ``close()``), unless ``strict=True``. Everything that can be checked is checked here, not at step
     10,000. ``unit_tensors=False`` leaves out the per-layer unit vectors written for other tools (the
-    Invariance tab does not need them), which halves the log size. ``compile`` is measure()'s: by default
-    the statistics run as kernels fused by ``torch.compile`` when that pays over ten measurements, and
-    are compiled here, once per process (``compile_seconds``); the eager kernels give the same numbers.
+    Invariance tab does not need them), which halves the log size. Layer means are over each layer's live
+    units; ``means_include_dead=True`` counts units without any variance too (tmeasures' layer means).
+    ``compile`` is measure()'s: by default the statistics run as kernels fused by ``torch.compile`` when
+    that pays over ten measurements, and are compiled here, once per process (``compile_seconds``); the
+    eager kernels give the same numbers.
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class Monitor:
         alpha: float = 0.01,
         unit_tensors: bool = True,
         compile: bool | None = None,
+        means_include_dead: bool = False,
     ):
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be an int >= 1 (measure every `every` steps), got {every!r}")
@@ -202,9 +205,10 @@ class Monitor:
             _register_run(self._run, self)
             try:
                 self.writer = _open_writer(logdir) if writer is None else writer
-                self._emitter = SummaryEmitter(self.writer, namespace, unit_tensors=unit_tensors)
+                self._emitter = SummaryEmitter(self.writer, namespace, unit_tensors=unit_tensors,
+                                               means_include_dead=means_include_dead)
                 config = run_config(self._measurement, self.layers, probe_size=len(samples), every=every,
-                                    classes=self._classes)
+                                    classes=self._classes, means_include_dead=means_include_dead)
                 self._emitter.write_config(config, step=0)  # in the event file when it returns
             except BaseException:
                 _release_run(self._run, self)

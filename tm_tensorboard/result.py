@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 
 from .capture import LayerInfo
-from .measures import MEASURE_GROUPS, SPECS, evaluate, finite_mean, group_of, per_channel
+from .measures import MEASURE_GROUPS, SPECS, evaluate, finite_mean, group_of, per_channel, ratio_measure
 from .transforms import TransformationSet
 
 __all__ = ["MeasureResult"]
@@ -119,9 +119,27 @@ class MeasureResult:
         num, den = spec.components
         return np.all([(c[num] <= 0) & (c[den] <= 0) for c in per_class], axis=0)
 
-    def layer_means(self, measure: str, per: str = "channel", label: int | None = None) -> dict[str, float]:
-        """{layer: mean of ``measure`` over the layer's finite units}, in network order."""
-        return {layer: finite_mean(self.get(measure, layer, per, label)) for layer in self.layers_of(measure)}
+    def group_dead(self, measure: str, layer: str, per: str = "channel", label: int | None = None) -> np.ndarray:
+        """The dead units of ``measure``'s group: 0 / 0 in its ratio measure (for tvi and svi, those of nvi)."""
+        ratio = ratio_measure(group_of(measure))
+        if ratio is None:
+            return np.zeros(self.get(measure, layer, per, label).shape, dtype=bool)
+        return self.dead(ratio, layer, per, label)
+
+    def layer_means(
+        self, measure: str, per: str = "channel", label: int | None = None, include_dead: bool = False
+    ) -> dict[str, float]:
+        """{layer: mean of ``measure`` over the layer's finite live units}, in network order.
+
+        Dead units (no variance at all, ``group_dead``) are 1 in ratio measures by tmeasures' convention,
+        which would pull a layer with many of them towards 1; ``include_dead=True`` counts them anyway,
+        as tmeasures' layer means do. NaN for a layer without live units.
+        """
+        out = {}
+        for layer in self.layers_of(measure):
+            dead = None if include_dead else self.group_dead(measure, layer, per, label)
+            out[layer] = finite_mean(self.get(measure, layer, per, label), dead)
+        return out
 
     def __repr__(self) -> str:
         return (

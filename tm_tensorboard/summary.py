@@ -20,7 +20,7 @@ from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, 
 from . import __version__, event_records, metadata
 from .capture import LayerInfo
 from .engine import Measurement
-from .measures import DEFINITIONS, MEASURE_GROUPS, SPECS, finite_mean
+from .measures import DEFINITIONS, MEASURE_GROUPS, finite_mean, ratio_measure
 from .result import MeasureResult
 from .transforms import TransformationSet
 
@@ -52,7 +52,8 @@ def transformation_protos(transformations: TransformationSet) -> list:
 
 
 def run_config(
-    measurement: Measurement, layers: list[LayerInfo], *, probe_size: int, every: int, classes: list[int] | None
+    measurement: Measurement, layers: list[LayerInfo], *, probe_size: int, every: int, classes: list[int] | None,
+    means_include_dead: bool = False,
 ) -> metadata.RunConfig:
     """The run-level record of how the measures are taken."""
     transformations = measurement.transformations
@@ -76,6 +77,7 @@ def run_config(
         alpha=measurement.options.alpha,
         disk=measurement.options.disk,
         actions={info.name: measurement.options.actions(info.name).name for info in layers if with_actions and info.is_spatial},
+        means_include_dead=means_include_dead,
     )
 
 
@@ -128,10 +130,12 @@ def _snapshot(rows: list[list[np.ndarray]], pace: Callable[[], None]) -> np.ndar
 class SummaryEmitter:
     """Writes one namespace's summaries through a ``torch.utils.tensorboard.SummaryWriter``."""
 
-    def __init__(self, writer, namespace: str = metadata.DEFAULT_NAMESPACE, unit_tensors: bool = True):
+    def __init__(self, writer, namespace: str = metadata.DEFAULT_NAMESPACE, unit_tensors: bool = True,
+                 means_include_dead: bool = False):
         self.writer = writer
         self.namespace = namespace
         self.unit_tensors = unit_tensors  # per-layer vectors for other tools (the tab reads the snapshots)
+        self.means_include_dead = means_include_dead  # layer means as tmeasures takes them, dead units in
         self._described: set[str] = set()  # tags whose metadata this emitter already wrote
 
     def _value(self, tag: str, tensor: tensor_pb2.TensorProto, data: metadata.PluginData, **kind) -> summary_pb2.Summary.Value:
@@ -171,6 +175,7 @@ class SummaryEmitter:
             aggregation=AGGREGATION,
         )
         values = []
+        include_dead = self.means_include_dead
         for group in result.groups:
             measures = MEASURE_GROUPS[group]
             layers = result.layers_of(measures[0])
@@ -180,27 +185,30 @@ class SummaryEmitter:
             protos = [layer_proto(result.layer_info(layer), len(v))
                       for layer, v in _paced(zip(layers, per_unit[measures[0]]), pace)]
             rows = [per_unit[m] for m in measures]
-            ratio = next((m for m in measures if SPECS[m].is_ratio), None)
-            if ratio is not None:  # units with 0 / 0 (no variance at all): the tab shows them apart
-                rows.append([result.dead(ratio, layer, per=AGGREGATION) for layer in _paced(layers, pace)])
+            ratio = ratio_measure(group)
+            dead = [result.dead(ratio, layer, per=AGGREGATION) for layer in _paced(layers, pace)] if ratio else None
+            if dead is not None:  # units with 0 / 0 (no variance at all): the tab shows them apart
+                rows.append(dead)
             data = metadata.PluginData(
                 kind=metadata.UNIT_SNAPSHOT,
                 measures=list(measures) + ([metadata.DEAD_ROW] if ratio is not None else []),
                 layers=protos,
+                means_include_dead=include_dead,
                 **common,
             )
             snapshot = self._value(metadata.snapshot_tag(ns, group), _blob_tensor(), data, blob_sequence=True)
             values.append(event_records.BlobValue(snapshot, _snapshot(rows, pace)))
             for measure in measures:
                 means = []
-                for layer, proto, vector in _paced(zip(layers, protos, per_unit[measure]), pace):
+                for i, (layer, proto, vector) in enumerate(_paced(zip(layers, protos, per_unit[measure]), pace)):
                     if self.unit_tensors:
                         data = metadata.PluginData(kind=metadata.UNIT_VALUES, measure=measure, layer=proto, **common)
                         tag = metadata.unit_tag(ns, measure, layer)
                         values.append(self._value(tag, _float_tensor(vector), data, plugin_name=metadata.UNITS_PLUGIN_NAME))
-                    means.append(finite_mean(vector))
+                    means.append(finite_mean(vector, None if include_dead or dead is None else dead[i]))
                     values.append(summary_pb2.Summary.Value(tag=metadata.scalar_tag(ns, measure, layer), simple_value=means[-1]))
-                data = metadata.PluginData(kind=metadata.LAYER_MEANS, measure=measure, layers=protos, **common)
+                data = metadata.PluginData(kind=metadata.LAYER_MEANS, measure=measure, layers=protos,
+                                           means_include_dead=include_dead, **common)
                 values.append(self._value(metadata.means_tag(ns, measure), _float_tensor(np.array(means)), data))
         if result.accuracy is not None:
             data = metadata.PluginData(kind=metadata.ACCURACY, measure="accuracy", **common)

@@ -4,7 +4,8 @@ Routes (relative to ``data/plugin/tm_invariance``):
 
 - ``/runs``: every (run, namespace) with its measures, layers (network order), accuracy, step range.
 - ``/units?run&namespace&measure[&step]``: every unit of every layer at one step (latest by default),
-  with each layer's mean over finite units, the indices of dead units (no variance at all) and the
+  with each layer's mean over finite live units (all finite units if the run was logged with
+  ``means_include_dead``), the indices of dead units (no variance at all) and the
   list of steps that have units (as of the last request for the latest step or a step not seen before).
 - ``/layer_means?run&namespace&measure[&downsample]``: per-layer means at every step (curves, layer ×
   step heatmap, layer profile).
@@ -395,12 +396,14 @@ class InvariancePlugin(base_plugin.TBPlugin):
         for i, layer in enumerate(data.layers):
             dead = np.flatnonzero(dead_rows[i] > 0.5) if dead_rows is not None else []
             values = snapshot[measure][i]
-            finite = values[np.isfinite(values)]
+            counted = np.isfinite(values)
+            if not data.means_include_dead:  # as the layer means route: over live units unless logged otherwise
+                counted[dead] = False
             layers.append({
                 **_layer_json(layer),
                 "values": _float32_base64(values),
                 "dead": [int(u) for u in dead],
-                "mean": _number(float(finite.mean())) if finite.size else "NaN",  # as the layer means route
+                "mean": _number(float(values[counted].mean())) if counted.any() else "NaN",
             })
         return _json(
             request,
