@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import tm_tensorboard as tm
 
-__all__ = ["AUGMENTATIONS", "augment", "train_run"]
+__all__ = ["AUGMENTATIONS", "augment", "TrainingRun", "train_run"]
 
 AUGMENTATIONS = ("none", "rotation", "affine")
 
@@ -54,58 +54,99 @@ def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batc
     return correct / max(len(images), 1)
 
 
-def train_run(
-    model: nn.Module,
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    logdir: str | Path,
-    *,
-    augmentation: str = "none",
-    steps: int = 1000,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    probe_size: int = 256,
-    transformations: tm.transforms.TransformationSet | None = None,
-    every: int = 100,
-    log_every: int = 50,
-    seed: int = 0,
-    monitor_options: dict[str, Any] | None = None,
-) -> dict[str, float]:
+class TrainingRun:
+    """One model variant trained step by step (one run directory), so that several can take turns.
+
+    Made: the Monitor is set up and measures the untrained network (step 0, where "invariance during
+    training" starts). ``step()``: one Adam step on a random batch, the loss scalar, ``monitor.step``.
+    ``finish()``: the last step measured, test metrics logged, writers closed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: tuple[torch.Tensor, torch.Tensor],
+        test: tuple[torch.Tensor, torch.Tensor],
+        logdir: str | Path,
+        *,
+        augmentation: str = "none",
+        steps: int = 1000,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        probe_size: int = 256,
+        transformations: tm.transforms.TransformationSet | None = None,
+        every: int = 100,
+        log_every: int = 50,
+        seed: int = 0,
+        monitor_options: dict[str, Any] | None = None,
+    ):
+        torch.manual_seed(seed)
+        self.model, self.train, self.test = model, train, test
+        self.augmentation, self.steps, self.batch_size, self.log_every = augmentation, steps, batch_size, log_every
+        self.generator = torch.Generator().manual_seed(seed)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        self.writer = SummaryWriter(str(logdir))
+        probe = (test[0][:probe_size], test[1][:probe_size])
+        options = {"measures": ("invariance", "same_equivariance", "accuracy"), **(monitor_options or {})}
+        self.monitor = tm.Monitor(                                                 # line 1 of 2
+            model, probe, transformations or tm.transforms.rotations(16), writer=self.writer, every=every, **options
+        )
+        self.start = time.perf_counter()
+        self.monitor.step(0)
+        self.step_count = 0
+        self.correct = self.seen = 0  # training accuracy since the last ``train_accuracy()``
+        model.train()
+
+    @property
+    def done(self) -> bool:
+        return self.step_count >= self.steps
+
+    def step(self) -> None:
+        self.step_count += 1
+        step = self.step_count
+        images, labels = self.train
+        batch = torch.randint(0, len(images), (self.batch_size,), generator=self.generator)
+        x = augment(images[batch], self.augmentation, self.generator)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, labels[batch])
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.correct += (logits.argmax(1) == labels[batch]).sum().detach()  # read only when asked (no sync)
+        self.seen += len(batch)
+        if step % self.log_every == 0 or step == self.steps:
+            self.writer.add_scalar("train/loss", loss.item(), step)
+        self.monitor.step(step, force=step == self.steps)                         # line 2 of 2
+
+    def train_accuracy(self) -> float:
+        """Accuracy on the training batches since the last call (augmented as trained)."""
+        value = float(self.correct) / max(self.seen, 1)
+        self.correct = self.seen = 0
+        return value
+
+    def finish(self) -> dict[str, float]:
+        """Test accuracy, upright and randomly rotated; logs them and closes the writers."""
+        test = self.test
+        metrics = {
+            "test/accuracy": _accuracy(self.model, *test),
+            "test/accuracy_rotated": _accuracy(self.model, augment(test[0], "rotation", self.generator), test[1]),
+            "train/seconds": time.perf_counter() - self.start,
+        }
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, self.steps)
+        self.monitor.close()
+        self.writer.close()
+        return metrics
+
+
+def train_run(model: nn.Module, train, test, logdir: str | Path, **options: Any) -> dict[str, float]:
     """Train ``model`` for ``steps`` steps with Adam, logging to ``logdir``; returns the final metrics.
 
     The Monitor measures on the first ``probe_size`` test samples (untransformed, with labels, so it
-    also logs accuracy per transformation) every ``every`` steps and at the last step.
+    also logs accuracy per transformation) every ``every`` steps and at the last step. Keywords: those
+    of ``TrainingRun``.
     """
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    images, labels = train
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    writer = SummaryWriter(str(logdir))
-    probe = (test[0][:probe_size], test[1][:probe_size])
-    options = {"measures": ("invariance", "same_equivariance", "accuracy"), **(monitor_options or {})}
-    monitor = tm.Monitor(                                                          # line 1 of 2
-        model, probe, transformations or tm.transforms.rotations(16), writer=writer, every=every, **options
-    )
-    start = time.perf_counter()
-    monitor.step(0)  # the untrained network, where "invariance during training" starts
-    model.train()
-    for step in range(1, steps + 1):
-        batch = torch.randint(0, len(images), (batch_size,), generator=generator)
-        x = augment(images[batch], augmentation, generator)
-        loss = F.cross_entropy(model(x), labels[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % log_every == 0 or step == steps:
-            writer.add_scalar("train/loss", loss.item(), step)
-        monitor.step(step, force=step == steps)                                   # line 2 of 2
-    metrics = {
-        "test/accuracy": _accuracy(model, *test),
-        "test/accuracy_rotated": _accuracy(model, augment(test[0], "rotation", generator), test[1]),
-        "train/seconds": time.perf_counter() - start,
-    }
-    for name, value in metrics.items():
-        writer.add_scalar(name, value, steps)
-    monitor.close()
-    writer.close()
-    return metrics
+    run = TrainingRun(model, train, test, logdir, **options)
+    while not run.done:
+        run.step()
+    return run.finish()

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import pickle
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -102,30 +105,61 @@ def test_demo_command_writes_logs_the_plugin_serves(tmp_path):
         assert entry["max_step"] == 40
 
 
-def test_demo_command_serves_tensorboard(tmp_path):
+def test_demo_starts_tensorboard_first_and_the_tab_fills_in_while_training(tmp_path):
+    """The address comes before any training; the plugin serves measured steps of all three runs while
+    they still train; progress lines come as training goes."""
     process = subprocess.Popen([*CLI, "demo", "--smoke", "--port", "0", "--logdir", str(tmp_path / "demo")],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    lines: list[str] = []
+
+    def read_lines() -> None:
+        for line in process.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_lines, daemon=True)
     try:
-        deadline, output = time.time() + 300, ""
-        while time.time() < deadline:
-            line = process.stdout.readline()
-            output += line
-            match = re.search(r"TensorBoard at (http://127\.0\.0\.1:\d+/)", line)
-            if match:
-                break
-            assert process.poll() is None, output
-        assert match, output
+        reader.start()
+        deadline = time.time() + 300
+        def address() -> re.Match | None:
+            return next(filter(None, (re.search(r"TensorBoard at (http://127\.0\.0\.1:\d+/)", line) for line in lines)), None)
+
+        while address() is None and time.time() < deadline:
+            time.sleep(0.1)
+        match = address()
+        assert match, lines
+        printed = [i for i, line in enumerate(lines) if "TensorBoard at" in line or line.startswith("training")]
+        assert "TensorBoard at" in lines[printed[0]], lines  # the address before the training starts
         url = match.group(1)
-        for _ in range(60):
-            with urllib.request.urlopen(url + "data/plugins_listing", timeout=30) as response:
-                if b'"tm_invariance"' in response.read():
-                    break
+        live = None
+        while time.time() < deadline and not any(line.startswith("logs written") for line in lines):
+            with urllib.request.urlopen(url + "data/plugin/tm_invariance/runs", timeout=30) as response:
+                runs = json.loads(response.read())["runs"]
+            if len([r for r in runs if r["max_step"] is not None]) == 3:
+                live = list(lines)
+                break
             time.sleep(0.5)
-        with urllib.request.urlopen(url + "data/plugin/tm_invariance/runs", timeout=30) as response:
-            assert b"p4cnn" in response.read()
+        assert live is not None, lines  # all three runs were served before training was over
+        assert not any(line.startswith("logs written") for line in live), live
+        while time.time() < deadline and not any(line.startswith("TensorBoard keeps serving") for line in lines):
+            time.sleep(0.5)
+        assert any(re.match(r"  step \d+/40: training accuracy cnn 0\.\d\d, .*s left", line) for line in lines), lines
+        assert process.poll() is None  # still serving
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_demo_on_a_taken_port_says_so_in_one_line_before_training(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run([*CLI, "demo", "--port", str(port), "--logdir", str(tmp_path / "demo")], timeout=120)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert errors == [f"tm-tensorboard demo: error: port {port} is in use (another TensorBoard?): pass --port 0 "
+                      "to pick a free one, or --port N"], done.stderr
+    assert "training" not in done.stdout and not list((tmp_path / "demo").glob("*/events.*"))  # before any
 
 
 def test_demo_shows_the_expected_science(tmp_path):
@@ -147,6 +181,9 @@ def test_demo_shows_the_expected_science(tmp_path):
     last = list(plain)[-1]
     assert list(augmented)[-1] == last == "classifier.3"
     assert augmented[last] < 0.8 * plain[last], (augmented[last], plain[last])
+    nvse = get_json(client, "/layer_means", run="p4cnn", namespace="invariance", measure="nvse")
+    after_orientation_pool = dict(zip(nvse["layers"], rows(nvse)[-1]))["orientation_pool"]
+    assert after_orientation_pool < 1e-4 < 0.1 < p4["orientation_pool"]  # turns with the input: not invariant yet
     ee = get_json(client, "/layer_means", run="p4cnn", namespace="invariance", measure="ee")
     group_layers = [i for i, name in enumerate(ee["layers"]) if name.startswith("features.")]
     assert max(rows(ee)[-1][i] for i in group_layers) < 1e-4  # equivariant under the cyclic-shift action

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from pathlib import Path
 from typing import Sequence
 
 # Errors that are the user's to fix (a bad path, a factory that does not import, a malformed argument):
@@ -13,15 +14,22 @@ USER_ERRORS = (ValueError, OSError, ImportError, LookupError)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import serve, write_demo_logs
+    from .demo import PortInUse, serve, write_demo_logs
 
     steps, every = (40, 20) if args.smoke else (args.steps, args.every)
+    if not args.no_serve:  # first: a taken port is said before any training, and the tab fills in live
+        Path(args.logdir).mkdir(parents=True, exist_ok=True)
+        try:
+            url = serve(args.logdir, args.port)
+        except PortInUse as error:
+            print(f"tm-tensorboard demo: error: {error}", file=sys.stderr)
+            return 2
+        print(f"TensorBoard at {url}#tm_invariance  (the Invariance tab; the runs appear as they train)", flush=True)
     write_demo_logs(args.logdir, steps=steps, every=every, train_size=1000 if args.smoke else 6000)
-    print(f"logs written to {args.logdir}")
+    print(f"logs written to {args.logdir}", flush=True)
     if args.no_serve:
         return 0
-    url = serve(args.logdir, args.port)
-    print(f"TensorBoard at {url}#tm_invariance  (the Invariance tab; Ctrl-C stops it)", flush=True)
+    print("TensorBoard keeps serving them; Ctrl-C stops it", flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -18,9 +18,9 @@ from torch import nn
 from . import actions, transforms
 from .examples.models import P4CNN, SimpleCNN
 from .examples.shapes import CLASSES, make_shapes
-from .examples.training import train_run
+from .examples.training import TrainingRun
 
-__all__ = ["DemoRun", "RUNS", "write_demo_logs", "serve"]
+__all__ = ["DemoRun", "RUNS", "write_demo_logs", "serve", "PortInUse"]
 
 
 @dataclass(frozen=True)
@@ -46,18 +46,18 @@ def _model(run: DemoRun) -> nn.Module:
 
 def write_demo_logs(
     logdir: str | Path, *, steps: int = 400, every: int = 50, train_size: int = 6000, probe_size: int = 128,
-    image_size: int = 32, verbose: bool = True,
+    image_size: int = 32, verbose: bool = True, report_every: float = 5.0,
 ) -> dict[str, dict[str, float]]:
-    """Train the three runs and log them under ``logdir`` (one run directory each); returns their metrics."""
+    """Train the three runs under ``logdir`` (one run directory each), taking turns step by step so that
+    all three fill the tab together; returns their metrics. With ``verbose``, a progress line every
+    ``report_every`` seconds (step, training accuracy per run, time left) and the test accuracies."""
     logdir = Path(logdir)
+    say = (lambda text: print(text, flush=True)) if verbose else (lambda text: None)
     train = make_shapes(train_size, image_size, seed=1)
     test = make_shapes(max(1000, probe_size), image_size, seed=2)
-    results = {}
-    for run in RUNS:
-        start = time.perf_counter()
-        if verbose:
-            print(f"training {run.name}: {run.description}, {steps} steps ...", flush=True)
-        metrics = train_run(
+    start = time.perf_counter()
+    runs = {
+        run.name: TrainingRun(
             _model(run),
             train,
             test,
@@ -71,24 +71,50 @@ def write_demo_logs(
             monitor_options=dict(
                 measures=("invariance", "same_equivariance", "equivariance_error", "accuracy"),
                 noise_floor=True,
+                # nine short measurements: compiling the statistics (seconds) would not pay for itself
+                compile=False,
                 # the group layers' orientation channels turn with the input (regular representation)
                 actions={"features.*": actions.cyclic_shift(4)} if run.equivariant else None,
             ),
         )
-        results[run.name] = metrics
-        if verbose:
-            print(
-                f"  test accuracy {metrics['test/accuracy']:.3f} (randomly rotated: "
-                f"{metrics['test/accuracy_rotated']:.3f}) in {time.perf_counter() - start:.0f} s",
-                flush=True,
-            )
+        for run in RUNS
+    }
+    say(f"training {', '.join(runs)} for {steps} steps each, measured every {every} steps")
+    training_start = last_report = time.perf_counter()
+    for step in range(1, steps + 1):
+        for training in runs.values():
+            training.step()
+        now = time.perf_counter()
+        if now - last_report >= report_every and step < steps:
+            last_report = now
+            left = (now - training_start) / step * (steps - step)
+            accuracies = ", ".join(f"{name} {t.train_accuracy():.2f}" for name, t in runs.items())
+            say(f"  step {step}/{steps}: training accuracy {accuracies}; about {left:.0f} s left")
+    results = {name: training.finish() for name, training in runs.items()}
+    for name, metrics in results.items():
+        say(f"  {name}: test accuracy {metrics['test/accuracy']:.3f} (randomly rotated: "
+            f"{metrics['test/accuracy_rotated']:.3f})")
+    say(f"trained in {time.perf_counter() - start:.0f} s")
     return results
 
 
-def serve(logdir: str | Path, port: int = 6006) -> str:
-    """Start TensorBoard on 127.0.0.1 in this process (background threads); returns its URL."""
+class PortInUse(RuntimeError):
+    """TensorBoard cannot listen on the asked port."""
+
+
+def serve(logdir: str | Path, port: int = 6006, reload_interval: float = 2.0) -> str:
+    """Start TensorBoard on 127.0.0.1 in this process (background threads); returns its URL.
+
+    It reloads the logdir every ``reload_interval`` seconds, so runs being trained show up as they go.
+    Raises PortInUse (one line, with what to do) when the port is taken.
+    """
     from tensorboard import program
 
     board = program.TensorBoard()
-    board.configure(argv=[None, "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)])
-    return board.launch()
+    board.configure(argv=[None, "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port),
+                          "--reload_interval", str(reload_interval)])
+    try:
+        return board.launch()
+    except program.TensorBoardPortInUseError as error:
+        raise PortInUse(f"port {port} is in use (another TensorBoard?): pass --port 0 to pick a free one, or "
+                        "--port N") from error
