@@ -42,10 +42,11 @@ setup(
         # pytest runs the suite; playwright drives Debian's Chromium in the browser tests (never
         # `playwright install`); grpcio-tools checks the committed *_pb2.py against the .proto; tbparse
         # and scipy are independent readers / references the tests compare against; lightning and pandas
-        # are there so the tests exercise the callback and read(...).to_pandas() for real.
+        # are there so the tests exercise the callback and read(...).to_pandas() for real; scikit-learn
+        # ships real handwritten digits (no download) for the tests that need real images.
         "test": [
             "pytest>=7", "playwright>=1.40", "grpcio-tools>=1.62", "tbparse>=0.0.8", "scipy>=1.10",
-            "lightning>=2.2", "pandas>=2",
+            "lightning>=2.2", "pandas>=2", "scikit-learn>=1.3",
         ],
         # tm_tensorboard.lightning.InvarianceCallback, for PyTorch Lightning's Trainer.
         "lightning": ["lightning>=2.2"],

@@ -184,3 +184,29 @@ def test_labels_add_accuracy_by_default_and_unused_labels_warn(tmp_path):
         assert tm.measure(features, (images, labels), T.flips()).accuracy is None
     with tm.Monitor(model, (images, labels), T.flips(), logdir=tmp_path / "run", every=1) as monitor:
         assert monitor.step(0).accuracy.shape == (len(T.flips()),)
+
+
+def _digits(n: int = 64) -> torch.Tensor:
+    """scikit-learn's real handwritten digits (8×8, ink up to the border), upsampled to 32×32 in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    images = torch.tensor(load_digits().images[:n], dtype=torch.float32)[:, None] / 16
+    return torch.nn.functional.interpolate(images, size=32, mode="bilinear", align_corners=False)
+
+
+def test_border_padding_warns_when_the_probe_has_content_at_its_border():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    digits = _digits()
+    with pytest.warns(UserWarning, match=r"content at their border .* padding='zeros'"):
+        tm.measure(model, digits, tm.transforms.rotations(8), measures=("invariance",))
+    framed = torch.nn.functional.pad(digits[..., 4:-4, 4:-4], (4, 4, 4, 4))  # the same digits on a blank margin
+    quiet = [
+        (digits, tm.transforms.rotations(8, padding="zeros")),  # the advice taken
+        (digits, tm.transforms.rot90()),  # a pixel permutation: nothing is padded
+        (digits, tm.transforms.brightness([0.0, 0.1])),
+        (framed, tm.transforms.rotations(8)),  # nothing at the border to smear
+    ]
+    for probe, transformations in quiet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            tm.measure(model, probe, transformations, measures=("invariance",))

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-__all__ = ["Probe", "as_probe", "DEFAULT_NUM_SAMPLES"]
+__all__ = ["Probe", "as_probe", "DEFAULT_NUM_SAMPLES", "border_variation"]
 
 # Samples read from a Dataset / DataLoader when num_samples is not given. The measures are means over the
 # probe's samples, so their standard error falls as 1/sqrt(N): 256 samples put it at 1/16 of the spread
@@ -161,3 +161,14 @@ def as_probe(probe: Any, labels: Any = None, num_samples: int | None = None) -> 
             raise ValueError(f"labels must be integer class indices, got dtype {pair_labels.dtype}")
         pair_labels = pair_labels.detach().to("cpu", torch.int64)
     return Probe(images.detach(), pair_labels)
+
+
+def border_variation(images: torch.Tensor) -> float:
+    """How much the images vary along their outermost pixels, relative to how much they vary overall (mean
+    over samples and channels of the two standard deviations' ratio): ~0 when the objects stay clear of the
+    border (MNIST's digits on black), ~1 for natural images that run to the edge."""
+    x = images.detach().double()
+    frame = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], dim=-1)
+    overall = x.flatten(-2).std(dim=-1)
+    ratio = frame.std(dim=-1) / overall.clamp_min(1e-12)
+    return float(ratio[overall > 0].mean()) if bool((overall > 0).any()) else 0.0

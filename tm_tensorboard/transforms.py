@@ -239,6 +239,14 @@ class TransformationSet(Sequence[Transformation]):
     def is_spatial(self) -> bool:
         return any(op.kind in _GEOMETRIC and not op.is_identity for t in self._items for op in t.ops)
 
+    def interpolates(self, height: int, width: int) -> bool:
+        """Whether some transformation of an image of this size is not a pixel permutation, so that pixels
+        are interpolated and some come in from outside the image (filled in by ``padding``)."""
+        if not self.is_spatial:
+            return False
+        return any(_exact_source_index(np.round(m, 12), height, width) is None
+                   for m in self._sampling_matrices(height, width, inverse=False))
+
     def as_dict(self) -> dict:
         return {
             "id": self.id,
