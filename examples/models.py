@@ -8,7 +8,8 @@ own module name in ``model.named_modules()``. Forward passes create no tensors o
 models run on any device and in any floating-point dtype.
 
 ``P4CNN`` is invariant to rotations by multiples of 90° (up to float rounding); its group feature maps use the
-channel-major layout described in ``P4LiftingConv2d``.
+channel-major layout described in ``P4LiftingConv2d``. ``VisionTransformer`` uses GELUs, each its own module
+too.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ __all__ = [
     "P4CNN",
     "AffineResample",
     "STNCNN",
+    "TransformerBlock",
+    "VisionTransformer",
     "MODELS",
     "build_model",
 ]
@@ -361,6 +364,75 @@ class STNCNN(nn.Module):
         return self.classifier(self.transform(x))
 
 
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer encoder block on tokens [B, L, D]: ``x + attn(norm1(x))``, then
+    ``x + mlp(norm2(x))`` with multi-head self-attention (``nn.MultiheadAttention``, batch first) and an MLP
+    Linear(D, 4D)-GELU-Linear(4D, D). Every part acts on each token alone except attention, which is
+    permutation-equivariant over the tokens: the block commutes with any reordering of its tokens."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """A small Vision Transformer (Dosovitskiy et al. 2021): non-overlapping ``patch_size`` patches embedded
+    by a stride-``patch_size`` convolution (``patch_embed``, feature maps [D, h, w]), flattened row-major to
+    h·w tokens plus a positional embedding, a learned class token in front, ``depth`` ``TransformerBlock``s
+    (``blocks.0``, ``blocks.1``, ...: tokens [B, 1 + h·w, D]), a final LayerNorm and a linear classifier on
+    the class token. D = ``heads`` × 16 channels (64) times ``width``; 28- and 32-pixel images give 7×7 and
+    8×8 grids of 4-pixel patches.
+
+    The positional embedding is the sum of a learned row and a learned column embedding (up to
+    ``max_grid`` rows and columns, so any image up to ``max_grid × patch_size`` pixels fits). Measure the
+    blocks with ``tm.actions.patch_grid(*model.grid(H, W), cls_tokens=1)`` to lay their tokens out on the
+    patch grid. Without a positional embedding and with rot90-symmetric patch kernels the blocks would be
+    exactly rot90-equivariant on that grid (attention is permutation-equivariant); with it they are not.
+    """
+
+    cls_tokens = 1
+
+    def __init__(self, in_channels: int, num_classes: int, width: float = 1.0, patch_size: int = 4, depth: int = 4,
+                 heads: int = 4, max_grid: int = 16):
+        super().__init__()
+        dim = heads * _scaled(16, width)
+        self.patch_size, self.max_grid = patch_size, max_grid
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.row_position = nn.Parameter(torch.zeros(max_grid, dim))
+        self.column_position = nn.Parameter(torch.zeros(max_grid, dim))
+        for parameter in (self.cls_token, self.row_position, self.column_position):
+            nn.init.trunc_normal_(parameter, std=0.02)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """The (rows, columns) of patches of an image of this size (a border narrower than a patch is dropped)."""
+        return height // self.patch_size, width // self.patch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.patch_embed(x)  # [B, D, h, w]
+        b, d, h, w = maps.shape
+        if h > self.max_grid or w > self.max_grid:
+            raise ValueError(
+                f"images of {x.shape[-2]}×{x.shape[-1]} px make a {h}×{w} patch grid; this model's positional "
+                f"embedding covers up to {self.max_grid}×{self.max_grid}"
+            )
+        position = self.row_position[:h, None] + self.column_position[None, :w]  # [h, w, D]
+        tokens = maps.flatten(2).transpose(1, 2) + position.reshape(1, h * w, d)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        return self.head(self.norm(self.blocks(tokens))[:, 0])
+
+
 MODELS: dict[str, type[nn.Module]] = {
     "simple_cnn": SimpleCNN,
     "allconv": AllConvNet,
@@ -368,6 +440,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "resnet18": ResNet18Style,
     "p4cnn": P4CNN,
     "stn": STNCNN,
+    "vit": VisionTransformer,
 }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import tm_tensorboard as tm
-from tm_tensorboard.examples.models import MODELS, build_model
+from tm_tensorboard.examples.models import MODELS, VisionTransformer, build_model
 from tm_tensorboard.examples.training import AUGMENTATIONS, train_run
 
 
@@ -34,6 +34,15 @@ def parser(dataset: str, default_model: str, default_epochs: int) -> argparse.Ar
     return p
 
 
+def monitor_options(model: torch.nn.Module, image_size: tuple[int, int]) -> dict:
+    """The Monitor's options for ``model``: the noise floor, and for a Vision Transformer its tokens laid out
+    on its patch grid (so that its blocks get same-equivariance)."""
+    options: dict = dict(noise_floor=True)
+    if isinstance(model, VisionTransformer):
+        options["actions"] = tm.actions.patch_grid(*model.grid(*image_size), cls_tokens=model.cls_tokens)
+    return options
+
+
 def train_variants(args: argparse.Namespace, train: tuple, test: tuple) -> None:
     """Train one run per augmentation and print their final metrics."""
     if args.smoke:
@@ -55,7 +64,7 @@ def train_variants(args: argparse.Namespace, train: tuple, test: tuple) -> None:
             probe_size=32 if args.smoke else args.probe_size,
             transformations=tm.transforms.rotations(4 if args.smoke else args.rotations),
             every=10 if args.smoke else args.every,
-            monitor_options=dict(noise_floor=True),
+            monitor_options=monitor_options(model, tuple(train[0].shape[-2:])),
         )
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
     print(f"done: tensorboard --logdir {args.logdir}")

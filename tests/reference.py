@@ -13,13 +13,14 @@ from torch import nn
 def activation_matrix(model: nn.Module, images: torch.Tensor, transform_one, layer_names: list[str], undo=None):
     """{layer: array [N, T, *unit_shape]} where transform_one(x[1, C, H, W], t) gives image t of x (None
     past the last t); ``undo(feature_map[1, C, h, w], t)``, if given, is applied to each activation
-    (same-equivariance)."""
+    (same-equivariance). A layer returning a tuple contributes its first element (attention's output)."""
     modules = dict(model.named_modules())
     store: dict[str, torch.Tensor] = {}
-    handles = [
-        modules[name].register_forward_hook(lambda m, i, o, name=name: store.__setitem__(name, o.detach().clone()))
-        for name in layer_names
-    ]
+
+    def keep(name, output):
+        store[name] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+
+    handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: keep(name, o)) for name in layer_names]
     out: dict[str, list] = {name: [] for name in layer_names}
     model.eval()
     try:

@@ -273,3 +273,13 @@ def test_the_readme_command_as_written(tmp_path):
     assert list(logs) == ["from-checkpoints"]
     assert logs["from-checkpoints"].means["nvi"]["features.0"].steps.tolist() == [100, 200]
     assert logs["from-checkpoints"].accuracy is not None  # the shapes probe has labels
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["measure"], ["export"]])
+def test_help_is_plain_text(command, capsys):
+    """--help shows no reStructuredText markup (double backticks) from docstrings."""
+    with pytest.raises(SystemExit) as done:
+        cli.main([*command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: tm-tensorboard" in text and "``" not in text

@@ -70,21 +70,21 @@ def test_models_create_no_tensors_of_their_own_dtype(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_every_relu_is_its_own_module_called_once(name):
-    """Each activation has its own module name: no ReLU instance is shared, none is in-place."""
+def test_every_activation_is_its_own_module_called_once(name):
+    """Each activation has its own module name: no ReLU / GELU instance is shared, none is in-place."""
     model = build_model(name, 1, 3, width=SMALL)
-    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
-    calls = {id(m): 0 for m in relus}
-    handles = [m.register_forward_hook(lambda m, i, o: calls.__setitem__(id(m), calls[id(m)] + 1)) for m in relus]
+    activations = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.GELU))]
+    calls = {id(m): 0 for m in activations}
+    handles = [m.register_forward_hook(lambda m, i, o: calls.__setitem__(id(m), calls[id(m)] + 1)) for m in activations]
     model(torch.randn(2, 1, 28, 28))
     for handle in handles:
         handle.remove()
-    assert relus and set(calls.values()) == {1}
-    assert not any(m.inplace for m in relus)
+    assert activations and set(calls.values()) == {1}
+    assert not any(getattr(m, "inplace", False) for m in activations)
 
 
 def test_build_model_rejects_unknown_names_and_widths():
-    valid = "simple_cnn, allconv, vgg, resnet18, p4cnn, stn"
+    valid = "simple_cnn, allconv, vgg, resnet18, p4cnn, stn, vit"
     with pytest.raises(ValueError, match=f"unknown model 'lenet'; valid names: {valid}"):
         build_model("lenet", 1, 10)
     with pytest.raises(ValueError, match="width must be a positive"):

@@ -23,31 +23,37 @@ from tm_tensorboard.statistics import AccuracyState
 from launches import COMPILED_REGION, top_level_ops
 from models import small_cnn
 
-# Ops a GPU would launch per observed layer per chunk (N = 64, T = 16, batch_size = 16: 4 chunks), counted
-# as in launches.py with the forward's own ops subtracted. Reached: 5.0 / 4.6 (invariance) and 8.1 / 8.5
-# (invariance + same-equivariance) for SimpleCNN / ResNet18Style(width=0.25); before the fused updates
-# 119 and 235.
-BUDGET = {("invariance",): 6, ("invariance", "same_equivariance"): 9}
+# Ops a GPU would launch per observed layer for each further chunk (T = 16, batch_size = 16; 8 chunks
+# against 4), counted as in launches.py with the forward's own ops subtracted: what grows with the probe.
+# Once-per-measurement work (checking the probe, finalizing) is not in it. Reached: 1.4 / 1.1 (invariance)
+# and 2.9 / 3.0 (invariance + same-equivariance) for SimpleCNN / ResNet18Style(width=0.25). Counted with the
+# finalizing amortized over 4 chunks: 7.1 / 6.5 and 11.7 / 12.1 (5.0 / 4.6 and 8.1 / 8.5 before checking
+# the states for NaN / inf when finalizing); before the fused updates 119 and 235.
+BUDGET = {("invariance",): 2, ("invariance", "same_equivariance"): 4}
 MODELS = {"SimpleCNN": lambda: SimpleCNN(3, 10), "ResNet18Style": lambda: ResNet18Style(3, 10, width=0.25)}
 
 
-def _ops_per_layer_per_chunk(model, measures, compile, n=64, t=16, batch_size=16):
-    torch.manual_seed(0)
-    probe = torch.rand(n, 3, 32, 32)
+def _ops_per_layer_per_chunk(model, measures, compile, t=16, batch_size=16):
     tset = T.rotations(t)
-    layers = len(tm.measure(model, probe, tset, measures=measures, batch_size=batch_size, compile=compile).layers)
-    measured = top_level_ops(lambda: tm.measure(model, probe, tset, measures=measures, batch_size=batch_size,
-                                                 compile=compile))
-    batches = [tset.apply(probe[i : i + batch_size]) for i in range(0, n, batch_size)]
 
-    def forward_only():
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
+    def extra_ops(chunks: int):
+        torch.manual_seed(0)
+        probe = torch.rand(chunks * batch_size, 3, 32, 32)
+        measured = top_level_ops(lambda: tm.measure(model, probe, tset, measures=measures, batch_size=batch_size,
+                                                     compile=compile))
+        batches = [tset.apply(probe[i : i + batch_size]) for i in range(0, len(probe), batch_size)]
 
-    forward = top_level_ops(forward_only)
-    chunks = len(batches)
-    return (sum(measured.values()) - sum(forward.values())) / (layers * chunks), measured
+        def forward_only():
+            with torch.no_grad():
+                for batch in batches:
+                    model(batch)
+
+        return sum(measured.values()) - sum(top_level_ops(forward_only).values()), measured
+
+    layers = len(tm.measure(model, torch.rand(2, 3, 32, 32), tset, measures=measures, compile=compile).layers)
+    few, _ = extra_ops(4)
+    more, measured = extra_ops(8)
+    return (more - few) / (layers * 4), measured
 
 
 @pytest.mark.parametrize("measures", list(BUDGET), ids=["invariance", "default"])

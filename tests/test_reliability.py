@@ -130,23 +130,31 @@ def test_layer_selection_by_name_glob_and_type():
     assert tm.measure(model, probe, tset, layers="features").layers == ["features"]  # a container is fine too
 
 
-def test_explicit_layer_with_tuple_output_is_an_error_default_skips_it():
+def test_tuple_outputs_are_measured_on_their_first_tensor_and_other_tuples_refused():
     class Pair(nn.Module):
         def forward(self, x):
             return x, x
 
+    class NoneFirst(nn.Module):
+        def forward(self, x):
+            return None, x
+
     class Net(nn.Module):
-        def __init__(self):
+        def __init__(self, second):
             super().__init__()
-            self.conv, self.pair = nn.Conv2d(3, 2, 3), Pair()
+            self.conv, self.pair = nn.Conv2d(3, 2, 3), second()
 
         def forward(self, x):
-            return self.pair(self.conv(x))[0]
+            out = self.pair(self.conv(x))
+            return out[0] if out[0] is not None else out[1]
 
     probe = torch.randn(3, 3, 6, 6)
-    assert tm.measure(Net(), probe, T.rotations(2)).layers == ["conv"]
+    result = tm.measure(Net(Pair), probe, T.rotations(2, padding="zeros"))
+    assert result.layers == ["conv", "pair"]
+    np.testing.assert_array_equal(result.get("nvi", "pair"), result.get("nvi", "conv"))  # the first tensor
+    assert tm.measure(Net(NoneFirst), probe, T.rotations(2, padding="zeros")).layers == ["conv"]  # default: skipped
     with pytest.raises(ValueError, match="'pair'.*tuple"):
-        tm.measure(Net(), probe, T.rotations(2), layers=["pair"])
+        tm.measure(Net(NoneFirst), probe, T.rotations(2, padding="zeros"), layers=["pair"])
 
 
 @pytest.mark.usefixtures("kernels")

@@ -238,6 +238,13 @@ def test_reachable_from_the_package():
 # -- bad arguments: one-line errors ---------------------------------------------------------------------
 
 
+class NoneFirst(nn.Module):
+    """A model whose output tuple does not start with a tensor (tuples are checked on their first element)."""
+
+    def forward(self, x):
+        return None, x
+
+
 class Unused(nn.Module):
     """A model with a module its forward never calls."""
 
@@ -282,8 +289,8 @@ class Unused(nn.Module):
         (lambda: assert_equivariant(conv(), tm.transforms.rot90(), atol=-1), ValueError, "atol must be a finite"),
         (lambda: assert_equivariant(conv(), tm.transforms.rot90(), rtol=float("nan")), ValueError, "rtol must be"),
         (lambda: assert_equivariant(conv(), tm.transforms.rot90(), seed=1.5), TypeError, "seed must be an int"),
-        (lambda: assert_invariant(nn.LSTM(4, 4), tm.transforms.brightness([0, 1]), input_shape=(2, 3, 4)),
-         ValueError, r"layer 'model' \(LSTM\) returns tuple, not a tensor"),
+        (lambda: assert_invariant(NoneFirst(), tm.transforms.rot90(), input_shape=(2, 3, 4, 4)),
+         ValueError, r"layer 'model' \(NoneFirst\) returns a tuple whose first element is NoneType, not a tensor"),
         (lambda: assert_invariant(Unused(), tm.transforms.rot90(), layers=nn.Conv2d, input_shape=(2, 3, 8, 8)),
          ValueError, r"^layer\(s\) spare were not called during the forward pass$"),
     ],

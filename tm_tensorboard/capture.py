@@ -1,8 +1,15 @@
 """Choosing which modules to observe and calling back on their outputs during a forward pass.
 
 Layers are chosen by module name (as in ``model.named_modules()``), glob pattern or module type; the
-default is every leaf module except no-op ones (dropout, identity, flatten). A module called several
-times in one forward (a shared ReLU) yields one activation per call: ``name``, ``name#2``, ...
+default is every leaf module except no-op ones (dropout, identity, flatten), and attention modules as a
+whole. A module called several times in one forward (a shared ReLU) yields one activation per call:
+``name``, ``name#2``, ...
+
+A layer is measured on its output tensor, or on the first element of a tuple output (attention's
+``(output, weights)``). How its axes are read: ``[C]``, ``[C, L]`` and ``[C, H, W]`` put channels first;
+``[tokens, D]`` outputs (Linear, LayerNorm, attention and other sequence layers on ``[B, tokens, D]``) put
+them last, and a token layer's "per channel" values average over its tokens as feature maps' do over
+positions.
 """
 from __future__ import annotations
 
@@ -11,32 +18,82 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, Union
 
+import torch
 from torch import nn
 
-__all__ = ["LayerSelector", "select_modules", "unwrap", "Capture", "LayerInfo"]
+__all__ = ["LayerSelector", "select_modules", "unwrap", "Capture", "LayerInfo", "output_tensor", "is_token_output"]
 
 LayerSelector = Union[str, type, Sequence[Union[str, type]], None]
 
 # Modules whose output carries no new information at measurement time (eval mode).
 _NO_OP_TYPES: tuple[type, ...] = (nn.modules.dropout._DropoutNd, nn.Identity, nn.Flatten, nn.Unflatten)
+# Modules observed as a whole by default, not through their submodules: attention keeps its output
+# projection as a submodule it never calls.
+_WHOLE_TYPES: tuple[type, ...] = (nn.MultiheadAttention,)
+# Modules whose [B, C, L] outputs put channels first (PyTorch's layout for 1-D convolution, normalization,
+# pooling and resampling); every other module's 3-D output is read as [B, tokens, D].
+_CHANNELS_FIRST_1D: tuple[type, ...] = (
+    nn.Conv1d, nn.ConvTranspose1d, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveMaxPool1d, nn.AdaptiveAvgPool1d, nn.LPPool1d, nn.Upsample,
+)
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One observed activation: name, position in the network, module type and per-sample shape."""
+    """One observed activation: name, position in the network, module type, per-sample shape, and how
+    the measures read it.
+
+    ``tokens``: the output is ``[tokens, D]``, channels on the last axis (else channels come first).
+    ``grid``: the (h, w) patch grid a ``patch_grid`` feature action lays the tokens out on, which gives the
+    layer feature maps ``[D, h, w]`` for same-equivariance and the equivariance error.
+    """
 
     name: str
     index: int
     module_type: str
     unit_shape: tuple[int, ...]
+    tokens: bool = False
+    grid: tuple[int, int] | None = None
+
+    @property
+    def channel_axis(self) -> int:
+        """The axis of ``unit_shape`` that holds the channels."""
+        return -1 if self.tokens else 0
+
+    @property
+    def map_shape(self) -> tuple[int, ...] | None:
+        """Shape [C, h, w] of the feature maps transformations move (same-equivariance, the equivariance
+        error); None for a layer without any."""
+        if self.tokens:
+            return None if self.grid is None else (self.unit_shape[-1], *self.grid)
+        return self.unit_shape if len(self.unit_shape) == 3 else None
 
     @property
     def is_spatial(self) -> bool:
-        return len(self.unit_shape) == 3
+        return self.map_shape is not None
 
     @property
     def num_channels(self) -> int:
-        return self.unit_shape[0] if self.unit_shape else 1
+        return self.unit_shape[self.channel_axis] if self.unit_shape else 1
+
+
+def output_tensor(output: object) -> torch.Tensor:
+    """The tensor a layer is measured on: its output, or the first element of a tuple / list output
+    (``nn.MultiheadAttention`` returns ``(output, attention weights)``). TypeError saying what the output
+    is otherwise."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        if isinstance(output[0], torch.Tensor):
+            return output[0]
+        first = type(output[0]).__name__
+        raise TypeError(f"returns a {type(output).__name__} whose first element is {first}, not a tensor")
+    raise TypeError(f"returns {type(output).__name__}, not a tensor")
+
+
+def is_token_output(module: nn.Module | None, unit_shape: tuple[int, ...]) -> bool:
+    """Whether a per-sample output of this shape from ``module`` is ``[tokens, D]`` (channels last)."""
+    return len(unit_shape) == 2 and not isinstance(module, _CHANNELS_FIRST_1D)
 
 
 def _compiled_wrapper(model: nn.Module) -> bool:
@@ -64,14 +121,26 @@ def _display_name(name: str) -> str:
     return name or "model"
 
 
+def _inside_whole(named: list[tuple[str, nn.Module]]) -> set[int]:
+    """ids of the submodules of attention modules, which only exact names select."""
+    return {id(sub) for _, m in named if isinstance(m, _WHOLE_TYPES) for sub in m.modules() if sub is not m}
+
+
 def select_modules(model: nn.Module, layers: LayerSelector = None) -> tuple[list[tuple[str, nn.Module]], bool]:
     """Modules to observe, in registration order, and whether the choice was explicit.
 
-    Raises ValueError naming the unknown names / patterns / types and listing the valid names.
+    Patterns and types leave out the submodules of attention modules (which never call their output
+    projection); an exact name selects any module. Raises ValueError naming the unknown names / patterns /
+    types and listing the valid names.
     """
     named = [(_display_name(n), m) for n, m in model.named_modules()]
+    inside = _inside_whole(named)
     if layers is None:
-        chosen = [(n, m) for n, m in named if not any(True for _ in m.children()) and not isinstance(m, _NO_OP_TYPES)]
+        chosen = [
+            (n, m) for n, m in named
+            if id(m) not in inside and not isinstance(m, _NO_OP_TYPES)
+            and (isinstance(m, _WHOLE_TYPES) or not any(True for _ in m.children()))
+        ]
         if not chosen:
             raise ValueError("the model has no leaf modules to observe; choose layers explicitly with layers=...")
         return chosen, False
@@ -90,7 +159,7 @@ def select_modules(model: nn.Module, layers: LayerSelector = None) -> tuple[list
             raise TypeError(f"layer selectors are names, glob patterns or module types; got {sel!r}")
         if not hits:
             unknown.append(sel.__name__ if isinstance(sel, type) else repr(sel))
-        keep.update(hits)
+        keep.update((n, m) for n, m in hits if n == sel or id(m) not in inside)
     if unknown:
         valid = ", ".join(n for n, _ in named)
         raise ValueError(f"no module matches layer selector(s) {', '.join(unknown)}; valid module names: {valid}")

@@ -26,12 +26,13 @@ ACTIONS: dict[str, Callable[..., actions.FeatureAction]] = {
     "identity": actions.identity,
     "orientation_pooling": actions.orientation_pooling,
     "cyclic_shift": actions.cyclic_shift,
+    "patch_grid": actions.patch_grid,
 }
 _TRANSFORMATION_HELP = (
     'e.g. "rotations(16)", "rotations([-30, 0, 30])", "rot90()", "translations(0.1)", "scalings([0.8, 1.2])", '
     '"flips()", "brightness([-0.1, 0.1])", "contrast([0.5, 2])", "product(rotations(8), flips())"'
 )
-_ACTION_HELP = 'e.g. "identity()", "orientation_pooling(4)", "cyclic_shift(4)"'
+_ACTION_HELP = 'e.g. "identity()", "orientation_pooling(4)", "cyclic_shift(4)", "patch_grid(7, 7, cls_tokens=1)"'
 
 
 def _literal(node: ast.AST, text: str) -> Any:

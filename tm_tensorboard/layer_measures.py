@@ -4,9 +4,10 @@ A ``LayerMeasure`` is updated inside the forward hook with the activation of a c
 in sample-major order) and keeps one set of streaming states per class (one class unless stratified).
 Each group's per-chunk update is one fused function of the activation and its states' tensors
 (``fused.py``): one compiled region per layer and chunk, or a constant handful of eager ops. Most groups
-need one pass over the transformed probe; Goodfellow's thresholds need the untransformed probe first, so
-a group declares the passes (*phases*) it takes part in. ``compute`` returns the per-element components
-of the group, e.g. (tv, sv), from which ``measures.evaluate`` makes the measures.
+need one pass over the transformed probe; Goodfellow's thresholds need the untransformed probe first, and
+each Lie derivative one pass with forward-mode tangents (``lie.py``), so a group declares the passes
+(*phases*) it takes part in. ``compute`` returns the per-element components of the group, e.g. (tv, sv),
+from which ``measures.evaluate`` makes the measures.
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from .actions import FeatureAction, identity
 from .capture import LayerInfo
 from .f_distribution import f_critical_value
 from .fused import fused
+from .lie import GENERATORS, Generator, TangentError, along_flow
 from .statistics import (
     SampleMoments,
     SampleSum,
@@ -34,10 +37,11 @@ from .statistics import (
 )
 from .transforms import TransformationSet
 
-__all__ = ["MeasureOptions", "Chunk", "LayerMeasure", "GROUPS", "UNTRANSFORMED_PHASES", "TRANSFORMED"]
+__all__ = ["MeasureOptions", "Chunk", "LayerMeasure", "GROUPS", "UNTRANSFORMED_PHASES", "LIE_PHASES", "TRANSFORMED"]
 
 TRANSFORMED = "transformed"
 UNTRANSFORMED_PHASES = ("thresholds", "global")  # passes over the untransformed probe, in order
+LIE_PHASES = tuple(GENERATORS)  # one forward-mode pass over the untransformed probe per generator
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Chunk:
     groups: list[tuple[int, torch.Tensor | None]]  # (class state index, row indices on the device or None)
     scratch: Scratch = field(default_factory=Scratch)  # shared work buffer of the eager updates
     compiled: bool = False  # run the fused updates compiled
+    image_size: tuple[int, int] | None = None  # (H, W) of the probe's images (the Lie translations' pixels)
 
     def rows(self, values: torch.Tensor):
         """(class index, the chunk's samples of that class) pairs of values [b·T, ...] or [b, ...]: all of
@@ -72,6 +77,7 @@ class LayerMeasure:
     group = ""
     components: tuple[str, ...] = ()
     phases: tuple[str, ...] = (TRANSFORMED,)
+    uses_actions = False  # reads the layers' feature actions (recorded in the run configuration)
 
     def __init__(self, info: LayerInfo, transformations: TransformationSet, num_classes: int,
                  device: torch.device, options: MeasureOptions):
@@ -113,9 +119,10 @@ class LayerMeasure:
         return per_class[0].unsqueeze(0) if len(per_class) == 1 else torch.stack(per_class)
 
     def nonfinite(self) -> torch.Tensor:
-        """[any NaN, any ±inf] in the states, float64 on the device (read with the results when finalizing)."""
+        """The sum of the states' absolute values, [1] float64 on the device, read with the results when
+        finalizing: NaN if a state holds NaN, inf if one holds ±inf (three kernels, whatever the states)."""
         values = torch.cat([t.reshape(-1) for states in self.per_class for s in states.values() for t in s.tensors()])
-        return torch.stack([values.isnan().any(), values.isinf().any()]).double()
+        return values.abs().sum().reshape(1)
 
 
 @fused
@@ -159,16 +166,24 @@ class VarianceMeasure(LayerMeasure):
 
 
 class SameEquivarianceMeasure(VarianceMeasure):
-    """The variance measures on t⁻¹(φ(t(x))): feature maps moved back by the inverse transformation."""
+    """The variance measures on t⁻¹(φ(t(x))): feature maps moved back by the inverse transformation (a
+    token layer's maps are those its feature action lays out: ``actions.patch_grid``)."""
 
     group = "same_equivariance"
+
+    def __init__(self, info, transformations, num_classes, device, options):
+        self.maps = options.actions(info.name).maps
+        super().__init__(info, transformations, num_classes, device, options)
 
     @staticmethod
     def applies(info):
         return info.is_spatial
 
+    def feature_shape(self, info):
+        return info.map_shape
+
     def values(self, activation):
-        return self.transformations.invert_features(activation)
+        return self.transformations.invert_features(self.maps(activation))
 
 
 @fused
@@ -202,10 +217,11 @@ class EquivarianceErrorMeasure(LayerMeasure):
 
     group = "equivariance_error"
     components = ("mse", "var2")
+    uses_actions = True
 
     def __init__(self, info, transformations, num_classes, device, options):
         self.action = options.actions(info.name)
-        self.action.check(info.unit_shape[0], transformations)
+        self.action.check(info.map_shape[0], transformations)
         self.identity = transformations.identity_index
         super().__init__(info, transformations, num_classes, device, options)
         self.keep = torch.tensor([t for t in range(self.T) if t != self.identity], device=device)
@@ -246,6 +262,98 @@ def _central_disk(unit_shape: tuple[int, ...], device: torch.device) -> torch.Te
     x = (torch.arange(w, device=device, dtype=torch.float64) + 0.5) / w * 2 - 1
     inside = (y.view(-1, 1) ** 2 + x.view(1, -1) ** 2) <= 1.0
     return inside.expand(channels, h, w)
+
+
+@fused
+def _lie_values(tangent, reference, wx, wy, zeros, scratch=None):
+    """The Lie derivative on feature maps g_t moves: ψ's tangent minus the generator's derivative of ψ's
+    maps (``lie.along_flow`` with the generator's weights). (A kernel of its own: compiled together with
+    the reductions below, Inductor schedules it several times slower.)"""
+    return along_flow(reference, wx, wy, zeros, start=tangent)
+
+
+@fused
+def _lie_update(lie, reference, squared_total, squared_count, mean, m2, count, scratch=None):
+    """Squared Lie derivatives and the moments of the untransformed features, per sample. (Never writes
+    into ``lie`` or ``reference``: either may be a forward-mode tangent or an output later layers still
+    read.)"""
+    units = mean.shape[-1]
+    lie, reference = lie.reshape(-1, units), reference.reshape(-1, units)
+    squared = lie.square() if scratch is None else torch.mul(lie, lie, out=scratch.like(lie, "squared"))
+    fold_sum(squared, squared_total, squared_count, scratch)
+    fold_moments(reference, mean, m2, count, scratch)
+
+
+@fused
+def _lie_compute(squared_total, squared_count, m2, count, scratch=None):
+    """[mean squared Lie derivative, 2·var]: over samples, per unit."""
+    return torch.stack([mean_of_sum(squared_total, squared_count), 2 * unbiased_var(m2, count)])
+
+
+class LieDerivativeMeasure(LayerMeasure):
+    """The Lie derivative of one generator g_t (``lie.py``): L = d/dt g_t⁻¹ ψ(φ(g_t x)) at t = 0, from one
+    forward-mode pass (the tangent of ψ(φ(x)) along the input's tangent) minus the generator's own
+    derivative of the feature maps ψ(φ(x)); on outputs without feature maps (and for brightness, which
+    does not act on features) g_t⁻¹ is nothing and L is the tangent: invariance. Reported as the mean
+    over samples of L², per unit, over 2 · the sample variance of ψ(φ(x)), the equivariance error's
+    normalization: the limit of [g_t⁻¹ψ(φ(g_t x)) − g_₋t⁻¹ψ(φ(g_₋t x))]² / 4t² so normalized, as t → 0."""
+
+    generator: Generator
+    components = ("lsq", "var2")
+    uses_actions = True
+
+    def __init__(self, info, transformations, num_classes, device, options):
+        self.action = options.actions(info.name) if info.is_spatial else identity()
+        if type(self.action).undo is not FeatureAction.undo:
+            raise ValueError(
+                f"{self.group}: the feature action {self.action!r} moves channels by whole steps of a finite group, "
+                "which has no infinitesimal generator; measure the Lie derivative of this layer with identity() or "
+                "orientation_pooling(k) (in a measurement of its own)"
+            )
+        if info.is_spatial:
+            self.action.check(info.map_shape[0], transformations)
+        self.interpolation, self.padding = transformations.interpolation, transformations.padding
+        super().__init__(info, transformations, num_classes, device, options)
+        self.T = 1  # one (forward-mode) pass per sample
+        self.moves = info.is_spatial and self.generator.geometric  # g_t acts on ψ's feature maps
+
+    def feature_shape(self, info):
+        if not info.is_spatial:
+            return info.unit_shape
+        return tuple(self.action.psi(torch.empty((1, *info.unit_shape), device="meta")).shape[1:])
+
+    def make_states(self, device):
+        return {"squared": SampleSum((self.units,), device), "reference": SampleMoments((self.units,), device)}
+
+    def update(self, phase, activation, chunk):
+        reference, tangent = forward_ad.unpack_dual(self.action.psi(activation))
+        if tangent is None:
+            raise TangentError(
+                f"layer {self.info.name!r} ({self.info.module_type}) has no forward-mode tangent for {self.group}: its "
+                "output does not depend differentiably on the input (a .detach(), .data, integer op or a custom "
+                "autograd.Function without forward-mode support on the way); leave it out with layers="
+            )
+        lie = tangent
+        if self.moves:
+            weights = self.generator.weights(*self.unit_shape[-2:], chunk.image_size, self.interpolation,
+                                             reference.device, reference.dtype)
+            lie = _lie_values(chunk.compiled, tangent, reference, *weights, self.padding == "zeros")
+        for (k, lie_rows), (_, reference_rows) in zip(chunk.rows(lie), chunk.rows(reference)):
+            squared, moments = self.per_class[k]["squared"], self.per_class[k]["reference"]
+            _lie_update(
+                chunk.compiled, lie_rows, reference_rows, squared.total, squared.count, moments.mean, moments.m2,
+                moments.count, scratch=chunk.scratch,
+            )
+
+    def compute_class(self, states, compiled):
+        squared, reference = states["squared"], states["reference"]
+        return _lie_compute(compiled, squared.total, squared.count, reference.m2, reference.count)
+
+
+def _lie_measure(generator: Generator) -> type[LieDerivativeMeasure]:
+    """The measure group of one generator; its forward-mode pass is a phase of the same name."""
+    return type(f"LieDerivativeMeasure[{generator.name}]", (LieDerivativeMeasure,),
+                {"generator": generator, "group": generator.group, "phases": (generator.group,)})
 
 
 @fused
@@ -339,5 +447,6 @@ class AnovaMeasure(LayerMeasure):
 
 GROUPS: dict[str, type[LayerMeasure]] = {
     m.group: m
-    for m in (VarianceMeasure, SameEquivarianceMeasure, EquivarianceErrorMeasure, GoodfellowMeasure, AnovaMeasure)
+    for m in (VarianceMeasure, SameEquivarianceMeasure, EquivarianceErrorMeasure, GoodfellowMeasure, AnovaMeasure,
+              *map(_lie_measure, GENERATORS.values()))
 }

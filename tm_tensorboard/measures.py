@@ -37,6 +37,15 @@ class MeasureSpec:
         return len(self.components) == 2
 
 
+# The Lie derivative's families (lie.py's generators): name, what g_t does, the unit of t.
+_LIE_FAMILIES = (
+    ("rotation", "rotation", "radians"),
+    ("translation_x", "translation along x", "input pixels"),
+    ("translation_y", "translation along y", "input pixels"),
+    ("scale", "scaling by e^t", "e-folds"),
+    ("brightness", "brightness + t", "intensity units"),
+)
+
 _SPECS = [
     MeasureSpec("tvi", "invariance", ("tv",), "transformation variance: mean over samples of the std over transformations"),
     MeasureSpec("svi", "invariance", ("sv",), "sample variance: mean over transformations of the std over samples"),
@@ -50,6 +59,12 @@ _SPECS = [
                 "equivariance error: mean (psi(f(x)) - g^-1 psi(f(g x)))^2 over samples and transformations / "
                 "(2 * sample variance of psi(f(x))); 0 = equivariant under the layer's feature action, ~1 = as "
                 "different as two random samples"),
+    *(MeasureSpec(f"lie_{name}", f"lie_{name}", ("lsq", "var2"),
+                  f"Lie derivative under {what}, t in {unit}: mean over samples of L^2, L = d/dt g_t^-1 psi(f(g_t x)) "
+                  "at t = 0, over 2 * the sample variance of psi(f(x)); g_t^-1 moves feature maps back "
+                  "(equivariance), other outputs not (invariance); 0 = equivariant / invariant; the limit of central "
+                  "differences of the transformations at +-t")
+      for name, what, unit in _LIE_FAMILIES),
     MeasureSpec("gfl", "goodfellow", ("local",), "local firing rate: fraction of transformed inputs above the unit's threshold"),
     MeasureSpec("gfg", "goodfellow", ("global",), "global firing rate: fraction of untransformed inputs above the threshold"),
     MeasureSpec("gf", "goodfellow", ("local", "global"),
@@ -93,8 +108,9 @@ def safe_divide(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def per_channel(values: np.ndarray, masked: bool = False) -> np.ndarray:
-    """Average per-element values of one sample's units [C, ...] over everything but the channel axis.
+def per_channel(values: np.ndarray, masked: bool = False, channel_axis: int = 0) -> np.ndarray:
+    """Average per-element values of one sample's units [C, ...] over everything but the channel axis
+    (``channel_axis=-1``: token values [tokens, D], averaged over tokens).
 
     ``masked``: positions holding NaN were excluded (the equivariance error's central disk) and are skipped.
     """
@@ -102,7 +118,7 @@ def per_channel(values: np.ndarray, masked: bool = False) -> np.ndarray:
         return values.reshape(1)
     if values.ndim == 1:
         return values
-    flat = values.reshape(values.shape[0], -1)
+    flat = np.moveaxis(values, channel_axis, 0).reshape(values.shape[channel_axis], -1)
     return np.nanmean(flat, axis=1) if masked else flat.mean(axis=1)
 
 

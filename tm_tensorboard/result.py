@@ -18,9 +18,10 @@ class MeasureResult:
     """Per-unit measures of one measurement, in network order.
 
     ``get("nvi", "conv1")`` gives one value per channel (components such as TV and SV are averaged over
-    positions separately, then divided: tmeasures' AverageFeatureMaps); ``per="element"`` gives the full
-    unit shape. With ``stratified=True`` values are the mean of the per-class results; ``label=k`` gives
-    class k's.
+    positions separately, then divided: tmeasures' AverageFeatureMaps; a token layer's [tokens, D] over
+    tokens); ``per="element"`` gives the full unit shape (for the same-equivariance and equivariance error
+    of a token layer, the [D, h, w] maps of its ``patch_grid`` action). With ``stratified=True`` values are
+    the mean of the per-class results; ``label=k`` gives class k's.
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class MeasureResult:
             raise KeyError(
                 f"{measure} is not defined for layer {layer!r}: its output {list(info.unit_shape)} has no "
                 "[C, H, W] feature maps to transform back"
+                + (" (token outputs get them from a patch_grid feature action: actions=)" if info.tokens else "")
             )
         if per not in PER:
             raise ValueError(f"per must be one of {', '.join(PER)}; got {per!r}")
@@ -98,7 +100,10 @@ class MeasureResult:
                 raise KeyError(f"no per-class result for label {label!r}; classes: {self.classes}")
             values = values[self.classes.index(label) : self.classes.index(label) + 1]
         masked = group in self._masked
-        reduce = (lambda v: per_channel(v, masked)) if per == "channel" else (lambda v: v)
+        # Values shaped as a token layer's output are [tokens, D]; its feature maps (same-equivariance, the
+        # equivariance error) are [D, h, w], channels first, as every other layer's values are.
+        axis = info.channel_axis if values.shape[2:] == info.unit_shape else 0
+        reduce = (lambda v: per_channel(v, masked, axis)) if per == "channel" else (lambda v: v)
         return [{name: reduce(c) for name, c in zip(names, per_class)} for per_class in values]
 
     def get(self, measure: str, layer: str, per: str = "channel", label: int | None = None) -> np.ndarray:

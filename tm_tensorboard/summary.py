@@ -20,6 +20,7 @@ from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, 
 from . import __version__, event_records, metadata
 from .capture import LayerInfo
 from .engine import Measurement
+from .layer_measures import GROUPS
 from .measures import DEFINITIONS, MEASURE_GROUPS, finite_mean, ratio_measure
 from .result import MeasureResult
 from .transforms import TransformationSet
@@ -58,7 +59,7 @@ def run_config(
     """The run-level record of how the measures are taken."""
     transformations = measurement.transformations
     names = [m for g in measurement.measures for m in (MEASURE_GROUPS[g] or (g,))]
-    with_actions = "equivariance_error" in measurement.groups
+    with_actions = any(GROUPS[g].uses_actions for g in measurement.groups)
     return metadata.RunConfig(
         library_version=__version__,
         transformation_set_id=transformations.id,
@@ -76,7 +77,8 @@ def run_config(
         noise_floor=measurement.noise_floor,
         alpha=measurement.options.alpha,
         disk=measurement.options.disk,
-        actions={info.name: measurement.options.actions(info.name).name for info in layers if with_actions and info.is_spatial},
+        actions={info.name: measurement.options.actions(info.name).name for info in layers
+                 if (with_actions and info.is_spatial) or info.grid is not None},  # (a patch grid: the maps measured)
         means_include_dead=means_include_dead,
     )
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .actions import FeatureAction
-from .capture import Capture, LayerSelector, select_modules, unwrap
+from .capture import Capture, LayerSelector, output_tensor, select_modules, unwrap
 from .engine import _action_lookup, _model_device
 from .preserve import preserved_training_state
 from .transforms import TransformationSet
@@ -58,8 +58,9 @@ def assert_equivariant(
 
     ``layers``: module names, glob patterns or types as in ``measure``. By default the model's output
     (layer ``"model"``), which is what testing one equivariant layer or block needs; with an action
-    mapping, the layers its patterns select. Every observed layer must output feature maps [N, C, H, W]
-    (check logits with ``assert_invariant``).
+    mapping, the layers its patterns select. Every observed layer must output feature maps [N, C, H, W],
+    or tokens [N, tokens, D] under a ``patch_grid`` action (check logits with ``assert_invariant``); a
+    layer returning a tuple is checked on its first tensor.
     ``action``: how g acts on a layer's features (``tm_tensorboard.actions``): one for all layers, or
     {layer name or glob pattern: action} as in ``measure(actions=...)``, e.g. ``{"features.*":
     cyclic_shift(4)}``; unmatched layers get ``identity()`` (g moves positions only).
@@ -249,9 +250,11 @@ class _Check:
                 raise ValueError(f"the model could not run on {what}{self.origin}: {error}") from error
 
     def _batch(self, name: str, module: nn.Module, output: object, rows: int) -> torch.Tensor:
-        """The layer's output as a tensor of ``rows`` samples, or a one-line ValueError."""
-        if not isinstance(output, torch.Tensor):
-            raise _LayerError(f"layer {name!r} ({type(module).__name__}) returns {type(output).__name__}, not a tensor")
+        """The layer's output (a tuple's first tensor) as a tensor of ``rows`` samples, or a one-line ValueError."""
+        try:
+            output = output_tensor(output)
+        except TypeError as error:
+            raise _LayerError(f"layer {name!r} ({type(module).__name__}) {error}") from None
         if output.dim() < 1 or output.shape[0] != rows:
             raise _LayerError(
                 f"layer {name!r} ({type(module).__name__}) returns shape {list(output.shape)} for a batch of "
@@ -263,16 +266,19 @@ class _Check:
         """ψ(output) for equivariance (checking that the layer has feature maps the action fits), else output."""
         if self.actions is None:
             return output
-        if output.dim() != 4:
-            raise _LayerError(
-                f"layer {name!r} outputs shape {list(output.shape)}, not feature maps [N, C, H, W]; equivariance "
-                "needs them (choose layers=..., or use assert_invariant for logits)"
-            )
         action = self.actions(name)
         try:
-            action.check(output.shape[1], self.transformations)
+            tokens = output.dim() == 3 and action.grid(output.shape[1]) is not None
+            if output.dim() == 4 or tokens:
+                action.check(output.shape[2 if tokens else 1], self.transformations)
         except ValueError as error:
             raise _LayerError(f"layer {name!r}: {error}") from None
+        if output.dim() != 4 and not tokens:
+            raise _LayerError(
+                f"layer {name!r} outputs shape {list(output.shape)}, not feature maps [N, C, H, W] (or tokens "
+                "[N, tokens, D] with a patch_grid action); equivariance needs them (choose layers=..., or use "
+                "assert_invariant for logits)"
+            )
         return action.psi(output)
 
     def _moved_back(self, name: str, features: torch.Tensor) -> torch.Tensor:

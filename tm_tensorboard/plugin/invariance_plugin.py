@@ -50,7 +50,8 @@ MAX_DOWNSAMPLE = 10000
 ALL_STEPS = 10**9
 MAX_PARAM_LENGTH = 1024
 _MIME = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png"}
-MEASURE_ORDER = ("tvi", "svi", "nvi", "tvse", "svse", "nvse", "ee", "gfl", "gfg", "gf", "anova_f", "anova")
+MEASURE_ORDER = ("tvi", "svi", "nvi", "tvse", "svse", "nvse", "ee", "lie_rotation", "lie_translation_x",
+                 "lie_translation_y", "lie_scale", "lie_brightness", "gfl", "gfg", "gf", "anova_f", "anova")
 
 
 def _number(value: float) -> float | str:
