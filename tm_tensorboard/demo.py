@@ -50,7 +50,8 @@ def write_demo_logs(
 ) -> dict[str, dict[str, float]]:
     """Train the three runs under ``logdir`` (one run directory each), taking turns step by step so that
     all three fill the tab together; returns their metrics. With ``verbose``, a progress line every
-    ``report_every`` seconds (step, training accuracy per run, time left) and the test accuracies."""
+    ``report_every`` seconds and half-way (step, training accuracy per run, time left) and the test
+    accuracies."""
     logdir = Path(logdir)
     say = (lambda text: print(text, flush=True)) if verbose else (lambda text: None)
     train = make_shapes(train_size, image_size, seed=1)
@@ -85,7 +86,7 @@ def write_demo_logs(
         for training in runs.values():
             training.step()
         now = time.perf_counter()
-        if now - last_report >= report_every and step < steps:
+        if (now - last_report >= report_every or step == steps // 2) and step < steps:  # and once half-way
             last_report = now
             left = (now - training_start) / step * (steps - step)
             accuracies = ", ".join(f"{name} {t.train_accuracy():.2f}" for name, t in runs.items())
