@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import tm_tensorboard as tm
-from provenance import source_version
+from provenance import cpu_name, source_version
 from tm_tensorboard import fused
 
 N = 256  # probe samples
@@ -288,17 +288,6 @@ def child(method: str) -> None:
         run, _ = case.runner(method)
         run()
     print(json.dumps({"peak_rss_kib": peak_rss_kib()}))
-
-
-def cpu_name() -> str:
-    """The CPU model, for the record."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed_runs(runners: dict[str, tuple[Callable[[], Any], nn.Module]], reps: int) -> dict[str, Any]:

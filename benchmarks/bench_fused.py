@@ -36,12 +36,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 import tm_tensorboard as tm
-from bench_engine import Net, cpu_name
-from provenance import source_version
+from bench_engine import Net, warm_allocator
+from provenance import environment
 from tm_tensorboard.examples.models import ResNet18Style, SimpleCNN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -53,12 +52,6 @@ THREADS = 2
 INVARIANCE = ("invariance",)
 DEFAULT = ("invariance", "same_equivariance")
 TARGETS = {"ops_invariance": 8, "ops_default": 16, "invariance_over_floor": 1.5, "default_over_floor": 2.0}
-
-
-def warm_allocator() -> None:
-    """Free one block above glibc's largest mmap threshold, as any training process has (see the docstring)."""
-    block = np.ones(64 << 20, dtype=np.uint8)
-    del block
 
 
 def ops_per_layer_per_chunk(make_model: Callable[[], torch.nn.Module], measures, compile: bool) -> dict:
@@ -184,12 +177,7 @@ def main() -> None:
     warm_allocator()
 
     figures: dict[str, Any] = {
-        "environment": {
-            "cpu": cpu_name(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "tm_tensorboard": f"{tm.__version__} ({source_version()})",
-        },
+        "environment": environment(),
         "targets": TARGETS,
     }
     with tempfile.TemporaryDirectory() as cache:

@@ -27,14 +27,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 import tm_tensorboard as tm
-from bench_engine import Net, cpu_name
-from provenance import save_results, source_version
+from bench_engine import Net, warm_allocator
+from provenance import environment, save_results
 from tm_tensorboard import lie
 from tm_tensorboard.capture import Capture, select_modules
 from tm_tensorboard.examples.models import SimpleCNN
@@ -45,12 +44,6 @@ N = 256
 THREADS = 2
 TARGET_OVER_FLOOR = 3.0
 ANGLES = (0.5, 5.0, 22.5)  # degrees
-
-
-def warm_allocator() -> None:
-    """Free one block above glibc's largest mmap threshold, as any training process has (bench_fused.py)."""
-    block = np.ones(64 << 20, dtype=np.uint8)
-    del block
 
 
 def speed(reps: int) -> dict[str, Any]:
@@ -188,12 +181,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     warm_allocator()
     figures: dict[str, Any] = {
-        "environment": {
-            "cpu": cpu_name(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "tm_tensorboard": f"{tm.__version__} ({source_version()})",
-        },
+        "environment": environment(),
         "target_over_floor": TARGET_OVER_FLOOR,
         "speed": speed(args.reps),
         "comparison": comparison(),

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -24,3 +26,28 @@ def save_results(figures: dict, output: str | Path) -> None:
     print(text)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(text + "\n")
+
+
+def cpu_name() -> str:
+    """The CPU model, for the record."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict:
+    """The machine and the measured code: CPU, cores, torch, tm_tensorboard and its commit."""
+    import torch
+
+    import tm_tensorboard
+
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "tm_tensorboard": f"{tm_tensorboard.__version__} ({source_version()})",
+    }

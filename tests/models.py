@@ -46,3 +46,15 @@ def rot90_equivariant_cnn(seed: int = 0) -> nn.Module:
         if isinstance(m, nn.Conv2d):
             symmetrize_rot90(m)
     return model
+
+
+def randomize_batchnorm(model: nn.Module, variance: tuple[float, float] = (0.5, 2.0)) -> None:
+    """Random running statistics (running variances uniform in ``variance``) and affine parameters, drawn
+    from the global RNG, so that eval-mode BatchNorm is not the identity."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(*variance)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)

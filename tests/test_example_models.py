@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import randomize_batchnorm
 from tm_tensorboard.examples.models import (
     MODELS,
     P4BatchNorm2d,
@@ -34,17 +35,6 @@ def p4_action(feature_map: torch.Tensor, k: int = 1) -> torch.Tensor:
     (new orientation r holds old orientation r - k)."""
     by_orientation = feature_map.unflatten(1, (-1, 4))  # [B, C, 4, H, W], channel c·4 + r
     return rot(torch.roll(by_orientation, k, dims=2), k).flatten(1, 2)
-
-
-def randomize_batchnorm(model: nn.Module) -> None:
-    """Random running statistics and affine parameters, so eval-mode BatchNorm is not the identity."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
 
 
 @pytest.mark.parametrize("data", INPUTS)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tm_tensorboard as tm
-from models import rot90_equivariant_cnn, small_cnn, symmetrize_rot90
+from models import randomize_batchnorm, rot90_equivariant_cnn, small_cnn, symmetrize_rot90
 from tm_tensorboard.examples.models import P4CNN, P4GroupConv2d, P4LiftingConv2d, SimpleCNN
 from tm_tensorboard.testing import assert_equivariant, assert_invariant
 
@@ -24,13 +24,7 @@ def p4cnn() -> nn.Module:
     """A randomly initialized P4CNN with random BatchNorm statistics (so eval-mode BatchNorm is not the identity)."""
     torch.manual_seed(0)
     model = P4CNN(1, 10, width=0.5)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.1, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
+    randomize_batchnorm(model, variance=(0.1, 2.0))
     return model
 
 

@@ -290,7 +290,6 @@ def measure_checkpoints(
     """
     import torch
 
-    from .engine import DEFAULT_MEASURES
     from .expressions import parse_transformations
     from .monitor import Monitor
     from .probe import as_probe
@@ -310,8 +309,6 @@ def measure_checkpoints(
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     samples = as_probe(load_probe(probe, data_dir=data_dir, num_samples=num_samples), num_samples=num_samples)
     probe = samples.images if samples.labels is None else (samples.images, samples.labels)
-    if "measures" not in monitor_keywords and samples.labels is not None:
-        monitor_keywords["measures"] = (*DEFAULT_MEASURES, "accuracy")
 
     report = CheckpointReport(logdir)
     steps: dict[Path, int] = {}

@@ -58,6 +58,17 @@ def compile_pays(values: int, measurements: int = 1) -> bool:
     return fused.compiled_seconds() > 0 or values * measurements >= COMPILE_WHEN_VALUES
 
 
+def check_model_and_transformations(model: Any, transformations: Any) -> None:
+    """TypeError unless ``model`` is a module and ``transformations`` a TransformationSet."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(transformations, TransformationSet):
+        raise TypeError(
+            "transformations must be a TransformationSet, e.g. tm_tensorboard.transforms.rotations(16); "
+            f"got {type(transformations).__name__}"
+        )
+
+
 class LayerMeasureError(ValueError):
     """A selected layer cannot be measured as asked (raised from inside the forward hooks)."""
 
@@ -206,13 +217,7 @@ class Measurement:
         alpha: float = 0.01,
         compile: bool | None = None,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(transformations, TransformationSet):
-            raise TypeError(
-                "transformations must be a TransformationSet, e.g. tm_tensorboard.transforms.rotations(16); "
-                f"got {type(transformations).__name__}"
-            )
+        check_model_and_transformations(model, transformations)
         if len(transformations) < 2:
             raise ValueError(
                 f"the transformation set has {len(transformations)} transformation(s); the transformation "

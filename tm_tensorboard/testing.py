@@ -23,7 +23,7 @@ from torch import nn
 
 from .actions import FeatureAction
 from .capture import Capture, LayerSelector, output_tensor, select_modules, unwrap
-from .engine import _action_lookup, _model_device
+from .engine import _action_lookup, _model_device, check_model_and_transformations
 from .preserve import preserved_training_state
 from .transforms import TransformationSet
 
@@ -145,13 +145,7 @@ class _Check:
     """One validated comparison: the inputs, the observed modules and how features are compared."""
 
     def __init__(self, model, transformations, inputs, layers, atol, rtol, input_shape, seed, actions):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(transformations, TransformationSet):
-            raise TypeError(
-                "transformations must be a TransformationSet such as tm_tensorboard.transforms.rot90(); "
-                f"got {type(transformations).__name__}"
-            )
+        check_model_and_transformations(model, transformations)
         for name, value in (("atol", atol), ("rtol", rtol)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
