@@ -23,6 +23,8 @@ __all__ = [
     "VGGStyle",
     "BasicBlock",
     "ResNet18Style",
+    "Bottleneck",
+    "ResNet50",
     "P4LiftingConv2d",
     "P4GroupConv2d",
     "P4BatchNorm2d",
@@ -180,6 +182,71 @@ class ResNet18Style(nn.Module):
             blocks += [BasicBlock(cout, cout) for _ in range(self.BLOCKS_PER_STAGE - 1)]
             stages.append(nn.Sequential(*blocks))
             cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(cin, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.stages(self.stem(x))))
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck block (torchvision's ResNet-50, "v1.5": the stride sits on the 3×3 convolution):
+    conv1×1-BN-ReLU to ``channels``, conv3×3-BN-ReLU at ``stride``, conv1×1-BN to ``channels × expansion``,
+    plus a shortcut (identity, or 1×1 conv at ``stride`` + BN when the stride or channel count changes),
+    then ReLU. ``relu1``, ``relu2`` and ``relu3`` are separate modules."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1):
+        super().__init__()
+        out_channels = channels * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        if stride == 1 and in_channels == out_channels:
+            self.shortcut: nn.Module = nn.Identity()
+        else:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+        self.relu3 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu3(out + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    """ImageNet's ResNet-50 (He et al. 2016, torchvision's layout): a conv7×7 stride-2 -BN-ReLU stem and 3×3
+    stride-2 max pooling (``stem``), four stages of 3, 4, 6, 3 ``Bottleneck`` blocks at 64, 128, 256, 512
+    channels (×4 out; strides 1, 2, 2, 2), global average pooling and a linear classifier. 224 px images
+    make 112, 56, 28, 14 and 7 px maps; 158 leaf modules are observed by default. ``width`` scales all channel
+    counts (0.25 gives 16…512 out); ``width=1``, 1000 classes: 25 557 032 parameters."""
+
+    STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))  # (channels, blocks, stride)
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1000, width: float = 1.0):
+        super().__init__()
+        stem = _scaled(64, width)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
+        stages = []
+        cin = stem
+        for channels, depth, stride in self.STAGES:
+            cmid = _scaled(channels, width)
+            blocks = [Bottleneck(cin, cmid, stride)]
+            cin = cmid * Bottleneck.expansion
+            blocks += [Bottleneck(cin, cmid) for _ in range(depth - 1)]
+            stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(cin, num_classes))
@@ -438,6 +505,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "allconv": AllConvNet,
     "vgg": VGGStyle,
     "resnet18": ResNet18Style,
+    "resnet50": ResNet50,
     "p4cnn": P4CNN,
     "stn": STNCNN,
     "vit": VisionTransformer,

@@ -31,6 +31,16 @@ def save(result: tm.MeasureResult, path: Path) -> None:
     np.savez(path, **arrays)
 
 
+def save_stderrs(result: tm.MeasureResult, path: Path) -> None:
+    """Each measure's standard errors, per channel and of each layer mean."""
+    arrays = {}
+    for m in result.measures:
+        for layer in result.layers_of(m):
+            arrays[f"{m}|{layer}|channel"] = result.stderr(m, layer, per="channel")
+            arrays[f"{m}|{layer}|layer"] = np.array(result.stderr(m, layer))
+    np.savez(path, **arrays)
+
+
 def run(scenario: str, rank: int, world: int, out: Path) -> None:
     model = small_cnn(seed=3)
     if scenario == "measure":
@@ -48,6 +58,13 @@ def run(scenario: str, rank: int, world: int, out: Path) -> None:
         save(tm.measure(model, images, tm.transforms.rotations(4), measures=lie, batch_size=1), out / f"lie_{rank}.npz")
         save(tm.measure(model, (images, labels), tm.transforms.rotations(4), measures=lie, stratified=True,
                         batch_size=1), out / f"lie_stratified_{rank}.npz")
+    elif scenario == "error_bars":  # each error-bar shard split across the ranks, merged at its end
+        images, labels = probe(32)
+        for name, kwargs in (("plain", {}), ("stratified", {"stratified": True})):
+            result = tm.measure(model, (images, labels), tm.transforms.rotations(4), batch_size=1, error_bars=2,
+                                measures=("invariance", "lie_rotation"), **kwargs)
+            save(result, out / f"bars_{name}_{rank}.npz")
+            save_stderrs(result, out / f"bars_{name}_stderr_{rank}.npz")
     elif scenario == "small":  # fewer samples than ranks: one rank streams nothing
         images, labels = probe(2)
         save(tm.measure(model, images, tm.transforms.flips(), batch_size=1), out / f"small_{rank}.npz")

@@ -2,11 +2,13 @@
 feature maps transform exactly as documented under rot90, and its logits are rot90-invariant."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import tm_tensorboard as tm
 from models import randomize_batchnorm
 from tm_tensorboard.examples.models import (
     MODELS,
@@ -15,6 +17,7 @@ from tm_tensorboard.examples.models import (
     P4GroupConv2d,
     P4LiftingConv2d,
     ResNet18Style,
+    ResNet50,
     STNCNN,
     SymmetricMaxPool2d,
     build_model,
@@ -74,7 +77,7 @@ def test_every_activation_is_its_own_module_called_once(name):
 
 
 def test_build_model_rejects_unknown_names_and_widths():
-    valid = "simple_cnn, allconv, vgg, resnet18, p4cnn, stn, vit"
+    valid = "simple_cnn, allconv, vgg, resnet18, resnet50, p4cnn, stn, vit"
     with pytest.raises(ValueError, match=f"unknown model 'lenet'; valid names: {valid}"):
         build_model("lenet", 1, 10)
     with pytest.raises(ValueError, match="width must be a positive"):
@@ -87,6 +90,46 @@ def test_resnet18_has_the_reference_layout():
     assert sum(p.numel() for p in model.parameters()) == 11_173_962
     assert [stage[0].conv1.out_channels for stage in model.stages] == [64, 128, 256, 512]
     assert [len(stage) for stage in model.stages] == [2, 2, 2, 2]
+
+
+def test_resnet50_has_the_imagenet_layout():
+    with torch.device("meta"):  # shapes only: no weights to initialize, a 224 px forward without arithmetic
+        model = ResNet50()
+    # torchvision's resnet50() (7×7 stem, [3, 4, 6, 3] bottlenecks, 1000 classes) has 25 557 032 parameters.
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032
+    assert [len(stage) for stage in model.stages] == [3, 4, 6, 3]
+    assert [stage[-1].conv3.out_channels for stage in model.stages] == [256, 512, 1024, 2048]
+    shapes = {}
+    hooks = [model.stem.register_forward_hook(lambda m, i, o: shapes.__setitem__("stem", o.shape[1:]))]
+    for k, stage in enumerate(model.stages):
+        hooks.append(stage.register_forward_hook(lambda m, i, o, k=k: shapes.__setitem__(k, o.shape[1:])))
+    logits = model(torch.empty(2, 3, 224, 224, device="meta"))
+    assert logits.shape == (2, 1000)
+    assert [tuple(shapes[k]) for k in ("stem", 0, 1, 2, 3)] == [
+        (64, 56, 56), (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
+
+
+def test_resnet50_is_measured_and_logged_end_to_end(tmp_path):
+    """At small width and resolution every one of its 158 default layers is measured, and the Monitor
+    writes a run TensorBoard's reader reads back with all of them."""
+    torch.manual_seed(0)
+    model = ResNet50(3, 10, width=0.125)
+    randomize_batchnorm(model)
+    images, labels = torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])
+    tset = tm.transforms.rotations(4, padding="zeros")
+    result = tm.measure(model, (images, labels), tset, batch_size=3, compile=False)
+    assert len(result.layers) == 158 and result.layers[:4] == ["stem.0", "stem.1", "stem.2", "stem.3"]
+    assert result.layers[-2:] == ["pool", "classifier.1"] and result.accuracy.shape == (4,)
+    for layer in result.layers:
+        live = ~result.dead("nvi", layer)
+        assert live.any() and np.isfinite(result.get("nvi", layer)[live]).all(), layer
+    with tm.Monitor(model, (images, labels), tset, logdir=tmp_path / "resnet50", every=1, batch_size=3,
+                    compile=False) as monitor:
+        monitor.step(0)
+    run = tm.read(tmp_path)["resnet50"]
+    assert run.layers("nvi") == result.layers
+    np.testing.assert_allclose([run.means["nvi"][layer].values[-1] for layer in result.layers],
+                               list(result.layer_means("nvi").values()), rtol=1e-6)
 
 
 def test_untrained_stn_passes_images_through():

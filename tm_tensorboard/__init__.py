@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "measure": ("tm_tensorboard.engine", "measure"),
+    "estimate_memory": ("tm_tensorboard.engine", "estimate_memory"),
     "MeasureResult": ("tm_tensorboard.result", "MeasureResult"),
     "Monitor": ("tm_tensorboard.monitor", "Monitor"),
     "transforms": ("tm_tensorboard.transforms", None),
@@ -27,7 +28,7 @@ __all__ = ["__version__", *_LAZY]
 if TYPE_CHECKING:  # pragma: no cover
     from . import actions, testing, transforms
     from .checkpoints import measure_checkpoints
-    from .engine import measure
+    from .engine import estimate_memory, measure
     from .reader import read
     from .monitor import Monitor
     from .result import MeasureResult

@@ -2,8 +2,10 @@
 
 Layers are chosen by module name (as in ``model.named_modules()``), glob pattern or module type; the
 default is every leaf module except no-op ones (dropout, identity, flatten), and attention modules as a
-whole. A module called several times in one forward (a shared ReLU) yields one activation per call:
-``name``, ``name#2``, ...
+whole. (With ``dedupe_batchnorm=True`` the measurement also leaves out of the default the eval-mode
+BatchNorms that only rescale another observed output per channel: ``AffineBatchNorms`` finds them in the
+discovery pass, as only running the model shows what feeds what.) A module called several times in one
+forward (a shared ReLU) yields one activation per call: ``name``, ``name#2``, ...
 
 A layer is measured on its output tensor, or on the first element of a tuple output (attention's
 ``(output, weights)``). How its axes are read: ``[C]``, ``[C, L]`` and ``[C, H, W]`` put channels first;
@@ -15,13 +17,15 @@ from __future__ import annotations
 
 import fnmatch
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, Union
 
 import torch
 from torch import nn
 
-__all__ = ["LayerSelector", "select_modules", "unwrap", "Capture", "LayerInfo", "output_tensor", "is_token_output"]
+__all__ = ["LayerSelector", "select_modules", "unwrap", "Capture", "LayerInfo", "output_tensor", "is_token_output",
+           "AffineBatchNorms"]
 
 LayerSelector = Union[str, type, Sequence[Union[str, type]], None]
 
@@ -207,3 +211,68 @@ class Capture:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+
+class AffineBatchNorms:
+    """Context manager around a forward pass of the measurement (eval mode): which of ``modules``' BatchNorms
+    only rescale another observed output per channel, and so measure nothing new.
+
+    A BatchNorm in eval mode with running statistics is the per-channel affine map y = s·x + c of its input,
+    s = γ / √(running_var + ε), c = β − s·running_mean. When its input x is the unaltered output of another
+    observed layer, every statistic of y is x's moved by c and scaled by |s|: per element the transformation
+    variance TV (a mean over samples of a std over transformations) and the sample variance SV (a mean over
+    transformations of a std over samples) both scale by |s|, and the normalized variance NV = TV / SV is
+    x's exactly; per channel too, as s is one number per channel. (So are ANOVA's F, the per-transformation
+    errors, and the equivariance measures and Lie derivatives as long as moving maps back commutes with the
+    shift c: exact rot90 / flips, or interpolation with border padding, not zeros. Not Goodfellow's firing
+    rates when s < 0; ``Measurement`` refuses those combinations. A channel with γ = 0 is constant, dead, in
+    y.) Such a BatchNorm is found by the identity of its input tensor with a recorded output of an observed
+    module and the tensor's version counter (an in-place change in between breaks the match): a
+    BatchNorm fed a view, a sum or anything computed outside the observed modules is kept. ``redundant``:
+    the names of the BatchNorms whose every call was such a map.
+    """
+
+    def __init__(self, modules: Iterable[tuple[str, nn.Module]]):
+        self._modules = list(modules)
+        self._handles: list = []
+        self._outputs: dict[int, tuple[weakref.ref, int]] = {}  # id(tensor) -> (weak reference, version)
+        self._affine: dict[str, bool] = {}  # BatchNorm name -> every call so far mapped an observed output
+
+    @property
+    def redundant(self) -> list[str]:
+        return [name for name, affine in self._affine.items() if affine]
+
+    def _observed(self, tensor: object) -> bool:
+        if not isinstance(tensor, torch.Tensor):
+            return False
+        entry = self._outputs.get(id(tensor))
+        return entry is not None and entry[0]() is tensor and entry[1] == tensor._version
+
+    def _hook_for(self, name: str):
+        def hook(module: nn.Module, inputs, output) -> None:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                affine = not module.training and module.running_mean is not None and module.running_var is not None \
+                    and bool(inputs) and self._observed(inputs[0])
+                self._affine[name] = self._affine.get(name, True) and affine
+            try:
+                tensor = output_tensor(output)
+            except TypeError:
+                return
+            self._outputs[id(tensor)] = (weakref.ref(tensor), tensor._version)
+
+        return hook
+
+    def __enter__(self) -> "AffineBatchNorms":
+        try:
+            for name, module in self._modules:
+                self._handles.append(module.register_forward_hook(self._hook_for(name)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._outputs.clear()

@@ -12,28 +12,39 @@ untransformed probe first; each Lie derivative one pass over it with forward-mod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import math
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import nn
 
-from . import distributed, fused, lie
+from . import distributed, fused, lie, memory
 from .actions import FeatureAction, identity
-from .capture import Capture, LayerInfo, LayerSelector, is_token_output, output_tensor, select_modules, unwrap
+from .capture import (
+    AffineBatchNorms,
+    Capture,
+    LayerInfo,
+    LayerSelector,
+    is_token_output,
+    output_tensor,
+    select_modules,
+    unwrap,
+)
 from .layer_measures import GROUPS, LIE_PHASES, TRANSFORMED, UNTRANSFORMED_PHASES, Chunk, MeasureOptions
 from .measures import MEASURE_GROUPS
 from .preserve import preserved_rng_state, preserved_training_state
 from .probe import Probe, as_probe, border_variation
 from .result import MeasureResult
-from .statistics import AccuracyState, Scratch
+from .shards import DEFAULT_SHARDS, interleave, shard_count
+from .statistics import STATE_DTYPES, AccuracyState, Scratch
 from .transforms import Op, Transformation, TransformationSet
 
-__all__ = ["measure", "Measurement", "DEFAULT_MEASURES"]
+__all__ = ["measure", "estimate_memory", "Measurement", "DEFAULT_MEASURES"]
 
 DEFAULT_MEASURES = ("invariance", "same_equivariance")
 INPUT_LAYER = "input"  # the noise floor: the identity network, observed before the model
@@ -89,24 +100,39 @@ def measure(
     disk: bool = False,
     alpha: float = 0.01,
     compile: bool | None = None,
+    error_bars: int | bool = True,
+    state_dtype: torch.dtype = torch.float64,
+    memory_budget: int | str | None = None,
+    dedupe_batchnorm: bool = False,
 ) -> MeasureResult:
     """Measure how invariant / equivariant every observed unit of ``model`` is to ``transformations``.
 
     ``probe``: a tensor [N, C, H, W], an ``(images, labels)`` pair, a Dataset or a DataLoader (its first
     ``num_samples`` samples, 256 by default). ``measures``: groups among "invariance", "same_equivariance",
-    "equivariance_error", "goodfellow", "anova", the Lie derivatives "lie_rotation", "lie_translation_x",
-    "lie_translation_y", "lie_scale", "lie_brightness" (one forward-mode pass over the untransformed probe
-    each, through the transformations' interpolation and padding; ``transformations`` is not forwarded when
-    only they are measured) and "accuracy" (needs labels); by default DEFAULT_MEASURES, plus accuracy when
-    the probe has labels. ``batch_size``: probe samples
-    per forward pass (each pass sees batch_size × T images). ``stratified=True`` measures every class
-    separately and reports the mean (needs labels). ``noise_floor=True`` also measures the input itself
-    (layer "input"). ``actions``: the equivariance error's feature action, one for all layers or
-    {glob pattern: action}; ``actions.patch_grid`` also gives token outputs [tokens, D] the feature maps
-    of same-equivariance. ``disk``: equivariance error inside the central disk only. ``alpha``: ANOVA
-    level (Bonferroni-corrected over each layer's units). ``compile``: run the statistics as kernels
-    fused by ``torch.compile`` (True), eagerly (False), or (None) compiled when the measurement is large
-    enough to repay the seconds compiling costs once per process, or the kernels are already compiled.
+    "equivariance_error", "per_transformation", "goodfellow", "anova", the Lie derivatives "lie_rotation",
+    "lie_translation_x", "lie_translation_y", "lie_scale", "lie_brightness" (one forward-mode pass over the
+    untransformed probe each, through the transformations' interpolation and padding; ``transformations`` is
+    not forwarded when only they are measured) and "accuracy" (needs labels); by default DEFAULT_MEASURES, plus
+    accuracy when the probe has labels. ``batch_size``: probe samples per forward pass (each pass sees
+    batch_size × T images). ``stratified=True`` measures every class separately and reports the mean (needs
+    labels). ``noise_floor=True`` also measures the input itself (layer "input"). ``actions``: the equivariance
+    error's feature action, one for all layers or {glob pattern: action}; ``actions.patch_grid`` also gives
+    token outputs [tokens, D] the feature maps of same-equivariance. ``disk``: equivariance error inside the
+    central disk only. ``alpha``: ANOVA level (Bonferroni-corrected over each layer's units). ``compile``: run
+    the statistics as kernels fused by ``torch.compile`` (True), eagerly (False), or (None) compiled when the
+    measurement is large enough to repay the seconds compiling costs once per process, or the kernels are
+    already compiled.
+    ``error_bars``: split the probe into this many interleaved shards (True: DEFAULT_SHARDS, at least
+    MIN_SHARD_SAMPLES samples each; False: none) for standard errors (``result.stderr``) at no extra
+    forward, for one more set of states in memory (``shards.py``).
+    ``state_dtype=torch.float32`` halves the streaming states' memory (within a relative 1e-5 of float64
+    states per unit, ``statistics.py``). ``memory_budget`` (bytes, or a string such as "8GB" or "512MiB"): checked after
+    one probe sample has learned the layers' sizes and before any other forward (``memory.py``,
+    ``estimate_memory``); layers whose states do not fit together are measured in several passes over the
+    probe (the same numbers, more forwards), and a layer that does not fit alone is a ValueError naming the
+    largest layers and what to change. ``dedupe_batchnorm=True`` leaves out of the default layers the
+    BatchNorms that only rescale another observed layer's output per channel (same normalized measures:
+    ``capture.AffineBatchNorms``); select them with ``layers=`` to measure them anyway.
     A ``torch.compile``d model is measured eagerly through its original module (as a DDP model through
     its ``.module``); a half / bfloat16 model is given the transformed probe in its own dtype.
     """
@@ -122,11 +148,37 @@ def measure(
         disk=disk,
         alpha=alpha,
         compile=compile,
+        error_bars=error_bars,
+        state_dtype=state_dtype,
+        memory_budget=memory_budget,
+        dedupe_batchnorm=dedupe_batchnorm,
     )
     with preserved_rng_state():  # reading a shuffling DataLoader draws random numbers
         samples = as_probe(probe, labels=labels, num_samples=num_samples)
     session.use_labels(samples)
     return session.run(samples)
+
+
+def estimate_memory(
+    model: nn.Module,
+    probe: Any,
+    transformations: TransformationSet,
+    *,
+    labels: Any = None,
+    num_samples: int | None = None,
+    **keywords: Any,
+) -> memory.MemoryReport:
+    """The memory ``measure(model, probe, transformations, **keywords)`` would need, from one probe sample's
+    forward: each layer's streaming states (exact, as the measures allocate them), one chunk's working
+    memory (an estimate), and with ``memory_budget=`` the passes over the probe that fit it (``passes()``;
+    ValueError if a layer does not fit alone). ``print()`` it for a table; ``state_bytes``,
+    ``working_bytes``, ``total_bytes``, ``largest()`` and ``layers`` give the numbers."""
+    session = Measurement(model, transformations, **keywords)
+    with preserved_rng_state():
+        samples = as_probe(probe, labels=labels, num_samples=num_samples)
+    session.use_labels(samples)
+    session.check_probe(samples)
+    return session.estimate_memory(samples, session.classes(samples))
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype | None:
@@ -183,20 +235,42 @@ class _Observer:
             if phase in m.phases:
                 m.update(phase, activation, chunk)
 
-    def finalize(self) -> tuple[dict[str, tuple[tuple[str, ...], np.ndarray]], bool, bool]:
-        """{group: (component names, [classes, components, *shape])} on the host, and whether the states
-        hold NaN / inf (what the activations were: see ``Measurement.finalize``), one device-to-host copy."""
+    def sharded(self, phase: str) -> list:
+        """The measures this phase updates that have error bars (closed at the end of each shard)."""
+        return [m for m in self.measures.values() if phase in m.phases and m.shardable]
+
+    def finalize(self) -> tuple[dict[str, tuple[tuple[str, ...], np.ndarray, np.ndarray | None]], bool, bool]:
+        """{group: (component names, [classes, components, *shape], the shards' [K, classes, components,
+        channels] or None)} on the host, and whether the states hold NaN / inf (what the activations were:
+        see ``Measurement.finalize``), one device-to-host copy."""
         if not self.measures:
             return {}, False, False
         computed = [m.compute(self.compiled) for m in self.measures.values()]
+        shards = [torch.stack(m.shard_values) if m.shard_values else None for m in self.measures.values()]
         flags = [m.nonfinite() for m in self.measures.values()]
-        host = torch.cat([c.reshape(-1) for c in computed] + flags).cpu().numpy()
+        host = torch.cat([c.reshape(-1) for c in computed] + [v.reshape(-1) for v in shards if v is not None]
+                         + flags).to(torch.float64).cpu().numpy()  # (float32 states compute in float32)
         out, start = {}, 0
         for (group, m), c in zip(self.measures.items(), computed):
-            out[group] = (m.components, host[start : start + c.numel()].reshape(c.shape[:2] + m.unit_shape))
+            out[group] = (m.components, host[start : start + c.numel()].reshape(c.shape[:2] + m.unit_shape), None)
             start += c.numel()
+        for (group, m), v in zip(self.measures.items(), shards):
+            if v is not None:
+                out[group] = out[group][:2] + (host[start : start + v.numel()].reshape(v.shape),)
+                start += v.numel()
         sums = host[start:]
         return out, bool(np.isnan(sums).any()), bool(np.isinf(sums).any())
+
+
+class _Finalized:
+    """An observer already finalized to the host (a pass of a grouped measurement), read like one."""
+
+    def __init__(self, info: LayerInfo, values: tuple):
+        self.info = info
+        self._values = values
+
+    def finalize(self) -> tuple:
+        return self._values
 
 
 class Measurement:
@@ -216,6 +290,10 @@ class Measurement:
         disk: bool = False,
         alpha: float = 0.01,
         compile: bool | None = None,
+        error_bars: int | bool = True,
+        state_dtype: torch.dtype = torch.float64,
+        memory_budget: int | str | None = None,
+        dedupe_batchnorm: bool = False,
     ):
         check_model_and_transformations(model, transformations)
         if len(transformations) < 2:
@@ -235,11 +313,12 @@ class Measurement:
                 f"unknown measure(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
                 f"allowed: {', '.join(MEASURE_GROUPS)}"
             )
-        if "equivariance_error" in measures and transformations.identity_index is None:
+        comparing = [m for m in measures if m in GROUPS and GROUPS[m].needs_identity]
+        if comparing and transformations.identity_index is None:
             raise ValueError(
-                "equivariance_error compares every transformed input with the untransformed one, so the "
-                "transformations must include the identity (rotations(n) and rot90() do; product() with a set "
-                "that has it does too)"
+                f"{' and '.join(comparing)} compare{'s' if len(comparing) == 1 else ''} every transformed input "
+                "with the untransformed one, so the transformations must include the identity (rotations(n) and "
+                "rot90() do; product() with a set that has it does too)"
             )
         if any(m in lie.GENERATORS for m in measures):  # the Lie derivative differentiates the set's warp
             lie.check_interpolation(transformations.interpolation)
@@ -249,6 +328,12 @@ class Measurement:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
         if compile not in (None, True, False):
             raise ValueError(f"compile must be True, False or None (compile when it pays), got {compile!r}")
+        if not isinstance(error_bars, (bool, int)) or error_bars < 0:
+            raise ValueError(f"error_bars must be True, False or a number of shards, got {error_bars!r}")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be torch.float64 or torch.float32, got {state_dtype!r}")
+        if dedupe_batchnorm:
+            self._check_dedupe(layers, measures, transformations)
         self.model = unwrap(model)
         self.transformations = transformations
         self.measures = tuple(dict.fromkeys(measures))
@@ -256,11 +341,34 @@ class Measurement:
         self.batch_size = batch_size
         self.stratified = stratified
         self.noise_floor = noise_floor
-        self.options = MeasureOptions(actions=_action_lookup(actions), disk=disk, alpha=alpha)
+        self.options = MeasureOptions(actions=_action_lookup(actions), disk=disk, alpha=alpha, state_dtype=state_dtype)
         self.compile = compile if compile is not None else fused.mode_from_environment()
+        self.error_bars = DEFAULT_SHARDS if error_bars is True else max(int(error_bars), 1)  # shards asked for
         self.modules, self.explicit = select_modules(self.model, layers)
+        self.memory_budget = None if memory_budget is None else memory.parse_bytes(memory_budget)
+        self.dedupe_batchnorm = dedupe_batchnorm
+        self._layers: tuple[tuple, list[LayerInfo]] | None = None  # (probe sample shape, dtype), discovered layers
+        self._passes_warned = False  # the warning about several passes is given once
         self._fits = False  # set once the model ran on a probe batch
         self._padding_checked = False  # the border-padding warning is given once
+
+    @staticmethod
+    def _check_dedupe(layers: LayerSelector, measures: Sequence[str], transformations: TransformationSet) -> None:
+        """ValueError unless leaving the affine BatchNorms out loses nothing (``capture.AffineBatchNorms``)."""
+        if layers is not None:
+            raise ValueError("dedupe_batchnorm=True thins the default layer selection; with layers= the layers "
+                             "are yours to choose (leave the BatchNorms out of them)")
+        if "goodfellow" in measures:
+            raise ValueError("dedupe_batchnorm=True leaves out BatchNorms whose measures equal their inputs', and "
+                             "Goodfellow's firing rates do not (a negative γ reverses which side of the threshold "
+                             "fires): measure goodfellow without dedupe_batchnorm")
+        moving = [m for m in measures if m in ("same_equivariance", "equivariance_error") or m in lie.GENERATORS]
+        if moving and transformations.padding == "zeros":
+            raise ValueError(
+                f"dedupe_batchnorm=True leaves out BatchNorms whose measures equal their inputs', and with "
+                f"padding='zeros' {', '.join(moving)} do not: moving a BatchNorm's shifted maps back brings zeros in "
+                "at the border, unlike its input's; use padding='border' or measure without dedupe_batchnorm"
+            )
 
     def use_labels(self, probe: Probe) -> None:
         """With the default measures, a probe with labels adds accuracy; explicit measures that leave the
@@ -312,7 +420,7 @@ class Measurement:
         invariant to, which reads as non-invariance (on handwritten digits it halved a rotation-augmented
         model's accuracy at 45° + k·90°)."""
         t = self.transformations
-        if self._padding_checked or t.padding != "border" or images.dim() != 4:
+        if self._padding_checked or t.padding != "border" or images.dim() != 4 or images.is_meta:  # (no values)
             return
         self._padding_checked = True
         if not t.interpolates(images.shape[-2], images.shape[-1]):
@@ -372,13 +480,58 @@ class Measurement:
             )
 
     def discover(self, probe: Probe) -> list[LayerInfo]:
-        """Run one probe sample through the model to check that everything fits and learn the layers."""
+        """Run one probe sample through the model to check that everything fits and learn the layers (once
+        per probe sample shape and dtype). With ``dedupe_batchnorm``, the BatchNorms that only rescale
+        another observed output per channel (``capture.AffineBatchNorms``) leave the observed modules."""
+        key = (tuple(probe.images.shape[1:]), probe.images.dtype)
+        if self._layers is not None and self._layers[0] == key:
+            return self._layers[1]
         observers: dict[str, _Observer] = {}
-        with warnings.catch_warnings():
+        tracing = AffineBatchNorms(self.modules) if self.dedupe_batchnorm else contextlib.nullcontext()
+        with warnings.catch_warnings(), tracing as trace:
             warnings.simplefilter("ignore", RuntimeWarning)
             first = Probe(probe.images[:1], None if probe.labels is None else probe.labels[:1])
             self.stream(first, None, TRANSFORMED, observers, None, groups=(), all_labels=probe.labels)
-        return [o.info for o in observers.values()]
+        layers = [o.info for o in observers.values()]
+        if trace is not None:
+            redundant = set(trace.redundant)
+            self.modules = [(name, module) for name, module in self.modules if name not in redundant]
+            kept = [info for info in layers if info.name.split("#")[0] not in redundant]
+            layers = [dataclasses.replace(info, index=index) for index, info in enumerate(kept)]
+        self._layers = (key, layers)
+        return layers
+
+    def estimate_memory(self, probe: Probe, classes: list[int] | None) -> memory.MemoryReport:
+        """The memory this measurement needs on ``probe`` (``memory.py``; the discovery pass runs first)."""
+        layers = self.discover(probe)
+        dtype = _model_dtype(self.model) or probe.images.dtype
+        return memory.estimate(
+            layers, self.groups, self.transformations, len(classes or [0]), self.options,
+            batch_size=self.batch_size, input_shape=tuple(probe.images.shape[1:]), activation_dtype=dtype,
+            sharded=shard_count(self.error_bars, len(probe)) > 1, budget=self.memory_budget,
+        )
+
+    def passes(self, probe: Probe, classes: list[int] | None) -> list[list[str]] | None:
+        """The layers each pass over ``probe`` observes under ``memory_budget`` (None: no budget, one pass
+        over all), after the discovery pass (also run for ``dedupe_batchnorm``). ValueError if a layer's
+        states do not fit the budget alone; a warning, once, when the layers take several passes."""
+        if self.dedupe_batchnorm:
+            self.discover(probe)
+        if self.memory_budget is None:
+            return None
+        report = self.estimate_memory(probe, classes)
+        passes = report.passes()
+        if len(passes) > 1 and not self._passes_warned:
+            self._passes_warned = True
+            warnings.warn(
+                f"tm_tensorboard: the streaming states of all {len(report.layers)} layers need "
+                f"{memory.format_bytes(report.state_bytes)}, more than memory_budget="
+                f"{memory.format_bytes(self.memory_budget)} leaves them: measuring in {len(passes)} passes over the "
+                f"probe ({len(passes)} × the forwards; state_dtype=torch.float32 halves the states)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return passes
 
     def run(self, probe: Probe, *, classes: list[int] | None = None) -> MeasureResult:
         """Stream ``probe`` through the model and return the finalized result.
@@ -390,18 +543,56 @@ class Measurement:
             return self._run_distributed(probe, classes)
         self.check_probe(probe)
         classes = classes if classes is not None else self.classes(probe)
-        observers, accuracy = self._stream_phases(probe, classes)
+        probe, shards = self.interleaved(probe)
+        observers, accuracy = self._stream_planned(probe, classes, shards=shards)
         return self.finalize(observers, accuracy, len(probe), classes)
 
-    def _stream_phases(self, probe: Probe, classes: list[int] | None, compiled: bool | None = None):
+    def interleaved(self, probe: Probe) -> tuple[Probe, list[tuple[int, int]] | None]:
+        """The probe in error-bar shard order and each shard's range (None: no error bars for it)."""
+        count = shard_count(self.error_bars, len(probe))
+        if count < 2:
+            return probe, None
+        order, bounds = interleave(len(probe), count)
+        return Probe(probe.images[order], None if probe.labels is None else probe.labels[order]), bounds
+
+    def _stream_phases(self, probe: Probe, classes: list[int] | None, compiled: bool | None = None,
+                       shards: list[tuple[int, int]] | None = None):
         observers: dict[str, _Observer] = {}
         accuracy = AccuracyState(len(self.transformations), self.device(probe)) if "accuracy" in self.measures else None
         for phase in self.phases:
-            self.stream(probe, classes, phase, observers, accuracy, compiled=compiled)
+            self.stream(probe, classes, phase, observers, accuracy, compiled=compiled, shards=shards)
             for observer in observers.values():
                 for m in observer.measures.values():
                     m.finish(phase)
         return observers, accuracy
+
+    def _stream_planned(self, probe: Probe, classes: list[int] | None, compiled: bool | None = None,
+                        shards: list[tuple[int, int]] | None = None):
+        """``_stream_phases`` on all layers at once, or under ``memory_budget`` once per pass of ``passes``:
+        each pass observes its layers only and is finalized to the host before the next one starts, so one
+        pass's states are in memory at a time. Every pass folds the same activations in the same chunks
+        with the same kernels, so the results equal one pass's exactly."""
+        passes = self.passes(probe, classes)
+        if passes is None or len(passes) == 1:
+            return self._stream_phases(probe, classes, compiled, shards)
+        layers = {info.name: info for info in self.discover(probe)}
+        if compiled is None and self.compile is None:  # decided for the whole measurement, as one pass would
+            compiled = compile_pays(self.values_per_measurement(list(layers.values()), len(probe)))
+        modules, noise_floor = self.modules, self.noise_floor
+        done: dict[str, _Finalized] = {}
+        accuracy = None
+        try:
+            for names in passes:
+                wanted = {name.split("#")[0] for name in names}
+                self.modules = [(name, module) for name, module in modules if name in wanted]
+                self.noise_floor = noise_floor and INPUT_LAYER in wanted
+                observers, measured = self._stream_phases(probe, classes, compiled, shards)
+                accuracy = measured if accuracy is None else accuracy  # the same in every pass
+                done.update((name, _Finalized(layers[name], o.finalize())) for name, o in observers.items())
+                del observers  # this pass's states, before the next pass makes its own
+        finally:
+            self.modules, self.noise_floor = modules, noise_floor
+        return {name: done[name] for name in layers if name in done}, accuracy
 
     def warm_up(self, probe: Probe) -> float:
         """Compile the fused updates this measurement needs, on two probe samples (results discarded), and
@@ -413,7 +604,7 @@ class Measurement:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "(NaN|inf) in the measures", RuntimeWarning)  # of a 2-sample measurement
             pair = Probe(probe.images[:2], None if probe.labels is None else probe.labels[:2])
-            self.finalize(*self._stream_phases(pair, None, True), len(pair), None)
+            self.finalize(*self._stream_planned(pair, None, True), len(pair), None)
         return fused.compiled_seconds() - before
 
     def _compiled(self, probe_size: int, observers: dict[str, "_Observer"]) -> bool:
@@ -436,6 +627,11 @@ class Measurement:
         try:
             self.check_probe(probe)
             classes = classes if classes is not None else self.classes(probe)
+            passes = self.passes(probe, classes)
+            if passes is not None and len(passes) > 1:
+                raise ValueError(f"the layers' states need {len(passes)} passes over the probe to fit memory_budget, "
+                                 "and grouped passes are not supported under torch.distributed: raise the budget, or "
+                                 "see tm_tensorboard.estimate_memory for what else makes the states smaller")
         except Exception as caught:
             error = caught
         distributed.exchange_status(
@@ -450,19 +646,44 @@ class Measurement:
                 classes,
             ),
         )
-        # 2. Each phase: stream this rank's shard (with rank 0's buffers), agree on the outcome, merge.
-        shard = probe.shard(rank, world)
-        counts = [
-            [len(s)] if classes is None else [int((s.labels == c).sum()) for c in classes]
-            for s in (probe.shard(r, world) for r in range(world))
-        ]
+        # 2. Each phase: stream this rank's part (with rank 0's buffers), agree on the outcome, merge. With
+        # error bars, the rank's part of every error-bar shard, the ranks' states merged at each shard's end.
+        probe, bounds = self.interleaved(probe)
+        ranges = [[(lo + (hi - lo) * r // world, lo + (hi - lo) * (r + 1) // world) for lo, hi in bounds or [(0, len(probe))]]
+                  for r in range(world)]
+        own, shards, start = [], [], 0
+        for lo, hi in ranges[rank]:
+            own.append(torch.arange(lo, hi))
+            shards.append((start, start + hi - lo))
+            start += hi - lo
+        order = torch.cat(own)
+        part = Probe(probe.images[order], None if probe.labels is None else probe.labels[order])
+
+        def counts_of(r_ranges: list[tuple[int, int]]) -> list[int]:
+            labels = None if classes is None else torch.cat([probe.labels[lo:hi] for lo, hi in r_ranges])
+            return [sum(hi - lo for lo, hi in r_ranges)] if classes is None else [int((labels == c).sum()) for c in classes]
+
+        counts = [counts_of(r) for r in ranges]  # per rank, per class: samples streamed in all
+        shard_counts = [[counts_of([r[k]]) for r in ranges] for k in range(len(shards))]  # per shard, rank, class
         observers: dict[str, _Observer] = {}
         accuracy = AccuracyState(len(self.transformations), self.device(probe)) if "accuracy" in self.measures else None
+
+        def merge_shard(phase: str, k: int) -> None:
+            distributed.exchange_status(None, ("shard", phase, k))  # a rank that failed mid-shard says so here
+            for observer in observers.values():
+                for m in observer.sharded(phase):
+                    for c, states in enumerate(m.states(phase)):
+                        for state in states:
+                            distributed.merge_state(state, [per_rank[c] for per_rank in shard_counts[k]])
+
         with distributed.rank0_buffers(self.model):
             for phase in self.phases:
                 try:
-                    if len(shard):
-                        self.stream(shard, classes, phase, observers, accuracy)
+                    if bounds is not None and not observers:  # every rank takes part in every shard's merge
+                        observers.update(self._empty_observers(probe, classes))
+                    if len(part) or bounds is not None:
+                        self.stream(part, classes, phase, observers, accuracy, shards=shards if bounds else None,
+                                    on_shard_end=(lambda k, phase=phase: merge_shard(phase, k)) if bounds else None)
                     elif not observers:  # nothing to stream, but this rank holds (empty) states for the merges
                         observers.update(self._empty_observers(probe, classes))
                 except Exception as caught:
@@ -471,8 +692,9 @@ class Measurement:
                     error, [(o.info.name, o.info.unit_shape, tuple(o.measures)) for o in observers.values()]
                 )
                 for observer in observers.values():
+                    merged = observer.sharded(phase) if bounds is not None else []  # at each shard's end already
                     for m in observer.measures.values():
-                        if phase in m.phases:
+                        if phase in m.phases and m not in merged:
                             for k, states in enumerate(m.states(phase)):
                                 for state in states:
                                     distributed.merge_state(state, [c[k] for c in counts])
@@ -498,12 +720,16 @@ class Measurement:
         groups: Sequence[str] | None = None,
         compiled: bool | None = None,
         all_labels: torch.Tensor | None = None,
+        shards: Sequence[tuple[int, int]] | None = None,
+        on_shard_end: Callable[[int], None] | None = None,
     ) -> None:
         """Forward the probe chunk by chunk for one phase, updating the states inside the hooks.
 
         Observers are created on the first chunk that meets a layer; ``groups`` (default: the measured
         ones) chooses which measure groups they hold; ``compiled`` overrides the ``compile`` setting;
         ``all_labels`` (default: the probe's) are checked against the model's classes after the first chunk.
+        ``shards``: the probe's [lo, hi) ranges of error-bar shards (chunks never straddle two); after each,
+        ``on_shard_end(shard)`` runs (the ranks' merge) and the measures close the shard.
         """
         model = self.model
         transformations = self.transformations if phase == TRANSFORMED else _UNTRANSFORMED
@@ -555,6 +781,7 @@ class Measurement:
             observer.update(phase, activation, chunk)
 
         images, n = probe.images, len(probe)
+        shards = shards or [(0, n)]
         labels = probe.labels
         all_labels = labels if all_labels is None else all_labels
         # The transformations run in the wider of the probe's and the model's dtypes, the model in its own:
@@ -564,47 +791,62 @@ class Measurement:
         generator = lie.GENERATORS.get(phase)  # a forward-mode pass: the inputs carry d/dt g_t x as tangents
         with preserved_training_state(model), Capture(self.modules, on_output) as capture, \
                 (lie.forward_mode(model) if generator else contextlib.nullcontext()) as running:
-            for lo in range(0, n, self.batch_size):
-                hi = min(lo + self.batch_size, n)
-                x = images[lo:hi].to(device, work, non_blocking=True)
-                use_compiled = compiled if compiled is not None else self._compiled(n, observers)
-                use_compiled = use_compiled and device.type != "meta"  # shapes only: nothing to run compiled
-                chunk = Chunk(hi - lo, self._groups(labels, lo, hi, class_index, device), scratch, use_compiled,
-                              tuple(x.shape[-2:]) if x.dim() == 4 else None)
-                batch = transformations.apply(x)
-                if generator is not None:
-                    t = self.transformations
-                    batch = forward_ad.make_dual(batch, generator.input_tangent(batch, t.interpolation, t.padding))
-                if dtype is not None and batch.dtype != dtype:
-                    batch = batch.to(dtype)
-                if self.noise_floor:
-                    on_output(INPUT_LAYER, None, batch)
-                capture.start_forward()
-                try:
-                    output = forward(batch)
-                except Exception as error:
-                    if generator is not None and isinstance(error, NotImplementedError) and running:
+            first = True
+            for shard, (start, end) in enumerate(shards):
+                for lo in range(start, end, self.batch_size):
+                    hi = min(lo + self.batch_size, end)
+                    x = images[lo:hi].to(device, work, non_blocking=True)
+                    use_compiled = compiled if compiled is not None else self._compiled(n, observers)
+                    use_compiled = use_compiled and device.type != "meta"  # shapes only: nothing to run compiled
+                    chunk = Chunk(hi - lo, self._groups(labels, lo, hi, class_index, device), scratch, use_compiled,
+                                  tuple(x.shape[-2:]) if x.dim() == 4 else None)
+                    batch = transformations.apply(x)
+                    if generator is not None:
+                        t = self.transformations
+                        batch = forward_ad.make_dual(batch, generator.input_tangent(batch, t.interpolation, t.padding))
+                    if dtype is not None and batch.dtype != dtype:
+                        batch = batch.to(dtype)
+                    if self.noise_floor:
+                        on_output(INPUT_LAYER, None, batch)
+                    capture.start_forward()
+                    try:
+                        output = forward(batch)
+                    except Exception as error:
+                        if generator is not None and isinstance(error, NotImplementedError) and running:
+                            raise ValueError(
+                                f"{generator.group} differentiates the model in forward mode (torch.autograd.forward_ad), "
+                                f"and module {running[-1]} runs an op that has no forward-mode derivative in this "
+                                f"PyTorch: {error}"
+                            ) from error
+                        mine = isinstance(error, (LayerMeasureError, lie.TangentError))  # raised by a layer's measure
+                        if mine or self._fits or not first:  # explain a first model failure
+                            raise
                         raise ValueError(
-                            f"{generator.group} differentiates the model in forward mode (torch.autograd.forward_ad), "
-                            f"and module {running[-1]} runs an op that has no forward-mode derivative in this "
-                            f"PyTorch: {error}"
+                            f"the model could not run on the transformed probe batch of shape {list(batch.shape)} "
+                            f"(probe samples shaped {list(images.shape[1:])}, {T} transformations): {error}"
                         ) from error
-                    mine = isinstance(error, (LayerMeasureError, lie.TangentError))  # raised by a layer's measure
-                    if mine or self._fits or lo:  # explain a first model failure
-                        raise
-                    raise ValueError(
-                        f"the model could not run on the transformed probe batch of shape {list(batch.shape)} "
-                        f"(probe samples shaped {list(images.shape[1:])}, {T} transformations): {error}"
-                    ) from error
-                if lo == 0:
-                    self._check_observed(observers, skipped)
-                    self._fits = True
-                    if "accuracy" in self.measures:
-                        self._check_logits(output, batch.shape[0])
-                    if "accuracy" in self.measures:  # (unless the default accuracy was just left out)
-                        self._check_labels(all_labels, output.shape[1])
-                if accuracy is not None and phase == TRANSFORMED and "accuracy" in self.measures:
-                    accuracy.update(output, labels[lo:hi].to(device, non_blocking=True))
+                    if first:
+                        self._check_observed(observers, skipped)
+                        self._fits = True
+                        if "accuracy" in self.measures:
+                            self._check_logits(output, batch.shape[0])
+                        if "accuracy" in self.measures:  # (unless the default accuracy was just left out)
+                            self._check_labels(all_labels, output.shape[1])
+                    if accuracy is not None and phase == TRANSFORMED and "accuracy" in self.measures:
+                        accuracy.update(output, labels[lo:hi].to(device, non_blocking=True))
+                    first = False
+                if len(shards) > 1:
+                    self._close_shard(shard, phase, observers, on_shard_end)
+
+    @staticmethod
+    def _close_shard(shard: int, phase: str, observers: dict[str, _Observer],
+                     on_shard_end: Callable[[int], None] | None) -> None:
+        """The end of an error-bar shard: every measure of this phase that has error bars closes it."""
+        if on_shard_end is not None:
+            on_shard_end(shard)
+        for observer in observers.values():
+            for m in observer.sharded(phase):
+                m.close_shard(observer.compiled)
 
     def _layer_info(self, name: str, index: int, module: nn.Module | None, module_type: str,
                     unit_shape: tuple[int, ...]) -> LayerInfo:
@@ -651,16 +893,19 @@ class Measurement:
         with finite states, e.g. a class without two samples; the outside of the equivariance error's disk is
         NaN by definition.)"""
         components: dict[str, dict] = {g: {} for g in self.groups}
+        shards: dict[str, dict] = {g: {} for g in self.groups}
         nan_layers, inf_layers, other_layers = [], [], []
         for name, observer in observers.items():
             values_of, nan_states, inf_states = observer.finalize()
-            for group, (names, values) in values_of.items():
+            for group, (names, values, shard_values) in values_of.items():
                 components[group][name] = (names, values)
+                if shard_values is not None:
+                    shards[group][name] = shard_values
             if nan_states:
                 nan_layers.append(name)
             elif inf_states:
                 inf_layers.append(name)
-            elif any(np.isnan(v).any() for g, (_, v) in values_of.items() if g not in self.masked_groups):
+            elif any(np.isnan(v).any() for g, (_, v, _) in values_of.items() if g not in self.masked_groups):
                 other_layers.append(name)
         for layers, why in (
             (nan_layers, "the model produced NaN or infinite activations there; those units are reported as NaN"),
@@ -681,6 +926,7 @@ class Measurement:
             accuracy.compute().cpu().numpy() if accuracy is not None and "accuracy" in self.measures else None,
             classes,
             masked_groups=self.masked_groups,
+            shards={g: layers for g, layers in shards.items() if layers},
         )
 
     @property

@@ -24,11 +24,13 @@ from .capture import LayerInfo
 from .f_distribution import f_critical_value
 from .fused import fused
 from .lie import GENERATORS, Generator, TangentError, along_flow
+from .shards import absorb, channel_means
 from .statistics import (
     SampleMoments,
     SampleSum,
     Scratch,
     StreamingState,
+    state_dtype,
     fold_moments,
     fold_spread,
     fold_sum,
@@ -52,6 +54,7 @@ class MeasureOptions:
     disk: bool = False  # equivariance error: only positions inside the central disk
     alpha: float = 0.01  # ANOVA significance level, Bonferroni-corrected over each layer's units
     firing_quantile: float = 0.99  # Goodfellow: threshold = mean + std · Φ⁻¹(quantile)
+    state_dtype: torch.dtype = torch.float64  # of the streaming states (statistics.state_dtype)
 
 
 @dataclass
@@ -78,6 +81,9 @@ class LayerMeasure:
     components: tuple[str, ...] = ()
     phases: tuple[str, ...] = (TRANSFORMED,)
     uses_actions = False  # reads the layers' feature actions (recorded in the run configuration)
+    needs_identity = False  # compares with the untransformed input: the set must hold the identity
+    shardable = True  # error bars: finalized per shard of the probe (one pass, nothing read on the host)
+    masked = False  # components are NaN by definition at excluded positions
 
     def __init__(self, info: LayerInfo, transformations: TransformationSet, num_classes: int,
                  device: torch.device, options: MeasureOptions):
@@ -87,7 +93,10 @@ class LayerMeasure:
         self.options = options
         self.unit_shape = self.feature_shape(info)  # shape of the components per element
         self.units = math.prod(self.unit_shape)
-        self.per_class = [self.make_states(device) for _ in range(num_classes)]
+        self.device = device
+        self.per_class = [self.new_states() for _ in range(num_classes)]  # the states being updated
+        self.totals: list[dict[str, StreamingState]] | None = None  # with shards: every closed shard merged
+        self.shard_values: list[torch.Tensor] = []  # with shards: each one's [classes, components, channels]
 
     @staticmethod
     def applies(info: LayerInfo) -> bool:
@@ -98,6 +107,11 @@ class LayerMeasure:
 
     def make_states(self, device: torch.device) -> dict[str, StreamingState]:
         raise NotImplementedError
+
+    def new_states(self) -> dict[str, StreamingState]:
+        """``make_states`` on this measure's device, in ``options.state_dtype``."""
+        with state_dtype(self.options.state_dtype):
+            return self.make_states(self.device)
 
     def states(self, phase: str) -> list[list[StreamingState]]:
         """Per class, the states a phase updates (merged across ranks after the phase)."""
@@ -113,15 +127,35 @@ class LayerMeasure:
         """[components, units] float64 on the device."""
         raise NotImplementedError
 
-    def compute(self, compiled: bool = False) -> torch.Tensor:
-        """[classes, components, units] float64 on the device (``compiled``: with the fused kernels)."""
-        per_class = [self.compute_class(states, compiled) for states in self.per_class]
+    @property
+    def final_states(self) -> list[dict[str, StreamingState]]:
+        """Per class, the states of the whole probe: the totals of the shards, or the only states."""
+        return self.per_class if self.totals is None else self.totals
+
+    def compute(self, compiled: bool = False, shard: bool = False) -> torch.Tensor:
+        """[classes, components, units] float64 on the device (``compiled``: with the fused kernels), of the
+        whole probe or (``shard``) of the shard being streamed."""
+        per_class = [self.compute_class(states, compiled) for states in (self.per_class if shard else self.final_states)]
         return per_class[0].unsqueeze(0) if len(per_class) == 1 else torch.stack(per_class)
+
+    def close_shard(self, compiled: bool) -> None:
+        """End a shard of the probe: keep its values per channel, merge its states into the totals and
+        clear them for the next shard (``shards.py``)."""
+        axis = self.info.channel_axis if self.unit_shape == self.info.unit_shape else 0
+        values = self.compute(compiled, shard=True)
+        values = values.reshape(*values.shape[:-1], *self.unit_shape)  # [..., units] -> [..., *unit_shape]
+        self.shard_values.append(channel_means(values, self.unit_shape, axis, self.masked))
+        if self.totals is None:  # the first shard's states become the totals
+            self.totals, self.per_class = self.per_class, [self.new_states() for _ in self.per_class]
+            return
+        for shard, total in zip(self.per_class, self.totals):
+            for name, state in shard.items():
+                absorb(state, total[name], compiled)
 
     def nonfinite(self) -> torch.Tensor:
         """The sum of the states' absolute values, [1] float64 on the device, read with the results when
         finalizing: NaN if a state holds NaN, inf if one holds ±inf (three kernels, whatever the states)."""
-        values = torch.cat([t.reshape(-1) for states in self.per_class for s in states.values() for t in s.tensors()])
+        values = torch.cat([t.reshape(-1) for states in self.final_states for s in states.values() for t in s.tensors()])
         return values.abs().sum().reshape(1)
 
 
@@ -186,14 +220,10 @@ class SameEquivarianceMeasure(VarianceMeasure):
         return self.transformations.invert_features(self.maps(activation))
 
 
-@fused
-def _equivariance_error_update(back, psi, T, identity, squared_total, squared_count, mean, m2, count, scratch=None):
-    """Squared differences of every moved-back transformed feature from the untransformed one, and the
-    moments of the untransformed features. (Never writes into ``back`` or ``psi``: either may be the
-    activation itself, which later layers still read.)"""
-    units = mean.shape[-1]
-    reference = psi.reshape(-1, T, units)[:, identity]  # [b, units]
-    moved = back.reshape(-1, T, units)
+def _fold_errors(moved, reference, squared_total, squared_count, mean, m2, count, scratch):
+    """Fold in the squared differences of moved [b, T, units] from reference [b, units], summed over
+    samples per (transformation, unit), and the moments of reference. (Never writes into either: they
+    may be the activation itself, which later layers still read.)"""
     if scratch is None:
         squared = (moved - reference.unsqueeze(1)).square()
     else:
@@ -203,21 +233,36 @@ def _equivariance_error_update(back, psi, T, identity, squared_total, squared_co
 
 
 @fused
-def _equivariance_error_compute(squared_total, squared_count, m2, count, keep, inside, scratch=None):
-    """[MSE, 2·var]: the mean squared difference over samples and the transformations ``keep`` (all but
-    the identity), and twice the sample variance of the untransformed features; NaN outside ``inside``."""
-    mse = mean_of_sum(squared_total, squared_count).index_select(0, keep).mean(dim=0)
-    values = torch.stack([mse, 2 * unbiased_var(m2, count)])
+def _equivariance_error_update(back, psi, T, identity, squared_total, squared_count, mean, m2, count, scratch=None):
+    """Squared differences of every moved-back transformed feature from the untransformed one, and the
+    moments of the untransformed features."""
+    units = mean.shape[-1]
+    reference = psi.reshape(-1, T, units)[:, identity]  # [b, units]
+    _fold_errors(back.reshape(-1, T, units), reference, squared_total, squared_count, mean, m2, count, scratch)
+
+
+@fused
+def _equivariance_error_compute(squared_total, squared_count, m2, count, keep, transformed, inside, scratch=None):
+    """[MSE, 2·var, MSE of each transformation (T rows)]: the mean squared difference over samples and the
+    transformations ``keep`` (all but the identity), twice the sample variance of the untransformed
+    features, and the mean squared difference over samples of each transformation, the identity's 0 by
+    definition (``transformed`` zeroes it: moving interpolated maps back by the identity rounds); NaN
+    outside ``inside``."""
+    mse_t = mean_of_sum(squared_total, squared_count) * transformed.unsqueeze(1)
+    mse = mse_t.index_select(0, keep).mean(dim=0)
+    values = torch.cat([torch.stack([mse, 2 * unbiased_var(m2, count)]), mse_t])
     return torch.where(inside, values, float("nan"))
 
 
 class EquivarianceErrorMeasure(LayerMeasure):
     """E = mean over samples, transformations ≠ identity and positions of (ψ(φ(x)) − g⁻¹ψ(φ(g x)))²,
-    normalized by 2 · the sample variance of ψ(φ(x)) (what two random samples would give)."""
+    normalized by 2 · the sample variance of ψ(φ(x)) (what two random samples would give); and E_t, the
+    same for each transformation g_t alone (``mse_t``: one row per transformation)."""
 
     group = "equivariance_error"
-    components = ("mse", "var2")
+    components = ("mse", "var2", "mse_t")
     uses_actions = True
+    needs_identity = True
 
     def __init__(self, info, transformations, num_classes, device, options):
         self.action = options.actions(info.name)
@@ -225,8 +270,10 @@ class EquivarianceErrorMeasure(LayerMeasure):
         self.identity = transformations.identity_index
         super().__init__(info, transformations, num_classes, device, options)
         self.keep = torch.tensor([t for t in range(self.T) if t != self.identity], device=device)
+        self.transformed = (torch.arange(self.T, device=device) != self.identity).to(torch.float64)
         everywhere = torch.ones(self.unit_shape, dtype=torch.bool, device=device)
         self.inside = (_central_disk(self.unit_shape, device) if options.disk else everywhere).reshape(-1)
+        self.masked = options.disk
 
     @staticmethod
     def applies(info):
@@ -251,8 +298,52 @@ class EquivarianceErrorMeasure(LayerMeasure):
     def compute_class(self, states, compiled):
         squared, reference = states["squared"], states["reference"]
         return _equivariance_error_compute(
-            compiled, squared.total, squared.count, reference.m2, reference.count, self.keep, self.inside
+            compiled, squared.total, squared.count, reference.m2, reference.count, self.keep, self.transformed,
+            self.inside,
         )
+
+
+@fused
+def _invariance_error_update(output, T, identity, squared_total, squared_count, mean, m2, count, scratch=None):
+    """Squared differences of every transformed input's activation from the untransformed one's, and the
+    moments of the untransformed activations."""
+    x = output.reshape(-1, T, mean.shape[-1])  # [b, T, units]
+    _fold_errors(x, x[:, identity], squared_total, squared_count, mean, m2, count, scratch)
+
+
+@fused
+def _invariance_error_compute(squared_total, squared_count, m2, count, scratch=None):
+    """[MSE of each transformation (T rows), 2·var]: per unit, the mean squared difference over samples
+    and twice the sample variance of the untransformed activations."""
+    return torch.cat([mean_of_sum(squared_total, squared_count), (2 * unbiased_var(m2, count)).unsqueeze(0)])
+
+
+class InvarianceErrorMeasure(LayerMeasure):
+    """Per transformation t: I_t = the mean over samples of (φ(t x) − φ(x))², per unit, normalized by
+    2 · the sample variance of φ(x); on every layer (invariance: nothing is moved back)."""
+
+    group = "per_transformation"
+    components = ("mse_t", "var2")
+    needs_identity = True
+
+    def __init__(self, info, transformations, num_classes, device, options):
+        self.identity = transformations.identity_index
+        super().__init__(info, transformations, num_classes, device, options)
+
+    def make_states(self, device):
+        return {"squared": SampleSum((self.T, self.units), device), "reference": SampleMoments((self.units,), device)}
+
+    def update(self, phase, activation, chunk):
+        for k, rows in chunk.rows(activation):
+            squared, reference = self.per_class[k]["squared"], self.per_class[k]["reference"]
+            _invariance_error_update(
+                chunk.compiled, rows, self.T, self.identity, squared.total, squared.count, reference.mean,
+                reference.m2, reference.count, scratch=chunk.scratch,
+            )
+
+    def compute_class(self, states, compiled):
+        squared, reference = states["squared"], states["reference"]
+        return _invariance_error_compute(compiled, squared.total, squared.count, reference.m2, reference.count)
 
 
 def _central_disk(unit_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -377,6 +468,7 @@ class GoodfellowMeasure(LayerMeasure):
     group = "goodfellow"
     components = ("local", "global")
     phases = ("thresholds", "global", TRANSFORMED)
+    shardable = False  # three passes, the thresholds from the whole probe
 
     _STATE_OF_PHASE = {"thresholds": "moments", "global": "global", TRANSFORMED: "local"}
 
@@ -417,6 +509,7 @@ class AnovaMeasure(LayerMeasure):
 
     group = "anova"
     components = ("f", "reject")
+    shardable = False  # a test decision, not an estimate (and its critical value is computed on the host)
 
     def make_states(self, device):
         return {"moments": SampleMoments((self.T, self.units), device)}
@@ -447,6 +540,6 @@ class AnovaMeasure(LayerMeasure):
 
 GROUPS: dict[str, type[LayerMeasure]] = {
     m.group: m
-    for m in (VarianceMeasure, SameEquivarianceMeasure, EquivarianceErrorMeasure, GoodfellowMeasure, AnovaMeasure,
-              *map(_lie_measure, GENERATORS.values()))
+    for m in (VarianceMeasure, SameEquivarianceMeasure, EquivarianceErrorMeasure, InvarianceErrorMeasure,
+              GoodfellowMeasure, AnovaMeasure, *map(_lie_measure, GENERATORS.values()))
 }

@@ -3,7 +3,8 @@
 Every measure is computed from per-element *components* of one measure group (e.g. the invariance group
 streams TV and SV): a plain measure is one component, a ratio measure divides two with ``safe_divide``.
 Per channel, components are averaged over positions separately and then divided (tmeasures'
-AverageFeatureMaps), so ratios of channel means, not means of ratios.
+AverageFeatureMaps), so ratios of channel means, not means of ratios. A per-transformation component
+(``mse_t``) has one row per transformation, so its measures (ie_t, ee_t) are [T, units].
 """
 from __future__ import annotations
 
@@ -14,15 +15,21 @@ import numpy as np
 __all__ = [
     "MeasureSpec",
     "SPECS",
+    "PER_TRANSFORMATION_COMPONENTS",
     "MEASURE_GROUPS",
     "DEFINITIONS",
     "group_of",
     "safe_divide",
     "per_channel",
     "finite_mean",
+    "finite_row_means",
     "ratio_measure",
     "evaluate",
+    "split_components",
 ]
+
+# Components with one row per transformation: T rows among a group's stacked components, [T, *shape].
+PER_TRANSFORMATION_COMPONENTS = ("mse_t",)
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,11 @@ class MeasureSpec:
     @property
     def is_ratio(self) -> bool:
         return len(self.components) == 2
+
+    @property
+    def per_transformation(self) -> bool:
+        """Values [T, units]: one row per transformation, in the set's order."""
+        return any(c in PER_TRANSFORMATION_COMPONENTS for c in self.components)
 
 
 # The Lie derivative's families (lie.py's generators): name, what g_t does, the unit of t.
@@ -59,6 +71,14 @@ _SPECS = [
                 "equivariance error: mean (psi(f(x)) - g^-1 psi(f(g x)))^2 over samples and transformations / "
                 "(2 * sample variance of psi(f(x))); 0 = equivariant under the layer's feature action, ~1 = as "
                 "different as two random samples"),
+    MeasureSpec("ee_t", "equivariance_error", ("mse_t", "var2"),
+                "equivariance error per transformation g: mean (psi(f(x)) - g^-1 psi(f(g x)))^2 over samples / "
+                "(2 * sample variance of psi(f(x))), one row per transformation; its mean over g != identity is ee, "
+                "the identity's row is 0"),
+    MeasureSpec("ie_t", "per_transformation", ("mse_t", "var2"),
+                "invariance error per transformation g: mean (f(g x) - f(x))^2 over samples / (2 * sample variance "
+                "of f(x)), one row per transformation; 0 = invariant to g, ~1 = as different as two random "
+                "samples; the identity's row is 0"),
     *(MeasureSpec(f"lie_{name}", f"lie_{name}", ("lsq", "var2"),
                   f"Lie derivative under {what}, t in {unit}: mean over samples of L^2, L = d/dt g_t^-1 psi(f(g_t x)) "
                   "at t = 0, over 2 * the sample variance of psi(f(x)); g_t^-1 moves feature maps back "
@@ -136,6 +156,25 @@ def finite_mean(values: np.ndarray, dead: np.ndarray | None = None) -> float:
     return float(values[keep].mean()) if keep.any() else float("nan")
 
 
+def finite_row_means(values: np.ndarray, dead: np.ndarray | None = None) -> np.ndarray:
+    """``finite_mean`` of each row of ``values`` [T, ...] (``dead``: of the same shape): a
+    per-transformation measure's layer mean for each transformation, float64 [T]."""
+    rows = [None] * len(values) if dead is None else dead
+    return np.array([finite_mean(v, d) for v, d in zip(values, rows)], dtype=np.float64)
+
+
 def ratio_measure(group: str) -> str | None:
-    """The group's ratio measure (nvi, nvse, ...), whose 0 / 0 units are the group's dead units."""
-    return next((m for m in MEASURE_GROUPS[group] if SPECS[m].is_ratio), None)
+    """The group's per-unit ratio measure (nvi, nvse, ...), whose 0 / 0 units are the group's dead units."""
+    return next((m for m in MEASURE_GROUPS[group] if SPECS[m].is_ratio and not SPECS[m].per_transformation), None)
+
+
+def split_components(names: tuple[str, ...], rows: np.ndarray, T: int) -> dict[str, np.ndarray]:
+    """{component: values} of a group's components stacked along axis 0 of ``rows`` in the order of
+    ``names``: T rows [T, ...] for a per-transformation component, one row [...] for any other."""
+    out, start = {}, 0
+    for name in names:
+        if name in PER_TRANSFORMATION_COMPONENTS:
+            out[name], start = rows[start : start + T], start + T
+        else:
+            out[name], start = rows[start], start + 1
+    return out

@@ -24,6 +24,9 @@ __all__ = [
     "means_tag",
     "accuracy_tag",
     "config_tag",
+    "per_transformation_tag",
+    "stderr_tag",
+    "OP_PARAMETERS",
     "scalar_tag",
     "create_summary_metadata",
     "parse_plugin_data",
@@ -48,6 +51,20 @@ LAYER_MEANS = PluginData.LAYER_MEANS
 ACCURACY = PluginData.ACCURACY
 RUN_CONFIG = PluginData.RUN_CONFIG
 UNIT_SNAPSHOT = PluginData.UNIT_SNAPSHOT
+PER_TRANSFORMATION = PluginData.PER_TRANSFORMATION
+LAYER_STDERRS = PluginData.LAYER_STDERRS
+
+# What the numbers of each transformation op (``Op.values`` in ``RunConfig.transformations``, as
+# ``transforms.Op`` holds them) are: their names and their unit. A flip has its axis instead of numbers.
+OP_PARAMETERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "rotate": (("degrees",), "degrees"),  # counter-clockwise as displayed
+    "scale": (("sx", "sy"), "factor"),  # > 1 enlarges content
+    "translate": (("dx", "dy"), "fraction of size"),  # of the width and the height; right and down
+    "flip": ((), ""),
+    "identity": ((), ""),
+    "brightness": (("delta",), "intensity"),  # added to every pixel
+    "contrast": (("factor",), "factor"),  # around each image channel's mean
+}
 
 
 # Tags. Layer names never contain "/" (module names join attributes with "."), and measure names are
@@ -73,6 +90,19 @@ def accuracy_tag(namespace: str) -> str:
 
 def config_tag(namespace: str) -> str:
     return f"{namespace}/config"
+
+
+def stderr_tag(namespace: str, measure: str) -> str:
+    """The standard errors of one measure's layer means: ``invariance/stderr/nvi`` ("stderr" is no measure,
+    so no per-unit tag takes it)."""
+    return f"{namespace}/stderr/{measure}"
+
+
+def per_transformation_tag(namespace: str, measure: str) -> str:
+    """Each layer's mean of one per-transformation measure for each transformation:
+    ``invariance/ie_t/per_transformation``. (Per-transformation measures have no per-unit tags, so no
+    ``unit_tag`` of a layer named "per_transformation" can take it.)"""
+    return f"{namespace}/{measure}/per_transformation"
 
 
 def scalar_tag(namespace: str, measure: str, layer: str | None = None) -> str:

@@ -129,7 +129,9 @@ class Monitor:
     units; ``means_include_dead=True`` counts units without any variance too (tmeasures' layer means).
     ``compile`` is measure()'s: by default the statistics run as kernels fused by ``torch.compile`` when
     that pays over ten measurements, and are compiled here, once per process (``compile_seconds``); the
-    eager kernels give the same numbers.
+    eager kernels give the same numbers. ``error_bars`` is measure()'s too: each layer mean is logged with
+    its standard error from interleaved shards of the probe. ``state_dtype``, ``memory_budget`` and
+    ``dedupe_batchnorm`` are measure()'s: a budget too small for a layer's states is a ValueError here.
     """
 
     def __init__(
@@ -156,6 +158,10 @@ class Monitor:
         unit_tensors: bool = True,
         compile: bool | None = None,
         means_include_dead: bool = False,
+        error_bars: int | bool = True,
+        state_dtype: torch.dtype = torch.float64,
+        memory_budget: int | str | None = None,
+        dedupe_batchnorm: bool = False,
     ):
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be an int >= 1 (measure every `every` steps), got {every!r}")
@@ -183,6 +189,10 @@ class Monitor:
             disk=disk,
             alpha=alpha,
             compile=compile,
+            error_bars=error_bars,
+            state_dtype=state_dtype,
+            memory_budget=memory_budget,
+            dedupe_batchnorm=dedupe_batchnorm,
         )
         with preserved_rng_state():
             samples = as_probe(probe, labels=labels, num_samples=num_samples)
@@ -191,6 +201,7 @@ class Monitor:
         self._classes = self._measurement.classes(samples)
         self._probe = samples.to(self._measurement.device(samples))  # moved once, not every step
         self.layers: list[LayerInfo] = self._measurement.discover(self._probe)
+        self._measurement.passes(self._probe, self._classes)  # a memory_budget too small fails here, not at a step
         if self._measurement.compile is None:  # decide now: compiling pays over the many measurements to come
             values = self._measurement.values_per_measurement(self.layers, len(samples))
             self._measurement.compile = compile_pays(values, MEASUREMENTS_EXPECTED)

@@ -3,7 +3,8 @@
 ``read(logdir)`` walks the runs the way ``tensorboard --logdir`` does (a run is a directory holding event
 files, named by its path relative to ``logdir``) and reads their events with TensorBoard's own loaders,
 then keeps this plugin's data of one namespace: the configuration, the per-layer means of every measure,
-the accuracy per transformation and, on request, every unit from the per-step snapshots. Events are
+the accuracy per transformation, the per-layer means of each per-transformation measure for each
+transformation and, on request, every unit from the per-step snapshots. Events are
 streamed, not accumulated: without ``units=True`` the snapshot blobs, most of a logdir's bytes, are
 dropped as they are read. Data that is not ours, of a newer format version or that does not fit its
 description is skipped, as the Invariance tab skips it; a step logged twice (a resumed run writing into
@@ -34,7 +35,9 @@ __all__ = ["Series", "RunLog", "Logs", "read", "export", "COLUMNS", "UNIT_COLUMN
 # The long table of ``to_pandas`` and of the CSV export, one row per value. Accuracy rows have measure
 # "accuracy", the transformation's label as layer and its position as layer_index. Read with units, a
 # table also has a row per unit (``unit`` its channel, ``dead`` whether it had no variance at all; both
-# empty on layer-mean and accuracy rows).
+# empty on layer-mean and accuracy rows). The per-transformation measures' layer means (ie_t, ee_t) are not
+# in it, as they would need a transformation column: ``RunLog.per_transformation`` and the JSON export
+# have them.
 COLUMNS = ("run", "measure", "layer", "layer_index", "step", "value")
 UNIT_COLUMNS = ("run", "measure", "layer", "layer_index", "step", "unit", "dead", "value")
 ACCURACY = "accuracy"
@@ -62,7 +65,9 @@ class RunLog:
 
     ``means[measure][layer]``: the layer's mean over its finite units at each step (a Series [S]);
     ``accuracy``: top-1 accuracy per transformation, [S, T], columns in the order of ``transformations``
-    (None if not measured); ``config``: the run's configuration record as a dict (None if missing);
+    (None if not measured); ``per_transformation[measure][layer]``: the layer's mean of a
+    per-transformation measure (ie_t, ee_t) for each transformation at each step, [S, T], columns as
+    ``accuracy``'s; ``config``: the run's configuration record as a dict (None if missing);
     read with ``units=True``: ``units[measure][layer]`` with every unit (channel) at each step, [S, N],
     and ``dead[measure][layer]``, True where a unit had no variance at all (ratio measures show 1 there).
     """
@@ -77,11 +82,13 @@ class RunLog:
         transformations: list[str],
         units: dict[str, dict[str, Series]] | None,
         dead: dict[str, dict[str, Series]] | None,
+        per_transformation: dict[str, dict[str, Series]],
     ):
         self.name = name
         self.config = config
         self.means = means
         self.accuracy = accuracy
+        self.per_transformation = per_transformation
         self.transformations = transformations
         self._layer_index = layer_index
         self._units = units
@@ -105,7 +112,8 @@ class RunLog:
     @property
     def steps(self) -> np.ndarray:
         """Every step with any layer means or accuracy, ascending."""
-        found = [s.steps for layers in self.means.values() for s in layers.values()]
+        found = [s.steps for series in (self.means, self.per_transformation) for layers in series.values()
+                 for s in layers.values()]
         found += [self.accuracy.steps] if self.accuracy is not None else []
         return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
@@ -203,13 +211,15 @@ class _RunReader:
         self.means: dict[str, dict[str, dict[int, float]]] = {}  # measure -> layer -> step -> mean
         self.layer_index: dict[str, int] = {}
         self.accuracy: dict[int, np.ndarray] = {}
+        self.per_transformation: dict[str, dict[str, dict[int, np.ndarray]]] = {}  # measure -> layer -> step -> [T]
         self.unit_values: dict[str, dict[str, dict[int, np.ndarray]]] = {}
         self.dead: dict[str, dict[str, dict[int, np.ndarray]]] = {}
         self.skipped = 0  # values that do not fit their description
 
     @property
     def found(self) -> bool:
-        return self.config is not None or bool(self.means) or bool(self.accuracy) or bool(self.unit_values)
+        return (self.config is not None or bool(self.means) or bool(self.accuracy) or bool(self.per_transformation)
+                or bool(self.unit_values))
 
     def add(self, event) -> None:
         for value in event.summary.value:
@@ -235,7 +245,7 @@ class _RunReader:
         elif data.kind == metadata.UNIT_SNAPSHOT:
             if self.units:
                 self._add_snapshot(step, value, data)
-        elif data.kind in (metadata.LAYER_MEANS, metadata.ACCURACY):
+        elif data.kind in (metadata.LAYER_MEANS, metadata.ACCURACY, metadata.PER_TRANSFORMATION):
             try:
                 vector = tensor_util.make_ndarray(value.tensor)
             except (TypeError, ValueError):
@@ -246,6 +256,12 @@ class _RunReader:
                 layers = self.means.setdefault(data.measure, {})
                 for layer, mean in zip(data.layers, vector.astype(np.float32)):
                     layers.setdefault(layer.name, {})[step] = mean
+                    self.layer_index[layer.name] = layer.index
+            elif (data.kind == metadata.PER_TRANSFORMATION and vector is not None and vector.ndim == 2
+                  and len(vector) == len(data.layers)):
+                layers = self.per_transformation.setdefault(data.measure, {})
+                for layer, means in zip(data.layers, vector.astype(np.float32)):
+                    layers.setdefault(layer.name, {})[step] = means
                     self.layer_index[layer.name] = layer.index
             else:
                 self.skipped += 1
@@ -288,9 +304,12 @@ class _RunReader:
 
     def run_log(self, name: str) -> RunLog:
         accuracy = self._series(self.accuracy, np.float32) if self.accuracy else None
+        per_transformation = self._by_layer(self.per_transformation, np.float32)
+        per_t = [accuracy] + [s for layers in per_transformation.values() for s in layers.values()]
+        width = next((s.values.shape[1] for s in per_t if s is not None and len(s)), None)
         labels = [t.label for t in self.config.transformations] if self.config is not None else []
-        if accuracy is not None and len(labels) != accuracy.values.shape[1]:
-            labels = [str(t) for t in range(accuracy.values.shape[1])]  # no (matching) configuration
+        if width is not None and len(labels) != width:
+            labels = [str(t) for t in range(width)]  # no (matching) configuration
         means = self._by_layer(self.means, np.float32)
         units = self._by_layer(self.unit_values, np.float32) if self.units else None
         dead = self._by_layer(self.dead, bool) if self.units else None
@@ -298,7 +317,7 @@ class _RunReader:
             warnings.warn(f"tm_tensorboard.read: run {name!r}: skipped {self.skipped} values that do not "
                           "fit their description (a corrupted or interrupted write?)", RuntimeWarning, stacklevel=3)
         config = _plain(self.config) if self.config is not None else None
-        return RunLog(name, config, means, dict(self.layer_index), accuracy, labels, units, dead)
+        return RunLog(name, config, means, dict(self.layer_index), accuracy, labels, units, dead, per_transformation)
 
 
 def _run_dirs(logdir: str) -> dict[str, str]:
@@ -446,6 +465,11 @@ def _json_run(run: RunLog) -> dict:
         "measures": {m: {layer: _json_series(s) for layer, s in layers.items()} for m, layers in run.means.items()},
         "accuracy": None if run.accuracy is None
         else {"transformations": run.transformations, **_json_series(run.accuracy)},
+        "per_transformation": None if not run.per_transformation else {
+            "transformations": run.transformations,
+            "measures": {m: {layer: _json_series(s) for layer, s in layers.items()}
+                         for m, layers in run.per_transformation.items()},
+        },
     }
     if run.has_units:
         out["units"] = {
@@ -463,7 +487,8 @@ def _json_run(run: RunLog) -> dict:
 
 
 def _write_json(logs: Logs, out: IO[str]) -> None:
-    """{run: {config, measures: {measure: {layer: {steps, values}}}, accuracy[, units]}}: valid JSON."""
+    """{run: {config, measures: {measure: {layer: {steps, values}}}, accuracy, per_transformation[, units]}}:
+    valid JSON."""
     json.dump({name: _json_run(run) for name, run in logs.items()}, out, allow_nan=False, ensure_ascii=False)
     out.write("\n")
 

@@ -6,7 +6,19 @@ from typing import Sequence
 import numpy as np
 
 from .capture import LayerInfo
-from .measures import MEASURE_GROUPS, SPECS, evaluate, finite_mean, group_of, per_channel, ratio_measure
+from .measures import (
+    MEASURE_GROUPS,
+    PER_TRANSFORMATION_COMPONENTS,
+    SPECS,
+    evaluate,
+    finite_mean,
+    finite_row_means,
+    group_of,
+    per_channel,
+    ratio_measure,
+    split_components,
+)
+from .shards import standard_error
 from .transforms import TransformationSet
 
 __all__ = ["MeasureResult"]
@@ -21,7 +33,8 @@ class MeasureResult:
     positions separately, then divided: tmeasures' AverageFeatureMaps; a token layer's [tokens, D] over
     tokens); ``per="element"`` gives the full unit shape (for the same-equivariance and equivariance error
     of a token layer, the [D, h, w] maps of its ``patch_grid`` action). With ``stratified=True`` values are
-    the mean of the per-class results; ``label=k`` gives class k's.
+    the mean of the per-class results; ``label=k`` gives class k's. Per-transformation measures (ie_t,
+    ee_t) have one row per transformation of ``transformations``: [T, channels] or [T, *unit_shape].
     """
 
     def __init__(
@@ -33,6 +46,7 @@ class MeasureResult:
         accuracy: np.ndarray | None = None,
         classes: Sequence[int] | None = None,
         masked_groups: Sequence[str] = (),
+        shards: dict[str, dict[str, np.ndarray]] | None = None,
     ):
         self._layers = {info.name: info for info in layers}
         self.transformations = transformations
@@ -43,6 +57,8 @@ class MeasureResult:
         self._reduced: dict[tuple, list[dict[str, np.ndarray]]] = {}  # memo of _class_components
         self.accuracy = accuracy
         self.classes = list(classes) if classes is not None else None
+        # group -> layer -> float64 [K, classes, components, channels]: each error-bar shard's components
+        self._shards = shards or {}
 
     @property
     def layers(self) -> list[str]:
@@ -103,8 +119,17 @@ class MeasureResult:
         # Values shaped as a token layer's output are [tokens, D]; its feature maps (same-equivariance, the
         # equivariance error) are [D, h, w], channels first, as every other layer's values are.
         axis = info.channel_axis if values.shape[2:] == info.unit_shape else 0
-        reduce = (lambda v: per_channel(v, masked, axis)) if per == "channel" else (lambda v: v)
-        return [{name: reduce(c) for name, c in zip(names, per_class)} for per_class in values]
+
+        def reduce(name: str, c: np.ndarray) -> np.ndarray:
+            if per == "element":
+                return c
+            if name in PER_TRANSFORMATION_COMPONENTS:  # [T, *shape]: each transformation's row on its own
+                return np.stack([per_channel(row, masked, axis) for row in c])
+            return per_channel(c, masked, axis)
+
+        T = len(self.transformations)
+        return [{name: reduce(name, c) for name, c in split_components(names, per_class, T).items()}
+                for per_class in values]
 
     def get(self, measure: str, layer: str, per: str = "channel", label: int | None = None) -> np.ndarray:
         """Values of ``measure`` for every unit of ``layer``: per channel, or per element (unit shape)."""
@@ -125,26 +150,82 @@ class MeasureResult:
         return np.all([(c[num] <= 0) & (c[den] <= 0) for c in per_class], axis=0)
 
     def group_dead(self, measure: str, layer: str, per: str = "channel", label: int | None = None) -> np.ndarray:
-        """The dead units of ``measure``'s group: 0 / 0 in its ratio measure (for tvi and svi, those of nvi)."""
-        ratio = ratio_measure(group_of(measure))
+        """The dead units of ``measure``'s group: 0 / 0 in its ratio measure (for tvi and svi, those of nvi);
+        for a per-transformation measure its own 0 / 0 entries, [T, units] (no sample variance and no
+        difference under that transformation: the identity's entry of every unit without sample variance)."""
+        group = group_of(measure)
+        ratio = measure if SPECS[measure].per_transformation else ratio_measure(group)
         if ratio is None:
             return np.zeros(self.get(measure, layer, per, label).shape, dtype=bool)
         return self.dead(ratio, layer, per, label)
 
-    def layer_means(
-        self, measure: str, per: str = "channel", label: int | None = None, include_dead: bool = False
-    ) -> dict[str, float]:
-        """{layer: mean of ``measure`` over the layer's finite live units}, in network order.
+    def layer_mean(
+        self, measure: str, layer: str, per: str = "channel", label: int | None = None, include_dead: bool = False
+    ) -> float | np.ndarray:
+        """The mean of ``measure`` over the layer's finite live units; for a per-transformation measure
+        (ie_t, ee_t) float64 [T], the mean for each transformation.
 
         Dead units (no variance at all, ``group_dead``) are 1 in ratio measures by tmeasures' convention,
         which would pull a layer with many of them towards 1; ``include_dead=True`` counts them anyway,
-        as tmeasures' layer means do. NaN for a layer without live units.
+        as tmeasures' layer means do. NaN for a layer without live units. (Per transformation, a unit
+        without sample variance is dead or inf in every row: each row's mean is over the units with it.)
         """
-        out = {}
-        for layer in self.layers_of(measure):
-            dead = None if include_dead else self.group_dead(measure, layer, per, label)
-            out[layer] = finite_mean(self.get(measure, layer, per, label), dead)
-        return out
+        values = self.get(measure, layer, per, label)
+        dead = None if include_dead else self.group_dead(measure, layer, per, label)
+        return (finite_row_means if SPECS[measure].per_transformation else finite_mean)(values, dead)
+
+    def layer_means(
+        self, measure: str, per: str = "channel", label: int | None = None, include_dead: bool = False
+    ) -> dict[str, float] | dict[str, np.ndarray]:
+        """{layer: ``layer_mean``} in network order: floats, or float64 [T] for a per-transformation measure."""
+        return {layer: self.layer_mean(measure, layer, per, label, include_dead) for layer in self.layers_of(measure)}
+
+    @property
+    def shards(self) -> int:
+        """The probe's error-bar shards (0: no error bars; too small a probe, or ``error_bars=False``)."""
+        return next((len(v) for layers in self._shards.values() for v in layers.values()), 0)
+
+    def has_error_bars(self, measure: str) -> bool:
+        """Whether ``stderr`` has values for ``measure`` (its group was measured in shards)."""
+        return bool(self._shards.get(group_of(measure)))
+
+    def _shard_values(self, measure: str, layer: str, label: int | None) -> np.ndarray:
+        """[K, channels]: ``measure`` per channel as each shard alone measured it (stratified: the mean of
+        its per-class values)."""
+        group = group_of(measure)
+        self._class_components(measure, layer, "channel", label)  # KeyError / ValueError as get() gives them
+        found = self._shards.get(group, {}).get(layer)
+        if found is None:
+            why = "error_bars=False or a probe under two shards of samples" if not self._shards else "its group has none"
+            raise KeyError(f"no standard error for {measure} of layer {layer!r}: {why}")
+        names = self._components[group][layer][0]
+        if label is not None:
+            found = found[:, self.classes.index(label) : self.classes.index(label) + 1]
+        spec = SPECS[measure]
+        T = len(self.transformations)
+        per_class = [[evaluate(spec, split_components(names, c, T)) for c in shard] for shard in found]
+        return np.array([np.mean(v, axis=0) for v in per_class])
+
+    def stderr(self, measure: str, layer: str, per: str = "layer", label: int | None = None,
+               include_dead: bool = False) -> float | np.ndarray:
+        """Standard error of ``measure`` from the probe's shards (``shards.py``): of the layer mean as
+        ``layer_mean`` takes it ([T] for a per-transformation measure), or (``per="channel"``) of each
+        channel's value."""
+        values = self._shard_values(measure, layer, label)
+        if per == "channel":
+            return standard_error(values)
+        if per != "layer":
+            raise ValueError(f"per must be 'layer' or 'channel' for a standard error; got {per!r}")
+        dead = None if include_dead else self.group_dead(measure, layer, "channel", label)
+        if SPECS[measure].per_transformation:
+            return standard_error(np.array([finite_row_means(v, dead) for v in values]))
+        return float(standard_error(np.array([finite_mean(v, dead) for v in values])))
+
+    def layer_stderrs(self, measure: str, label: int | None = None,
+                      include_dead: bool = False) -> dict[str, float] | dict[str, np.ndarray]:
+        """{layer: standard error of its mean}, in network order (``stderr`` of every layer)."""
+        return {layer: self.stderr(measure, layer, label=label, include_dead=include_dead)
+                for layer in self.layers_of(measure)}
 
     def __repr__(self) -> str:
         return (

@@ -2,9 +2,13 @@
 
 One event per measured step carries every value: for each measure group a snapshot blob of every unit
 of every layer (what the Invariance tab reads, with random access per step), the vector of per-layer
-means of each measure, the accuracy per transformation; and for other tools the per-unit float32
-vector (per channel) of each (measure, layer) and each layer's mean as an ordinary scalar. Summary
-metadata is attached the first time a tag is written through a writer, as TensorBoard's own writers do.
+means of each measure, the accuracy per transformation, the [layers, T] matrix of each
+per-transformation measure's layer means (ie_t, ee_t); and for other tools the per-unit float32
+vector (per channel) of each (measure, layer) and each layer's mean as an ordinary scalar. The
+per-transformation measures have neither per-unit values in the logs (T times a layer's units at every
+step) nor scalars (layers × T curves would flood the Scalars tab; ee, logged as a scalar, is each unit's
+ee_t averaged over the transformations but the identity). Summary metadata is attached the first time a
+tag is written through a writer, as TensorBoard's own writers do.
 Events are written through ``event_records`` (C CRC32C, serialized in chunks) and are in the event file
 when ``write_*`` returns.
 """
@@ -21,8 +25,9 @@ from . import __version__, event_records, metadata
 from .capture import LayerInfo
 from .engine import Measurement
 from .layer_measures import GROUPS
-from .measures import DEFINITIONS, MEASURE_GROUPS, finite_mean, ratio_measure
+from .measures import DEFINITIONS, MEASURE_GROUPS, SPECS, finite_mean, ratio_measure
 from .result import MeasureResult
+from .shards import shard_count
 from .transforms import TransformationSet
 
 __all__ = ["layer_proto", "run_config", "SummaryEmitter"]
@@ -80,6 +85,7 @@ def run_config(
         actions={info.name: measurement.options.actions(info.name).name for info in layers
                  if (with_actions and info.is_spatial) or info.grid is not None},  # (a patch grid: the maps measured)
         means_include_dead=means_include_dead,
+        error_bars=shard_count(measurement.error_bars, probe_size),
     )
 
 
@@ -179,9 +185,14 @@ class SummaryEmitter:
         values = []
         include_dead = self.means_include_dead
         for group in result.groups:
-            measures = MEASURE_GROUPS[group]
-            layers = result.layers_of(measures[0])
+            layers = result.layers_of(MEASURE_GROUPS[group][0])
             if not layers:  # e.g. same-equivariance on a model without feature maps
+                continue
+            for measure in (m for m in MEASURE_GROUPS[group] if SPECS[m].per_transformation):
+                values.append(self._per_transformation(result, measure, layers, common, pace))
+                values.extend(self._stderrs(result, measure, layers, common, pace))
+            measures = tuple(m for m in MEASURE_GROUPS[group] if not SPECS[m].per_transformation)
+            if not measures:  # the per_transformation group: nothing per unit
                 continue
             per_unit = {m: [result.get(m, layer, per=AGGREGATION) for layer in _paced(layers, pace)] for m in measures}
             protos = [layer_proto(result.layer_info(layer), len(v))
@@ -212,6 +223,7 @@ class SummaryEmitter:
                 data = metadata.PluginData(kind=metadata.LAYER_MEANS, measure=measure, layers=protos,
                                            means_include_dead=include_dead, **common)
                 values.append(self._value(metadata.means_tag(ns, measure), _float_tensor(np.array(means)), data))
+                values.extend(self._stderrs(result, measure, layers, common, pace, protos))
         if result.accuracy is not None:
             data = metadata.PluginData(kind=metadata.ACCURACY, measure="accuracy", **common)
             values.append(self._value(metadata.accuracy_tag(ns), _float_tensor(result.accuracy), data))
@@ -219,3 +231,28 @@ class SummaryEmitter:
                 summary_pb2.Summary.Value(tag=metadata.scalar_tag(ns, "accuracy"), simple_value=float(np.mean(result.accuracy)))
             )
         self._emit(values, step, pace)
+
+    def _stderrs(self, result: MeasureResult, measure: str, layers: list[str], common: dict,
+                 pace: Callable[[], None], protos: list | None = None) -> list[summary_pb2.Summary.Value]:
+        """The standard errors of the layer means ([layers], or [layers, T]), if the result has error bars."""
+        if not result.has_error_bars(measure):
+            return []
+        errors = [result.stderr(measure, layer, include_dead=self.means_include_dead) for layer in _paced(layers, pace)]
+        if protos is None:
+            protos = [layer_proto(result.layer_info(layer)) for layer in layers]
+        data = metadata.PluginData(kind=metadata.LAYER_STDERRS, measure=measure, layers=protos, shards=result.shards,
+                                   means_include_dead=self.means_include_dead, **common)
+        return [self._value(metadata.stderr_tag(self.namespace, measure), _float_tensor(np.array(errors)), data)]
+
+    def _per_transformation(self, result: MeasureResult, measure: str, layers: list[str], common: dict,
+                            pace: Callable[[], None]) -> summary_pb2.Summary.Value:
+        """The float32 [layers, T] matrix of a per-transformation measure's layer means."""
+        protos, means = [], []
+        for layer in _paced(layers, pace):
+            units = result.get(measure, layer, per=AGGREGATION).shape[-1]
+            protos.append(layer_proto(result.layer_info(layer), units))
+            means.append(result.layer_mean(measure, layer, per=AGGREGATION, include_dead=self.means_include_dead))
+        data = metadata.PluginData(kind=metadata.PER_TRANSFORMATION, measure=measure, layers=protos,
+                                   means_include_dead=self.means_include_dead, **common)
+        tag = metadata.per_transformation_tag(self.namespace, measure)
+        return self._value(tag, _float_tensor(np.stack(means)), data)
