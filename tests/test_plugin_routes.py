@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from urllib.parse import quote
 
 import numpy as np
@@ -120,6 +121,11 @@ def test_units_of_a_listed_step_skip_listing_and_new_steps_are_found(tmp_path):
     assert get_json(client, "/units", **params, step=0)["step"] == 0
     assert get_json(client, "/units", **params, step=5)["step"] == 5
     assert len(listings) == 1
+    # A new event file in a later second: TensorBoard reads a run's files in name order, and within one
+    # second the writer's counter suffix can sort the new file first (".100" < ".99"), which it then ignores.
+    started = int(time.time())
+    while int(time.time()) == started:
+        time.sleep(0.05)
     records.update(write_run(tmp_path / "live", [9], measures=("invariance",)))
     data_provider._multiplexer.Reload()
     units = get_json(client, "/units", **params, step=9)  # not listed yet: listed again

@@ -2,15 +2,22 @@
 
 Routes (relative to ``data/plugin/tm_invariance``):
 
-- ``/runs``: every (run, namespace) with its measures, layers (network order), accuracy, step range.
+- ``/runs``: every (run, namespace) with its measures, layers (network order), accuracy, step range, and
+  its per-transformation measures (``per_transformation``: ie_t, ee_t).
 - ``/units?run&namespace&measure[&step]``: every unit of every layer at one step (latest by default),
   with each layer's mean over finite live units (all finite units if the run was logged with
-  ``means_include_dead``), the indices of dead units (no variance at all) and the
+  ``means_include_dead``, which the payload says), the indices of dead units (no variance at all) and the
   list of steps that have units (as of the last request for the latest step or a step not seen before).
 - ``/layer_means?run&namespace&measure[&downsample]``: per-layer means at every step (curves, layer ×
   step heatmap, layer profile).
 - ``/accuracy?run&namespace[&downsample]``: accuracy per transformation at every step.
+- ``/per_transformation?run&namespace&measure[&step]``: a per-transformation measure (ie_t, ee_t) at one
+  step (latest by default): each layer's mean for each transformation, [layers, T] as JSON numbers (null
+  where not finite), the transformations with their ops' kinds, values, parameter names and units (from
+  the run's configuration), and the steps that have it.
 - ``/config?run&namespace``: the run's configuration record.
+- ``/unit_history?run&namespace&measure&layer&unit``: one unit's value at every step that has a snapshot,
+  and the steps at which it was dead (read from the event files where possible: see ``unit_history``).
 - ``/index.js`` and ``/static/<file>``: the frontend (a fixed list of files; nothing else is served).
 
 Bad or missing parameters give 400, unknown runs / measures / steps 404; steps come back sorted. Every
@@ -40,7 +47,7 @@ from tensorboard.plugins import base_plugin
 from werkzeug import exceptions, wrappers
 
 from .. import metadata
-from . import tensors
+from . import tensors, unit_history
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +57,9 @@ MAX_DOWNSAMPLE = 10000
 ALL_STEPS = 10**9
 MAX_PARAM_LENGTH = 1024
 _MIME = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png"}
-MEASURE_ORDER = ("tvi", "svi", "nvi", "tvse", "svse", "nvse", "ee", "lie_rotation", "lie_translation_x",
-                 "lie_translation_y", "lie_scale", "lie_brightness", "gfl", "gfg", "gf", "anova_f", "anova")
+MEASURE_ORDER = ("tvi", "svi", "nvi", "tvse", "svse", "nvse", "ee", "ie_t", "ee_t", "lie_rotation",
+                 "lie_translation_x", "lie_translation_y", "lie_scale", "lie_brightness", "gfl", "gfg", "gf",
+                 "anova_f", "anova")
 
 
 def _number(value: float) -> float | str:
@@ -59,6 +67,11 @@ def _number(value: float) -> float | str:
     if math.isfinite(value):
         return float(f"{value:.7g}")
     return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _number_or_null(value: float) -> float | None:
+    """A JSON number with float32 precision; None (null) where not finite."""
+    return float(f"{value:.7g}") if math.isfinite(value) else None
 
 
 def _float32_base64(values: np.ndarray) -> str:
@@ -122,6 +135,17 @@ def _layer_json(layer: metadata.Layer) -> dict:
     }
 
 
+def _transformation_json(transformation) -> dict:
+    """A transformation of the run configuration: its label and its ops' kinds, numbers, the numbers'
+    names and unit (``metadata.OP_PARAMETERS``) and a flip's axis."""
+    ops = []
+    for op in transformation.ops:
+        names, unit = metadata.OP_PARAMETERS.get(op.kind, ((), ""))
+        ops.append({"kind": op.kind, "values": [_number_or_null(v) for v in op.values], "parameters": list(names),
+                    "unit": unit, "axis": op.axis})
+    return {"label": transformation.label, "ops": ops}
+
+
 class InvariancePlugin(base_plugin.TBPlugin):
     """Serves the Invariance tab."""
 
@@ -133,6 +157,7 @@ class InvariancePlugin(base_plugin.TBPlugin):
         self._described: dict[tuple, dict[str, metadata.PluginData]] = {}  # (experiment, kind, run) -> tags
         self._snapshots: dict[tuple, dict[int, str]] = {}  # (experiment, run, tag) -> {step: blob key}
         self._warned: set[tuple] = set()  # (experiment, run, tag) of series with unreadable data
+        self._unit_history = unit_history.UnitHistoryReader(getattr(context, "logdir", None))
 
     def get_plugin_apps(self):
         routes = {
@@ -142,7 +167,9 @@ class InvariancePlugin(base_plugin.TBPlugin):
             "/units": self._serve_units,
             "/layer_means": self._serve_layer_means,
             "/accuracy": self._serve_accuracy,
+            "/per_transformation": self._serve_per_transformation,
             "/config": self._serve_config,
+            "/unit_history": self._serve_unit_history,
         }
         return {path: _read_only(app) for path, app in routes.items()}
 
@@ -315,6 +342,19 @@ class InvariancePlugin(base_plugin.TBPlugin):
         self._snapshots[(plugin_util.experiment_id(request.environ), run, tag)] = keys
         return keys
 
+    def _snapshot_series(self, request, run: str, namespace: str, measure: str) -> tuple[str, metadata.PluginData]:
+        """The (tag, plugin data) of the run's snapshot series holding ``measure``."""
+        return self._find(
+            request,
+            "blob",
+            run,
+            f"{measure!r} units in namespace {namespace!r}",
+            lambda t, d: d.kind == metadata.UNIT_SNAPSHOT
+            and d.namespace == namespace
+            and measure in d.measures
+            and measure != metadata.DEAD_ROW,
+        )
+
     def _config(self, request, run: str, namespace: str) -> tuple[str, metadata.PluginData]:
         tag = metadata.config_tag(namespace)
         return self._find(request, "tensor", run, "configuration", lambda t, d: t == tag and d.kind == metadata.RUN_CONFIG)
@@ -351,10 +391,14 @@ class InvariancePlugin(base_plugin.TBPlugin):
                 entry = entries.setdefault(
                     (run, data.namespace),
                     {"run": run, "namespace": data.namespace, "layers": {}, "measure_layers": {},
-                     "accuracy": False, "config": False, "max_step": None},
+                     "per_transformation": [], "accuracy": False, "config": False, "max_step": None},
                 )
                 if data.kind == metadata.LAYER_MEANS:
                     entry["measure_layers"][data.measure] = [layer.name for layer in data.layers]
+                    entry["layers"].update((layer.name, _layer_json(layer)) for layer in data.layers)
+                    entry["max_step"] = max(series.max_step, entry["max_step"] or series.max_step)
+                elif data.kind == metadata.PER_TRANSFORMATION:
+                    entry["per_transformation"].append(data.measure)
                     entry["layers"].update((layer.name, _layer_json(layer)) for layer in data.layers)
                     entry["max_step"] = max(series.max_step, entry["max_step"] or series.max_step)
                 elif data.kind == metadata.ACCURACY:
@@ -367,6 +411,7 @@ class InvariancePlugin(base_plugin.TBPlugin):
                 **entry,
                 "layers": sorted(entry["layers"].values(), key=lambda layer: layer["index"]),
                 "measures": sorted(entry["measure_layers"], key=lambda m: (rank.get(m, len(rank)), m)),
+                "per_transformation": sorted(entry["per_transformation"], key=lambda m: (rank.get(m, len(rank)), m)),
             }
             for _, entry in sorted(entries.items())
         ]
@@ -376,16 +421,7 @@ class InvariancePlugin(base_plugin.TBPlugin):
     def _serve_units(self, request):
         run, namespace, measure = _param(request, "run"), _param(request, "namespace"), _param(request, "measure")
         step = _int_param(request, "step", None, -(2**63), 2**63 - 1)
-        tag, data = self._find(
-            request,
-            "blob",
-            run,
-            f"{measure!r} units in namespace {namespace!r}",
-            lambda t, d: d.kind == metadata.UNIT_SNAPSHOT
-            and d.namespace == namespace
-            and measure in d.measures
-            and measure != metadata.DEAD_ROW,
-        )
+        tag, data = self._snapshot_series(request, run, namespace, measure)
         chosen, steps, blob = self._snapshot(request, run, tag, step, f"{measure!r} units")
         try:
             snapshot = metadata.decode_snapshot(blob, data)
@@ -414,6 +450,7 @@ class InvariancePlugin(base_plugin.TBPlugin):
                 "measure": measure,
                 "step": chosen,
                 "steps": steps,
+                "means_include_dead": data.means_include_dead,
                 "layers": layers,
             },
         )
@@ -428,6 +465,7 @@ class InvariancePlugin(base_plugin.TBPlugin):
         )
         points = self._read(request, run, tag, downsample)
         names = [layer.name for layer in data.layers]
+        errors_of = self._stderr_points(request, run, namespace, measure, downsample)
         return _json(
             request,
             {
@@ -436,8 +474,19 @@ class InvariancePlugin(base_plugin.TBPlugin):
                 "measure": measure,
                 "layers": names,
                 **_series(points, len(names)),
+                # the standard errors of the layer means at their steps (a run without error bars: null)
+                "stderr": None if errors_of is None else {"shards": errors_of[0], **_series(errors_of[1], len(names))},
             },
         )
+
+    def _stderr_points(self, request, run: str, namespace: str, measure: str,
+                       downsample: int) -> tuple[int, list[provider.TensorDatum]] | None:
+        """(shards, points) of a measure's standard errors; None for a run logged without error bars."""
+        tag = metadata.stderr_tag(namespace, measure)
+        data = self._descriptions(request, "tensor", run, False).get(tag)
+        if data is None or data.kind != metadata.LAYER_STDERRS:
+            return None
+        return data.shards, self._read(request, run, tag, downsample)
 
     @wrappers.Request.application
     def _serve_accuracy(self, request):
@@ -460,3 +509,97 @@ class InvariancePlugin(base_plugin.TBPlugin):
         _, data = self._config(request, run, namespace)
         config = json_format.MessageToDict(data.config, preserving_proto_field_name=True)
         return _json(request, {"run": run, "namespace": namespace, "config": config})
+
+    @wrappers.Request.application
+    def _serve_per_transformation(self, request):
+        run, namespace, measure = _param(request, "run"), _param(request, "namespace"), _param(request, "measure")
+        step = _int_param(request, "step", None, -(2**63), 2**63 - 1)
+        tag = metadata.per_transformation_tag(namespace, measure)
+        _, data = self._find(
+            request, "tensor", run, f"{measure!r} per transformation",
+            lambda t, d: t == tag and d.kind == metadata.PER_TRANSFORMATION,
+        )
+        try:
+            _, config = self._config(request, run, namespace)
+            transformations = [_transformation_json(t) for t in config.config.transformations]
+        except errors.NotFoundError:
+            transformations = []
+        matrices = {p.step: p.numpy for p in self._read(request, run, tag, ALL_STEPS)
+                    if p.numpy.ndim == 2 and len(p.numpy) == len(data.layers)}  # a step written twice: the last
+        width = len(transformations) or next((m.shape[1] for m in reversed(matrices.values())), 0)
+        matrices = {s: m for s, m in matrices.items() if m.shape[1] == width}
+        if not matrices:
+            raise errors.NotFoundError(f"run {run!r} has no {measure!r} per transformation yet")
+        chosen = next(reversed(matrices)) if step is None else step
+        if chosen not in matrices:
+            raise errors.NotFoundError(f"run {run!r} has no {measure!r} per transformation at step {step}")
+        errors_of = self._stderr_points(request, run, namespace, measure, ALL_STEPS)
+        stderr = next((p.numpy for p in (errors_of or (0, []))[1] if p.step == chosen and p.numpy.shape == matrices[chosen].shape),
+                      None)
+        return _json(
+            request,
+            {
+                "run": run,
+                "namespace": namespace,
+                "measure": measure,
+                "step": chosen,
+                "steps": list(matrices),
+                "layers": [layer.name for layer in data.layers],
+                "transformations": transformations or [{"label": str(t), "ops": []} for t in range(width)],
+                "values": [[_number_or_null(float(v)) for v in row] for row in matrices[chosen]],
+                "stderr": None if stderr is None else [[_number_or_null(float(v)) for v in row] for row in stderr],
+                "means_include_dead": data.means_include_dead,
+            },
+        )
+
+    @wrappers.Request.application
+    def _serve_unit_history(self, request):
+        run, namespace, measure = _param(request, "run"), _param(request, "namespace"), _param(request, "measure")
+        layer = _param(request, "layer")
+        unit = _int_param(request, "unit", None, 0, 2**31 - 1)
+        if unit is None:
+            raise errors.InvalidArgumentError("missing query parameter 'unit'")
+        tag, data = self._snapshot_series(request, run, namespace, measure)
+        try:
+            blob_size, offsets, has_dead = unit_history.unit_offsets(data, measure, layer, unit)
+        except KeyError:
+            raise errors.NotFoundError(f"run {run!r} has no layer {layer!r} with {measure!r} units") from None
+        except IndexError:
+            units = next(item.num_units for item in data.layers if item.name == layer)
+            raise errors.NotFoundError(f"layer {layer!r} of run {run!r} has {units} units, no unit {unit}") from None
+        steps = list(self._list_snapshots(request, run, tag))
+        key = (plugin_util.experiment_id(request.environ), run, tag)
+        values, missing = self._unit_history.read(key, run, tag, steps, blob_size, offsets)
+        left_out = set()
+        if missing:  # not found in the event files: through the data provider, blob by blob
+            keys = self._snapshots.get(key, {})
+            column = {step: i for i, step in enumerate(steps)}
+            for step in missing:
+                try:
+                    blob = self._blob(request, run, tag, step, keys[step], "units")
+                except (errors.NotFoundError, KeyError):
+                    left_out.add(step)
+                    continue
+                if len(blob) != blob_size:
+                    self._warn_once(request, run, tag, f"step {step}: a blob of {len(blob)} bytes, not {blob_size}")
+                    left_out.add(step)
+                    continue
+                for row, offset in enumerate(offsets):
+                    values[row, column[step]] = np.frombuffer(blob, metadata.SNAPSHOT_DTYPE, 1, offset)[0]
+        kept = [i for i, step in enumerate(steps) if step not in left_out]
+        values = values[:, kept]
+        steps = [steps[i] for i in kept]
+        dead = [step for step, flag in zip(steps, values[1]) if flag > 0.5] if has_dead else []
+        return _json(
+            request,
+            {
+                "run": run,
+                "namespace": namespace,
+                "measure": measure,
+                "layer": layer,
+                "unit": unit,
+                "steps": steps,
+                "values": _float32_base64(values[0]),
+                "dead": dead,
+            },
+        )
