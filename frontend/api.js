@@ -86,6 +86,7 @@ export async function fetchRuns() {
     accuracy: entry.accuracy,
     config: entry.config,
     maxStep: entry.max_step,
+    perTransformation: entry.per_transformation || [], // ie_t / ee_t when logged
   }));
 }
 
@@ -96,6 +97,7 @@ export async function fetchUnits(entry, measure, step) {
   return {
     step: payload.step,
     steps: payload.steps,
+    meansIncludeDead: Boolean(payload.means_include_dead),
     layers: payload.layers.map((layer) => ({
       ...layerInfo(layer),
       values: decodeFloat32(layer.values),
@@ -109,7 +111,20 @@ export async function fetchUnits(entry, measure, step) {
 export async function fetchLayerMeans(entry, measure) {
   const payload = await getJson("layer_means", {run: entry.run, namespace: entry.namespace, measure}, {background: true});
   if (!payload) return null;
-  return {layers: payload.layers, steps: payload.steps, values: decodeRows(payload)};
+  const stderr = payload.stderr ? {shards: payload.stderr.shards, steps: payload.stderr.steps, values: decodeRows(payload.stderr)} : null;
+  return {layers: payload.layers, steps: payload.steps, values: decodeRows(payload), stderr}; // stderr: null without error bars
+}
+
+/** A per-transformation measure (ie_t, ee_t) at one step (latest when null): {step, steps, layers,
+ *  transformations: [{label, ops}], values: [layers][T], stderr: [layers][T] or null}; NaN for non-finite. */
+export async function fetchPerTransformation(entry, measure, step) {
+  const payload = await getJson("per_transformation", {run: entry.run, namespace: entry.namespace, measure, step}, {background: true});
+  if (!payload) return null;
+  const rows = (matrix) => matrix.map((row) => row.map((v) => (v === null ? NaN : decodeNumber(v))));
+  return {
+    step: payload.step, steps: payload.steps, layers: payload.layers, transformations: payload.transformations,
+    values: rows(payload.values), stderr: payload.stderr ? rows(payload.stderr) : null,
+  };
 }
 
 /** Accuracy per transformation at every (sampled) step: {labels, steps, values}, or null if not logged. */
@@ -123,4 +138,23 @@ export async function fetchAccuracy(entry) {
 export async function fetchConfig(entry) {
   const payload = await getJson("config", {run: entry.run, namespace: entry.namespace});
   return payload ? payload.config : null;
+}
+
+/** One unit's value at every step with a snapshot: {steps, values: Float32Array, dead: Set of the steps at
+ *  which it was dead}, or null if the run has no such unit. */
+export async function fetchUnitHistory(entry, measure, layer, unit) {
+  const payload = await getJson("unit_history", {run: entry.run, namespace: entry.namespace, measure, layer, unit});
+  if (!payload) return null;
+  return {steps: payload.steps, values: decodeFloat32(payload.values), dead: new Set(payload.dead)};
+}
+
+/** TensorBoard's run names in its own order (its data/runs route: by start time, then name; the order it
+ *  colors runs in), or null if it cannot be read. */
+export async function fetchTensorBoardRuns() {
+  try {
+    const runs = await getJson("../../runs", {}, {background: true});
+    return Array.isArray(runs) && runs.every((name) => typeof name === "string") ? runs : null;
+  } catch {
+    return null;
+  }
 }

@@ -1,4 +1,7 @@
 // Color scales: the value colormap (viridis) with its special colors, run colors and layer-depth colors.
+// A value scale is {min, max, log}: linear from min to max, or log10 from min (> 0) to max when log is
+// set. Values outside [min, max] get their own colors (never the colormap's ends), as do dead units,
+// NaN and +inf, so that no special value can be read as 0 = invariant.
 
 // Viridis at 10 evenly spaced stops (0 = invariant end, 1 = the scale's maximum).
 const VIRIDIS = [
@@ -6,11 +9,15 @@ const VIRIDIS = [
   [31, 158, 137], [53, 183, 121], [110, 206, 88], [181, 222, 43], [253, 231, 37],
 ];
 
-/** Colors of values the colormap cannot show, also used by the legend. */
+/** Colors of values the colormap cannot show, also used by the legend and the exports. Chosen off the
+ *  viridis ramp and readable on light and dark backgrounds: dead units are magenta (viridis' 0 is near
+ *  black), values above the scale orange (hotter than its yellow end), below it light blue. */
 export const SPECIAL_COLORS = {
-  dead: [0, 0, 0],
+  dead: [230, 0, 230],
   nan: [150, 150, 150],
   inf: [228, 26, 28],
+  over: [255, 136, 0],
+  under: [150, 205, 255],
 };
 
 /** Viridis at t in [0, 1] (clamped), as [r, g, b] integers. */
@@ -23,12 +30,33 @@ function viridis(t) {
   return [Math.round(r0 + f * (r1 - r0)), Math.round(g0 + f * (g1 - g0)), Math.round(b0 + f * (b1 - b0))];
 }
 
-/** The [r, g, b] of a value on the scale {min, max}; dead units, NaN and +inf get their own colors. */
-export function colorFor(value, {min, max, dead = false}) {
+/** The position of a finite value on the scale: 0 at min, 1 at max; < 0 below, > 1 above (log: <= 0 is
+ *  below). */
+export function scalePosition(value, {min, max, log = false}) {
+  if (log) {
+    if (!(value > 0)) return -Infinity;
+    const low = Math.log10(min);
+    const high = Math.log10(max);
+    return high > low ? (Math.log10(value) - low) / (high - low) : 0;
+  }
+  return max > min ? (value - min) / (max - min) : 0;
+}
+
+/** The value at position t in [0, 1] of the scale (the inverse of scalePosition). */
+export function scaleValue(t, {min, max, log = false}) {
+  return log ? 10 ** (Math.log10(min) + t * (Math.log10(max) - Math.log10(min))) : min + t * (max - min);
+}
+
+/** The [r, g, b] of a value on the scale {min, max, log}; dead units, NaN, +inf and values outside
+ *  [min, max] get their own colors. A scale's `colormap` (t in [0, 1] -> [r, g, b]) replaces viridis
+ *  (difference.js: a diverging one). */
+export function colorFor(value, {min, max, log = false, dead = false, colormap = viridis}) {
   if (dead) return SPECIAL_COLORS.dead;
   if (Number.isNaN(value)) return SPECIAL_COLORS.nan;
   if (value === Infinity) return SPECIAL_COLORS.inf;
-  return viridis(max > min ? (value - min) / (max - min) : 0);
+  if (value > max) return SPECIAL_COLORS.over;
+  if (value < min || (log && !(value > 0))) return SPECIAL_COLORS.under;
+  return colormap(scalePosition(value, {min, max, log}));
 }
 
 const TABLE_SIZE = 1024;
@@ -41,15 +69,19 @@ function pack([r, g, b]) {
  * A fast (value, dead) -> opaque RGBA pixel as a little-endian Uint32 (for ImageData), equal to colorFor
  * on `scale` within one unit per channel (the colormap is tabulated at 1024 levels).
  */
-export function pixelColors({min, max}) {
-  const table = Uint32Array.from({length: TABLE_SIZE + 1}, (_, i) => pack(viridis(i / TABLE_SIZE)));
-  const perUnit = max > min ? TABLE_SIZE / (max - min) : 0;
-  const [dead, nan, inf] = [SPECIAL_COLORS.dead, SPECIAL_COLORS.nan, SPECIAL_COLORS.inf].map(pack);
+export function pixelColors({min, max, log = false, colormap = viridis}) {
+  const table = Uint32Array.from({length: TABLE_SIZE + 1}, (_, i) => pack(colormap(i / TABLE_SIZE)));
+  const [dead, nan, inf, over, under] = ["dead", "nan", "inf", "over", "under"].map((name) => pack(SPECIAL_COLORS[name]));
+  const low = log ? Math.log10(min) : min;
+  const high = log ? Math.log10(max) : max;
+  const perUnit = high > low ? TABLE_SIZE / (high - low) : 0;
   return (value, isDead = false) => {
     if (isDead) return dead;
     if (Number.isNaN(value)) return nan;
     if (value === Infinity) return inf;
-    const index = Math.round((value - min) * perUnit);
+    if (value > max) return over;
+    if (value < min || (log && !(value > 0))) return under;
+    const index = Math.round(((log ? Math.log10(value) : value) - low) * perUnit);
     return table[index > 0 ? (index < TABLE_SIZE ? index : TABLE_SIZE) : 0];
   };
 }
@@ -60,15 +92,16 @@ export function cssColor([r, g, b]) {
 }
 
 /** Rounds up to two significant digits, so scale ends read cleanly (1.034 -> 1.1). */
-function niceCeil(value) {
-  if (value <= 0) return value;
+export function niceCeil(value) {
+  if (!(value > 0) || !Number.isFinite(value)) return value;
   const unit = 10 ** (Math.floor(Math.log10(value)) - 1);
-  return Math.ceil(value / unit - 1e-9) * unit;
+  return Number((Math.ceil(value / unit - 1e-9) * unit).toPrecision(12));
 }
 
 const SUMMARY_SAMPLE = 1024;
 
-/** The finite values of several arrays in brief: {lowest, highest, sample} (an even, sorted subsample). */
+/** The finite values of several arrays in brief: {lowest, highest, sample} (an even, sorted subsample;
+ *  empty, with lowest Infinity and highest -Infinity, when no value is finite). */
 export function valueSummary(arrays) {
   let count = 0;
   let lowest = Infinity;
@@ -95,31 +128,22 @@ export function valueSummary(arrays) {
   return {lowest, highest, sample: sample.sort((a, b) => a - b)};
 }
 
-/**
- * The color scale {min, max, clamped} shared by the values of several summaries: min is 0 (or the
- * smallest value if negative), max the 99th percentile rounded up, so a few outliers do not wash out the
- * rest; clamped tells whether some values lie above max.
- */
-export function sharedScale(summaries) {
-  const sample = summaries.flatMap((summary) => summary.sample).sort((a, b) => a - b);
-  if (sample.length === 0) return {min: 0, max: 1, clamped: false};
-  const lowest = Math.min(...summaries.map((summary) => summary.lowest));
-  const highest = Math.max(...summaries.map((summary) => summary.highest));
-  const min = Math.min(0, lowest);
-  let max = niceCeil(sample[Math.floor(0.99 * (sample.length - 1))]);
-  if (!(max > min)) max = highest > min ? niceCeil(highest) : min + 1;
-  return {min, max, clamped: highest > max};
-}
-
-const RUN_PALETTE = [
-  "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-  "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+/** TensorBoard's run colors (2.21: its settings' default colorPalette), light and dark theme, in order. */
+export const RUN_PALETTE = [
+  {name: "Slate", light: "#425066", dark: "#8e98a3"},
+  {name: "Cyan", light: "#12b5cb", dark: "#12b5cb"},
+  {name: "Pink", light: "#e52592", dark: "#e52592"},
+  {name: "Yellow", light: "#f9ab00", dark: "#f9ab00"},
+  {name: "Purple", light: "#9334e6", dark: "#9334e6"},
+  {name: "Light Green", light: "#7cb342", dark: "#7cb342"},
+  {name: "Orange", light: "#e8710a", dark: "#e8710a"},
 ];
 
-/** The color of the n-th run (Tableau 10, then hues spaced by the golden angle). */
-export function runColor(n) {
-  if (n < RUN_PALETTE.length) return RUN_PALETTE[n];
-  return `hsl(${Math.round((n * 137.508) % 360)}, 65%, 45%)`;
+/** The color of the n-th run as TensorBoard colors it: its palette in order, again from the start after
+ *  the last color (TensorBoard counts its runs in the order of its run list: run_colors.js). */
+export function runColor(n, dark = false) {
+  const color = RUN_PALETTE[((n % RUN_PALETTE.length) + RUN_PALETTE.length) % RUN_PALETTE.length];
+  return dark ? color.dark : color.light;
 }
 
 /** The color of a layer at relative depth t in [0, 1]: light blue (first layer) to dark red (last). */

@@ -1,11 +1,18 @@
 // Layer means over training: per run, one line per layer colored by its depth (small multiples sharing
-// both axes), drawn on a canvas under an SVG of axes and a marker at the chosen step.
+// both axes), drawn on a canvas under an SVG of axes, a marker at the chosen step and the highlighted layer.
+// TensorBoard's conventions: its smoothing (the smoothed lines over faint raw ones), a linear or log y
+// axis, a value axis from 0 (no measure is negative). In the difference view each run minus the reference.
+// Hovering a line names its layer and highlights it in every view; a click moves the step slider there.
+import {valueAxis} from "./axes.js";
 import {depthColor} from "./colors.js";
-import {chartCache, drawAxes, finiteExtent, formatValue, html, linearScale, niceDomain, niceTicks, svg} from "./plot.js";
+import {chartCache, drawAxes, formatValue, html, linearScale, niceTicks, svg, svgText} from "./plot.js";
+import {smoothColumns} from "./smoothing.js";
 import {layerDepth, stepAtOrBefore} from "./state.js";
 
 const HEIGHT = 220;
 const MARGIN = {left: 52, right: 12, top: 10, bottom: 40};
+const RAW_ALPHA = 0.25;
+const PICK_DISTANCE = 24; // pixels: farther from every line, hovering names no layer
 
 /** A legend for the depth colors: first observed layer to last. */
 export function depthLegend() {
@@ -25,7 +32,85 @@ function layerColors(run) {
   return run.means.layers.map((name) => depthColor(layerDepth(run.entry, indexOf.get(name) ?? 0)));
 }
 
-function drawLines(canvas, run, x, y, width) {
+/** (v) -> pixel of a scale, inlined for a linear one (the hot loop of 50 lines x 1,000 steps). */
+function pixelOf(y) {
+  if (y.log || y.domain[1] === y.domain[0]) return y;
+  const [d0] = y.domain;
+  const [r0] = y.range;
+  const k = (y.range[1] - y.range[0]) / (y.domain[1] - y.domain[0]);
+  return (v) => r0 + (v - d0) * k;
+}
+
+function strokeLines(context, xs, rows, colors, y) {
+  const py = pixelOf(y);
+  colors.forEach((color, l) => {
+    context.strokeStyle = color;
+    context.fillStyle = color;
+    context.beginPath();
+    let drawing = false;
+    let points = 0;
+    for (let s = 0; s < xs.length; s++) {
+      const v = rows[s][l];
+      const p = py(v);
+      if (!Number.isFinite(v) || !Number.isFinite(p)) {
+        drawing = false;
+        continue;
+      }
+      if (drawing) context.lineTo(xs[s], p);
+      else context.moveTo(xs[s], p);
+      drawing = true;
+      points += 1;
+    }
+    context.stroke();
+    if (xs.length === 1 && points === 1) context.fillRect(xs[0] - 2, py(rows[0][l]) - 2, 4, 4);
+  });
+}
+
+const BAND_ALPHA = 0.15;
+
+/** Each layer mean's standard error row by step index of run.means (null where none; null without error
+ *  bars or in the difference view, whose values are differences). */
+function stderrRows(run, difference) {
+  const stderr = run.means.stderr;
+  if (!stderr || difference) return null;
+  const byStep = new Map(stderr.steps.map((step, s) => [step, stderr.values[s]]));
+  return run.means.steps.map((step) => byStep.get(step) || null);
+}
+
+/** ±1 standard error bands around each layer's (raw) means, in the run's color; returns how many. */
+function fillBands(context, xs, rows, seRows, color, y) {
+  const py = pixelOf(y);
+  context.fillStyle = color;
+  context.globalAlpha = BAND_ALPHA;
+  let count = 0;
+  for (let l = 0; l < (rows[0] || []).length; l++) {
+    let segment = [];
+    const flush = () => {
+      if (segment.length > 1) {
+        context.beginPath();
+        segment.forEach(([px, , high], i) => (i ? context.lineTo(px, high) : context.moveTo(px, high)));
+        for (let i = segment.length - 1; i >= 0; i--) context.lineTo(segment[i][0], segment[i][1]);
+        context.closePath();
+        context.fill();
+        count += 1;
+      }
+      segment = [];
+    };
+    for (let s = 0; s < xs.length; s++) {
+      const v = rows[s][l];
+      const se = seRows[s] ? seRows[s][l] : NaN;
+      const low = py(Math.max(0, v - se));
+      const high = py(v + se);
+      if (Number.isFinite(v) && Number.isFinite(se) && Number.isFinite(low) && Number.isFinite(high)) segment.push([xs[s], low, high]);
+      else flush();
+    }
+    flush();
+  }
+  context.globalAlpha = 1;
+  return count;
+}
+
+function drawLines(canvas, run, shownRows, x, y, width, seRows = null) {
   const ratio = window.devicePixelRatio || 1;
   canvas.width = Math.round(width * ratio);
   canvas.height = Math.round(HEIGHT * ratio);
@@ -33,37 +118,48 @@ function drawLines(canvas, run, x, y, width) {
   canvas.style.height = `${HEIGHT}px`;
   const context = canvas.getContext("2d");
   context.scale(ratio, ratio);
-  context.lineWidth = 1.25;
-  const {steps, values} = run.means;
-  layerColors(run).forEach((color, l) => {
-    context.strokeStyle = color;
-    context.fillStyle = color;
-    context.beginPath();
-    let drawing = false;
-    steps.forEach((step, s) => {
-      const value = values[s][l];
-      if (!Number.isFinite(value)) {
-        drawing = false;
-        return;
-      }
-      if (drawing) context.lineTo(x(step), y(value));
-      else context.moveTo(x(step), y(value));
-      drawing = true;
-    });
-    context.stroke();
-    if (steps.length === 1 && Number.isFinite(values[0][l])) context.fillRect(x(steps[0]) - 2, y(values[0][l]) - 2, 4, 4);
-  });
+  context.lineWidth = 1 / ratio; // one device pixel: Skia draws hairlines far faster than wider strokes
+  const colors = layerColors(run);
+  const xs = Float64Array.from(run.means.steps, x);
+  canvas.dataset.bands = seRows ? String(fillBands(context, xs, run.means.values, seRows, run.color, y)) : "0";
+  if (shownRows !== run.means.values) {
+    context.globalAlpha = RAW_ALPHA;
+    strokeLines(context, xs, run.means.values, colors, y);
+    context.globalAlpha = 1;
+  }
+  strokeLines(context, xs, shownRows, colors, y);
 }
 
-function nearestLayer(run, s, value) {
+/** The index of the layer whose line passes nearest (in pixels) to py at step index s, or -1. */
+function nearestLayer(rows, s, py, y) {
   let best = -1;
-  run.means.values[s].forEach((v, l) => {
-    if (Number.isFinite(v) && (best < 0 || Math.abs(v - value) < Math.abs(run.means.values[s][best] - value))) best = l;
+  let distance = PICK_DISTANCE;
+  rows[s].forEach((v, l) => {
+    const d = Math.abs(y(v) - py);
+    if (Number.isFinite(v) && d < distance) {
+      best = l;
+      distance = d;
+    }
   });
   return best;
 }
 
-function createChart(run, {x, y, width, measure, tooltip, yTicks}) {
+function linePath(steps, rows, l, x, y) {
+  let d = "";
+  let pen = "M";
+  for (let s = 0; s < steps.length; s++) {
+    const py = y(rows[s][l]);
+    if (Number.isFinite(rows[s][l]) && Number.isFinite(py)) {
+      d += `${pen}${x(steps[s]).toFixed(1)},${py.toFixed(1)}`;
+      pen = "L";
+    } else {
+      pen = "M";
+    }
+  }
+  return d;
+}
+
+function createChart(run, {x, y, yTicks, width, measure, tooltip, smoothing, difference, handlers}) {
   const figure = html("figure", "tm-panel");
   const caption = html("figcaption", "tm-panel-title");
   const swatch = html("span", "tm-swatch");
@@ -72,63 +168,151 @@ function createChart(run, {x, y, width, measure, tooltip, yTicks}) {
   const box = html("div", "tm-chart-box");
   box.style.width = `${width}px`;
   box.style.height = `${HEIGHT}px`;
-  const canvas = html("canvas", "tm-chart-layer");
-  drawLines(canvas, run, x, y, width);
-  const overlay = svg("svg", {class: "tm-chart tm-chart-layer", width, height: HEIGHT});
+  const canvas = html("canvas", "tm-chart-layer tm-curves-canvas");
+  canvas.dataset.run = run.entry.run;
+  canvas.dataset.namespace = run.entry.namespace;
+  const {steps, layers} = run.means;
+  const shown = smoothColumns(run.means.values, smoothing);
+  const seRows = stderrRows(run, difference);
+  drawLines(canvas, run, shown, x, y, width, seRows);
+  const overlay = svg("svg", {class: "tm-chart tm-chart-layer tm-curves-overlay", width, height: HEIGHT});
+  overlay.dataset.run = run.entry.run;
+  overlay.dataset.namespace = run.entry.namespace;
   drawAxes(overlay, {
     x,
     y,
     xTicks: niceTicks(x.domain[0], x.domain[1], 4).map((v) => [v, String(v)]),
-    yTicks: yTicks.map((v) => [v, formatValue(v)]),
+    yTicks,
     xLabel: "step",
-    yLabel: `mean ${measure}`,
+    yLabel: difference ? `${measure} \u2212 reference` : `mean ${measure}`,
   });
+  if (difference && !y.log) overlay.append(svg("line", {class: "tm-zero-line", x1: x(x.domain[0]), x2: x(x.domain[1]), y1: y(0), y2: y(0)}));
   const marker = svg("line", {class: "tm-marker", y1: MARGIN.top, y2: HEIGHT - MARGIN.bottom});
-  overlay.append(marker);
+  const highlightPath = svg("path", {class: "tm-curve-highlight"});
+  const highlightLabel = svgText("", {class: "tm-curve-label", x: MARGIN.left + 6, y: MARGIN.top + 12});
+  overlay.append(marker, highlightPath, highlightLabel);
+
+  function stepIndexAt(px) {
+    const step = stepAtOrBefore(steps, x.invert(px));
+    const s = steps.indexOf(step);
+    const next = s + 1 < steps.length ? s + 1 : s;
+    return Math.abs(x(steps[next]) - px) < Math.abs(x(steps[s]) - px) ? next : s;
+  }
+
+  // pointer position in the chart (offsetX of an SVG child would be relative to that child)
+  const local = (event) => {
+    const box = overlay.getBoundingClientRect();
+    return [event.clientX - box.left, event.clientY - box.top];
+  };
   overlay.addEventListener("mousemove", (event) => {
-    const {steps} = run.means;
-    const s = steps.indexOf(stepAtOrBefore(steps, x.invert(event.offsetX)));
-    const l = s < 0 ? -1 : nearestLayer(run, s, y.invert(event.offsetY));
-    if (l < 0) return tooltip.hide();
-    tooltip.show(event, [[run.label, "tm-tooltip-title"], `layer ${run.means.layers[l]}`, `step ${steps[s]}`,
-      `mean ${measure} = ${formatValue(run.means.values[s][l])}`]);
+    const [px, py] = local(event);
+    const s = stepIndexAt(px);
+    const l = s < 0 ? -1 : nearestLayer(shown, s, py, y);
+    if (l < 0) {
+      tooltip.hide();
+      handlers.onLayerHover(null);
+      return;
+    }
+    const name = layers[l];
+    const lines = [[run.label, "tm-tooltip-title"], `layer ${name}`, `step ${steps[s]}`];
+    const what = difference ? `${measure} \u2212 ${difference.label}` : `mean ${measure}`;
+    if (shown !== run.means.values) {
+      lines.push(`${what} = ${formatValue(shown[s][l])} (smoothed ${smoothing})`, `value ${formatValue(run.means.values[s][l])}`);
+    } else {
+      lines.push(`${what} = ${formatValue(run.means.values[s][l])}`);
+    }
+    const se = seRows && seRows[s] ? seRows[s][l] : NaN;
+    if (Number.isFinite(se)) {
+      lines.push(`mean ${formatValue(run.means.values[s][l])} \u00b1 ${formatValue(se)} (${run.means.stderr.shards} shards)`);
+    }
+    tooltip.show(event, lines, {layer: name, step: String(steps[s]), run: run.entry.run});
+    handlers.onLayerHover(name);
   });
-  overlay.addEventListener("mouseleave", () => tooltip.hide());
+  overlay.addEventListener("mouseleave", () => {
+    tooltip.hide();
+    handlers.onLayerHover(null);
+  });
+  overlay.addEventListener("click", (event) => {
+    const s = stepIndexAt(local(event)[0]);
+    if (s >= 0) handlers.onStep(steps[s]);
+  });
   box.append(canvas, overlay);
   figure.append(caption, box);
-  return {figure, marker, run};
+
+  function highlight(name) {
+    const l = name === null ? -1 : layers.indexOf(name);
+    highlightPath.setAttribute("d", l < 0 ? "" : linePath(steps, shown, l, x, y));
+    highlightPath.setAttribute("stroke", l < 0 ? "none" : layerColors(run)[l]);
+    highlightLabel.textContent = l < 0 ? "" : `layer ${name}`;
+    overlay.dataset.highlight = l < 0 ? "" : name;
+  }
+
+  return {figure, marker, run, highlight};
 }
 
-/** The curves view in `container`: render(runs, options) draws the charts, showStep(step) moves the markers. */
-export function createCurves(container, tooltip) {
+function messageChart(run, text) {
+  const figure = html("figure", "tm-panel");
+  const caption = html("figcaption", "tm-panel-title");
+  const swatch = html("span", "tm-swatch");
+  swatch.style.background = run.color;
+  caption.append(swatch, html("span", "tm-run-name", run.label));
+  figure.append(caption, html("div", "tm-message", text));
+  return {figure, marker: null, run, highlight() {}};
+}
+
+/**
+ * The curves view in `container`. handlers: {onLayerHover(name or null), onStep(step)}. Returns
+ * {render(runs, options), showStep(step), highlight(name)}.
+ */
+export function createCurves(container, tooltip, handlers = {}) {
+  const on = {onLayerHover: () => {}, onStep: () => {}, ...handlers};
   let charts = [];
   let xScale = null;
-  const cache = chartCache();
+  let highlighted = null;
+  // one cache per mode: switching the difference view on and off shows charts already drawn
+  const caches = {values: chartCache(), difference: chartCache()};
 
   return {
-    /** runs: [{key, entry, label, color, means}]; options: {width, measure}. */
-    render(runs, {width, measure}) {
-      const withData = runs.filter((run) => run.means && run.means.steps.length);
-      const steps = withData.flatMap((run) => [run.means.steps[0], run.means.steps.at(-1)]);
-      const [lo, hi] = finiteExtent(withData.flatMap((run) => run.means.values)) || [0, 1];
-      const pad = Math.max((hi - lo) * 0.05, Math.abs(hi) * 0.01, 1e-6);
-      const {domain, ticks: yTicks} = niceDomain(lo - pad, hi + pad, 4);
-      const x = linearScale([Math.min(...steps), Math.max(...steps)], [MARGIN.left, width - MARGIN.right]);
-      const y = linearScale(domain, [HEIGHT - MARGIN.bottom, MARGIN.top]);
+    /**
+     * runs: [{key, entry, label, color, means, message}] (means in the difference view: minus the
+     * reference; message: shown instead of a chart); options: {width, measure, smoothing (TensorBoard's
+     * weight, 0 = none), log (y axis), difference: null or {label} of the reference run}.
+     */
+    render(runs, {width, measure, smoothing = 0, log = false, difference = null}) {
+      const withData = runs.filter((run) => run.message || (run.means && run.means.steps.length));
+      const plotted = withData.filter((run) => !run.message);
+      const steps = plotted.flatMap((run) => [run.means.steps[0], run.means.steps.at(-1)]);
+      const x = linearScale(steps.length ? [Math.min(...steps), Math.max(...steps)] : [0, 1], [MARGIN.left, width - MARGIN.right]);
+      const axis = valueAxis(plotted.flatMap((run) => run.means.values), {
+        measure, difference: Boolean(difference), log, bottom: HEIGHT - MARGIN.bottom, top: MARGIN.top, count: 4,
+      });
+      const y = axis.scale;
       xScale = x;
+      const cache = difference ? caches.difference : caches.values;
       cache.keepOnly(new Set(withData.map((run) => run.key)));
-      charts = withData.map((run) => cache.chart(run.key, [run.means, run.color, run.label, width, measure, ...x.domain, ...y.domain],
-        () => createChart(run, {x, y, width, measure, tooltip, yTicks})));
+      charts = withData.map((run) => cache.chart(run.key,
+        [run.means, run.message, run.color, run.label, width, measure, ...x.domain, ...y.domain, axis.log, smoothing, difference && difference.label],
+        () => (run.message ? messageChart(run, run.message)
+          : createChart(run, {x, y, yTicks: axis.ticks, width, measure, tooltip, smoothing, difference, handlers: on}))));
       container.replaceChildren(...charts.map((chart) => chart.figure));
+      container.dataset.axis = axis.kind;
+      for (const chart of charts) chart.highlight(highlighted);
     },
 
     /** Moves each chart's marker to the step it shows (its last step at or before `step`). */
     showStep(step) {
       for (const {marker, run} of charts) {
+        if (!marker) continue;
         const shown = step === null ? run.means.steps.at(-1) : stepAtOrBefore(run.means.steps, step);
         marker.setAttribute("x1", xScale(shown));
         marker.setAttribute("x2", xScale(shown));
       }
+    },
+
+    /** Draws layer `name`'s line over the others in every chart and names it (null: none). */
+    highlight(name) {
+      highlighted = name;
+      for (const chart of charts) chart.highlight(name);
     },
   };
 }

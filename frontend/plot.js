@@ -37,7 +37,34 @@ export function linearScale([d0, d1], [r0, r1]) {
   const scale = (v) => (d1 === d0 ? (r0 + r1) / 2 : r0 + ((v - d0) / (d1 - d0)) * (r1 - r0));
   scale.invert = (p) => (r1 === r0 ? d0 : d0 + ((p - r0) / (r1 - r0)) * (d1 - d0));
   scale.domain = [d0, d1];
+  scale.range = [r0, r1];
   return scale;
+}
+
+/** A log10 map from [d0, d1] (both > 0) to [r0, r1] (with .invert); values <= 0 map to NaN. */
+export function logScale([d0, d1], [r0, r1]) {
+  const [l0, l1] = [Math.log10(d0), Math.log10(d1)];
+  const scale = (v) => (v > 0 ? (l1 === l0 ? (r0 + r1) / 2 : r0 + ((Math.log10(v) - l0) / (l1 - l0)) * (r1 - r0)) : NaN);
+  scale.invert = (p) => 10 ** (r1 === r0 ? l0 : l0 + ((p - r0) / (r1 - r0)) * (l1 - l0));
+  scale.domain = [d0, d1];
+  scale.range = [r0, r1];
+  scale.log = true;
+  return scale;
+}
+
+/** Ticks of a log axis over [lo, hi] (lo > 0): the powers of ten, with 2 and 5 times them when there
+ *  are fewer than three decades. */
+export function logTicks(lo, hi) {
+  const ticks = [];
+  const decades = Math.log10(hi / lo);
+  const multiples = decades < 3 ? [1, 2, 5] : [1];
+  for (let power = Math.floor(Math.log10(lo)); power <= Math.ceil(Math.log10(hi)); power++) {
+    for (const m of multiples) {
+      const v = Number((m * 10 ** power).toPrecision(12));
+      if (v >= lo * (1 - 1e-9) && v <= hi * (1 + 1e-9)) ticks.push(v);
+    }
+  }
+  return ticks;
 }
 
 /** About `count` round tick values covering [lo, hi]. */
@@ -146,19 +173,31 @@ export function shorten(text, max) {
 
 /**
  * Appends one run's line to `root`: a path with data-run / data-namespace through points [[x, y, value]]
- * and a dot per finite value whose hover shows describe(i) (tooltip lines).
+ * and a dot per finite value whose hover shows describe(i) (tooltip lines). names: each point's layer
+ * name (data-layer on its dot); onHover(i or null) is called as the pointer enters / leaves dots.
  */
-export function drawRunLine(root, {entry, color, points, tooltip, describe}) {
+export function drawRunLine(root, {entry, color, points, tooltip, describe, names = null, onHover = null}) {
   const path = svg("path", {class: "tm-line", d: linePath(points), stroke: color});
   path.dataset.run = entry.run;
   path.dataset.namespace = entry.namespace;
   const dots = svg("g", {fill: color});
   points.forEach(([x, y], i) => {
-    if (Number.isFinite(y)) dots.append(svg("circle", {class: "tm-dot", cx: x, cy: y, r: 3, "data-index": i}));
+    if (!Number.isFinite(y)) return;
+    const dot = svg("circle", {class: "tm-dot", cx: x, cy: y, r: 3, "data-index": i});
+    if (names) dot.dataset.layer = names[i];
+    dots.append(dot);
   });
-  dots.addEventListener("mousemove", (event) => tooltip.show(event, describe(Number(event.target.dataset.index))));
-  dots.addEventListener("mouseleave", () => tooltip.hide());
+  dots.addEventListener("mousemove", (event) => {
+    const i = Number(event.target.dataset.index);
+    tooltip.show(event, describe(i));
+    if (onHover) onHover(i);
+  });
+  dots.addEventListener("mouseleave", () => {
+    tooltip.hide();
+    if (onHover) onHover(null);
+  });
   root.append(path, dots);
+  return {path, dots};
 }
 
 /**
@@ -182,4 +221,23 @@ export function chartCache() {
       for (const key of drawn.keys()) if (!keys.has(key)) drawn.delete(key);
     },
   };
+}
+
+/** An SVG path "d" of the area between the points' [x, low, high], broken where low or high is not finite. */
+export function bandPath(points) {
+  let d = "";
+  let run = [];
+  const flush = () => {
+    if (run.length > 1) {
+      d += `M${run.map(([x, , high]) => `${x.toFixed(1)},${high.toFixed(1)}`).join("L")}`;
+      d += `L${[...run].reverse().map(([x, low]) => `${x.toFixed(1)},${low.toFixed(1)}`).join("L")}Z`;
+    }
+    run = [];
+  };
+  for (const point of points) {
+    if (Number.isFinite(point[1]) && Number.isFinite(point[2])) run.push(point);
+    else flush();
+  }
+  flush();
+  return d;
 }

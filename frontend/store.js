@@ -99,6 +99,15 @@ export function createStore(onChange) {
       return current("means", entry, measure, () => api.fetchLayerMeans(entry, measure));
     },
 
+    /** A per-transformation measure at one step (null: the latest, fetched again when the run has new steps). */
+    perTransformation(entry, measure, step) {
+      if (step === null) return current("per-transformation", entry, measure, () => api.fetchPerTransformation(entry, measure, null));
+      const key = JSON.stringify(["per-transformation", runKey(entry), measure, step]);
+      const found = snapshots.get(key);
+      if (found) return file(key, found);
+      return file(key, request(() => api.fetchPerTransformation(entry, measure, step)));
+    },
+
     /** Accuracy per transformation over training (value null when the run logs none). */
     accuracy(entry) {
       if (!entry.accuracy) return {done: true, value: null, error: null};
@@ -111,6 +120,11 @@ export function createStore(onChange) {
       const key = runKey(entry);
       if (!configs.has(key)) configs.set(key, request(() => api.fetchConfig(entry)));
       return configs.get(key);
+    },
+
+    /** One unit's value over training (fetched again when the run has new steps). */
+    unitHistory(entry, measure, layer, unit) {
+      return current("history", entry, JSON.stringify([measure, layer, unit]), () => api.fetchUnitHistory(entry, measure, layer, unit));
     },
   };
 }

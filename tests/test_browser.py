@@ -192,7 +192,8 @@ def test_two_runs_side_by_side_with_the_logged_colors(page, tensorboard, logs):
         assert len({tuple(pixel) for pixel, _ in colors}) > 5  # real variation, not a flat fill
     cells, colors = sampled["baseline"]
     dead = [pixel for cell, (pixel, _) in zip(cells, colors) if cell[3]]
-    assert dead and all(pixel == [0, 0, 0] for pixel in dead)  # the dead ReLU channel has the dead color
+    dead_color = frame.evaluate("""async () => (await import(new URL("static/colors.js", document.baseURI).href)).SPECIAL_COLORS.dead""")
+    assert dead and all(pixel == dead_color for pixel in dead)  # the dead ReLU channel has the dead color
     page.screenshot(path=str(ARTIFACTS / "two-runs.png"))
 
 
