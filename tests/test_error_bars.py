@@ -38,7 +38,7 @@ def test_shards_interleave_the_probe_and_have_enough_samples():
 def test_the_full_result_is_the_one_pass_result(batch_size):
     model, (images, labels) = small_cnn(), probe(64)
     kwargs = dict(measures=MEASURES, batch_size=batch_size)
-    sharded = tm.measure(model, images, T.rotations(4), **kwargs)
+    sharded = tm.measure(model, images, T.rotations(4), error_bars=True, **kwargs)
     single = tm.measure(model, images, T.rotations(4), error_bars=False, **kwargs)
     assert (sharded.shards, single.shards) == (4, 0)
     for measure in sharded.measures:
@@ -124,7 +124,7 @@ def test_standard_error_matches_the_spread_over_independent_probes_and_shrinks_l
         means, errors = [], []
         for _ in range(24):
             images = torch.rand(n, 1, 6, 6, generator=g) + torch.rand(n, 1, 1, 1, generator=g)
-            result = tm.measure(model, images, T.rotations(4), measures=("invariance",), batch_size=64)
+            result = tm.measure(model, images, T.rotations(4), measures=("invariance",), batch_size=64, error_bars=True)
             assert result.shards == min(DEFAULT_SHARDS, n // MIN_SHARD_SAMPLES)
             means.append(list(result.layer_means("nvi").values()))
             errors.append(list(result.layer_stderrs("nvi").values()))
@@ -138,13 +138,13 @@ def test_standard_error_matches_the_spread_over_independent_probes_and_shrinks_l
 
 def test_what_has_no_error_bars_says_why():
     model, (images, labels) = small_cnn(), probe(40)
-    few = tm.measure(model, images[:20], T.rotations(4), measures=("invariance",))
+    few = tm.measure(model, images[:20], T.rotations(4), measures=("invariance",), error_bars=True)
     assert few.shards == 0
     with pytest.raises(KeyError, match="a probe under two shards"):
         few.stderr("nvi", few.layers[0])
-    off = tm.measure(model, images, T.rotations(4), measures=("invariance",), error_bars=False)
+    off = tm.measure(model, images, T.rotations(4), measures=("invariance",))  # the default: none
     assert off.shards == 0
-    mixed = tm.measure(model, images, T.rotations(4), measures=("invariance", "anova", "goodfellow"))
+    mixed = tm.measure(model, images, T.rotations(4), measures=("invariance", "anova", "goodfellow"), error_bars=True)
     assert mixed.shards == 2 and np.isfinite(mixed.stderr("nvi", mixed.layers[0]))
     for measure in ("anova_f", "gf"):
         with pytest.raises(KeyError, match="its group has none"):
@@ -159,7 +159,7 @@ def test_the_monitor_logs_the_standard_errors_the_routes_serve(tmp_path):
     """Each layer mean's standard error is logged with it (also per transformation) and served next to it."""
     model, (images, labels) = small_cnn(), probe(64)
     with tm.Monitor(model, images, T.rotations(4), logdir=tmp_path / "run", every=1,
-                    measures=("invariance", "equivariance_error", "per_transformation")) as monitor:
+                    measures=("invariance", "equivariance_error", "per_transformation"), error_bars=True) as monitor:
         results = {step: monitor.step(step) for step in (0, 5)}
     client = client_for(tmp_path)
     payload = get_json(client, "/layer_means", run="run", namespace="invariance", measure="nvi")
@@ -174,7 +174,6 @@ def test_the_monitor_logs_the_standard_errors_the_routes_serve(tmp_path):
 
 def test_a_run_without_error_bars_serves_none(tmp_path):
     model, (images, _) = small_cnn(), probe(64)
-    with tm.Monitor(model, images, T.rotations(4), logdir=tmp_path / "run", every=1, measures=("invariance",),
-                    error_bars=False) as monitor:
+    with tm.Monitor(model, images, T.rotations(4), logdir=tmp_path / "run", every=1, measures=("invariance",)) as monitor:
         monitor.step(0)
     assert get_json(client_for(tmp_path), "/layer_means", run="run", namespace="invariance", measure="nvi")["stderr"] is None

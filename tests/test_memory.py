@@ -80,7 +80,7 @@ def test_parse_bytes():
 
 
 CASES = {
-    "default, error bars": dict(measures=None, noise_floor=True),
+    "default, error bars": dict(measures=None, noise_floor=True, error_bars=True),
     "every group, stratified": dict(
         measures=("invariance", "same_equivariance", "equivariance_error", "per_transformation", "goodfellow",
                   "anova", "lie_rotation"),
@@ -102,7 +102,7 @@ def test_estimate_equals_the_allocated_state_bytes(case, allocated):
     assert [layer.name for layer in report.layers] == list(allocated)
     assert {layer.name: layer.state_bytes for layer in report.layers} == allocated
     assert report.state_bytes == sum(allocated.values()) > 0
-    assert report.sharded == ("error_bars" not in keywords)
+    assert report.sharded == keywords.get("error_bars", False)
     if "state_dtype" in keywords:  # float32 states: half the float64 bytes (the int64 counts stay)
         doubled = estimate_memory(model, images, tset, labels=labels, batch_size=8)
         assert report.state_bytes == pytest.approx(doubled.state_bytes / 2, rel=0.02)
@@ -180,7 +180,7 @@ def test_grouped_passes_equal_one_pass(monkeypatch):
     images, labels = _images(40), torch.arange(40) % 3
     tset = T.rotations(3)
     keywords = dict(measures=("invariance", "same_equivariance", "goodfellow", "accuracy"), stratified=True,
-                    noise_floor=True, batch_size=8)
+                    noise_floor=True, batch_size=8, error_bars=True)
     whole = estimate_memory(model, images, tset, labels=labels, **keywords)
     budget = whole.working_bytes + whole.state_bytes // 3
     report = estimate_memory(model, images, tset, labels=labels, memory_budget=budget, **keywords)

@@ -100,7 +100,7 @@ def measure(
     disk: bool = False,
     alpha: float = 0.01,
     compile: bool | None = None,
-    error_bars: int | bool = True,
+    error_bars: int | bool = False,
     state_dtype: torch.dtype = torch.float64,
     memory_budget: int | str | None = None,
     dedupe_batchnorm: bool = False,
@@ -123,8 +123,9 @@ def measure(
     measurement is large enough to repay the seconds compiling costs once per process, or the kernels are
     already compiled.
     ``error_bars``: split the probe into this many interleaved shards (True: DEFAULT_SHARDS, at least
-    MIN_SHARD_SAMPLES samples each; False: none) for standard errors (``result.stderr``) at no extra
-    forward, for one more set of states in memory (``shards.py``).
+    MIN_SHARD_SAMPLES samples each; False, the default: none) for standard errors (``result.stderr``) at
+    no extra forward, for one more set of states in memory (``shards.py``; off by default: on layers with sparse units
+    the estimate can be several times too small or too large, see there).
     ``state_dtype=torch.float32`` halves the streaming states' memory (within a relative 1e-5 of float64
     states per unit, ``statistics.py``). ``memory_budget`` (bytes, or a string such as "8GB" or "512MiB"): checked after
     one probe sample has learned the layers' sizes and before any other forward (``memory.py``,
@@ -290,7 +291,7 @@ class Measurement:
         disk: bool = False,
         alpha: float = 0.01,
         compile: bool | None = None,
-        error_bars: int | bool = True,
+        error_bars: int | bool = False,
         state_dtype: torch.dtype = torch.float64,
         memory_budget: int | str | None = None,
         dedupe_batchnorm: bool = False,

@@ -129,8 +129,8 @@ class Monitor:
     units; ``means_include_dead=True`` counts units without any variance too (tmeasures' layer means).
     ``compile`` is measure()'s: by default the statistics run as kernels fused by ``torch.compile`` when
     that pays over ten measurements, and are compiled here, once per process (``compile_seconds``); the
-    eager kernels give the same numbers. ``error_bars`` is measure()'s too: each layer mean is logged with
-    its standard error from interleaved shards of the probe. ``state_dtype``, ``memory_budget`` and
+    eager kernels give the same numbers. ``error_bars`` is measure()'s too: with it, each layer mean is logged
+    with its standard error from interleaved shards of the probe. ``state_dtype``, ``memory_budget`` and
     ``dedupe_batchnorm`` are measure()'s: a budget too small for a layer's states is a ValueError here.
     """
 
@@ -158,7 +158,7 @@ class Monitor:
         unit_tensors: bool = True,
         compile: bool | None = None,
         means_include_dead: bool = False,
-        error_bars: int | bool = True,
+        error_bars: int | bool = False,
         state_dtype: torch.dtype = torch.float64,
         memory_budget: int | str | None = None,
         dedupe_batchnorm: bool = False,
