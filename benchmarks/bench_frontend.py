@@ -10,7 +10,13 @@ the tab does by default, then all 20). Recorded, each as the median of ``--repea
   heatmap is drawn (``performance.now()`` in the iframe), and from ``page.goto`` of TensorBoard (wall
   clock, includes loading TensorBoard's own app);
 - slider redraw, measured in the page from the slider's ``input`` event to the moment every heatmap shows
-  the new step: to a step whose units are already cached (pure redraw), and to a new step (fetch + draw).
+  the new step: to a step whose units are already cached (pure redraw), and to a new step (fetch + draw);
+- with 4 runs: a unit click until its values over all 1,000 steps are drawn for every selected run (a new
+  unit each time: fetched), and switching the difference view to each run as the reference (computed
+  anew) and on again (cached), until the change handler returned (the tab redraws in it) and until the
+  next frame.
+Targets (issue 14): first heatmap < 1 s of the tab's own time, a cached slider move < 50 ms, a unit click
+< 200 ms, the difference view < 100 ms.
 """
 from __future__ import annotations
 
@@ -90,6 +96,65 @@ def slider_times(frame, count: int, moves: int) -> dict[str, list[float]]:
     return times
 
 
+# Clicks unit `unit` of layer column `column` in run `run`'s heatmap and resolves with the milliseconds until the
+# "Unit during training" chart shows that unit for every selected run (fetched over all steps, then drawn).
+# (A column has more units than pixels: the unit under the cell's centre may be a neighbour of `unit`.)
+CLICK_UNIT = """async ([run, column, unit, name, count]) => {
+    const canvas = document.querySelector(`canvas.tm-heatmap[data-run="${run}"]`);
+    const {x, y} = canvas.cellCenter(column, unit);
+    const rect = canvas.getBoundingClientRect();
+    const title = () => document.querySelector(".tm-unit-history-name");
+    const before = title() ? title().textContent : "";
+    const done = () => {
+        const shown = title() ? title().textContent : "";
+        return shown !== before && shown.startsWith(`layer ${name}, unit `)
+            && document.querySelectorAll("#tm-unit-history-chart path.tm-unit-line").length === count;
+    };
+    const start = performance.now();
+    canvas.dispatchEvent(new MouseEvent("click", {clientX: rect.left + x, clientY: rect.top + y, bubbles: true}));
+    return new Promise((resolve) => {
+        const check = () => (done() ? resolve(performance.now() - start) : requestAnimationFrame(check));
+        check();
+    });
+}"""
+
+# Sets the difference view's reference run (`key`, "" for none) and resolves with [ms until the change handler
+# returned (the tab redraws in it), ms until the next frame was painted].
+TOGGLE_DIFFERENCE = """async (key) => {
+    const select = document.getElementById("tm-reference");
+    const start = performance.now();
+    select.value = key;
+    select.dispatchEvent(new Event("change"));
+    const drawn = performance.now() - start;
+    await new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
+    return [drawn, performance.now() - start];
+}"""
+
+
+def linked_view_times(frame, count: int, clicks: int) -> dict[str, list[float]]:
+    """Unit clicks (a different unit each time: its values over every step fetched for each selected run)
+    and difference-view switches (to each selected run as the reference: differences computed anew; off and
+    on again: cached), timed in the page."""
+    runs = frame.evaluate("() => [...document.querySelectorAll('canvas.tm-heatmap')].filter((c) => !c.hidden)"
+                          ".map((c) => c.dataset.run)")
+    times: dict[str, list[float]] = {"unit_click_ms": [], "difference_on_ms": [], "difference_again_ms": [],
+                                     "difference_next_frame_ms": []}
+    for i in range(clicks):
+        column, unit = 5 + 7 * i, 10 + 37 * i
+        name = f"block{column // 4}.layer{column % 4}"  # large_log.py's layer names
+        times["unit_click_ms"].append(frame.evaluate(CLICK_UNIT, [runs[i % len(runs)], column, unit, name, count]))
+    keys = frame.evaluate("() => [...document.getElementById('tm-reference').options].map((o) => o.value)"
+                          ".filter((v) => v)")
+    for key in keys:
+        drawn, painted = frame.evaluate(TOGGLE_DIFFERENCE, key)
+        times["difference_on_ms"].append(drawn)
+        times["difference_next_frame_ms"].append(painted)
+        frame.evaluate(TOGGLE_DIFFERENCE, "")
+        times["difference_again_ms"].append(frame.evaluate(TOGGLE_DIFFERENCE, key)[0])
+        frame.evaluate(TOGGLE_DIFFERENCE, "")
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("logdir", type=Path)
@@ -107,6 +172,8 @@ def main() -> None:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
         for count in (4, expected):
             first_iframe, first_wall, slider = [], [], {"new_step_ms": [], "cached_step_ms": []}
+            linked: dict[str, list[float]] = {"unit_click_ms": [], "difference_on_ms": [], "difference_again_ms": [],
+                                              "difference_next_frame_ms": []}
             for _ in range(args.repeats):
                 page = browser.new_page(viewport={"width": 1600, "height": 1200})
                 if count == 4:
@@ -122,6 +189,9 @@ def main() -> None:
                 frame = next(f for f in page.frames if "plugin_entry.html" in f.url)
                 for key, values in slider_times(frame, count, moves=3).items():
                     slider[key] += values
+                if count == 4:
+                    for key, values in linked_view_times(frame, count, clicks=3).items():
+                        linked[key] += values
                 page.close()
             figures[f"{count}_runs"] = {
                 "first_heatmap_ms_from_iframe_start": statistics.median(first_iframe) if count == 4 else None,
@@ -130,7 +200,9 @@ def main() -> None:
                 "slider_new_step_ms_max": max(slider["new_step_ms"]),
                 "slider_cached_step_ms_median": statistics.median(slider["cached_step_ms"]),
                 "slider_cached_step_ms_max": max(slider["cached_step_ms"]),
-                "raw": {"first_iframe": first_iframe, "first_wall": first_wall, **slider},
+                **{f"{key}_median": statistics.median(values) for key, values in linked.items() if values},
+                **{f"{key}_max": max(values) for key, values in linked.items() if values},
+                "raw": {"first_iframe": first_iframe, "first_wall": first_wall, **slider, **linked},
             }
         browser.close()
     figures["load_average_after"] = os.getloadavg()
