@@ -39,6 +39,12 @@ function createChart(run, {width, tooltip, onStep}) {
   canvas.dataset.run = run.entry.run;
   canvas.dataset.namespace = run.entry.namespace;
   paint(canvas, accuracy, plotWidth, height);
+  // the export draws the same heatmap at print resolution
+  canvas.tmPaintAt = (ratio) => {
+    const copy = document.createElement("canvas");
+    paintStepGrid(copy, accuracy.values, labels.length, SCALE, plotWidth, height, ratio);
+    return copy;
+  };
   const overlay = svg("svg", {class: "tm-chart tm-chart-layer tm-no-pointer", width: LABEL_WIDTH + plotWidth, height: height + AXIS});
   const every = Math.max(1, Math.ceil(11 / row));
   labels.forEach((label, r) => {

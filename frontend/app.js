@@ -14,7 +14,10 @@ import {
   sameArchitecture,
 } from "./difference.js";
 import {renderEmptyState} from "./empty_state.js";
-import {downloadImage, downloadTable, exportButtons, fileSafe, meansTable, profileTable, unitsTable} from "./export.js";
+import {
+  accuracyTrainingTable, downloadImage, downloadTable, exportButtons, fileSafe, meansTable, perTransformationTable, profileTable,
+  unitHistoryTable, unitsTable,
+} from "./export.js";
 import {createUnitHeatmaps, gridLayout} from "./heatmap.js";
 import {listenForReloads} from "./host.js";
 import {layerSelection, moduleTypes, selectMeans, selectUnits} from "./layers.js";
@@ -109,7 +112,11 @@ function layout(root) {
     "During training: one row per transformation, one column per logged step (click a column to show that step).");
   const accuracyLegend = html("div", "tm-legend");
   accuracyLegend.id = "tm-accuracy-legend";
-  accuracy.element.append(accuracyChart, accuracyTrainingTitle, accuracyLegend, accuracyTraining);
+  // a part of its own, with its heading and export buttons
+  const accuracyTrainingSection = html("div", "tm-subsection");
+  accuracyTrainingSection.id = "tm-accuracy-training-section";
+  accuracyTrainingSection.append(html("h4", "", "Accuracy during training"), accuracyTrainingTitle, accuracyLegend, accuracyTraining);
+  accuracy.element.append(accuracyChart, accuracyTrainingSection);
 
   const curves = section("tm-curves-section", "Layer means during training",
     "One line per layer, colored by depth, smoothed as TensorBoard smooths scalars (the raw lines faint). Hover a line to name its layer, "
@@ -182,7 +189,8 @@ export async function startApp(root) {
   const tooltip = createTooltip(root);
   const memo = {};
   // what the views show last, for the exports and the scale lock
-  const shown = {scale: null, selection: layerSelection(state), panels: [], profiles: [], runs: []};
+  const shown = {scale: null, selection: layerSelection(state), panels: [], profiles: [], runs: [], accuracyRuns: [],
+    unitHistory: {selection: null, runs: []}, perTransformation: {measure: "ie_t", runs: []}};
   let catalogLoaded = false;
   let contentWidth = 0;
   let catalogRequest = 0;
@@ -322,12 +330,27 @@ export async function startApp(root) {
       onData: (format) => downloadTable(meansTable(shown.runs, {measure: state.measure, types: moduleTypes}), exportName("layer-means"), format),
       onImage: (format) => downloadImage(document.getElementById("tm-curves-section"), exportName("curves"), format),
     }],
+    "tm-unit-history-section": ["unit-history", {
+      onData: (format) => downloadTable(unitHistoryTable(shown.unitHistory.runs, {measure: state.measure, selection: shown.unitHistory.selection || {layer: "", unit: ""}}),
+        exportName(shown.unitHistory.selection ? `unit-${shown.unitHistory.selection.layer}-${shown.unitHistory.selection.unit}` : "unit"), format),
+      onImage: (format) => downloadImage(document.getElementById("tm-unit-history-section"),
+        exportName(shown.unitHistory.selection ? `unit-${shown.unitHistory.selection.layer}-${shown.unitHistory.selection.unit}` : "unit"), format),
+    }],
+    "tm-pt-section": ["per-transformation", {
+      onData: (format) => downloadTable(perTransformationTable(shown.perTransformation.runs, {measure: shown.perTransformation.measure, types: moduleTypes}),
+        fileSafe(`invariance-per-transformation-${shown.perTransformation.measure}`), format),
+      onImage: (format) => downloadImage(document.getElementById("tm-pt-section"), fileSafe(`invariance-per-transformation-${shown.perTransformation.measure}`), format),
+    }],
+    "tm-accuracy-training-section": ["accuracy-training", {
+      onData: (format) => downloadTable(accuracyTrainingTable(shown.accuracyRuns), "invariance-accuracy-training", format),
+      onImage: (format) => downloadImage(document.getElementById("tm-accuracy-training-section"), "invariance-accuracy-training", format),
+    }],
     "tm-training-section": ["training", {
       onImage: (format) => downloadImage(document.getElementById("tm-training-section"), exportName("training-heatmap"), format),
     }],
   };
   for (const [id, [what, actions]] of Object.entries(exportsOf)) {
-    document.getElementById(id).querySelector("h3").append(exportButtons(what, actions));
+    document.getElementById(id).querySelector("h3, h4").append(exportButtons(what, actions));
   }
 
   function wantedStep(entry) {
@@ -499,7 +522,10 @@ export async function startApp(root) {
     const measure = perTransformation.measure();
     const logged = entries.filter((entry) => (entry.perTransformation || []).length);
     view.perTransformationSection.hidden = logged.length === 0;
-    if (!logged.length) return;
+    if (!logged.length) {
+      shown.perTransformation = {measure, runs: []};
+      return;
+    }
     const items = logged.map((entry) => {
       if (!entry.perTransformation.includes(measure)) return {...base(entry), shards: 0, record: null};
       const latest = store.perTransformation(entry, measure, null);
@@ -513,6 +539,8 @@ export async function startApp(root) {
       return {...base(entry), shards, record};
     });
     view.perTransformationNote.textContent = measure;
+    shown.perTransformation = {measure, runs: items.flatMap((item) => (item.record && item.record.done && !item.record.error && item.record.value
+      ? [{entry: item.entry, data: item.record.value}] : []))};
     perTransformation.render(items, {width: Math.min(width, MAX_CHART_WIDTH)});
   }
 
@@ -577,6 +605,8 @@ export async function startApp(root) {
       return {...base(entry), absent: has ? "" : `has no layer ${layer} with a unit ${unit} (${state.measure})`,
         record: has ? store.unitHistory(entry, state.measure, layer, unit) : null};
     });
+    shown.unitHistory = {selection: selectedUnit, runs: runs.flatMap((run) => (run.record && run.record.done && !run.record.error && run.record.value
+      ? [{entry: run.entry, history: run.record.value}] : []))};
     unitHistory.render(selectedUnit, runs, {width: Math.min(width, MAX_CHART_WIDTH + 200), measure: state.measure,
       smoothing: state.smoothing, log: state.logY});
     unitHistory.showStep(state.step);
@@ -606,6 +636,7 @@ export async function startApp(root) {
     });
     view.accuracyLegend.hidden = !accuracyRuns.some((run) => run.accuracy && run.accuracy.steps.length);
     if (!view.accuracyLegend.hidden) renderLegend(view.accuracyLegend, {scale: measureScale({measure: "accuracy"}), label: "top-1 accuracy"});
+    shown.accuracyRuns = accuracyRuns.filter((run) => run.accuracy && run.accuracy.steps.length);
     accuracyTraining.render(accuracyRuns, {width: smallWidth});
     accuracyTraining.showStep(state.step);
   }

@@ -7,6 +7,7 @@ import {valueAxis} from "./axes.js";
 import {depthColor} from "./colors.js";
 import {chartCache, drawAxes, formatValue, html, linearScale, niceTicks, svg, svgText} from "./plot.js";
 import {smoothColumns} from "./smoothing.js";
+import {moduleTypes} from "./layers.js";
 import {layerDepth, stepAtOrBefore} from "./state.js";
 
 const HEIGHT = 220;
@@ -172,6 +173,7 @@ function createChart(run, {x, y, yTicks, width, measure, tooltip, smoothing, dif
   canvas.dataset.run = run.entry.run;
   canvas.dataset.namespace = run.entry.namespace;
   const {steps, layers} = run.means;
+  const types = moduleTypes(run.entry);
   const shown = smoothColumns(run.means.values, smoothing);
   const seRows = stderrRows(run, difference);
   drawLines(canvas, run, shown, x, y, width, seRows);
@@ -214,7 +216,8 @@ function createChart(run, {x, y, yTicks, width, measure, tooltip, smoothing, dif
       return;
     }
     const name = layers[l];
-    const lines = [[run.label, "tm-tooltip-title"], `layer ${name}`, `step ${steps[s]}`];
+    const type = types.get(name);
+    const lines = [[run.label, "tm-tooltip-title"], type ? `layer ${name} (${type})` : `layer ${name}`, `step ${steps[s]}`];
     const what = difference ? `${measure} \u2212 ${difference.label}` : `mean ${measure}`;
     if (shown !== run.means.values) {
       lines.push(`${what} = ${formatValue(shown[s][l])} (smoothed ${smoothing})`, `value ${formatValue(run.means.values[s][l])}`);

@@ -106,6 +106,57 @@ export function unitsTable(panels, {measure}) {
   return {header, rows, json: {measure, kind: "units", runs}};
 }
 
+/** One unit during training: runs [{entry, history: {steps, values, dead (Set of steps)}}] of the unit
+ *  selection {layer, unit}; raw values (dead steps flagged, their value as logged). {header, rows, json}. */
+export function unitHistoryTable(runs, {measure, selection}) {
+  const header = ["run", "namespace", "measure", "layer", "unit", "step", "value", "dead"];
+  const rows = [];
+  const json = runs.map(({entry, history}) => {
+    const values = Array.from(history.values, exportNumber);
+    history.steps.forEach((step, s) => {
+      rows.push([entry.run, entry.namespace, measure, selection.layer, selection.unit, step, values[s], history.dead.has(step) ? 1 : 0]);
+    });
+    return {run: entry.run, namespace: entry.namespace, steps: [...history.steps], values, dead: [...history.dead].sort((a, b) => a - b)};
+  });
+  return {header, rows, json: {measure, kind: "unit_history", layer: selection.layer, unit: selection.unit, runs: json}};
+}
+
+/** Accuracy during training: runs [{entry, accuracy: {steps, labels, values ([steps][transformations])}}].
+ *  {header, rows, json}. */
+export function accuracyTrainingTable(runs) {
+  const header = ["run", "namespace", "step", "transformation_index", "transformation", "accuracy"];
+  const rows = [];
+  const json = runs.map(({entry, accuracy}) => {
+    const count = accuracy.labels.length || (accuracy.values[0] ? accuracy.values[0].length : 0);
+    const labels = Array.from({length: count}, (_, t) => accuracy.labels[t] ?? `transformation ${t}`);
+    const values = accuracy.values.map((row) => Array.from(row, exportNumber));
+    accuracy.steps.forEach((step, s) => labels.forEach((label, t) => rows.push([entry.run, entry.namespace, step, t, label, values[s][t]])));
+    return {run: entry.run, namespace: entry.namespace, transformations: labels, steps: [...accuracy.steps], values};
+  });
+  return {header, rows, json: {measure: "accuracy", kind: "accuracy_training", runs: json}};
+}
+
+/** Error per transformation at the step shown: runs [{entry, data: {step, layers, transformations: [{label}],
+ *  values ([layers][transformations]), stderr or null}}]. {header, rows, json}. */
+export function perTransformationTable(runs, {measure, types}) {
+  const header = ["run", "namespace", "measure", "step", "layer", "module_type", "transformation_index", "transformation", "value", "stderr"];
+  const rows = [];
+  const json = runs.map(({entry, data}) => {
+    const moduleType = types(entry);
+    const values = data.values.map((row) => Array.from(row, exportNumber));
+    const stderr = data.stderr ? data.stderr.map((row) => Array.from(row, exportNumber)) : null;
+    data.layers.forEach((name, l) => data.transformations.forEach((t, c) => {
+      rows.push([entry.run, entry.namespace, measure, data.step, name, moduleType.get(name) || "", c, t.label, values[l][c], stderr ? stderr[l][c] : ""]);
+    }));
+    return {
+      run: entry.run, namespace: entry.namespace, step: data.step,
+      layers: data.layers.map((name) => ({name, module_type: moduleType.get(name) || ""})),
+      transformations: data.transformations.map((t) => t.label), values, stderr,
+    };
+  });
+  return {header, rows, json: {measure, kind: "per_transformation", runs: json}};
+}
+
 // -- downloads -------------------------------------------------------------------------------------------
 
 /** Saves `blob` as `filename` through the browser's download. */

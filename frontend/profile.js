@@ -4,10 +4,34 @@
 // minus the reference run. One SVG path per run, data-run / data-namespace on it; dots carry data-layer.
 import {valueAxis} from "./axes.js";
 import {deadUnitsText, layerStats, nonFiniteText, SPREAD, spreadText} from "./layer_stats.js";
-import {bandPath, categoryTicks, drawAxes, drawRunLine, formatValue, linearScale, niceTicks, svg, svgText} from "./plot.js";
+import {moduleTypes, textWidth} from "./layers.js";
+import {bandPath, drawAxes, drawRunLine, formatValue, linearScale, niceTicks, svg, svgText, svgTitle} from "./plot.js";
 
 const HEIGHT = 300;
 const MARGIN = {left: 56, right: 20, top: 12};
+// layer names under the x axis: rotated by ANGLE degrees, at least MIN_GAP px apart along the axis so that
+// neighbours (parallel lines of text MIN_GAP * sin(ANGLE) px apart) never overlap
+const ANGLE = 35;
+const TICK_FONT = 11;
+const MIN_GAP = Math.ceil((TICK_FONT + 1) / Math.sin((ANGLE * Math.PI) / 180));
+const MIN_PLOT_HEIGHT = 200;
+
+/** The layer names to write under the axis: [[px, name]], left to right, each at least MIN_GAP px from the
+ *  previous one (the first, then every next one that fits). */
+function layerTicks(points, px) {
+  const kept = [];
+  for (const p of points) {
+    const at = px(p);
+    if (!kept.length || at - kept.at(-1)[0] >= MIN_GAP) kept.push([at, p.name]);
+  }
+  return kept;
+}
+
+/** How far rotated labels reach below where they start. */
+function labelDepth(names) {
+  const radians = (ANGLE * Math.PI) / 180;
+  return Math.ceil(Math.max(0, ...names.map((name) => textWidth(name, TICK_FONT))) * Math.sin(radians) + TICK_FONT * Math.cos(radians));
+}
 
 function xPosition(point, xAxis) {
   return xAxis === "depth" ? point.depth * 100 : point.index;
@@ -15,12 +39,14 @@ function xPosition(point, xAxis) {
 
 function sharedNames(series) {
   const names = series[0].points.map((p) => p.name);
-  const same = series.every((s) => s.points.length === names.length && s.points.every((p, i) => p.name === names[i] && p.index === i));
+  const first = series[0].points;
+  const same = series.every((s) => s.points.length === names.length
+    && s.points.every((p, i) => p.name === names[i] && p.index === first[i].index && p.depth === first[i].depth));
   return same ? names : null;
 }
 
-function describe(s, p, {measure, difference}) {
-  const lines = [[s.label, "tm-tooltip-title"], `layer ${p.name}`];
+function describe(s, p, {measure, difference, type}) {
+  const lines = [[s.label, "tm-tooltip-title"], type ? `layer ${p.name} (${type})` : `layer ${p.name}`];
   if (difference) {
     lines.push(`${measure} \u2212 ${difference.label}: ${formatValue(p.value)}`,
       `${s.label}: ${formatValue(p.own)} (step ${s.step})`,
@@ -63,34 +89,53 @@ export function createProfile(container, tooltip, {onLayerHover = () => {}} = {}
   function render(series, {xAxis, measure, width, difference = null}) {
     const drawn = series.filter((s) => s.points.length);
     const banded = difference ? [] : drawn;
-    const names = xAxis === "layer" && drawn.length ? sharedNames(drawn) : null;
-    const rotate = Boolean(names) && names.some((name) => name.length > 3);
-    const bottom = rotate ? 70 : 44;
+    // the layer names on the x axis (by index or at their depth %) when every run has the same layers
+    const names = drawn.length ? sharedNames(drawn) : null;
     const lastIndex = Math.max(1, ...drawn.flatMap((s) => s.points.map((p) => p.index)));
     const x = linearScale(xAxis === "depth" ? [0, 100] : [0, lastIndex], [MARGIN.left, width - MARGIN.right]);
+    const nameTicks = names ? layerTicks(drawn[0].points, (p) => x(xPosition(p, xAxis))) : [];
+    // depth: the percentages, then the names under them; index: the names instead of numbers
+    const namesTop = xAxis === "depth" ? 26 : 8;
+    const depth = nameTicks.length ? labelDepth(nameTicks.map(([, name]) => name)) : 0;
+    const bottom = nameTicks.length ? Math.max(xAxis === "depth" ? 44 : 70, namesTop + depth + 24) : 44;
+    const height = Math.max(HEIGHT, MARGIN.top + MIN_PLOT_HEIGHT + bottom);
     const band = (p) => (p.layer ? layerStats(p.layer) : null);
     const seBand = (p) => (Number.isFinite(p.se) && Number.isFinite(p.value) ? [Math.max(0, p.value - p.se), p.value + p.se] : null);
     const axis = valueAxis([
       ...drawn.map((s) => s.points.map((p) => p.value)),
       ...banded.map((s) => s.points.flatMap((p) => seBand(p) || [])),
       ...banded.map((s) => s.points.flatMap((p) => (band(p) ? [band(p).low, band(p).high] : []))),
-    ], {measure, difference: Boolean(difference), bottom: HEIGHT - bottom, top: MARGIN.top});
+    ], {measure, difference: Boolean(difference), bottom: height - bottom, top: MARGIN.top});
     const y = axis.scale;
-    root = svg("svg", {class: "tm-chart", width, height: HEIGHT});
+    root = svg("svg", {class: "tm-chart", width, height});
     root.dataset.axis = axis.kind;
     let xTicks;
     if (xAxis === "depth") xTicks = [0, 25, 50, 75, 100].map((v) => [v, `${v}%`]);
-    else if (names) xTicks = categoryTicks(names, Math.floor((width - MARGIN.left) / 16));
+    else if (nameTicks.length) xTicks = [];
     else xTicks = niceTicks(0, lastIndex, 8).filter(Number.isInteger).map((v) => [v, String(v)]);
+    const xLabel = xAxis === "depth" ? "depth (% of observed layers)" : "layer (network order)";
     drawAxes(root, {
       x,
       y,
       xTicks,
       yTicks: axis.ticks,
-      xLabel: xAxis === "depth" ? "depth (% of observed layers)" : "layer (network order)",
+      xLabel: nameTicks.length ? "" : xLabel,
       yLabel: difference ? `${measure} \u2212 reference` : `mean ${measure}`,
-      rotateX: rotate,
     });
+    if (nameTicks.length) {
+      const y0 = height - bottom;
+      const types = moduleTypes(drawn[0].entry);
+      for (const [px, name] of nameTicks) {
+        if (xAxis !== "depth") root.append(svg("line", {class: "tm-axis-line", x1: px, x2: px, y1: y0, y2: y0 + 4}));
+        const label = svgText(name, {class: "tm-tick tm-layer-tick", "text-anchor": "end",
+          transform: `translate(${px.toFixed(1)},${y0 + namesTop}) rotate(-${ANGLE})`});
+        label.dataset.layer = name;
+        const type = types.get(name);
+        label.append(svgTitle(type ? `${name} (${type})` : name));
+        root.append(label);
+      }
+      root.append(svgText(xLabel, {x: (x(x.domain[0]) + x(x.domain[1])) / 2, y: y0 + namesTop + depth + 16, class: "tm-axis-label", "text-anchor": "middle"}));
+    }
     if (difference) {
       root.append(svg("line", {class: "tm-zero-line", x1: x(x.domain[0]), x2: x(x.domain[1]), y1: y(0), y2: y(0)}));
     }
@@ -117,13 +162,14 @@ export function createProfile(container, tooltip, {onLayerHover = () => {}} = {}
     }
     root.dataset.seBands = String(seBands);
     for (const s of drawn) {
+      const types = moduleTypes(s.entry);
       const line = drawRunLine(root, {
         entry: s.entry,
         color: s.color,
         points: s.points.map((p) => [x(xPosition(p, xAxis)), y(p.value)]),
         names: s.points.map((p) => p.name),
         tooltip,
-        describe: (i) => describe(s, s.points[i], {measure, difference}),
+        describe: (i) => describe(s, s.points[i], {measure, difference, type: types.get(s.points[i].name)}),
         onHover: (i) => onLayerHover(i === null ? null : s.points[i].name),
       });
       // the difference view: filled where the difference exceeds 2 combined standard errors, hollow where not

@@ -102,3 +102,59 @@ def test_difference_marks_differences_beyond_two_standard_errors(page, tensorboa
         "(dots) => dots.map((d) => d.dataset.significant)")
     assert set(marks) <= {"true", "false"}
     assert frame.locator("#tm-profile text.tm-chart-note").first.text_content().startswith("filled:")
+
+
+def test_error_per_transformation_exports(page, tensorboard):
+    import csv
+    import io
+    import json
+    import math
+    import struct
+    import xml.etree.ElementTree as ElementTree
+
+    import numpy as np
+    from logs import floats
+
+    payload = tensorboard.json(f"{BASE}/per_transformation?run=rot&namespace=invariance&measure=ie_t")
+    shape = (len(payload["layers"]), len(payload["transformations"]))
+
+    def matrix(values):
+        return (floats(values) if isinstance(values, str) else np.array(values, dtype=float)).reshape(shape)
+
+    expected = matrix(payload["values"])
+    stderr = matrix(payload["stderr"]["values"] if isinstance(payload["stderr"], dict) else payload["stderr"])
+    frame = open_tab(page, tensorboard)
+    select_runs(frame, {"rot"})
+    frame.locator("#tm-pt svg.tm-pt-lines[data-run=rot]").wait_for()
+
+    def download(what):
+        with page.expect_download() as info:
+            frame.click(f"[data-export={what}]")
+        return info.value.suggested_filename, open(info.value.path(), "rb").read()
+
+    def close(a, b):
+        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+
+    name, body = download("per-transformation-csv")
+    assert name == "invariance-per-transformation-ie_t.csv"
+    table = list(csv.DictReader(io.StringIO(body.decode("utf-8"))))
+    assert len(table) == expected.size
+    for row in table:
+        assert row["run"] == "rot" and row["measure"] == "ie_t" and int(row["step"]) == payload["step"]
+        l, t = payload["layers"].index(row["layer"]), int(row["transformation_index"])
+        assert row["transformation"] == payload["transformations"][t]["label"]
+        assert close(row["value"], expected[l, t]) and close(row["stderr"], stderr[l, t])
+    _, body = download("per-transformation-json")
+    document = json.loads(body)
+    run = document["runs"][0]
+    assert document["measure"] == "ie_t" and run["run"] == "rot" and [layer["name"] for layer in run["layers"]] == payload["layers"]
+    assert all(close(v, w) for v, w in zip(np.array(run["values"], dtype=float).ravel(), expected.ravel()))
+    _, body = download("per-transformation-svg")
+    root = ElementTree.fromstring(body)
+    text = " ".join(t.strip() for t in root.itertext() if t.strip())
+    assert "Error per transformation" in text and "rotation (\u00b0)" in text
+    width, height = float(root.get("width")), float(root.get("height"))
+    _, body = download("per-transformation-png")
+    assert body[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", body[16:24]) == (math.floor(width * 300 / 96 + 0.5), math.floor(height * 300 / 96 + 0.5))
+    (ARTIFACTS / "export-per-transformation.png").write_bytes(body)

@@ -723,3 +723,102 @@ def test_layer_filter_and_url_state_functions(page, scale_tb):
     assert result["picked"] == {"layers": ["conv", "fc"], "values": [[1, 3], [4, 6]], "same": True}
     assert result["csv"] == 'a,b\r\n"x,y","say ""hi"""\r\n" pad",0.3\r\n=1+1,NaN\r\n'
     assert result["numbers"] == [0.100000001, "Infinity", "-Infinity"]
+
+
+# -- 5. layer names on the profile's axes, module types in tooltips, the remaining exports ----------------
+
+def test_profile_depth_axis_names_layers_and_tooltips_give_module_types(page, scale_tb, scale_logs):
+    _, records = scale_logs
+    frame = open_tab(page, scale_tb)
+    choose(frame, ["deep"], "nvi")
+    layers = records["deep"][20].layers_of("nvi")
+    for axis in ("depth", "layer"):
+        frame.locator(f"input[name=tm-x-axis][value={axis}]").check()
+        frame.wait_for_function("document.querySelectorAll('#tm-profile text.tm-layer-tick').length > 0")
+        ticks = frame.evaluate("""() => [...document.querySelectorAll('#tm-profile text.tm-layer-tick')].map((t) => {
+            const box = t.getBoundingClientRect();
+            return {name: t.firstChild.data, layer: t.dataset.layer, x: Number(/translate\\(([-\\d.]+)/.exec(t.getAttribute('transform'))[1]),
+                    bottom: box.bottom, svgBottom: t.ownerSVGElement.getBoundingClientRect().bottom};
+        })""")
+        names = [t["name"] for t in ticks]
+        assert names == [t["layer"] for t in ticks]
+        assert len(names) >= 2 and all(name in layers for name in names), names  # full names, in network order
+        assert names == [name for name in layers if name in names]
+        assert all(b["x"] - a["x"] >= 21 for a, b in zip(ticks, ticks[1:]))  # thinned: never overlapping
+        assert all(t["bottom"] <= t["svgBottom"] + 0.5 for t in ticks)  # not cut off
+        if axis == "depth":
+            assert "50%" in frame.locator("#tm-profile text.tm-tick").all_text_contents()
+    # the module type next to the layer name in the tooltips of the profile and the curves
+    dot = frame.locator("#tm-profile .tm-dot").first
+    name = dot.get_attribute("data-layer")
+    dot.hover(force=True)
+    tooltip = frame.locator("#tm-tooltip")
+    tooltip.wait_for(state="visible")
+    assert f"layer {name} (" in tooltip.inner_text()
+    frame.wait_for_selector("#tm-curves canvas")
+    overlay = frame.locator("#tm-curves svg").first
+    box = overlay.bounding_box()
+    overlay.hover(force=True, position={"x": box["width"] * 0.6, "y": box["height"] * 0.4})
+    frame.wait_for_function("/layer .+ \\(\\w+\\)/.test(document.getElementById('tm-tooltip').innerText)")
+
+
+def test_accuracy_training_exports(page, scale_tb):
+    runs = ["baseline", "deep"]
+    frame = open_tab(page, scale_tb)
+    choose(frame, runs, "nvi")
+    frame.wait_for_function("document.querySelectorAll('canvas.tm-accuracy-heatmap').length === 2")
+    name, body = download(page, frame, "accuracy-training-csv")
+    assert name == "invariance-accuracy-training.csv"
+    table = parse_csv(body)
+    _, body = download(page, frame, "accuracy-training-json")
+    document = json.loads(body)
+    assert [r["run"] for r in document["runs"]] == runs
+    for run in document["runs"]:
+        payload = scale_tb.json(f"{BASE}/accuracy?run={run['run']}&namespace=invariance")
+        expected = rows(payload)
+        assert run["steps"] == payload["steps"] and np.array(run["values"], dtype=float).shape == expected.shape
+        assert all(close(v, w) for v, w in zip(np.array(run["values"], dtype=float).ravel(), expected.ravel()))
+        got = [row for row in table if row["run"] == run["run"]]
+        assert len(got) == expected.size
+        for row in got:
+            assert close(row["accuracy"], expected[payload["steps"].index(int(row["step"])), int(row["transformation_index"])])
+            assert row["transformation"] == run["transformations"][int(row["transformation_index"])]
+    name, body = download(page, frame, "accuracy-training-svg")
+    root, text = svg_texts(body)
+    assert "Accuracy during training" in text and "baseline" in text and "deep" in text
+    assert root.find(".//{http://www.w3.org/2000/svg}image") is not None
+    width, height = float(root.get("width")), float(root.get("height"))
+    _, body = download(page, frame, "accuracy-training-png")
+    assert png_size(body) == (math.floor(width * PRINT_RATIO + 0.5), math.floor(height * PRINT_RATIO + 0.5))
+
+
+def test_unit_history_exports(page, scale_tb, scale_logs):
+    _, records = scale_logs
+    runs = ["baseline", "peaking"]
+    frame = open_tab(page, scale_tb)
+    choose(frame, runs, "nvi")
+    layers = records["baseline"][0].layers_of("nvi")
+    canvas = frame.locator("canvas.tm-heatmap[data-run=baseline]")
+    canvas.click(position=canvas.evaluate("(c) => c.cellCenter(0, 1)"))
+    frame.wait_for_function("document.querySelectorAll('#tm-unit-history-chart path.tm-unit-line').length === 2")
+    layer = frame.locator(".tm-unit-history-name").inner_text().split(",")[0].removeprefix("layer ")
+    assert layer in layers
+    name, body = download(page, frame, "unit-history-csv")
+    assert name.endswith(".csv") and "unit" in name
+    table = parse_csv(body)
+    assert len(table) == len(runs) * len(STEPS)
+    for row in table:
+        assert row["layer"] == layer and row["unit"] == "1" and row["measure"] == "nvi"
+        assert close(row["value"], records[row["run"]][int(row["step"])].get("nvi", layer)[1])
+    _, body = download(page, frame, "unit-history-json")
+    document = json.loads(body)
+    assert document["layer"] == layer and document["unit"] == 1 and [r["run"] for r in document["runs"]] == runs
+    for run in document["runs"]:
+        assert run["steps"] == STEPS
+        assert all(close(v, records[run["run"]][step].get("nvi", layer)[1]) for v, step in zip(run["values"], STEPS))
+    _, body = download(page, frame, "unit-history-svg")
+    root, text = svg_texts(body)
+    assert "Unit during training" in text and f"layer {layer}, unit 1" in text and "baseline" in text
+    width, height = float(root.get("width")), float(root.get("height"))
+    _, body = download(page, frame, "unit-history-png")
+    assert png_size(body) == (math.floor(width * PRINT_RATIO + 0.5), math.floor(height * PRINT_RATIO + 0.5))
