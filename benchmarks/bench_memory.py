@@ -1,0 +1,49 @@
+"""The streaming states of an ImageNet ResNet-50 at 224 px, as ``tm.estimate_memory`` computes them.
+
+    python benchmarks/bench_memory.py          # seconds: everything on the meta device, no weights
+
+``examples.models.ResNet50`` (width 1) and a probe of N = 64 images 3×224×224 built on the ``meta`` device,
+T = 16 rotations, ``batch_size=16``: the bytes of every observed layer's states (exact: built as the
+measures allocate them; tests/test_memory.py checks the estimate against allocated states) for the
+measure sets, state dtypes, error bars and BatchNorm dedupe of the README's memory table, and the number
+of passes ``memory_budget="8GB"`` would take. Results in ``results/memory.json``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import tm_tensorboard as tm
+from provenance import environment, save_results
+from tm_tensorboard.examples.models import ResNet50
+
+RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
+DEFAULT = ("invariance", "same_equivariance")
+CASES = {
+    "invariance, float64": dict(measures=("invariance",)),
+    "default, float64": dict(measures=DEFAULT),
+    "default, float64, error bars": dict(measures=DEFAULT, error_bars=True),
+    "default, float32": dict(measures=DEFAULT, state_dtype=torch.float32),
+    "default, float32, dedupe": dict(measures=DEFAULT, state_dtype=torch.float32, dedupe_batchnorm=True),
+    "invariance, float32, dedupe": dict(measures=("invariance",), state_dtype=torch.float32, dedupe_batchnorm=True),
+}
+
+
+def main() -> None:
+    with torch.device("meta"):
+        model = ResNet50().eval()
+        probe = torch.empty(64, 3, 224, 224)
+    tset = tm.transforms.rotations(16)
+    figures: dict = {"environment": environment(), "cases": {}}
+    for name, keywords in CASES.items():
+        report = tm.estimate_memory(model, probe, tset, batch_size=16, **keywords)
+        budget = tm.estimate_memory(model, probe, tset, batch_size=16, memory_budget="8GB", **keywords)
+        figures["cases"][name] = {"layers": len(report.layers), "state_bytes": report.state_bytes,
+                                  "working_bytes": report.working_bytes, "passes_under_8GB": len(budget.passes())}
+        print(name, figures["cases"][name], flush=True)
+    save_results(figures, RESULTS)
+
+
+if __name__ == "__main__":
+    main()
