@@ -24,9 +24,10 @@ from launches import top_level_ops
 from logs import ctx, provider
 from logwriter import write_run
 from models import small_cnn
-from reference import activation_matrix, channel, safe_divide
+from reference import channel, safe_divide
 from tensorboard_process import TensorBoard
 from test_fused import _HostReads
+from test_more_measures import brute
 from test_plugin_routes import _write_event, client_for, get, get_json
 
 N = 11
@@ -38,10 +39,6 @@ LAYERS = ["0", "3", "5", "9"]  # conv, conv, ReLU after BatchNorm, linear
 def probe():
     torch.manual_seed(11)
     return torch.randn(N, 3, 12, 12)
-
-
-def brute(model, images, tset, layers, undo=None):
-    return activation_matrix(model, images, lambda x, t: tset.apply_one(x, t) if t < len(tset) else None, layers, undo)
 
 
 def error_reference(A: np.ndarray, identity: int, per: str) -> np.ndarray:
