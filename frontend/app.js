@@ -195,6 +195,7 @@ export async function startApp(root) {
   let contentWidth = 0;
   let catalogRequest = 0;
   let pendingFrame = null;
+  let pendingUnitFrame = null;
   let tensorBoardRuns = null; // TensorBoard's run order, for its run colors
   // linked views: the layer hovered in any view, and the unit clicked in a unit heatmap {layer, unit}
   let highlighted = null;
@@ -206,7 +207,7 @@ export async function startApp(root) {
   let unitTimer = null;
   let lastUnitFetch = -Infinity;
 
-  const store = createStore(scheduleRender);
+  const store = createStore(scheduleRender, scheduleUnitHistory);
   const heatmaps = createUnitHeatmaps(view.heatmaps, tooltip, {onLayerHover: highlightLayer, onCell: showUnit});
   const curves = createCurves(view.curvesPanels, tooltip, {onLayerHover: highlightLayer, onStep: goToStep});
   const training = createTrainingHeatmaps(view.trainingPanels, tooltip, {onStep: goToStep});
@@ -216,7 +217,7 @@ export async function startApp(root) {
     onStep: goToStep,
     onClose() {
       selectedUnit = null;
-      render();
+      redrawUnitHistory();
     },
   });
   const accuracyTraining = createAccuracyTraining(view.accuracyTraining, tooltip, {onStep: goToStep});
@@ -300,10 +301,10 @@ export async function startApp(root) {
     curves.highlight(name);
   }
 
-  /** Shows a unit's values during training (a click on a heatmap cell). */
+  /** Shows a unit's values during training (a click on a heatmap cell): only that chart changes. */
   function showUnit({layer, unit}) {
     selectedUnit = {layer, unit};
-    render();
+    redrawUnitHistory();
     view.unitHistorySection.scrollIntoView({block: "nearest"});
   }
 
@@ -381,6 +382,17 @@ export async function startApp(root) {
       pendingFrame = requestAnimationFrame(() => {
         pendingFrame = null;
         render();
+      });
+    }
+  }
+
+  /** Redraws the unit history alone in the next frame (a response only it shows), unless the whole tab
+   *  is redrawn in that frame anyway: redrawing every view per response would cost tens of ms each. */
+  function scheduleUnitHistory() {
+    if (pendingFrame === null && pendingUnitFrame === null) {
+      pendingUnitFrame = requestAnimationFrame(() => {
+        pendingUnitFrame = null;
+        if (pendingFrame === null) redrawUnitHistory();
       });
     }
   }
@@ -593,6 +605,11 @@ export async function startApp(root) {
       const same = sameArchitecture(entries[i], ref.entry, state.measure);
       return {...run, means: differenceMeans(run.means, reference.means, {same, depthOf: depths(entries[i]), referenceDepthOf: depths(ref.entry)})};
     });
+  }
+
+  /** The unit history alone, of the selected runs at the tab's width. */
+  function redrawUnitHistory() {
+    renderUnitHistory(selectedEntries(state), Math.max(contentWidth, MIN_CHART_WIDTH));
   }
 
   /** The unit clicked in a heatmap, during training, in every selected run that has it. */

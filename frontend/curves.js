@@ -15,8 +15,8 @@ const MARGIN = {left: 52, right: 12, top: 10, bottom: 40};
 const RAW_ALPHA = 0.25;
 const PICK_DISTANCE = 24; // pixels: farther from every line, hovering names no layer
 
-/** A legend for the depth colors: first observed layer to last. */
-export function depthLegend() {
+/** A legend for the depth colors: first observed layer to last (named when the chart's layers are known). */
+export function depthLegend(first = "first layer", last = "last layer") {
   const item = html("span", "tm-legend-item");
   const ramp = html("span", "tm-depth-ramp");
   for (let i = 0; i <= 10; i++) {
@@ -24,7 +24,7 @@ export function depthLegend() {
     stop.style.background = depthColor(i / 10);
     ramp.append(stop);
   }
-  item.append(html("span", "", "first layer"), ramp, html("span", "", "last layer"));
+  item.append(html("span", "", first), ramp, html("span", "", last));
   return item;
 }
 

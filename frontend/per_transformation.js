@@ -5,6 +5,7 @@
 // per layer with both parameters on the axes. Layer names and labels only ever go into text nodes.
 import {valueAxis} from "./axes.js";
 import {colorFor, cssColor, depthColor} from "./colors.js";
+import {depthLegend} from "./curves.js";
 import {bandPath, drawAxes, drawRunLine, formatValue, html, linearScale, svg, svgText, svgTitle} from "./plot.js";
 
 const HEIGHT = 260;
@@ -51,7 +52,8 @@ function seText(se, shards) {
   return Number.isFinite(se) ? ` \u00b1 ${formatValue(se)} (${shards ? `${shards} shards` : "standard error"})` : "";
 }
 
-/** Error against the one varying parameter (or the transformation index), one line per layer. */
+/** Error against the one varying parameter (or the transformation index), one line per layer; hovering a
+ *  line names its layer in the chart, as in the layer-mean curves. */
 function lineChart(item, data, parameter, {width, measure, tooltip}) {
   const T = data.transformations.length;
   const xs = parameter ? parameter.values : data.transformations.map((_, t) => t);
@@ -70,6 +72,7 @@ function lineChart(item, data, parameter, {width, measure, tooltip}) {
     rotateX: !parameter,
   });
   const L = data.layers.length;
+  const label = svgText("", {class: "tm-curve-label", x: MARGIN.left + 6, y: MARGIN.top + 12});
   let bands = 0;
   data.layers.forEach((name, l) => {
     const color = depthColor(L > 1 ? l / (L - 1) : 0);
@@ -93,8 +96,12 @@ function lineChart(item, data, parameter, {width, measure, tooltip}) {
         return [[item.label, "tm-tooltip-title"], `layer ${name}`, data.transformations[t].label,
           `${measure} = ${formatValue(data.values[l][t])}${seText(data.stderr && data.stderr[l][t], item.shards)}`, `step ${data.step}`];
       },
+      onHover: (i) => {
+        label.textContent = i === null ? "" : `layer ${name}`;
+      },
     });
   });
+  root.append(label);
   root.dataset.bands = String(bands);
   if (T === 0) root.append(svgText("no transformations", {x: width / 2, y: HEIGHT / 2, class: "tm-chart-note", "text-anchor": "middle"}));
   return root;
@@ -260,7 +267,9 @@ export function createPerTransformation(container, tooltip, {onChange = () => {}
           data.layers.forEach((name) => productLayers.add(name));
           figure.append(gridCharts(item, data, parameters, {measure, layer: layerSelect.value}));
         } else {
-          figure.append(lineChart(item, data, parameters[0] || null, {width, measure, tooltip}));
+          const legend = html("div", "tm-legend tm-pt-legend");
+          legend.append(depthLegend(`layer ${data.layers[0]}`, `layer ${data.layers.at(-1)}`));
+          figure.append(legend, lineChart(item, data, parameters[0] || null, {width, measure, tooltip}));
         }
         figure.append(layerHeatmap(item, data, {measure}));
         return figure;

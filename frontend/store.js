@@ -7,17 +7,18 @@ import {runKey} from "./state.js";
 const MAX_UNIT_SNAPSHOTS = 256;
 
 /**
- * A store calling onChange() whenever a request finishes. Every getter returns a record
- * {done, value, error}: value is null when the backend has no such data.
+ * A store calling onChange() whenever a request finishes, onUnitHistory() instead for a unit's history
+ * (only its chart shows it). Every getter returns a record {done, value, error}: value is null when the
+ * backend has no such data.
  */
-export function createStore(onChange) {
+export function createStore(onChange, onUnitHistory = onChange) {
   const snapshots = new Map(); // run, measure, step -> record (least recently used first)
   const growing = new Map(); // kind, run, measure -> {maxStep, record}
   const configs = new Map(); // run -> record
   const unitSteps = new Map(); // run -> sorted steps that have units
   const lastUnits = new Map(); // run, measure -> the most recent units received
 
-  function request(load, after = () => {}) {
+  function request(load, after = () => {}, notify = onChange) {
     const record = {done: false, value: undefined, error: null};
     load().then(
       (value) => {
@@ -29,7 +30,7 @@ export function createStore(onChange) {
       },
     ).finally(() => {
       record.done = true;
-      onChange();
+      notify();
     });
     return record;
   }
@@ -53,11 +54,11 @@ export function createStore(onChange) {
     return record;
   }
 
-  function current(kind, entry, measure, load, after) {
+  function current(kind, entry, measure, load, after, notify) {
     const key = JSON.stringify([kind, runKey(entry), measure]);
     const found = growing.get(key);
     if (found && found.maxStep === entry.maxStep) return found.record;
-    const record = request(load, after);
+    const record = request(load, after, notify);
     growing.set(key, {maxStep: entry.maxStep, record});
     return record;
   }
@@ -124,7 +125,8 @@ export function createStore(onChange) {
 
     /** One unit's value over training (fetched again when the run has new steps). */
     unitHistory(entry, measure, layer, unit) {
-      return current("history", entry, JSON.stringify([measure, layer, unit]), () => api.fetchUnitHistory(entry, measure, layer, unit));
+      return current("history", entry, JSON.stringify([measure, layer, unit]), () => api.fetchUnitHistory(entry, measure, layer, unit),
+        undefined, onUnitHistory);
     },
   };
 }

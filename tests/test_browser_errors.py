@@ -62,6 +62,13 @@ def test_error_per_rotation_in_degrees_with_bands_and_named_rows(page, tensorboa
     assert all(tick in ticks for tick in ("0", "90", "180", "270"))
     assert chart.locator("path.tm-line").count() == len(payload["layers"])
     assert int(chart.get_attribute("data-bands")) > 0
+    # the depth colors' legend names the first and last layers; hovering a line names its layer
+    legend = frame.locator("#tm-pt figure[data-run=rot] .tm-pt-legend").text_content()
+    assert legend.startswith(f"layer {payload['layers'][0]}") and legend.endswith(f"layer {payload['layers'][-1]}")
+    chart.locator("circle.tm-dot").last.hover()
+    assert chart.locator("text.tm-curve-label").text_content() == f"layer {payload['layers'][-1]}"
+    page.mouse.move(0, 0)
+    assert chart.locator("text.tm-curve-label").text_content() == ""
     rows = frame.locator("#tm-pt svg.tm-pt-heatmap[data-run=rot] g.tm-pt-row")
     assert rows.evaluate_all("(rows) => rows.map((r) => r.querySelector('text').textContent)") == payload["layers"]
     columns = frame.locator("#tm-pt svg.tm-pt-heatmap[data-run=rot] text.tm-pt-column").all_text_contents()

@@ -119,6 +119,19 @@ def test_without_the_event_files_every_step_is_read_through_the_data_provider(lo
     assert files.json(history_query("cnn", "2", 3)) == payload and files.blob_reads == 0
 
 
+def test_a_run_directory_that_is_a_symlink_is_read_from_its_files(tmp_path):
+    """A run linked into the logdir from elsewhere (TensorBoard follows the link) is read from the event
+    files it links to, not blob by blob through the data provider."""
+    records = write_run(tmp_path / "elsewhere" / "run", [0, 5], measures=("invariance",))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "linked").symlink_to(tmp_path / "elsewhere" / "run", target_is_directory=True)
+    client = Client(tmp_path / "logs")
+    payload = client.json(history_query("linked", "3", 1))
+    assert payload["steps"] == [0, 5]
+    np.testing.assert_allclose(floats(payload["values"]), [records[s].get("nvi", "3")[1] for s in (0, 5)], rtol=1e-6)
+    assert client.blob_reads == 0
+
+
 def test_new_steps_and_a_restarted_run(tmp_path):
     """Steps written after the first request are found (the files are scanned from where the last scan
     stopped); a run restarted from an earlier step shows the newer values of the steps it wrote again, all
