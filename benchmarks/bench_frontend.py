@@ -3,8 +3,13 @@
     python benchmarks/large_log.py benchmarks/.work/large_log      # once (see bench_plugin.py)
     python benchmarks/bench_frontend.py benchmarks/.work/large_log  # ~5 min after TensorBoard has loaded
 
+    python benchmarks/large_log.py benchmarks/.work/resnet50_log --model resnet50 --runs 4 --steps 200
+    python benchmarks/bench_frontend.py benchmarks/.work/resnet50_log --steps 200 --repeats 3 \
+        --output benchmarks/results/frontend_resnet50.json   # the tab with ResNet-50's 158 layers
+
 TensorBoard (default Rust data server) serves the log; Debian's Chromium opens the tab (4 runs selected, as
-the tab does by default, then all 20). Recorded, each as the median of ``--repeats``:
+the tab does by default, then all of the log's runs when it has more). Recorded, each as the median of
+``--repeats``:
 
 - time to first heatmap: from the plugin iframe's navigation start to the moment every selected run's
   heatmap is drawn (``performance.now()`` in the iframe), and from ``page.goto`` of TensorBoard (wall
@@ -16,7 +21,9 @@ the tab does by default, then all 20). Recorded, each as the median of ``--repea
   anew) and on again (cached), until the change handler returned (the tab redraws in it) and until the
   next frame.
 Targets (issue 14): first heatmap < 1 s of the tab's own time, a cached slider move < 50 ms, a unit click
-< 200 ms, the difference view < 100 ms.
+< 200 ms, the difference view < 100 ms. The layers (names, units) are read from the log (``/runs``), so
+any log of ``large_log.py`` works, such as ``--model resnet50``'s (issue 18: the same targets hold with
+a 150-layer run).
 """
 from __future__ import annotations
 
@@ -131,17 +138,18 @@ TOGGLE_DIFFERENCE = """async (key) => {
 }"""
 
 
-def linked_view_times(frame, count: int, clicks: int) -> dict[str, list[float]]:
+def linked_view_times(frame, count: int, clicks: int, layers: list[dict]) -> dict[str, list[float]]:
     """Unit clicks (a different unit each time: its values over every step fetched for each selected run)
     and difference-view switches (to each selected run as the reference: differences computed anew; off and
-    on again: cached), timed in the page."""
+    on again: cached), timed in the page. ``layers``: the runs' layers in network order, as ``/runs`` lists
+    them."""
     runs = frame.evaluate("() => [...document.querySelectorAll('canvas.tm-heatmap')].filter((c) => !c.hidden)"
                           ".map((c) => c.dataset.run)")
     times: dict[str, list[float]] = {"unit_click_ms": [], "difference_on_ms": [], "difference_again_ms": [],
                                      "difference_next_frame_ms": []}
     for i in range(clicks):
-        column, unit = 5 + 7 * i, 10 + 37 * i
-        name = f"block{column // 4}.layer{column % 4}"  # large_log.py's layer names
+        column = 5 + 7 * i
+        unit, name = (10 + 37 * i) % layers[column]["num_units"], layers[column]["name"]
         times["unit_click_ms"].append(frame.evaluate(CLICK_UNIT, [runs[i % len(runs)], column, unit, name, count]))
     keys = frame.evaluate("() => [...document.getElementById('tm-reference').options].map((o) => o.value)"
                           ".filter((v) => v)")
@@ -165,21 +173,25 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     expected = len(list(args.logdir.iterdir()))
+    first = min(4, expected)  # the runs the tab selects when it opens
     figures: dict = {"commit": source_version(), "load_average_before": os.getloadavg()}
     with TensorBoard(args.logdir, "--reload_interval=0", timeout=600) as tb, sync_playwright() as playwright:
         tb.wait_for(f"{BASE}/runs", lambda p: len(p["runs"]) == expected
                     and all(r["max_step"] == args.steps - 1 for r in p["runs"]), timeout=3600)
+        layers = tb.json(f"{BASE}/runs")["runs"][0]["layers"]
+        figures["log"] = {"runs": expected, "steps": args.steps, "layers": len(layers),
+                          "units": sum(layer["num_units"] for layer in layers)}
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
-        for count in (4, expected):
+        for count in sorted({first, expected}):
             first_iframe, first_wall, slider = [], [], {"new_step_ms": [], "cached_step_ms": []}
             linked: dict[str, list[float]] = {"unit_click_ms": [], "difference_on_ms": [], "difference_again_ms": [],
                                               "difference_next_frame_ms": []}
             for _ in range(args.repeats):
                 page = browser.new_page(viewport={"width": 1600, "height": 1200})
-                if count == 4:
+                if count == first:
                     iframe_ms, wall_ms = open_tab(page, tb, count)
                 else:
-                    _, _ = open_tab(page, tb, 4)
+                    _, _ = open_tab(page, tb, first)
                     frame = next(f for f in page.frames if "plugin_entry.html" in f.url)
                     start = time.perf_counter()
                     select(frame, count)
@@ -189,13 +201,13 @@ def main() -> None:
                 frame = next(f for f in page.frames if "plugin_entry.html" in f.url)
                 for key, values in slider_times(frame, count, moves=3).items():
                     slider[key] += values
-                if count == 4:
-                    for key, values in linked_view_times(frame, count, clicks=3).items():
+                if count == first:
+                    for key, values in linked_view_times(frame, count, clicks=3, layers=layers).items():
                         linked[key] += values
                 page.close()
             figures[f"{count}_runs"] = {
-                "first_heatmap_ms_from_iframe_start": statistics.median(first_iframe) if count == 4 else None,
-                "first_heatmap_ms_wall" if count == 4 else "select_all_runs_ms_wall": statistics.median(first_wall),
+                "first_heatmap_ms_from_iframe_start": statistics.median(first_iframe) if count == first else None,
+                "first_heatmap_ms_wall" if count == first else "select_all_runs_ms_wall": statistics.median(first_wall),
                 "slider_new_step_ms_median": statistics.median(slider["new_step_ms"]),
                 "slider_new_step_ms_max": max(slider["new_step_ms"]),
                 "slider_cached_step_ms_median": statistics.median(slider["cached_step_ms"]),
