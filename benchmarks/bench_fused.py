@@ -59,7 +59,8 @@ def ops_per_layer_per_chunk(make_model: Callable[[], torch.nn.Module], measures,
     model = make_model().eval()
     probe = torch.rand(64, 3, 32, 32)
     tset = tm.transforms.rotations(T)
-    run = lambda: tm.measure(model, probe, tset, measures=measures, batch_size=16, compile=compile)  # noqa: E731
+    run = lambda: tm.measure(model, probe, tset, measures=measures, batch_size=16, compile=compile,  # noqa: E731
+                             dedupe_batchnorm=False)  # every layer (59 for ResNet18Style), as recorded before
     layers = len(run().layers)
     measured = top_level_ops(run)
     batches = [tset.apply(probe[i : i + 16]) for i in range(0, 64, 16)]
@@ -97,7 +98,8 @@ def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int
         variants = [("invariance", INVARIANCE, True), ("invariance_eager", INVARIANCE, False), ("default", DEFAULT, True)]
         for label, measures, compile in variants:
             methods[f"{label}_b{batch_size}"] = (
-                lambda m=measures, c=compile, b=batch_size: tm.measure(model, probe, tset, measures=m, batch_size=b, compile=c)
+                lambda m=measures, c=compile, b=batch_size: tm.measure(model, probe, tset, measures=m, batch_size=b, compile=c,
+                                                                       dedupe_batchnorm=False)
             )
     for run in methods.values():  # compiles, warms caches and the allocator
         run()
@@ -115,7 +117,7 @@ def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int
     }
     return {
         "N": len(probe),
-        "layers": len(tm.measure(model, probe[:2], tset, measures=INVARIANCE).layers),
+        "layers": len(tm.measure(model, probe[:2], tset, measures=INVARIANCE, dedupe_batchnorm=False).layers),
         "median_s": median,
         "min_s": {m: min(ts) for m, ts in wall.items()},
         "all_s": wall,

@@ -5,7 +5,8 @@
 ``examples.models.ResNet50`` (width 1) and a probe of N = 64 images 3×224×224 built on the ``meta`` device,
 T = 16 rotations, ``batch_size=16``: the bytes of every observed layer's states (exact: built as the
 measures allocate them; tests/test_memory.py checks the estimate against allocated states) for the
-measure sets, state dtypes, error bars and BatchNorm dedupe of the README's memory table, and the number
+measure sets, state dtypes, error bars, BatchNorm dedupe and sampled positions of the README's memory
+table, and the number
 of passes ``memory_budget="8GB"`` would take. Results in ``results/memory.json``.
 """
 from __future__ import annotations
@@ -21,12 +22,18 @@ from tm_tensorboard.examples.models import ResNet50
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
 DEFAULT = ("invariance", "same_equivariance")
 CASES = {
-    "invariance, float64": dict(measures=("invariance",)),
-    "default, float64": dict(measures=DEFAULT),
-    "default, float64, error bars": dict(measures=DEFAULT, error_bars=True),
-    "default, float32": dict(measures=DEFAULT, state_dtype=torch.float32),
-    "default, float32, dedupe": dict(measures=DEFAULT, state_dtype=torch.float32, dedupe_batchnorm=True),
-    "invariance, float32, dedupe": dict(measures=("invariance",), state_dtype=torch.float32, dedupe_batchnorm=True),
+    # dedupe_batchnorm=False: all 158 layers; the default leaves out the 53 BatchNorms (105 layers)
+    "invariance, float64": dict(measures=("invariance",), dedupe_batchnorm=False, error_bars=False),
+    "default, float64": dict(measures=DEFAULT, dedupe_batchnorm=False, error_bars=False),
+    "default, float64, error bars": dict(measures=DEFAULT, error_bars=True, dedupe_batchnorm=False),
+    "default, float32": dict(measures=DEFAULT, state_dtype=torch.float32, dedupe_batchnorm=False, error_bars=False),
+    "default, float64, dedupe": dict(measures=DEFAULT, error_bars=False),
+    "default, float32, dedupe": dict(measures=DEFAULT, state_dtype=torch.float32, error_bars=False),
+    "invariance, float32, dedupe": dict(measures=("invariance",), state_dtype=torch.float32, error_bars=False),
+    "default, float64, dedupe, positions=256": dict(measures=DEFAULT, positions=256, error_bars=False),
+    "default, float64, dedupe, positions=64": dict(measures=DEFAULT, positions=64, error_bars=False),
+    "default, float32, dedupe, positions=64": dict(measures=DEFAULT, state_dtype=torch.float32, positions=64,
+                                                   error_bars=False),
 }
 
 

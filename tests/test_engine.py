@@ -39,7 +39,7 @@ def test_invariance_equals_brute_force(probe, chunk, tset):
     model = small_cnn()
     layers = ["0", "1", "3", "4", "6", "9", "11"]
     A = _brute_force(model, probe, tset, layers)
-    result = tm.measure(model, probe, tset, measures=("invariance",), batch_size=chunk)
+    result = tm.measure(model, probe, tset, measures=("invariance",), batch_size=chunk, dedupe_batchnorm=False)
     assert result.layers == ["0", "1", "2", "3", "4", "5", "6", "9", "10", "11"]  # execution order, no Flatten/Dropout
     for layer in layers:
         for per in ("element", "channel"):
@@ -162,9 +162,13 @@ def test_each_image_forwarded_once_in_ceil_n_over_chunk_calls(probe):
     handle = model.register_forward_hook(lambda m, i, o: (calls.append(1), images.append(i[0].shape[0])))
     for chunk in CHUNKS:
         calls.clear(), images.clear()
-        tm.measure(model, probe, tset, batch_size=chunk)
+        tm.measure(model, probe, tset, batch_size=chunk, dedupe_batchnorm=False)
         assert len(calls) == math.ceil(N / chunk)
         assert sum(images) == N * len(tset)
+        calls.clear(), images.clear()
+        tm.measure(model, probe, tset, batch_size=chunk)  # the default first finds the BatchNorm "4" to leave out
+        assert len(calls) == math.ceil(N / chunk) + 1  # in a discovery pass on one probe sample
+        assert sum(images) == (N + 1) * len(tset)
     handle.remove()
 
 

@@ -1,5 +1,6 @@
-"""Error bars from interleaved shards of the probe: the full result unchanged, each shard's values those of
-that shard measured alone, and standard errors that match the spread over independent probes."""
+"""Error bars from interleaved shards of the probe: the full result unchanged, each jackknife replicate
+what the probe without that shard measures, and standard errors that match the spread over independent
+probes."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 import tm_tensorboard as tm
+from tm_tensorboard import engine
 from tm_tensorboard import transforms as T
 from tm_tensorboard.examples.models import VisionTransformer
 from tm_tensorboard.measures import SPECS
@@ -47,35 +49,38 @@ def test_the_full_result_is_the_one_pass_result(batch_size):
                                        rtol=1e-5, atol=1e-9, err_msg=f"{measure} {layer}")
 
 
-def shard_alone(model, images, labels, tset, k, shards, **kwargs):
-    """Shard k of the probe (samples k, k + K, ...) measured as a probe of its own."""
-    sub = (images[k::shards], None if labels is None else labels[k::shards])
+def without_shard(model, images, labels, tset, k, shards, **kwargs):
+    """The probe without shard k (samples k, k + K, ...) measured as a probe of its own."""
+    keep = torch.arange(len(images)) % shards != k
+    sub = (images[keep], None if labels is None else labels[keep])
     return tm.measure(model, sub if labels is not None else sub[0], tset, error_bars=False, **kwargs)
 
 
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("stratified", [False, True])
-def test_standard_errors_come_from_each_shard_measured_alone(stratified):
-    """The standard error is the random-groups estimate over what each interleaved shard alone measures."""
+def test_standard_errors_are_the_jackknife_over_the_probe_without_each_shard(stratified):
+    """The standard error is the delete-a-group jackknife over what the probe without each interleaved
+    shard measures."""
     model, (images, labels) = small_cnn(seed=1), probe(48, seed=1)
     tset = T.rotations(4)
     measures = tuple(m for m in MEASURES if m != "lie_rotation") if stratified else MEASURES
     kwargs = dict(measures=measures, batch_size=7, stratified=stratified)
     result = tm.measure(model, (images, labels) if stratified else images, tset, error_bars=3, **kwargs)
     assert result.shards == 3
-    alone = [shard_alone(model, images, labels if stratified else None, tset, k, 3, **kwargs) for k in range(3)]
+    alone = [without_shard(model, images, labels if stratified else None, tset, k, 3, **kwargs) for k in range(3)]
     for measure in result.measures:
         for layer in result.layers_of(measure):
             per_channel = np.array([a.get(measure, layer) for a in alone])
+            # the jackknife scales the replicates' float rounding (~1e-9) by about K: atol 1e-7
             np.testing.assert_allclose(result.stderr(measure, layer, per="channel"), standard_error(per_channel),
-                                       rtol=1e-5, atol=1e-9, err_msg=f"{measure} {layer}")
+                                       rtol=1e-5, atol=1e-7, err_msg=f"{measure} {layer}")
             dead = result.group_dead(measure, layer)
             if SPECS[measure].per_transformation:  # [T, channels]: a layer mean and its error per transformation
                 means = [[np.mean(row[np.isfinite(row) & ~d]) for row, d in zip(v, dead)] for v in per_channel]
             else:
                 means = [np.mean(v[np.isfinite(v) & ~dead]) for v in per_channel]
             np.testing.assert_allclose(result.stderr(measure, layer), standard_error(np.array(means)), rtol=1e-5,
-                                       atol=1e-12)
+                                       atol=1e-7)
     assert set(result.layer_stderrs("nvi")) == set(result.layers_of("nvi"))
 
 
@@ -86,35 +91,36 @@ def test_token_layers_and_the_disk_reduce_per_channel_as_the_result_does():
     images = torch.randn(32, 1, 12, 12)
     kwargs = dict(measures=("invariance", "same_equivariance"), actions=tm.actions.patch_grid(3, 3, cls_tokens=1))
     result = tm.measure(vit, images, T.rot90(), error_bars=2, **kwargs)
-    alone = [shard_alone(vit, images, None, T.rot90(), k, 2, **kwargs) for k in range(2)]
+    alone = [without_shard(vit, images, None, T.rot90(), k, 2, **kwargs) for k in range(2)]
     for measure in ("nvi", "nvse"):
         for layer in result.layers_of(measure):
             expected = standard_error(np.array([a.get(measure, layer) for a in alone]))
             np.testing.assert_allclose(result.stderr(measure, layer, per="channel"), expected, rtol=1e-5, atol=1e-9)
     cnn, (images, _) = small_cnn(), probe(32)
     result = tm.measure(cnn, images, T.rot90(), measures=("equivariance_error",), disk=True, error_bars=2)
-    alone = [shard_alone(cnn, images, None, T.rot90(), k, 2, measures=("equivariance_error",), disk=True) for k in range(2)]
+    alone = [without_shard(cnn, images, None, T.rot90(), k, 2, measures=("equivariance_error",), disk=True)
+             for k in range(2)]
     for layer in result.layers_of("ee"):
         expected = standard_error(np.array([a.get("ee", layer) for a in alone]))
         np.testing.assert_allclose(result.stderr("ee", layer, per="channel"), expected, rtol=1e-5, atol=1e-9)
 
 
-def test_random_groups_equal_the_delete_a_group_jackknife_for_a_mean():
+def test_the_jackknife_of_a_mean_is_the_spread_of_the_shard_means_over_root_k():
+    """For a mean (linear in the samples) the delete-a-group jackknife is the classic standard error of
+    the mean from K equal groups: sd(group means) / √K."""
     rng = np.random.default_rng(0)
     samples = rng.normal(size=(8, 25))  # 8 shards of 25 samples
     groups = samples.mean(axis=1)
     leave_one_out = (samples.sum() - samples.sum(axis=1)) / (samples.size - 25)
-    jackknife = np.sqrt(7 / 8 * ((leave_one_out - leave_one_out.mean()) ** 2).sum())
-    assert standard_error(groups) == pytest.approx(jackknife, rel=1e-12)
-    assert np.isnan(standard_error(np.array([1.0, np.nan])))  # fewer than two finite shards
+    assert standard_error(leave_one_out) == pytest.approx(np.std(groups, ddof=1) / np.sqrt(8), rel=1e-12)
+    assert np.isnan(standard_error(np.array([1.0, np.nan])))  # fewer than two finite replicates
 
 
 def test_standard_error_matches_the_spread_over_independent_probes_and_shrinks_like_one_over_root_n():
     """Many independent probes from one distribution (fixed seeds): the spread of each layer's mean nvi
-    over them, against the mean of the standard errors each probe reports about itself. A layer whose
-    channels fire in a few samples only (the first ReLU here) is overestimated, never under: its
-    32-sample shards measure it less stably than the whole probe does (random groups are conservative
-    where the measure is far from linear in the samples; shards.py)."""
+    over them, against the mean of the standard errors each probe reports about itself (jackknife:
+    reported / actual 0.65 to 1.32 per layer at N = 64, 0.83 to 1.0 at N = 256; random groups, the
+    estimator before it, reached 3.5 on the first ReLU, whose channels fire in a few samples only)."""
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 4)).eval()
@@ -131,7 +137,7 @@ def test_standard_error_matches_the_spread_over_independent_probes_and_shrinks_l
         spread[n], reported[n] = np.std(means, axis=0, ddof=1), np.mean(errors, axis=0)
         ratio = reported[n] / spread[n]
         assert 0.7 < np.median(ratio) < 1.4, (n, ratio)
-        assert np.all((ratio > 0.6) & (ratio < 4)), (n, ratio)
+        assert np.all((ratio > 0.6) & (ratio < 1.6)), (n, ratio)
     shrink = np.median(reported[256] / reported[64])
     assert 0.4 < shrink < 0.62, shrink  # 1/√4 = 0.5
 
@@ -142,7 +148,7 @@ def test_what_has_no_error_bars_says_why():
     assert few.shards == 0
     with pytest.raises(KeyError, match="a probe under two shards"):
         few.stderr("nvi", few.layers[0])
-    off = tm.measure(model, images, T.rotations(4), measures=("invariance",))  # the default: none
+    off = tm.measure(model, images, T.rotations(4), measures=("invariance",), error_bars=False)
     assert off.shards == 0
     mixed = tm.measure(model, images, T.rotations(4), measures=("invariance", "anova", "goodfellow"), error_bars=True)
     assert mixed.shards == 2 and np.isfinite(mixed.stderr("nvi", mixed.layers[0]))
@@ -151,8 +157,32 @@ def test_what_has_no_error_bars_says_why():
             mixed.stderr(measure, mixed.layers[0])
     with pytest.raises(ValueError, match="per must be 'layer' or 'channel'"):
         mixed.stderr("nvi", mixed.layers[0], per="element")
-    with pytest.raises(ValueError, match="error_bars must be True, False or a number of shards"):
+    with pytest.raises(ValueError, match="error_bars must be None .when they fit., True, False or a number of shards"):
         tm.measure(model, images, T.rotations(4), error_bars=-1)
+
+
+def test_error_bars_are_on_by_default_where_their_memory_is_small(monkeypatch, recwarn):
+    """By default (error_bars=None) a probe of 2 × MIN_SHARD_SAMPLES samples or more gets error bars, unless
+    the K more sets of states exceed AUTOMATIC_ERROR_BAR_BYTES or a memory_budget's single pass: then none,
+    with a warning saying what they would cost. error_bars=True measures them anyway."""
+    model, (images, _) = small_cnn(), probe(64)
+    kwargs = dict(measures=("invariance",), batch_size=16)
+    assert tm.measure(model, images, T.rotations(4), **kwargs).shards == 4
+    assert not [w for w in recwarn if "error bars" in str(w.message)]
+    states = tm.estimate_memory(model, images, T.rotations(4), error_bars=False, **kwargs).state_bytes
+    monkeypatch.setattr(engine, "AUTOMATIC_ERROR_BAR_BYTES", 4 * states - 1)  # 4 shards: 4 more sets
+    with pytest.warns(UserWarning, match=r"without error bars: their 4 shards' states would take .* more memory, more "
+                                         r"than the .* automatic error bars may take; error_bars=True"):
+        assert tm.measure(model, images, T.rotations(4), **kwargs).shards == 0
+    assert tm.measure(model, images, T.rotations(4), error_bars=True, **kwargs).shards == 4
+    monkeypatch.setattr(engine, "AUTOMATIC_ERROR_BAR_BYTES", 4 * states)
+    assert tm.measure(model, images, T.rotations(4), **kwargs).shards == 4
+    # under a budget, error bars go before a second pass over the probe would be needed
+    report = tm.estimate_memory(model, images, T.rotations(4), error_bars=False, **kwargs)
+    budget = report.working_bytes + report.state_bytes + states  # room for the states and one set more
+    with pytest.warns(UserWarning, match="more than memory_budget leaves in one pass"):
+        result = tm.measure(model, images, T.rotations(4), memory_budget=budget, **kwargs)
+    assert result.shards == 0
 
 
 def test_the_monitor_logs_the_standard_errors_the_routes_serve(tmp_path):
@@ -174,6 +204,7 @@ def test_the_monitor_logs_the_standard_errors_the_routes_serve(tmp_path):
 
 def test_a_run_without_error_bars_serves_none(tmp_path):
     model, (images, _) = small_cnn(), probe(64)
-    with tm.Monitor(model, images, T.rotations(4), logdir=tmp_path / "run", every=1, measures=("invariance",)) as monitor:
+    with tm.Monitor(model, images, T.rotations(4), logdir=tmp_path / "run", every=1, measures=("invariance",),
+                    error_bars=False) as monitor:
         monitor.step(0)
     assert get_json(client_for(tmp_path), "/layer_means", run="run", namespace="invariance", measure="nvi")["stderr"] is None

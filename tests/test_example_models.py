@@ -116,7 +116,7 @@ def test_resnet50_is_measured_and_logged_end_to_end(tmp_path):
     model = ResNet50(3, 10, width=0.125)
     randomize_batchnorm(model)
     images, labels = torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])
-    tset = tm.transforms.rotations(4, padding="zeros")
+    tset = tm.transforms.rotations(4, padding="zeros")  # (with same-equivariance: no BatchNorm dedupe)
     result = tm.measure(model, (images, labels), tset, batch_size=3, compile=False)
     assert len(result.layers) == 158 and result.layers[:4] == ["stem.0", "stem.1", "stem.2", "stem.3"]
     assert result.layers[-2:] == ["pool", "classifier.1"] and result.accuracy.shape == (4,)

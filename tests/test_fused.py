@@ -29,11 +29,13 @@ from models import small_cnn
 # and 2.9 / 3.0 (invariance + same-equivariance) for SimpleCNN / ResNet18Style(width=0.25). Counted with the
 # finalizing amortized over 4 chunks: 7.1 / 6.5 and 11.7 / 12.1 (5.0 / 4.6 and 8.1 / 8.5 before checking
 # the states for NaN / inf when finalizing); before the fused updates 119 and 235.
-# The chunk path is counted without error bars; their shards' ends (K = 8 per measurement by default) are
-# counted apart: per observed layer and shard end, reached 9.2 (invariance) and 15.1 (+ same-equivariance)
-# for SimpleCNN (each shard's values finalized, reduced per channel, merged into the totals and cleared).
+# The chunk path is counted without error bars; their shards (K = 8 per measurement by default) are
+# counted apart, per observed layer and shard: at the shard's end fresh states, when finalizing a merge into
+# the totals, the leave-one-out states, their values and their reduction per channel (the jackknife). Reached
+# for SimpleCNN: 16.2 (invariance) and 26.9 (+ same-equivariance), 23.3 for invariance with Inductor's cache
+# cold (a clean machine); random groups reached 9.2 / 15.1 (one set of states fewer to merge, none to leave out).
 BUDGET = {("invariance",): 2, ("invariance", "same_equivariance"): 4}
-SHARD_END_BUDGET = {("invariance",): 12, ("invariance", "same_equivariance"): 20}
+SHARD_END_BUDGET = {("invariance",): 25, ("invariance", "same_equivariance"): 45}
 MODELS = {"SimpleCNN": lambda: SimpleCNN(3, 10), "ResNet18Style": lambda: ResNet18Style(3, 10, width=0.25)}
 
 
@@ -128,7 +130,7 @@ def test_chunk_path_has_no_host_syncs():
                 for m in observer.measures.values():
                     m.finish(phase)
     assert reads.seen == []
-    assert all(len(m.shard_values) == 2 for o in observers.values() for m in o.sharded("transformed"))  # error bars
+    assert all(len(m.shard_states) == 2 for o in observers.values() for m in o.sharded("transformed"))  # error bars
     assert len(observers) == len(session.discover(probe))  # every layer and the input (noise floor) were measured
 
 

@@ -94,7 +94,7 @@ def test_equals_central_differences_of_the_library_transformations(interpolation
     largest inputs differ by 6e-6, so the finite differences straddle the max's kink.)"""
     model, x = small_cnn(seed=3).double(), images(12)
     sets = tm.transforms.rotations(4, interpolation=interpolation, padding=padding)
-    result = tm.measure(model, x, sets, measures=GROUPS, compile=False)
+    result = tm.measure(model, x, sets, measures=GROUPS, compile=False, dedupe_batchnorm=False)  # BatchNorm too
     for group, generator in lie.GENERATORS.items():
         finite = central_differences(model, x, generator, 1e-8, interpolation, padding)
         assert result.layers_of(group) == list(finite)
@@ -203,11 +203,15 @@ def test_only_lie_derivatives_forward_the_probe_once_per_generator():
     model, calls = small_cnn(seed=3), []
     model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     x = images(10, dtype=torch.float32)
-    tm.measure(model, x, tm.transforms.rotations(16), measures=("lie_rotation", "lie_scale"), batch_size=4)
+    once = dict(batch_size=4, dedupe_batchnorm=False)  # (the default first finds the BatchNorm to leave out)
+    tm.measure(model, x, tm.transforms.rotations(16), measures=("lie_rotation", "lie_scale"), **once)
     assert calls == [4, 4, 2] * 2
     calls.clear()
-    tm.measure(model, x, tm.transforms.rotations(16), measures=("lie_rotation", "invariance"), batch_size=4)
+    tm.measure(model, x, tm.transforms.rotations(16), measures=("lie_rotation", "invariance"), **once)
     assert calls == [4, 4, 2] + [64, 64, 32]
+    calls.clear()
+    tm.measure(model, x, tm.transforms.rotations(16), measures=("lie_rotation", "invariance"), batch_size=4)
+    assert calls == [16] + [4, 4, 2] + [64, 64, 32]  # the discovery pass: one sample, transformed
 
 
 def test_stratified_and_compiled(kernels):
@@ -260,7 +264,7 @@ def test_monitor_logs_it_and_the_plugin_lists_it(tmp_path):
         assert run.means["lie_rotation"][layer].values[0] == pytest.approx(value, rel=1e-6)
     definitions = {m["name"]: m["description"] for m in run.config["measures"]}
     assert "radians" in definitions["lie_rotation"] and "Lie derivative" in definitions["lie_brightness"]
-    assert set(run.config["actions"]) == {"0", "1", "2", "3", "4", "5", "6"}  # feature maps: identity()
+    assert set(run.config["actions"]) == {"0", "1", "2", "3", "5", "6"}  # feature maps (BatchNorm "4" left out)
     listed = get_json(client_for(tmp_path), "/runs")["runs"][0]["measures"]
     assert listed == ["tvi", "svi", "nvi", "lie_rotation", "lie_brightness"]
 

@@ -102,7 +102,7 @@ def test_estimate_equals_the_allocated_state_bytes(case, allocated):
     assert [layer.name for layer in report.layers] == list(allocated)
     assert {layer.name: layer.state_bytes for layer in report.layers} == allocated
     assert report.state_bytes == sum(allocated.values()) > 0
-    assert report.sharded == keywords.get("error_bars", False)
+    assert report.shards == (2 if keywords.get("error_bars") else 1)  # with error bars: 3 sets of states
     if "state_dtype" in keywords:  # float32 states: half the float64 bytes (the int64 counts stay)
         doubled = estimate_memory(model, images, tset, labels=labels, batch_size=8)
         assert report.state_bytes == pytest.approx(doubled.state_bytes / 2, rel=0.02)
@@ -155,7 +155,7 @@ def test_a_budget_too_small_fails_after_the_discovery_pass_only(tmp_path):
     for layer in largest:
         shape = list(layer.unit_shape)
         assert f"{layer.name} ({layer.module_type} {shape}) {format_bytes(layer.state_bytes)}" in message
-    assert f"All 158 layers: {format_bytes(report.state_bytes)} of states" in message
+    assert f"All 105 layers: {format_bytes(report.state_bytes)} of states" in message  # BatchNorms left out
     for advice in ("layers=", "state_dtype=torch.float32", "measures=('invariance',)", "batch_size"):
         assert advice in message
     forwards.clear()
@@ -281,7 +281,8 @@ def _batchnorm_inputs(model: ResNet50) -> dict[str, str]:
 
 def test_eval_batchnorm_has_its_inputs_nvi_and_is_left_out():
     """Random running statistics and affine parameters, a third of the γ negative: every BatchNorm's
-    per-element nvi equals its convolution's, and dedupe_batchnorm leaves all 53 out of the 158 layers."""
+    per-element nvi equals its convolution's, and by default (as with dedupe_batchnorm=True) all 53 are left
+    out of the 158 layers; dedupe_batchnorm=False measures them."""
     torch.manual_seed(0)
     model = ResNet50(3, 10, width=0.125).double()
     randomize_batchnorm(model)
@@ -293,15 +294,17 @@ def test_eval_batchnorm_has_its_inputs_nvi_and_is_left_out():
     pairs = _batchnorm_inputs(model)
     assert len(pairs) == 53
     keywords = dict(measures=("invariance",), batch_size=3, error_bars=False)
-    full = tm.measure(model, images, tset, **keywords)
+    full = tm.measure(model, images, tset, dedupe_batchnorm=False, **keywords)
+    assert len(full.layers) == 158 and set(pairs) <= set(full.layers)
     for bn, conv in pairs.items():
         for per in ("element", "channel"):
             np.testing.assert_allclose(full.get("nvi", bn, per=per), full.get("nvi", conv, per=per), rtol=1e-9,
                                        atol=1e-12, err_msg=bn)
         scale = full.get("tvi", bn, per="element") / full.get("tvi", conv, per="element")
         assert np.nanstd(scale) > 0.1  # not the identity: the BatchNorm scales each channel by its own |γ|/σ
-    deduped = tm.measure(model, images, tset, dedupe_batchnorm=True, **keywords)
+    deduped = tm.measure(model, images, tset, **keywords)  # the default
     assert deduped.layers == [name for name in full.layers if name not in pairs] and len(deduped.layers) == 105
+    assert tm.measure(model, images, tset, dedupe_batchnorm=True, **keywords).layers == deduped.layers
     for layer in deduped.layers:
         np.testing.assert_array_equal(deduped.get("nvi", layer), full.get("nvi", layer))
     assert [deduped.layer_info(name).index for name in deduped.layers] == list(range(105))
@@ -321,17 +324,36 @@ def test_dedupe_is_refused_where_a_batchnorm_measures_differ_from_its_inputs():
     images = _images(8).double()
     for measures, tset, name in ((("goodfellow",), T.rotations(5), "gf"),
                                  (("same_equivariance",), T.rotations(5, padding="zeros"), "nvse")):
-        result = tm.measure(model, images, tset, measures=measures, error_bars=False)
+        result = tm.measure(model, images, tset, measures=measures, error_bars=False)  # the default keeps "4"
+        assert "4" in result.layers
         assert not np.allclose(result.get(name, "4", per="element"), result.get(name, "3", per="element"))
         with pytest.raises(ValueError, match="dedupe_batchnorm=True leaves out BatchNorms whose measures equal"):
             tm.measure(model, images, tset, measures=measures, dedupe_batchnorm=True)
     border = tm.measure(model, images, T.rotations(5), measures=("same_equivariance", "equivariance_error"),
-                        error_bars=False)
+                        error_bars=False, dedupe_batchnorm=False)
     for name in ("nvse", "ee"):  # with border padding they are equal, and the BatchNorm is left out
         np.testing.assert_allclose(border.get(name, "4", per="element"), border.get(name, "3", per="element"),
                                    rtol=1e-9)
     assert "4" not in tm.measure(model, images, T.rotations(5), measures=("same_equivariance",),
                                  dedupe_batchnorm=True).layers
+    assert "4" not in tm.measure(model, images, T.rotations(5), measures=("same_equivariance",)).layers
+
+
+def test_a_batchnorm_under_a_grouped_feature_action_is_kept():
+    """A cyclic shift of orientation channels mixes channels the BatchNorm scales differently: its
+    equivariance error is not its convolution's, so neither the default nor dedupe_batchnorm=True leaves it
+    out (the invariance measures alone still would)."""
+    torch.manual_seed(0)
+    model = small_cnn().double()  # layer "4" is a BatchNorm of the convolution "3" (8 channels: 2 groups of 4)
+    randomize_batchnorm(model)
+    images = _images(8).double()
+    shift = {"[34]": tm.actions.cyclic_shift(4)}  # on the convolution "3" and its BatchNorm
+    for dedupe in (None, True):
+        result = tm.measure(model, images, T.rot90(), measures=("invariance", "equivariance_error"), actions=shift,
+                            error_bars=False, dedupe_batchnorm=dedupe)
+        assert "4" in result.layers
+        assert not np.allclose(result.get("ee", "4", per="element"), result.get("ee", "3", per="element"))
+    assert "4" not in tm.measure(model, images, T.rot90(), measures=("invariance",), actions=shift).layers
 
 
 class _Kept(nn.Module):

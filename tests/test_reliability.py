@@ -97,7 +97,10 @@ def test_grad_mode_restored_inside_no_grad():
         (dict(layers="features.*"), ValueError, r"features\.\*"),
         (dict(probe=torch.randn(1, 3, 8, 8)), ValueError, "at least 2"),
         (dict(transformations=T.rotations([45])), ValueError, "at least 2"),
-        (dict(probe=torch.randn(4, 5, 8, 8)), ValueError, r"could not run on the transformed probe batch of shape \[8, 5, 8, 8\]"),
+        # (the first batch: the discovery pass that finds the BatchNorm to leave out, one sample × 2 rotations)
+        (dict(probe=torch.randn(4, 5, 8, 8)), ValueError, r"could not run on the transformed probe batch of shape \[2, 5, 8, 8\]"),
+        (dict(probe=torch.randn(4, 5, 8, 8), dedupe_batchnorm=False), ValueError,
+         r"could not run on the transformed probe batch of shape \[8, 5, 8, 8\]"),
         (dict(probe=torch.randn(4, 192)), ValueError, r"\[N, C, H, W\]"),
         (dict(probe=torch.randn(4, 3, 8, 10), transformations=T.rot90()), ValueError, "square"),
         (dict(labels=torch.tensor([0, 1, 2])), ValueError, "one class index per sample.*4 samples"),

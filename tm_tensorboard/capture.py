@@ -2,7 +2,7 @@
 
 Layers are chosen by module name (as in ``model.named_modules()``), glob pattern or module type; the
 default is every leaf module except no-op ones (dropout, identity, flatten), and attention modules as a
-whole. (With ``dedupe_batchnorm=True`` the measurement also leaves out of the default the eval-mode
+whole. (By default, ``dedupe_batchnorm``, the measurement also leaves out of the default the eval-mode
 BatchNorms that only rescale another observed output per channel: ``AffineBatchNorms`` finds them in the
 discovery pass, as only running the model shows what feeds what.) A module called several times in one
 forward (a shared ReLU) yields one activation per call: ``name``, ``name#2``, ...
@@ -50,6 +50,7 @@ class LayerInfo:
     ``tokens``: the output is ``[tokens, D]``, channels on the last axis (else channels come first).
     ``grid``: the (h, w) patch grid a ``patch_grid`` feature action lays the tokens out on, which gives the
     layer feature maps ``[D, h, w]`` for same-equivariance and the equivariance error.
+    ``positions``: K when the measures keep K sampled positions per channel (``positions.py``), else None.
     """
 
     name: str
@@ -58,6 +59,7 @@ class LayerInfo:
     unit_shape: tuple[int, ...]
     tokens: bool = False
     grid: tuple[int, int] | None = None
+    positions: int | None = None
 
     @property
     def channel_axis(self) -> int:
@@ -225,7 +227,8 @@ class AffineBatchNorms:
     x's exactly; per channel too, as s is one number per channel. (So are ANOVA's F, the per-transformation
     errors, and the equivariance measures and Lie derivatives as long as moving maps back commutes with the
     shift c: exact rot90 / flips, or interpolation with border padding, not zeros. Not Goodfellow's firing
-    rates when s < 0; ``Measurement`` refuses those combinations. A channel with γ = 0 is constant, dead, in
+    rates when s < 0, nor ψ-based measures under a grouped feature action, which mixes channels of different
+    s; ``Measurement`` keeps the BatchNorms there. A channel with γ = 0 is constant, dead, in
     y.) Such a BatchNorm is found by the identity of its input tensor with a recorded output of an observed
     module and the tensor's version counter (an in-place change in between breaks the match): a
     BatchNorm fed a view, a sum or anything computed outside the observed modules is kept. ``redundant``:

@@ -37,10 +37,11 @@ from .capture import (
 )
 from .layer_measures import GROUPS, LIE_PHASES, TRANSFORMED, UNTRANSFORMED_PHASES, Chunk, MeasureOptions
 from .measures import MEASURE_GROUPS
+from .positions import build_measure, check_positions, sampled_positions
 from .preserve import preserved_rng_state, preserved_training_state
 from .probe import Probe, as_probe, border_variation
 from .result import MeasureResult
-from .shards import DEFAULT_SHARDS, interleave, shard_count
+from .shards import AUTOMATIC_ERROR_BAR_BYTES, DEFAULT_SHARDS, interleave, shard_count
 from .statistics import STATE_DTYPES, AccuracyState, Scratch
 from .transforms import Op, Transformation, TransformationSet
 
@@ -100,10 +101,12 @@ def measure(
     disk: bool = False,
     alpha: float = 0.01,
     compile: bool | None = None,
-    error_bars: int | bool = False,
+    error_bars: int | bool | None = None,
     state_dtype: torch.dtype = torch.float64,
     memory_budget: int | str | None = None,
-    dedupe_batchnorm: bool = False,
+    dedupe_batchnorm: bool | None = None,
+    positions: int | None = None,
+    positions_seed: int = 0,
 ) -> MeasureResult:
     """Measure how invariant / equivariant every observed unit of ``model`` is to ``transformations``.
 
@@ -123,17 +126,25 @@ def measure(
     measurement is large enough to repay the seconds compiling costs once per process, or the kernels are
     already compiled.
     ``error_bars``: split the probe into this many interleaved shards (True: DEFAULT_SHARDS, at least
-    MIN_SHARD_SAMPLES samples each; False, the default: none) for standard errors (``result.stderr``) at
-    no extra forward, for one more set of states in memory (``shards.py``; off by default: on layers with sparse units
-    the estimate can be several times too small or too large, see there).
+    MIN_SHARD_SAMPLES samples each; False: none) for jackknife standard errors (``result.stderr``) at no
+    extra forward, for K more sets of states in memory (``shards.py``). None (the default): DEFAULT_SHARDS
+    when those states take at most AUTOMATIC_ERROR_BAR_BYTES (and fit ``memory_budget`` in one pass), else
+    none, with a warning.
     ``state_dtype=torch.float32`` halves the streaming states' memory (within a relative 1e-5 of float64
     states per unit, ``statistics.py``). ``memory_budget`` (bytes, or a string such as "8GB" or "512MiB"): checked after
     one probe sample has learned the layers' sizes and before any other forward (``memory.py``,
     ``estimate_memory``); layers whose states do not fit together are measured in several passes over the
     probe (the same numbers, more forwards), and a layer that does not fit alone is a ValueError naming the
-    largest layers and what to change. ``dedupe_batchnorm=True`` leaves out of the default layers the
-    BatchNorms that only rescale another observed layer's output per channel (same normalized measures:
-    ``capture.AffineBatchNorms``); select them with ``layers=`` to measure them anyway.
+    largest layers and what to change. ``dedupe_batchnorm`` leaves out of the default layers the eval-mode
+    BatchNorms that only rescale another observed layer's output per channel: their measures equal their
+    input's (nvi per element and per channel, ``capture.AffineBatchNorms``). None (the default) does so
+    wherever that is exact and silently measures them otherwise (with ``layers=``, Goodfellow's measures,
+    moving measures under padding="zeros", or a non-identity feature action for the equivariance error /
+    Lie derivatives); True does so too but makes the first three a ValueError; False measures them all.
+    ``positions=K`` keeps the states of K random positions per channel (fixed by ``positions_seed`` and the
+    layer) on layers with more, so per-channel values are estimates of known error at K / (H·W) the state
+    memory; no per-element values there, and only the invariance, same-equivariance, per-transformation
+    and Goodfellow groups (``positions.py``).
     A ``torch.compile``d model is measured eagerly through its original module (as a DDP model through
     its ``.module``); a half / bfloat16 model is given the transformed probe in its own dtype.
     """
@@ -153,6 +164,8 @@ def measure(
         state_dtype=state_dtype,
         memory_budget=memory_budget,
         dedupe_batchnorm=dedupe_batchnorm,
+        positions=positions,
+        positions_seed=positions_seed,
     )
     with preserved_rng_state():  # reading a shuffling DataLoader draws random numbers
         samples = as_probe(probe, labels=labels, num_samples=num_samples)
@@ -227,7 +240,8 @@ class _Observer:
         self.info = info
         self.compiled = False
         self.measures = {
-            g: GROUPS[g](info, transformations, num_classes, device, options) for g in groups if GROUPS[g].applies(info)
+            g: build_measure(g, info, transformations, num_classes, device, options)
+            for g in groups if GROUPS[g].applies(info)
         }
 
     def update(self, phase: str, activation: torch.Tensor, chunk: Chunk) -> None:
@@ -241,14 +255,14 @@ class _Observer:
         return [m for m in self.measures.values() if phase in m.phases and m.shardable]
 
     def finalize(self) -> tuple[dict[str, tuple[tuple[str, ...], np.ndarray, np.ndarray | None]], bool, bool]:
-        """{group: (component names, [classes, components, *shape], the shards' [K, classes, components,
-        channels] or None)} on the host, and whether the states hold NaN / inf (what the activations were:
+        """{group: (component names, [classes, components, *shape], the jackknife replicates' [K, classes,
+        components, channels] or None)} on the host, and whether the states hold NaN / inf (what the activations were:
         see ``Measurement.finalize``), one device-to-host copy."""
         if not self.measures:
             return {}, False, False
         computed = [m.compute(self.compiled) for m in self.measures.values()]
-        shards = [torch.stack(m.shard_values) if m.shard_values else None for m in self.measures.values()]
-        flags = [m.nonfinite() for m in self.measures.values()]
+        flags = [m.nonfinite() for m in self.measures.values()]  # before the replicates take the shards' states
+        shards = [m.replicates(self.compiled) for m in self.measures.values()]
         host = torch.cat([c.reshape(-1) for c in computed] + [v.reshape(-1) for v in shards if v is not None]
                          + flags).to(torch.float64).cpu().numpy()  # (float32 states compute in float32)
         out, start = {}, 0
@@ -291,10 +305,12 @@ class Measurement:
         disk: bool = False,
         alpha: float = 0.01,
         compile: bool | None = None,
-        error_bars: int | bool = False,
+        error_bars: int | bool | None = None,
         state_dtype: torch.dtype = torch.float64,
         memory_budget: int | str | None = None,
-        dedupe_batchnorm: bool = False,
+        dedupe_batchnorm: bool | None = None,
+        positions: int | None = None,
+        positions_seed: int = 0,
     ):
         check_model_and_transformations(model, transformations)
         if len(transformations) < 2:
@@ -329,12 +345,17 @@ class Measurement:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
         if compile not in (None, True, False):
             raise ValueError(f"compile must be True, False or None (compile when it pays), got {compile!r}")
-        if not isinstance(error_bars, (bool, int)) or error_bars < 0:
-            raise ValueError(f"error_bars must be True, False or a number of shards, got {error_bars!r}")
+        if error_bars is not None and (not isinstance(error_bars, (bool, int)) or error_bars < 0):
+            raise ValueError(f"error_bars must be None (when they fit), True, False or a number of shards, "
+                             f"got {error_bars!r}")
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be torch.float64 or torch.float32, got {state_dtype!r}")
-        if dedupe_batchnorm:
-            self._check_dedupe(layers, measures, transformations)
+        if dedupe_batchnorm not in (None, True, False):
+            raise ValueError(f"dedupe_batchnorm must be None (where exact), True or False, got {dedupe_batchnorm!r}")
+        refusal = self._dedupe_refusal(layers, measures, transformations)
+        if dedupe_batchnorm and refusal:
+            raise ValueError(refusal)
+        check_positions(positions, positions_seed, [m for m in measures if m != "accuracy"])
         self.model = unwrap(model)
         self.transformations = transformations
         self.measures = tuple(dict.fromkeys(measures))
@@ -342,34 +363,49 @@ class Measurement:
         self.batch_size = batch_size
         self.stratified = stratified
         self.noise_floor = noise_floor
-        self.options = MeasureOptions(actions=_action_lookup(actions), disk=disk, alpha=alpha, state_dtype=state_dtype)
+        self.options = MeasureOptions(actions=_action_lookup(actions), disk=disk, alpha=alpha, state_dtype=state_dtype,
+                                      positions_seed=positions_seed)
+        self.positions = positions  # sampled per channel on the layers with more (None: all)
         self.compile = compile if compile is not None else fused.mode_from_environment()
-        self.error_bars = DEFAULT_SHARDS if error_bars is True else max(int(error_bars), 1)  # shards asked for
+        # shards asked for (None: automatic, see ``shards``)
+        self.error_bars = None if error_bars is None else DEFAULT_SHARDS if error_bars is True else max(int(error_bars), 1)
+        self._shards: dict[tuple, int] = {}  # the automatic choice per probe shape and classes
         self.modules, self.explicit = select_modules(self.model, layers)
         self.memory_budget = None if memory_budget is None else memory.parse_bytes(memory_budget)
-        self.dedupe_batchnorm = dedupe_batchnorm
+        # None: wherever exact; the discovery pass that finds them runs only when there is a BatchNorm to leave out
+        self.dedupe_batchnorm = dedupe_batchnorm is not False and refusal is None and any(
+            isinstance(module, nn.modules.batchnorm._BatchNorm) for _, module in self.modules)
         self._layers: tuple[tuple, list[LayerInfo]] | None = None  # (probe sample shape, dtype), discovered layers
         self._passes_warned = False  # the warning about several passes is given once
         self._fits = False  # set once the model ran on a probe batch
         self._padding_checked = False  # the border-padding warning is given once
 
     @staticmethod
-    def _check_dedupe(layers: LayerSelector, measures: Sequence[str], transformations: TransformationSet) -> None:
-        """ValueError unless leaving the affine BatchNorms out loses nothing (``capture.AffineBatchNorms``)."""
+    def _dedupe_refusal(layers: LayerSelector, measures: Sequence[str], transformations: TransformationSet) -> str | None:
+        """Why leaving the affine BatchNorms out would lose something (``capture.AffineBatchNorms``): the
+        ValueError of ``dedupe_batchnorm=True``; None when it loses nothing (the default then dedupes)."""
         if layers is not None:
-            raise ValueError("dedupe_batchnorm=True thins the default layer selection; with layers= the layers "
-                             "are yours to choose (leave the BatchNorms out of them)")
+            return ("dedupe_batchnorm=True thins the default layer selection; with layers= the layers "
+                    "are yours to choose (leave the BatchNorms out of them)")
         if "goodfellow" in measures:
-            raise ValueError("dedupe_batchnorm=True leaves out BatchNorms whose measures equal their inputs', and "
-                             "Goodfellow's firing rates do not (a negative γ reverses which side of the threshold "
-                             "fires): measure goodfellow without dedupe_batchnorm")
+            return ("dedupe_batchnorm=True leaves out BatchNorms whose measures equal their inputs', and "
+                    "Goodfellow's firing rates do not (a negative γ reverses which side of the threshold "
+                    "fires): measure goodfellow without dedupe_batchnorm=True")
         moving = [m for m in measures if m in ("same_equivariance", "equivariance_error") or m in lie.GENERATORS]
         if moving and transformations.padding == "zeros":
-            raise ValueError(
+            return (
                 f"dedupe_batchnorm=True leaves out BatchNorms whose measures equal their inputs', and with "
                 f"padding='zeros' {', '.join(moving)} do not: moving a BatchNorm's shifted maps back brings zeros in "
-                "at the border, unlike its input's; use padding='border' or measure without dedupe_batchnorm"
+                "at the border, unlike its input's; use padding='border' or measure without dedupe_batchnorm=True"
             )
+        return None
+
+    def _same_as_input(self, name: str) -> bool:
+        """Whether a BatchNorm that rescales an observed output per channel also measures what it does under
+        its feature action: not a grouped one (orientation pooling or cyclic shifts mix channels with different
+        scales) for the equivariance error or a Lie derivative."""
+        moving = any(g == "equivariance_error" or g in lie.GENERATORS for g in self.groups)
+        return not moving or type(self.options.actions(name)) is FeatureAction
 
     def use_labels(self, probe: Probe) -> None:
         """With the default measures, a probe with labels adds accuracy; explicit measures that leave the
@@ -495,22 +531,52 @@ class Measurement:
             self.stream(first, None, TRANSFORMED, observers, None, groups=(), all_labels=probe.labels)
         layers = [o.info for o in observers.values()]
         if trace is not None:
-            redundant = set(trace.redundant)
+            redundant = {name for name in trace.redundant if self._same_as_input(name)}
             self.modules = [(name, module) for name, module in self.modules if name not in redundant]
             kept = [info for info in layers if info.name.split("#")[0] not in redundant]
             layers = [dataclasses.replace(info, index=index) for index, info in enumerate(kept)]
         self._layers = (key, layers)
         return layers
 
-    def estimate_memory(self, probe: Probe, classes: list[int] | None) -> memory.MemoryReport:
-        """The memory this measurement needs on ``probe`` (``memory.py``; the discovery pass runs first)."""
+    def estimate_memory(self, probe: Probe, classes: list[int] | None, shards: int | None = None) -> memory.MemoryReport:
+        """The memory this measurement needs on ``probe`` (``memory.py``; the discovery pass runs first), with
+        its error-bar ``shards`` (default: ``self.shards``)."""
         layers = self.discover(probe)
         dtype = _model_dtype(self.model) or probe.images.dtype
         return memory.estimate(
             layers, self.groups, self.transformations, len(classes or [0]), self.options,
             batch_size=self.batch_size, input_shape=tuple(probe.images.shape[1:]), activation_dtype=dtype,
-            sharded=shard_count(self.error_bars, len(probe)) > 1, budget=self.memory_budget,
+            shards=self.shards(probe, classes) if shards is None else shards, budget=self.memory_budget,
         )
+
+    def shards(self, probe: Probe, classes: list[int] | None) -> int:
+        """Error-bar shards of ``probe`` (1: none): as ``error_bars`` asks, or (None) DEFAULT_SHARDS when their
+        K more sets of states take at most AUTOMATIC_ERROR_BAR_BYTES and fit ``memory_budget`` in one pass;
+        else none, with a warning (once) that says what they would cost."""
+        asked = DEFAULT_SHARDS if self.error_bars is None else self.error_bars
+        count = shard_count(asked, len(probe))
+        if self.error_bars is not None or count < 2:
+            return count
+        key = (tuple(probe.images.shape), probe.images.dtype, tuple(classes or ()))
+        if key not in self._shards:
+            with_bars = self.estimate_memory(probe, classes, count)
+            extra = with_bars.state_bytes - self.estimate_memory(probe, classes, 1).state_bytes
+            try:
+                fits = extra <= AUTOMATIC_ERROR_BAR_BYTES and (self.memory_budget is None or len(with_bars.passes()) == 1)
+            except ValueError:  # a layer too big for the budget even alone: the measurement will say so
+                fits = False
+            self._shards[key] = count if fits else 1
+            if not fits:
+                limit = (f"more than the {memory.format_bytes(AUTOMATIC_ERROR_BAR_BYTES)} automatic error bars may take"
+                         if extra > AUTOMATIC_ERROR_BAR_BYTES else "more than memory_budget leaves in one pass")
+                warnings.warn(
+                    f"tm_tensorboard: measuring without error bars: their {count} shards' states would take "
+                    f"{memory.format_bytes(extra)} more memory, {limit}; error_bars=True measures them anyway "
+                    "(error_bars=False: none, and no warning)",
+                    UserWarning,
+                    stacklevel=4,
+                )
+        return self._shards[key]
 
     def passes(self, probe: Probe, classes: list[int] | None) -> list[list[str]] | None:
         """The layers each pass over ``probe`` observes under ``memory_budget`` (None: no budget, one pass
@@ -544,13 +610,13 @@ class Measurement:
             return self._run_distributed(probe, classes)
         self.check_probe(probe)
         classes = classes if classes is not None else self.classes(probe)
-        probe, shards = self.interleaved(probe)
+        probe, shards = self.interleaved(probe, classes)
         observers, accuracy = self._stream_planned(probe, classes, shards=shards)
         return self.finalize(observers, accuracy, len(probe), classes)
 
-    def interleaved(self, probe: Probe) -> tuple[Probe, list[tuple[int, int]] | None]:
+    def interleaved(self, probe: Probe, classes: list[int] | None) -> tuple[Probe, list[tuple[int, int]] | None]:
         """The probe in error-bar shard order and each shard's range (None: no error bars for it)."""
-        count = shard_count(self.error_bars, len(probe))
+        count = self.shards(probe, classes)
         if count < 2:
             return probe, None
         order, bounds = interleave(len(probe), count)
@@ -649,7 +715,7 @@ class Measurement:
         )
         # 2. Each phase: stream this rank's part (with rank 0's buffers), agree on the outcome, merge. With
         # error bars, the rank's part of every error-bar shard, the ranks' states merged at each shard's end.
-        probe, bounds = self.interleaved(probe)
+        probe, bounds = self.interleaved(probe, classes)
         ranges = [[(lo + (hi - lo) * r // world, lo + (hi - lo) * (r + 1) // world) for lo, hi in bounds or [(0, len(probe))]]
                   for r in range(world)]
         own, shards, start = [], [], 0
@@ -847,7 +913,7 @@ class Measurement:
             on_shard_end(shard)
         for observer in observers.values():
             for m in observer.sharded(phase):
-                m.close_shard(observer.compiled)
+                m.close_shard()
 
     def _layer_info(self, name: str, index: int, module: nn.Module | None, module_type: str,
                     unit_shape: tuple[int, ...]) -> LayerInfo:
@@ -855,7 +921,8 @@ class Measurement:
         feature action (ValueError if its tokens do not fit the grid)."""
         tokens = is_token_output(module, unit_shape)
         grid = self.options.actions(name).grid(unit_shape[0]) if tokens else None
-        return LayerInfo(name, index, module_type, unit_shape, tokens, grid)
+        return LayerInfo(name, index, module_type, unit_shape, tokens, grid,
+                         sampled_positions(unit_shape, tokens, self.positions))
 
     @staticmethod
     def _groups(labels, lo, hi, class_index, device) -> list[tuple[int, torch.Tensor | None]]:

@@ -24,7 +24,7 @@ from .capture import LayerInfo
 from .f_distribution import f_critical_value
 from .fused import fused
 from .lie import GENERATORS, Generator, TangentError, along_flow
-from .shards import absorb, channel_means
+from .shards import channel_means, leave_out, merge_into
 from .statistics import (
     SampleMoments,
     SampleSum,
@@ -55,6 +55,7 @@ class MeasureOptions:
     alpha: float = 0.01  # ANOVA significance level, Bonferroni-corrected over each layer's units
     firing_quantile: float = 0.99  # Goodfellow: threshold = mean + std · Φ⁻¹(quantile)
     state_dtype: torch.dtype = torch.float64  # of the streaming states (statistics.state_dtype)
+    positions_seed: int = 0  # which positions a layer sampled with LayerInfo.positions keeps (positions.py)
 
 
 @dataclass
@@ -95,8 +96,8 @@ class LayerMeasure:
         self.units = math.prod(self.unit_shape)
         self.device = device
         self.per_class = [self.new_states() for _ in range(num_classes)]  # the states being updated
-        self.totals: list[dict[str, StreamingState]] | None = None  # with shards: every closed shard merged
-        self.shard_values: list[torch.Tensor] = []  # with shards: each one's [classes, components, channels]
+        self.shard_states: list[list[dict[str, StreamingState]]] = []  # with shards: each closed one's, per class
+        self._combined = False  # the shards' states merged into per_class (the whole probe's)
 
     @staticmethod
     def applies(info: LayerInfo) -> bool:
@@ -127,35 +128,53 @@ class LayerMeasure:
         """[components, units] float64 on the device."""
         raise NotImplementedError
 
-    @property
-    def final_states(self) -> list[dict[str, StreamingState]]:
-        """Per class, the states of the whole probe: the totals of the shards, or the only states."""
-        return self.per_class if self.totals is None else self.totals
+    def final_states(self, compiled: bool = False) -> list[dict[str, StreamingState]]:
+        """Per class, the states of the whole probe (with shards: all of them merged, once)."""
+        if self.shard_states and not self._combined:
+            for shard in self.shard_states:  # every shard closed, so per_class holds zeros: it becomes the total
+                for states, total in zip(shard, self.per_class):
+                    for name, state in states.items():
+                        merge_into(total[name], state, compiled)
+            self._combined = True
+        return self.per_class
 
-    def compute(self, compiled: bool = False, shard: bool = False) -> torch.Tensor:
+    def compute(self, compiled: bool = False) -> torch.Tensor:
         """[classes, components, units] float64 on the device (``compiled``: with the fused kernels), of the
-        whole probe or (``shard``) of the shard being streamed."""
-        per_class = [self.compute_class(states, compiled) for states in (self.per_class if shard else self.final_states)]
-        return per_class[0].unsqueeze(0) if len(per_class) == 1 else torch.stack(per_class)
+        whole probe."""
+        return self._compute(self.final_states(compiled), compiled)
 
-    def close_shard(self, compiled: bool) -> None:
-        """End a shard of the probe: keep its values per channel, merge its states into the totals and
-        clear them for the next shard (``shards.py``)."""
+    def _compute(self, per_class: list[dict[str, StreamingState]], compiled: bool) -> torch.Tensor:
+        values = [self.compute_class(states, compiled) for states in per_class]
+        return values[0].unsqueeze(0) if len(values) == 1 else torch.stack(values)
+
+    def close_shard(self) -> None:
+        """End a shard of the probe: keep its states apart for the jackknife and start the next shard's."""
+        self.shard_states.append(self.per_class)
+        self.per_class = [self.new_states() for _ in self.per_class]
+
+    def replicates(self, compiled: bool = False) -> torch.Tensor | None:
+        """The delete-a-shard jackknife replicates, [K, classes, components, channels] float64 on the device:
+        replicate k is what the probe without shard k measures, per channel (``shards.py``); None without
+        shards. Each shard's states become its replicate's in place (the whole probe's minus the shard's)."""
+        if not self.shard_states:
+            return None
+        totals = self.final_states(compiled)
         axis = self.info.channel_axis if self.unit_shape == self.info.unit_shape else 0
-        values = self.compute(compiled, shard=True)
-        values = values.reshape(*values.shape[:-1], *self.unit_shape)  # [..., units] -> [..., *unit_shape]
-        self.shard_values.append(channel_means(values, self.unit_shape, axis, self.masked))
-        if self.totals is None:  # the first shard's states become the totals
-            self.totals, self.per_class = self.per_class, [self.new_states() for _ in self.per_class]
-            return
-        for shard, total in zip(self.per_class, self.totals):
-            for name, state in shard.items():
-                absorb(state, total[name], compiled)
+        out = []
+        for shard in self.shard_states:
+            for states, total in zip(shard, totals):
+                for name, state in states.items():
+                    leave_out(total[name], state, compiled)
+            values = self._compute(shard, compiled)
+            values = values.reshape(*values.shape[:-1], *self.unit_shape)  # [..., units] -> [..., *unit_shape]
+            out.append(channel_means(values, self.unit_shape, axis, self.masked))
+        self.shard_states = []  # replicates now, not shards: computed once
+        return torch.stack(out)
 
     def nonfinite(self) -> torch.Tensor:
         """The sum of the states' absolute values, [1] float64 on the device, read with the results when
         finalizing: NaN if a state holds NaN, inf if one holds ±inf (three kernels, whatever the states)."""
-        values = torch.cat([t.reshape(-1) for states in self.final_states for s in states.values() for t in s.tensors()])
+        values = torch.cat([t.reshape(-1) for states in self.final_states() for s in states.values() for t in s.tensors()])
         return values.abs().sum().reshape(1)
 
 

@@ -6,10 +6,13 @@ are a mean and an M2 per transformation and element plus one spread total per el
 
     state bytes = classes × (2·T + 1) × elements × 8     (float64 states; × 4 with state_dtype=float32)
 
-per measure group that applies (same-equivariance: the same again on feature-map layers), twice that for
-the groups with error bars when the probe is split into shards (``shards.py``: the shard's states and the
-running totals). An ImageNet ResNet-50 at 224 px has 158 observed layers of 32.0 M output elements per
-image: 8.5 GB for invariance at T = 16, 16.9 GB with same-equivariance, in float64 states.
+per measure group that applies (same-equivariance: the same again on feature-map layers), K + 1 times
+that for the groups with error bars when the probe is split into K shards (``shards.py``: every shard's
+states are kept for the jackknife); with ``positions=``, elements = channels × the positions kept per
+channel on the layers sampled (``positions.py``).
+An ImageNet ResNet-50 at 224 px has 158 leaf layers of 32.0 M output elements per image:
+8.5 GB for invariance at T = 16, 16.9 GB with same-equivariance, in float64 states (11.1 GB with the
+default BatchNorm dedupe, 105 layers).
 
 ``estimate`` sizes each layer's states by building its measures on the ``meta`` device, exactly as a
 measurement allocates them, so the numbers follow the measures' own ``make_states``. On top comes an
@@ -31,6 +34,7 @@ import torch
 
 from .capture import LayerInfo
 from .layer_measures import GROUPS, LayerMeasure, MeasureOptions
+from .positions import build_measure
 from .transforms import TransformationSet
 
 __all__ = ["LayerMemory", "MemoryReport", "estimate", "measure_state_bytes", "working_bytes", "parse_bytes",
@@ -69,8 +73,8 @@ def format_bytes(count: int) -> str:
 
 
 def measure_state_bytes(measure: LayerMeasure) -> int:
-    """Bytes of the streaming states one measure holds now: every class's, and the shard totals once made."""
-    sets = measure.per_class + (measure.totals or [])
+    """Bytes of the streaming states one measure holds now: every class's, and those of the closed shards."""
+    sets = measure.per_class + [states for shard in measure.shard_states for states in shard]
     tensors = [t for states in sets for s in states.values() for t in (*s.tensors(), s.count)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -120,7 +124,7 @@ class MemoryReport:
     classes: int
     groups: tuple[str, ...]
     state_dtype: torch.dtype
-    sharded: bool
+    shards: int  # error-bar shards (1: none)
     budget: int | None = None
     _passes: list[list[str]] | None = field(default=None, init=False, repr=False)
 
@@ -183,15 +187,16 @@ class MemoryReport:
             f"({self._setting()}). Largest layers: {largest}. All {len(self.layers)} layers: "
             f"{format_bytes(self.state_bytes)} of states. To fit, observe fewer layers (layers=...), use fewer "
             "transformations or measure groups (measures=('invariance',)), state_dtype=torch.float32 (halves the "
-            f"states), {'error_bars=False (halves them again), ' if self.sharded else ''}a smaller batch_size (the "
-            "activations), or a larger budget; layers that fit one by one are measured in several passes over the "
-            "probe automatically."
+            f"states), {f'error_bars=False (divides them by {self.shards + 1}), ' if self.shards > 1 else ''}"
+            "positions= (the states of a sample of positions per channel: per-channel estimates), a smaller "
+            "batch_size (the activations), or a larger budget; layers that fit one by one are measured in several "
+            "passes over the probe automatically."
         )
 
     def _setting(self) -> str:
         dtype = str(self.state_dtype).removeprefix("torch.")
         classes = f"{self.classes} classes" if self.classes > 1 else "1 class"
-        shards = ", error bars (2 sets of states)" if self.sharded else ""
+        shards = f", error bars ({self.shards + 1} sets of states)" if self.shards > 1 else ""
         return f"{dtype} states; {', '.join(self.groups)}; {self.T} transformations; {classes}{shards}"
 
     def __str__(self) -> str:
@@ -223,22 +228,21 @@ def estimate(
     batch_size: int,
     input_shape: Sequence[int],
     activation_dtype: torch.dtype,
-    sharded: bool,
+    shards: int,
     budget: int | None = None,
 ) -> MemoryReport:
     """The MemoryReport of measuring ``groups`` on ``layers`` (as the discovery pass learned them): each
-    layer's measures are built on the meta device and their states counted, the shardable ones twice when
-    the probe is ``sharded`` for error bars."""
+    layer's measures are built on the meta device and their states counted, the shardable ones K + 1 times
+    when the probe is split into K ``shards`` for error bars (each shard's states and the next one's)."""
     meta = torch.device("meta")
     report = []
     for info in layers:
         by_group = {}
         for group in groups:
-            kind = GROUPS[group]
-            if kind.applies(info):
-                measure = kind(info, transformations, num_classes, meta, options)
-                by_group[group] = measure_state_bytes(measure) * (2 if sharded and measure.shardable else 1)
+            if GROUPS[group].applies(info):
+                measure = build_measure(group, info, transformations, num_classes, meta, options)
+                by_group[group] = measure_state_bytes(measure) * (shards + 1 if shards > 1 and measure.shardable else 1)
         report.append(LayerMemory(info.name, info.module_type, tuple(info.unit_shape), by_group))
     work = working_bytes(layers, len(transformations), batch_size, input_shape, activation_dtype, options.state_dtype)
     return MemoryReport(report, work, len(transformations), batch_size, num_classes, tuple(groups),
-                        options.state_dtype, sharded, budget)
+                        options.state_dtype, shards, budget)

@@ -129,9 +129,12 @@ class Monitor:
     units; ``means_include_dead=True`` counts units without any variance too (tmeasures' layer means).
     ``compile`` is measure()'s: by default the statistics run as kernels fused by ``torch.compile`` when
     that pays over ten measurements, and are compiled here, once per process (``compile_seconds``); the
-    eager kernels give the same numbers. ``error_bars`` is measure()'s too: with it, each layer mean is logged
-    with its standard error from interleaved shards of the probe. ``state_dtype``, ``memory_budget`` and
-    ``dedupe_batchnorm`` are measure()'s: a budget too small for a layer's states is a ValueError here.
+    eager kernels give the same numbers. ``error_bars`` is measure()'s too (by default on where they fit): with
+    them, each layer mean is logged with its jackknife standard error over interleaved shards of the probe. ``state_dtype``, ``memory_budget`` and
+    ``dedupe_batchnorm`` are measure()'s (by default an eval-mode BatchNorm that only rescales another
+    observed layer's output is left out where that is exact; False measures it): a budget too small for a
+    layer's states is a ValueError here. ``positions`` and ``positions_seed`` are measure()'s too: the same
+    sampled positions at every step.
     """
 
     def __init__(
@@ -158,10 +161,12 @@ class Monitor:
         unit_tensors: bool = True,
         compile: bool | None = None,
         means_include_dead: bool = False,
-        error_bars: int | bool = False,
+        error_bars: int | bool | None = None,
         state_dtype: torch.dtype = torch.float64,
         memory_budget: int | str | None = None,
-        dedupe_batchnorm: bool = False,
+        dedupe_batchnorm: bool | None = None,
+        positions: int | None = None,
+        positions_seed: int = 0,
     ):
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be an int >= 1 (measure every `every` steps), got {every!r}")
@@ -193,6 +198,8 @@ class Monitor:
             state_dtype=state_dtype,
             memory_budget=memory_budget,
             dedupe_batchnorm=dedupe_batchnorm,
+            positions=positions,
+            positions_seed=positions_seed,
         )
         with preserved_rng_state():
             samples = as_probe(probe, labels=labels, num_samples=num_samples)
@@ -219,7 +226,8 @@ class Monitor:
                 self._emitter = SummaryEmitter(self.writer, namespace, unit_tensors=unit_tensors,
                                                means_include_dead=means_include_dead)
                 config = run_config(self._measurement, self.layers, probe_size=len(samples), every=every,
-                                    classes=self._classes, means_include_dead=means_include_dead)
+                                    classes=self._classes, shards=self._measurement.shards(self._probe, self._classes),
+                                    means_include_dead=means_include_dead)
                 self._emitter.write_config(config, step=0)  # in the event file when it returns
             except BaseException:
                 _release_run(self._run, self)

@@ -57,7 +57,7 @@ class MeasureResult:
         self._reduced: dict[tuple, list[dict[str, np.ndarray]]] = {}  # memo of _class_components
         self.accuracy = accuracy
         self.classes = list(classes) if classes is not None else None
-        # group -> layer -> float64 [K, classes, components, channels]: each error-bar shard's components
+        # group -> layer -> float64 [K, classes, components, channels]: the components without each shard
         self._shards = shards or {}
 
     @property
@@ -110,6 +110,9 @@ class MeasureResult:
             )
         if per not in PER:
             raise ValueError(f"per must be one of {', '.join(PER)}; got {per!r}")
+        if per == "element" and info.positions is not None:
+            raise ValueError(f"layer {layer!r} was measured on {info.positions} sampled positions per channel "
+                             "(positions=): it has per-channel values only; measure without positions= for elements")
         names, values = found
         if label is not None:
             if not self.stratified or label not in self.classes:
@@ -189,9 +192,9 @@ class MeasureResult:
         """Whether ``stderr`` has values for ``measure`` (its group was measured in shards)."""
         return bool(self._shards.get(group_of(measure)))
 
-    def _shard_values(self, measure: str, layer: str, label: int | None) -> np.ndarray:
-        """[K, channels]: ``measure`` per channel as each shard alone measured it (stratified: the mean of
-        its per-class values)."""
+    def _replicates(self, measure: str, layer: str, label: int | None) -> np.ndarray:
+        """[K, channels]: ``measure`` per channel as the probe without each shard measured it (stratified:
+        the mean of its per-class values)."""
         group = group_of(measure)
         self._class_components(measure, layer, "channel", label)  # KeyError / ValueError as get() gives them
         found = self._shards.get(group, {}).get(layer)
@@ -208,10 +211,10 @@ class MeasureResult:
 
     def stderr(self, measure: str, layer: str, per: str = "layer", label: int | None = None,
                include_dead: bool = False) -> float | np.ndarray:
-        """Standard error of ``measure`` from the probe's shards (``shards.py``): of the layer mean as
+        """Jackknife standard error of ``measure`` over the probe's shards (``shards.py``): of the layer mean as
         ``layer_mean`` takes it ([T] for a per-transformation measure), or (``per="channel"``) of each
         channel's value."""
-        values = self._shard_values(measure, layer, label)
+        values = self._replicates(measure, layer, label)
         if per == "channel":
             return standard_error(values)
         if per != "layer":

@@ -1,23 +1,19 @@
-"""Error bars from the probe itself: K interleaved shards, each measured as an independent probe.
+"""Error bars from the probe itself: K interleaved shards and the delete-a-shard jackknife.
 
 Sample n of the probe belongs to shard n mod K (interleaved, so a probe sorted by class gives every shard
-every class). The probe is streamed shard after shard. When a shard ends, each measure finalizes its
-states on their own (what that shard alone would measure, reduced per channel on the device) and then
-merges them into the running total with Chan's formula and clears them: the full result is exactly the
-one-pass result, and memory is two sets of states whatever K, not K sets.
+every class). The probe is streamed shard after shard, and each shard's streaming states are kept apart
+(no extra forward). At the end they merge into the whole probe's states (Chan's formula: the result is
+exactly the one-pass result), and each shard's states become the whole probe's *without* that shard
+(``leave_out``, the inverse merge). Every measure is computed from those K leave-one-out states: its
+replicates v_(k). The standard error of a value v (a unit's measure, a layer mean) is the delete-a-group
+jackknife √((K − 1)/K · Σ_k (v_(k) − v̄)²).
 
-The standard error of a value v (a unit's measure, a layer mean) is the *random-groups* estimate
-sd_k(v_k) / √K over the K shard values. For a value linear in the samples (a mean of per-sample
-quantities, TV) it is identical to the delete-a-group jackknife; for the non-linear measures (SV is a std,
-NV a ratio) both rest on v being asymptotically linear (a variance ∝ 1/n), and random groups needs only
-each shard's final values where the jackknife needs K leave-one-out states at once (K × the memory). Each
-shard must have enough samples for its estimate to be in that regime: at least MIN_SHARD_SAMPLES. Where
-it is not, e.g. a channel that fires in a few samples only, the shards' values scatter more than the whole
-probe's would (a unit that did not vary at all in one shard's samples is 0 / 0 there, the dead units'
-conventional 1). Measured on the example SimpleCNN with random images (benchmarks/README.md), the reported
-error of a ReLU layer's mean was 0.3 to 17 times the spread over independent probes, while it
-matched on the first convolution: so error bars are opt-in (``error_bars=``) until a
-better-behaved estimator (the delete-a-group jackknife, K sets of states) replaces this one.
+Why the jackknife and not random groups (the spread of the K shards measured alone, over √K): the
+measures are non-linear in the samples (SV is a standard deviation, NV a ratio, a layer mean skips dead
+units), and a replicate of (K − 1)/K of the probe behaves like the whole probe where a shard of N/K samples
+does not: a sparse ReLU channel that fires in a few samples is dead (0 / 0) in some shards, never in a
+replicate. On the example SimpleCNN random groups reported 0.3 to 17 times the spread over independent
+probes on ReLU layers (benchmarks/README.md). The price is memory: K + 1 sets of states instead of one.
 """
 from __future__ import annotations
 
@@ -25,13 +21,15 @@ import numpy as np
 import torch
 
 from .fused import fused
-from .statistics import F64, SampleMoments, StreamingState
+from .statistics import SampleMoments, StreamingState
 
-__all__ = ["DEFAULT_SHARDS", "MIN_SHARD_SAMPLES", "shard_count", "interleave", "standard_error", "channel_means",
-           "absorb"]
+__all__ = ["DEFAULT_SHARDS", "MIN_SHARD_SAMPLES", "AUTOMATIC_ERROR_BAR_BYTES", "ROUNDING", "shard_count", "interleave",
+           "standard_error", "channel_means", "merge_into", "leave_out"]
 
 DEFAULT_SHARDS = 8
 MIN_SHARD_SAMPLES = 16
+AUTOMATIC_ERROR_BAR_BYTES = 2 * 10**9  # the most memory error bars take unasked (error_bars=None)
+ROUNDING = 64  # ulps of the whole probe's state within which the state without a shard is taken as 0
 
 
 def shard_count(requested: int, probe_size: int) -> int:
@@ -51,17 +49,17 @@ def interleave(probe_size: int, shards: int) -> tuple[torch.Tensor, list[tuple[i
     return order, bounds
 
 
-def standard_error(values: np.ndarray) -> np.ndarray:
-    """Random-groups standard error over axis 0 (the shards): sd (ddof 1) / √K over the finite shard
-    values; NaN where fewer than two are finite."""
-    values = np.asarray(values, dtype=np.float64)
+def standard_error(replicates: np.ndarray) -> np.ndarray:
+    """Delete-a-group jackknife standard error over axis 0 (the K replicates, each the probe without one
+    shard): √((K − 1) / K · Σ_k (v_k − v̄)²) over the finite replicates; NaN where fewer than two are."""
+    values = np.asarray(replicates, dtype=np.float64)
     finite = np.isfinite(values)
     k = finite.sum(axis=0)
     safe = np.where(finite, values, 0.0)
     mean = safe.sum(axis=0) / np.maximum(k, 1)
     squares = np.where(finite, (values - mean) ** 2, 0.0).sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        se = np.sqrt(squares / (k - 1) / k)
+        se = np.sqrt(squares * (k - 1) / k)
     return np.where(k >= 2, se, np.nan)
 
 
@@ -76,32 +74,61 @@ def channel_means(values: torch.Tensor, unit_shape: tuple[int, ...], channel_axi
     return flat.nanmean(dim=-1) if masked else flat.mean(dim=-1)
 
 
-def absorb(state: StreamingState, into: StreamingState, compiled: bool) -> None:
-    """Merge a shard's state into the total of the same kind and clear it (one fused update)."""
+def merge_into(total: StreamingState, state: StreamingState, compiled: bool) -> None:
+    """Merge a shard's state into the total of the same kind (``StreamingState.merge``, one fused update)."""
     if isinstance(state, SampleMoments):
-        _absorb_moments(compiled, state.mean, state.m2, state.count, into.mean, into.m2, into.count)
+        _merge_moments(compiled, total.mean, total.m2, total.count, state.mean, state.m2, state.count)
     else:
-        _absorb_sum(compiled, state.total, state.count, into.total, into.count)
+        _merge_sum(compiled, total.total, total.count, state.total, state.count)
 
 
 @fused
-def _absorb_moments(mean, m2, count, into_mean, into_m2, into_count, scratch=None):
-    """Chan's merge of a shard's (mean, M2, count) into the total's, then clear the shard's."""
-    n_a, n_b = into_count.to(F64), count.to(F64)
+def _merge_moments(mean, m2, count, shard_mean, shard_m2, shard_count, scratch=None):
+    """Chan's merge of a shard's (mean, M2, count) into the total's."""
+    n_a, n_b = count.to(mean.dtype), shard_count.to(mean.dtype)
     n = (n_a + n_b).clamp_min(1)
-    delta = mean - into_mean
-    into_mean.add_(delta * (n_b / n))
-    into_m2.add_(m2 + delta.square() * (n_a * n_b / n))
-    into_count.add_(count)
-    mean.zero_()
-    m2.zero_()
-    count.zero_()
+    delta = shard_mean - mean
+    mean.add_(delta * (n_b / n))
+    m2.add_(shard_m2 + delta.square() * (n_a * n_b / n))
+    count.add_(shard_count)
 
 
 @fused
-def _absorb_sum(total, count, into_total, into_count, scratch=None):
-    """Add a shard's sum over samples into the total's, then clear the shard's."""
-    into_total.add_(total)
-    into_count.add_(count)
-    total.zero_()
-    count.zero_()
+def _merge_sum(total, count, shard_total, shard_count, scratch=None):
+    """Add a shard's sum over samples into the total's."""
+    total.add_(shard_total)
+    count.add_(shard_count)
+
+
+def leave_out(total: StreamingState, state: StreamingState, compiled: bool) -> None:
+    """Turn a shard's state into the whole probe's without that shard (the inverse of Chan's merge), in one
+    fused update: ``state`` := ``total`` − ``state``."""
+    if isinstance(state, SampleMoments):
+        _leave_out_moments(compiled, total.mean, total.m2, total.count, state.mean, state.m2, state.count)
+    else:
+        _leave_out_sum(compiled, total.total, total.count, state.total, state.count)
+
+
+@fused
+def _leave_out_moments(mean, m2, count, shard_mean, shard_m2, shard_count, scratch=None):
+    """(mean, M2, count) of the total's samples without the shard's: n_r = n − n_k,
+    μ_r = μ + n_k (μ − μ_k) / n_r, M2_r = M2 − M2_k − (μ_k − μ_r)² n_k n_r / n. What is left of M2 within
+    the subtraction's rounding (ROUNDING ulps of M2) is 0: the rest of a unit that varied in this shard only
+    (a channel firing in a few samples) is exactly constant, and would otherwise get a variance of noise."""
+    n, n_k = count.to(mean.dtype), shard_count.to(mean.dtype)
+    n_r = n - n_k
+    rest_mean = (mean + (mean - shard_mean) * (n_k / n_r.clamp_min(1))) * (n_r > 0)
+    delta = shard_mean - rest_mean
+    rest_m2 = m2 - shard_m2 - delta.square() * (n_k * n_r / n.clamp_min(1))
+    shard_m2.copy_(torch.where(rest_m2 <= m2 * (ROUNDING * torch.finfo(m2.dtype).eps), 0.0, rest_m2))  # NaN stays
+    shard_mean.copy_(rest_mean)
+    shard_count.neg_().add_(count)
+
+
+@fused
+def _leave_out_sum(total, count, shard_total, shard_count, scratch=None):
+    """The total's sum over samples without the shard's (a rest within ROUNDING ulps of the total is 0,
+    as for the moments; the sums are of non-negative quantities)."""
+    rest = total - shard_total
+    shard_total.copy_(torch.where(rest.abs() <= total.abs() * (ROUNDING * torch.finfo(total.dtype).eps), 0.0, rest))
+    shard_count.neg_().add_(count)

@@ -27,7 +27,6 @@ from .engine import Measurement
 from .layer_measures import GROUPS
 from .measures import DEFINITIONS, MEASURE_GROUPS, SPECS, finite_mean, ratio_measure
 from .result import MeasureResult
-from .shards import shard_count
 from .transforms import TransformationSet
 
 __all__ = ["layer_proto", "run_config", "SummaryEmitter"]
@@ -59,9 +58,9 @@ def transformation_protos(transformations: TransformationSet) -> list:
 
 def run_config(
     measurement: Measurement, layers: list[LayerInfo], *, probe_size: int, every: int, classes: list[int] | None,
-    means_include_dead: bool = False,
+    shards: int, means_include_dead: bool = False,
 ) -> metadata.RunConfig:
-    """The run-level record of how the measures are taken."""
+    """The run-level record of how the measures are taken (``shards``: the probe's error-bar shards, 1: none)."""
     transformations = measurement.transformations
     names = [m for g in measurement.measures for m in (MEASURE_GROUPS[g] or (g,))]
     with_actions = any(GROUPS[g].uses_actions for g in measurement.groups)
@@ -85,7 +84,7 @@ def run_config(
         actions={info.name: measurement.options.actions(info.name).name for info in layers
                  if (with_actions and info.is_spatial) or info.grid is not None},  # (a patch grid: the maps measured)
         means_include_dead=means_include_dead,
-        error_bars=shard_count(measurement.error_bars, probe_size),
+        error_bars=shards,
     )
 
 
