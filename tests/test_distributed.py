@@ -26,7 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, world: int, out: Path, timeout: float = 240) -> None:
+def launch(scenario: str, world: int, out: Path, timeout: float = 480) -> None:
     port = free_port()
     procs = [
         subprocess.Popen([sys.executable, str(WORKER), scenario, str(rank), str(world), str(port), str(out)],
@@ -106,7 +106,7 @@ def test_probe_smaller_than_world(tmp_path):
 @pytest.mark.parametrize("scenario, pattern", [("mismatch", "RankMismatchError: the ranks measured different things"),
                                                ("failure", "out of memory on rank 1")])
 def test_mismatch_and_failure_reported_on_every_rank(tmp_path, scenario, pattern):
-    launch(scenario, 2, tmp_path, timeout=120)
+    launch(scenario, 2, tmp_path, timeout=240)
     for rank in range(2):
         assert pattern in (tmp_path / f"error_{rank}.txt").read_text()
 
