@@ -145,6 +145,35 @@ function nearestLayer(rows, s, py, y) {
   return best;
 }
 
+// Stroking 50 layers x 1,000 steps (twice with smoothing) costs Skia ~15 ms of CPU per chart when the canvas
+// flushes at the end of the task: in the difference view's switch, three charts took ~45 ms before the next
+// frame although the section is usually below the fold (issue 14). Charts created while the view is off
+// screen are stroked after that frame, when the main thread is idle; canvas.tmDrawPending() strokes one at
+// once (the export calls it).
+const pendingDraws = new Set();
+let pendingCallback = null;
+
+function drawPending() {
+  pendingCallback = null;
+  for (const canvas of [...pendingDraws]) canvas.tmDrawPending();
+}
+
+function paintLines(canvas, draw, offscreen) {
+  canvas.tmDrawPending = () => {
+    if (!pendingDraws.delete(canvas)) return;
+    draw();
+  };
+  pendingDraws.add(canvas);
+  if (!offscreen) {
+    canvas.tmDrawPending();
+    return;
+  }
+  if (pendingCallback === null) {
+    pendingCallback = typeof requestIdleCallback === "function" ? requestIdleCallback(drawPending, {timeout: 250})
+      : setTimeout(drawPending, 50);
+  }
+}
+
 function linePath(steps, rows, l, x, y) {
   let d = "";
   let pen = "M";
@@ -160,7 +189,7 @@ function linePath(steps, rows, l, x, y) {
   return d;
 }
 
-function createChart(run, {x, y, yTicks, width, measure, tooltip, smoothing, difference, handlers}) {
+function createChart(run, {x, y, yTicks, width, measure, tooltip, smoothing, difference, handlers, offscreen}) {
   const figure = html("figure", "tm-panel");
   const caption = html("figcaption", "tm-panel-title");
   const swatch = html("span", "tm-swatch");
@@ -176,7 +205,7 @@ function createChart(run, {x, y, yTicks, width, measure, tooltip, smoothing, dif
   const types = moduleTypes(run.entry);
   const shown = smoothColumns(run.means.values, smoothing);
   const seRows = stderrRows(run, difference);
-  drawLines(canvas, run, shown, x, y, width, seRows);
+  paintLines(canvas, () => drawLines(canvas, run, shown, x, y, width, seRows), offscreen);
   const overlay = svg("svg", {class: "tm-chart tm-chart-layer tm-curves-overlay", width, height: HEIGHT});
   overlay.dataset.run = run.entry.run;
   overlay.dataset.namespace = run.entry.namespace;
@@ -274,6 +303,14 @@ export function createCurves(container, tooltip, handlers = {}) {
   let highlighted = null;
   // one cache per mode: switching the difference view on and off shows charts already drawn
   const caches = {values: chartCache(), difference: chartCache()};
+  // whether the charts are (near) the viewport; unknown until the observer first reports: drawn at once
+  let offscreen = false;
+  if (typeof IntersectionObserver === "function") {
+    new IntersectionObserver((entries) => {
+      offscreen = !entries.at(-1).isIntersecting;
+      if (!offscreen && pendingDraws.size) drawPending(); // scrolled into view before the idle callback ran
+    }, {rootMargin: "200px"}).observe(container);
+  }
 
   return {
     /**
@@ -296,7 +333,7 @@ export function createCurves(container, tooltip, handlers = {}) {
       charts = withData.map((run) => cache.chart(run.key,
         [run.means, run.message, run.color, run.label, width, measure, ...x.domain, ...y.domain, axis.log, smoothing, difference && difference.label],
         () => (run.message ? messageChart(run, run.message)
-          : createChart(run, {x, y, yTicks: axis.ticks, width, measure, tooltip, smoothing, difference, handlers: on}))));
+          : createChart(run, {x, y, yTicks: axis.ticks, width, measure, tooltip, smoothing, difference, handlers: on, offscreen}))));
       container.replaceChildren(...charts.map((chart) => chart.figure));
       container.dataset.axis = axis.kind;
       for (const chart of charts) chart.highlight(highlighted);

@@ -284,6 +284,7 @@ export function sectionSvg(section, {ratio = PRINT_RATIO, runs = []} = {}) {
       parts.push(copy);
       rects.push(rect, ...[...element.querySelectorAll("text")].filter(visible).map((text) => text.getBoundingClientRect()));
     } else if (element instanceof HTMLCanvasElement) {
+      if (typeof element.tmDrawPending === "function") element.tmDrawPending(); // curves.js: stroked when idle
       const rect = element.getBoundingClientRect();
       if (!rect.width || !rect.height) continue;
       const source = typeof element.tmPaintAt === "function" ? element.tmPaintAt(ratio) : element;

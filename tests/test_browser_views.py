@@ -370,6 +370,12 @@ def test_difference_view_of_the_same_architecture(page, tensorboard_views):
     assert "reference" in frame.locator("#tm-curves .tm-message").inner_text()
     labels = [float(t) for t in frame.locator("#tm-curves svg text.tm-tick[text-anchor=end]").all_text_contents()]
     assert min(labels) == -max(labels) < 0
+    # its lines are stroked: at once on screen, once the main thread is idle below the fold (issue 14)
+    frame.wait_for_function("""() => {
+        const canvas = document.querySelector('#tm-curves canvas.tm-curves-canvas');
+        const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+        return data.some((v, i) => i % 4 === 3 && v > 0);
+    }""")
     assert frame.locator("#tm-log-y").is_disabled()
     frame.locator("#tm-units").screenshot(path=str(ARTIFACTS / "difference-units.png"))
     frame.locator("#tm-profile-section").screenshot(path=str(ARTIFACTS / "difference-profile.png"))
