@@ -83,7 +83,7 @@ class Scratch:
 
 def fold_moments(x: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor,
                  scratch: Scratch | None = None) -> None:
-    """Fold b samples x [b, *shape] into a (mean, M2, count) state, in one pass over x.
+    """Fold b samples x [b, *shape] into a (mean, M2, count) state.
 
     The samples' deviations are taken from the chunk's first sample: for a near-constant unit they are
     exact, where deviations from a float32 chunk mean are not (its rounding, merged by Chan's formula,
@@ -92,9 +92,12 @@ def fold_moments(x: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, count: t
     unless the states are float32: no temporary is wider than the state), with weights computed on the
     device. Merging the chunk's own M2 and the squared difference of the means, rather than sums about
     the shift, keeps a float32 merge free of cancellation when the shift is far from the mean (a unit
-    that rarely fires, its first sample firing). Compiled (``scratch`` None) it is plain expressions, the
-    chunk's sums in the state's dtype; eager, the same steps run in place in ``scratch``'s buffers, the
-    chunk's sums in x's precision (a float64 sum of a float32 tensor first copies all of it).
+    that rarely fires, its first sample firing). The chunk's moments are taken in x's precision (float32
+    at least: half-precision activations are measured in float32) and merged in the state's: float64
+    sums cost the compiled kernel twice the time. Compiled (``scratch`` None), the chunk's M2 is a
+    second pass over its deviations from their mean (the chunk's rows are still in cache, and a float32
+    ``s2 - s1 * mean`` would cancel); eager, the same steps run in place in ``scratch``'s buffers, with
+    torch's blocked float32 sums.
     """
     b = x.shape[0]
     acc = mean.dtype
@@ -103,11 +106,11 @@ def fold_moments(x: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, count: t
     shift = x[0]
     if scratch is None:
         deviations = x - shift
-        s1 = deviations.sum(dim=0, dtype=acc)
-        s2 = deviations.square().sum(dim=0, dtype=acc)
-        chunk_mean = s1 / b  # relative to the shift
+        chunk_mean = deviations.mean(dim=0)  # relative to the shift
+        chunk_m2 = (deviations - chunk_mean).square().sum(dim=0)  # a second pass over the chunk, in cache
+        chunk_mean = chunk_mean.to(acc)
         delta = (mean - shift) - chunk_mean
-        m2.add_(s2 - s1 * chunk_mean + delta.square() * (n_a * weight))
+        m2.add_(chunk_m2.to(acc) + delta.square() * (n_a * weight))
         mean.sub_(delta * weight)
     else:
         buffer = lambda name, dtype=acc: scratch.get(name, tuple(mean.shape), dtype, x.device)  # noqa: E731
@@ -128,7 +131,7 @@ def fold_spread(x: torch.Tensor, total: torch.Tensor, count: torch.Tensor, scrat
     b, T = x.shape[0], x.shape[1]
     if scratch is None:
         m2 = (x - x.mean(dim=1, keepdim=True)).square().sum(dim=1)
-        total.add_(m2.div_(T - 1).sqrt_().sum(dim=0, dtype=total.dtype))
+        total.add_(m2.div_(T - 1).sqrt_().sum(dim=0).to(total.dtype))
     else:
         per_sample = (b, 1, *x.shape[2:])
         mean = torch.mean(x, dim=1, keepdim=True, out=scratch.get("spread mean", per_sample, x.dtype, x.device))
@@ -142,7 +145,7 @@ def fold_spread(x: torch.Tensor, total: torch.Tensor, count: torch.Tensor, scrat
 def fold_sum(x: torch.Tensor, total: torch.Tensor, count: torch.Tensor, scratch: Scratch | None = None) -> None:
     """Add a per-sample quantity x [b, *shape] to a total."""
     if scratch is None:
-        total.add_(x.sum(dim=0, dtype=total.dtype))
+        total.add_(x.sum(dim=0).to(total.dtype))
     else:
         total.add_(torch.sum(x, dim=0, out=scratch.get("sum", tuple(total.shape), x.dtype, x.device)))
     count.add_(x.shape[0])
