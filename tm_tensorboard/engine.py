@@ -254,6 +254,12 @@ class _Observer:
         """The measures this phase updates that have error bars (closed at the end of each shard)."""
         return [m for m in self.measures.values() if phase in m.phases and m.shardable]
 
+    def reserve_shards(self, phase: str, shards: int) -> None:
+        """Allocate the states of every shard of this phase now, before the chunks recycle their memory."""
+        if shards > 1:
+            for m in self.sharded(phase):
+                m.reserve_shards(shards)
+
     def finalize(self) -> tuple[dict[str, tuple[tuple[str, ...], np.ndarray, np.ndarray | None]], bool, bool]:
         """{group: (component names, [classes, components, *shape], the jackknife replicates' [K, classes,
         components, channels] or None)} on the host, and whether the states hold NaN / inf (what the activations were:
@@ -838,6 +844,7 @@ class Measurement:
                     observer = observers[name] = _Observer(
                         info, groups, len(classes or [0]), self.transformations, device, self.options
                     )
+                    observer.reserve_shards(phase, len(shards))
                 except ValueError as error:  # a measure cannot apply to this layer (e.g. its feature action)
                     raise LayerMeasureError(f"layer {name!r}: {error}") from error
             else:
@@ -849,6 +856,8 @@ class Measurement:
 
         images, n = probe.images, len(probe)
         shards = shards or [(0, n)]
+        for observer in observers.values():  # (the layers found by this stream reserve theirs when found)
+            observer.reserve_shards(phase, len(shards))
         labels = probe.labels
         all_labels = labels if all_labels is None else all_labels
         # The transformations run in the wider of the probe's and the model's dtypes, the model in its own:

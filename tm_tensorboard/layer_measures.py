@@ -97,6 +97,7 @@ class LayerMeasure:
         self.device = device
         self.per_class = [self.new_states() for _ in range(num_classes)]  # the states being updated
         self.shard_states: list[list[dict[str, StreamingState]]] = []  # with shards: each closed one's, per class
+        self._reserved: list[list[dict[str, StreamingState]]] = []  # zero states for the shards still to come
         self._combined = False  # the shards' states merged into per_class (the whole probe's)
 
     @staticmethod
@@ -147,10 +148,30 @@ class LayerMeasure:
         values = [self.compute_class(states, compiled) for states in per_class]
         return values[0].unsqueeze(0) if len(values) == 1 else torch.stack(values)
 
+    def reserve_shards(self, shards: int) -> None:
+        """Allocate now the states of a probe streamed in ``shards`` shards (the later shards' and the
+        totals'), so that nothing is allocated between chunks: states allocated at a shard's end take the
+        memory the activations were recycling, which then comes fresh from the system, page fault by page
+        fault, every chunk after (measured on the reference case at batch_size=4: 0.3 M page faults, +20 %
+        time). One block for all of them: big ones are mapped apart from the heap the activations use."""
+        if self._reserved or self.shard_states:
+            return
+        first = next(iter(self.per_class[0].values())).tensors()[0]
+        size = sum(state.numel() for states in self.per_class for state in states.values())
+        block, offset = torch.zeros(shards * size, dtype=first.dtype, device=first.device), 0
+        for _ in range(shards):
+            shard = []
+            for states in self.per_class:
+                carved = {}
+                for name, state in states.items():
+                    carved[name], offset = state.carve(block, offset)
+                shard.append(carved)
+            self._reserved.append(shard)
+
     def close_shard(self) -> None:
         """End a shard of the probe: keep its states apart for the jackknife and start the next shard's."""
         self.shard_states.append(self.per_class)
-        self.per_class = [self.new_states() for _ in self.per_class]
+        self.per_class = self._reserved.pop() if self._reserved else [self.new_states() for _ in self.per_class]
 
     def replicates(self, compiled: bool = False) -> torch.Tensor | None:
         """The delete-a-shard jackknife replicates, [K, classes, components, channels] float64 on the device:

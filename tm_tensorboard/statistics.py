@@ -183,6 +183,21 @@ class StreamingState:
         with state_dtype(self.tensors()[0].dtype):
             return type(self)(self.shape, self.count.device)
 
+    def numel(self) -> int:
+        """Values in the state's tensors (its count aside)."""
+        return sum(t.numel() for t in self.tensors())
+
+    def carve(self, block: torch.Tensor, offset: int) -> tuple["StreamingState", int]:
+        """A zero state like this one whose tensors are views of a zero ``block`` from ``offset`` on, and
+        where the next one starts (states of many shards in one allocation: ``LayerMeasure.reserve_shards``)."""
+        state = object.__new__(type(self))
+        state.__dict__.update(self.__dict__)
+        state.count = torch.zeros_like(self.count)
+        for name, tensor in zip(self._names, self.tensors()):
+            setattr(state, name, block[offset : offset + tensor.numel()].view(tensor.shape))
+            offset += tensor.numel()
+        return state, offset
+
     def load(self, count: int, tensors: list[torch.Tensor]) -> "StreamingState":
         for own, value in zip(self.tensors(), tensors):
             own.copy_(value)
