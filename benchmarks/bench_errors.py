@@ -2,8 +2,8 @@
 
     python benchmarks/bench_errors.py            # ~40 min on a busy 2-core machine
 
-1. Cost on the reference case of bench_engine.py (13 layers, N = 256, T = 16 rotations, batch_size 64,
-   CPU, 2 threads), every variant once per repetition in turn, medians of ``--reps``, ratios within one
+1. Cost on the reference case of bench_engine.py (13 layers, N = 256, T = 16 rotations, CPU, 2 threads)
+   at batch_size 4, 16 (the default) and 64 (64, 256 and 1,024 images per forward), every variant once per repetition in turn, medians of ``--reps``, ratios within one
    run: ``measure()`` with the invariance group alone and with the default measures, each without error
    bars (``error_bars=False``), with the default ones (8 shards), and with ``per_transformation`` added
    (ie_t). Compiled kernels, compiled before the timed part. The states' bytes with and without error
@@ -45,6 +45,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "errors.json"
 THREADS = 2
 DEFAULT = ("invariance", "same_equivariance")
 TARGETS = {"per_transformation_added": 0.10, "error_bars_added": 0.10}
+BATCH_SIZES = (4, 16, 64)  # probe samples per chunk: 64 images per forward (tmeasures' batch), the default, 1,024
 
 
 def state_bytes(model: torch.nn.Module, probe: torch.Tensor, measures, error_bars) -> int:
@@ -60,18 +61,18 @@ def state_bytes(model: torch.nn.Module, probe: torch.Tensor, measures, error_bar
     return sum(measure_state_bytes(m) for observer in observers.values() for m in observer.measures.values())
 
 
-def cost(reps: int) -> dict:
+def cost(reps: int, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> dict:
     model = Net().eval()
     probe = torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     tset = tm.transforms.rotations(16)
     variants: dict[str, Callable[[], object]] = {}
-    for name, measures in (("invariance", ("invariance",)), ("default", DEFAULT)):
-        variants[f"{name}_no_error_bars"] = lambda m=measures: tm.measure(model, probe, tset, measures=m, batch_size=64,
-                                                                        compile=True, error_bars=False)
-        variants[f"{name}_error_bars"] = lambda m=measures: tm.measure(model, probe, tset, measures=m, batch_size=64,
-                                                                     compile=True, error_bars=True)
-        variants[f"{name}_per_transformation"] = lambda m=measures: tm.measure(
-            model, probe, tset, measures=m + ("per_transformation",), batch_size=64, compile=True, error_bars=False)
+    for b in batch_sizes:
+        for name, measures in (("invariance", ("invariance",)), ("default", DEFAULT)):
+            run = lambda m, bars, b=b: tm.measure(model, probe, tset, measures=m, batch_size=b,  # noqa: E731
+                                                  compile=True, error_bars=bars)
+            variants[f"b{b}_{name}_no_error_bars"] = lambda m=measures, run=run: run(m, False)
+            variants[f"b{b}_{name}_error_bars"] = lambda m=measures, run=run: run(m, True)
+            variants[f"b{b}_{name}_per_transformation"] = lambda m=measures, run=run: run(m + ("per_transformation",), False)
     for run in variants.values():  # compile and warm up
         run()
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -81,11 +82,12 @@ def cost(reps: int) -> dict:
             run()
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
-    out = {"seconds": median, "runs": times}
-    for name in ("invariance", "default"):
-        base = median[f"{name}_no_error_bars"]
-        out[f"{name}_error_bars_added"] = median[f"{name}_error_bars"] / base - 1
-        out[f"{name}_per_transformation_added"] = median[f"{name}_per_transformation"] / base - 1
+    out = {"batch_sizes": list(batch_sizes), "seconds": median, "runs": times}
+    for b in batch_sizes:
+        for name in ("invariance", "default"):
+            base = median[f"b{b}_{name}_no_error_bars"]
+            out[f"b{b}_{name}_error_bars_added"] = median[f"b{b}_{name}_error_bars"] / base - 1
+            out[f"b{b}_{name}_per_transformation_added"] = median[f"b{b}_{name}_per_transformation"] / base - 1
     out["state_bytes"] = {
         f"{name}_{'error_bars' if bars else 'no_error_bars'}": state_bytes(model, probe, measures, bars)
         for name, measures in (("invariance", ("invariance",)), ("default", DEFAULT)) for bars in (False, True)
