@@ -32,8 +32,9 @@ from models import small_cnn
 # The chunk path is counted without error bars; their shards (K = 8 per measurement by default) are
 # counted apart, per observed layer and shard: at the shard's end fresh states, when finalizing a merge into
 # the totals, the leave-one-out states, their values and their reduction per channel (the jackknife). Reached
-# for SimpleCNN: 16.2 (invariance) and 26.9 (+ same-equivariance), 23.3 for invariance with Inductor's cache
-# cold (a clean machine); random groups reached 9.2 / 15.1 (one set of states fewer to merge, none to leave out).
+# for SimpleCNN: 16.1 (invariance) and 17.8 (+ same-equivariance), 3 of them views carving each shard's states
+# out of one block (no kernel); 16.2 / 26.9 when each shard was merged and left out in its own call, 23.3 for
+# invariance with Inductor's cache cold (a clean machine); random groups reached 9.2 / 15.1.
 BUDGET = {("invariance",): 2, ("invariance", "same_equivariance"): 4}
 SHARD_END_BUDGET = {("invariance",): 25, ("invariance", "same_equivariance"): 45}
 MODELS = {"SimpleCNN": lambda: SimpleCNN(3, 10), "ResNet18Style": lambda: ResNet18Style(3, 10, width=0.25)}

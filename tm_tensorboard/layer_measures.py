@@ -132,10 +132,9 @@ class LayerMeasure:
     def final_states(self, compiled: bool = False) -> list[dict[str, StreamingState]]:
         """Per class, the states of the whole probe (with shards: all of them merged, once)."""
         if self.shard_states and not self._combined:
-            for shard in self.shard_states:  # every shard closed, so per_class holds zeros: it becomes the total
-                for states, total in zip(shard, self.per_class):
-                    for name, state in states.items():
-                        merge_into(total[name], state, compiled)
+            for k, total in enumerate(self.per_class):  # every shard closed, so per_class holds zeros: it becomes the total
+                for name, state in total.items():
+                    merge_into(state, [shard[k][name] for shard in self.shard_states], compiled)
             self._combined = True
         return self.per_class
 
@@ -159,12 +158,14 @@ class LayerMeasure:
         first = next(iter(self.per_class[0].values())).tensors()[0]
         size = sum(state.numel() for states in self.per_class for state in states.values())
         block, offset = torch.zeros(shards * size, dtype=first.dtype, device=first.device), 0
+        counts = iter(torch.zeros(shards * len(self.per_class) * len(self.per_class[0]), dtype=torch.int64,
+                                  device=first.device).unbind())
         for _ in range(shards):
             shard = []
             for states in self.per_class:
                 carved = {}
                 for name, state in states.items():
-                    carved[name], offset = state.carve(block, offset)
+                    carved[name], offset = state.carve(block, next(counts), offset)
                 shard.append(carved)
             self._reserved.append(shard)
 
@@ -181,11 +182,11 @@ class LayerMeasure:
             return None
         totals = self.final_states(compiled)
         axis = self.info.channel_axis if self.unit_shape == self.info.unit_shape else 0
+        for k, total in enumerate(totals):
+            for name, state in total.items():
+                leave_out(state, [shard[k][name] for shard in self.shard_states], compiled)
         out = []
         for shard in self.shard_states:
-            for states, total in zip(shard, totals):
-                for name, state in states.items():
-                    leave_out(total[name], state, compiled)
             values = self._compute(shard, compiled)
             values = values.reshape(*values.shape[:-1], *self.unit_shape)  # [..., units] -> [..., *unit_shape]
             out.append(channel_means(values, self.unit_shape, axis, self.masked))

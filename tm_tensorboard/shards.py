@@ -74,61 +74,69 @@ def channel_means(values: torch.Tensor, unit_shape: tuple[int, ...], channel_axi
     return flat.nanmean(dim=-1) if masked else flat.mean(dim=-1)
 
 
-def merge_into(total: StreamingState, state: StreamingState, compiled: bool) -> None:
-    """Merge a shard's state into the total of the same kind (``StreamingState.merge``, one fused update)."""
-    if isinstance(state, SampleMoments):
-        _merge_moments(compiled, total.mean, total.m2, total.count, state.mean, state.m2, state.count)
+def merge_into(total: StreamingState, shards: list[StreamingState], compiled: bool) -> None:
+    """Merge every shard's state into the total of the same kind (``StreamingState.merge``, shard after
+    shard), in one fused call: per layer, a constant number of kernels whatever K."""
+    if isinstance(total, SampleMoments):
+        _merge_moments(compiled, total.mean, total.m2, total.count, [s.mean for s in shards], [s.m2 for s in shards],
+                       [s.count for s in shards])
     else:
-        _merge_sum(compiled, total.total, total.count, state.total, state.count)
+        _merge_sums(compiled, total.total, total.count, [s.total for s in shards], [s.count for s in shards])
 
 
 @fused
-def _merge_moments(mean, m2, count, shard_mean, shard_m2, shard_count, scratch=None):
-    """Chan's merge of a shard's (mean, M2, count) into the total's."""
-    n_a, n_b = count.to(mean.dtype), shard_count.to(mean.dtype)
-    n = (n_a + n_b).clamp_min(1)
-    delta = shard_mean - mean
-    mean.add_(delta * (n_b / n))
-    m2.add_(shard_m2 + delta.square() * (n_a * n_b / n))
-    count.add_(shard_count)
+def _merge_moments(mean, m2, count, shard_means, shard_m2s, shard_counts, scratch=None):
+    """Chan's merge of each shard's (mean, M2, count) into the total's, in turn."""
+    for shard_mean, shard_m2, shard_count in zip(shard_means, shard_m2s, shard_counts):
+        n_a, n_b = count.to(mean.dtype), shard_count.to(mean.dtype)
+        n = (n_a + n_b).clamp_min(1)
+        delta = shard_mean - mean
+        mean.add_(delta * (n_b / n))
+        m2.add_(shard_m2 + delta.square() * (n_a * n_b / n))
+        count.add_(shard_count)
 
 
 @fused
-def _merge_sum(total, count, shard_total, shard_count, scratch=None):
-    """Add a shard's sum over samples into the total's."""
-    total.add_(shard_total)
-    count.add_(shard_count)
+def _merge_sums(total, count, shard_totals, shard_counts, scratch=None):
+    """Add each shard's sum over samples into the total's."""
+    for shard_total, shard_count in zip(shard_totals, shard_counts):
+        total.add_(shard_total)
+        count.add_(shard_count)
 
 
-def leave_out(total: StreamingState, state: StreamingState, compiled: bool) -> None:
-    """Turn a shard's state into the whole probe's without that shard (the inverse of Chan's merge), in one
-    fused update: ``state`` := ``total`` − ``state``."""
-    if isinstance(state, SampleMoments):
-        _leave_out_moments(compiled, total.mean, total.m2, total.count, state.mean, state.m2, state.count)
+def leave_out(total: StreamingState, shards: list[StreamingState], compiled: bool) -> None:
+    """Turn each shard's state into the whole probe's without that shard (the inverse of Chan's merge),
+    in one fused call: ``state`` := ``total`` − ``state``."""
+    if isinstance(total, SampleMoments):
+        _leave_out_moments(compiled, total.mean, total.m2, total.count, [s.mean for s in shards],
+                           [s.m2 for s in shards], [s.count for s in shards])
     else:
-        _leave_out_sum(compiled, total.total, total.count, state.total, state.count)
+        _leave_out_sums(compiled, total.total, total.count, [s.total for s in shards], [s.count for s in shards])
 
 
 @fused
-def _leave_out_moments(mean, m2, count, shard_mean, shard_m2, shard_count, scratch=None):
-    """(mean, M2, count) of the total's samples without the shard's: n_r = n − n_k,
+def _leave_out_moments(mean, m2, count, shard_means, shard_m2s, shard_counts, scratch=None):
+    """(mean, M2, count) of the total's samples without each shard's: n_r = n − n_k,
     μ_r = μ + n_k (μ − μ_k) / n_r, M2_r = M2 − M2_k − (μ_k − μ_r)² n_k n_r / n. What is left of M2 within
     the subtraction's rounding (ROUNDING ulps of M2) is 0: the rest of a unit that varied in this shard only
     (a channel firing in a few samples) is exactly constant, and would otherwise get a variance of noise."""
-    n, n_k = count.to(mean.dtype), shard_count.to(mean.dtype)
-    n_r = n - n_k
-    rest_mean = (mean + (mean - shard_mean) * (n_k / n_r.clamp_min(1))) * (n_r > 0)
-    delta = shard_mean - rest_mean
-    rest_m2 = m2 - shard_m2 - delta.square() * (n_k * n_r / n.clamp_min(1))
-    shard_m2.copy_(torch.where(rest_m2 <= m2 * (ROUNDING * torch.finfo(m2.dtype).eps), 0.0, rest_m2))  # NaN stays
-    shard_mean.copy_(rest_mean)
-    shard_count.neg_().add_(count)
+    n = count.to(mean.dtype)
+    for shard_mean, shard_m2, shard_count in zip(shard_means, shard_m2s, shard_counts):
+        n_k = shard_count.to(mean.dtype)
+        n_r = n - n_k
+        rest_mean = (mean + (mean - shard_mean) * (n_k / n_r.clamp_min(1))) * (n_r > 0)
+        delta = shard_mean - rest_mean
+        rest_m2 = m2 - shard_m2 - delta.square() * (n_k * n_r / n.clamp_min(1))
+        shard_m2.copy_(torch.where(rest_m2 <= m2 * (ROUNDING * torch.finfo(m2.dtype).eps), 0.0, rest_m2))  # NaN stays
+        shard_mean.copy_(rest_mean)
+        shard_count.neg_().add_(count)
 
 
 @fused
-def _leave_out_sum(total, count, shard_total, shard_count, scratch=None):
-    """The total's sum over samples without the shard's (a rest within ROUNDING ulps of the total is 0,
+def _leave_out_sums(total, count, shard_totals, shard_counts, scratch=None):
+    """The total's sum over samples without each shard's (a rest within ROUNDING ulps of the total is 0,
     as for the moments; the sums are of non-negative quantities)."""
-    rest = total - shard_total
-    shard_total.copy_(torch.where(rest.abs() <= total.abs() * (ROUNDING * torch.finfo(total.dtype).eps), 0.0, rest))
-    shard_count.neg_().add_(count)
+    for shard_total, shard_count in zip(shard_totals, shard_counts):
+        rest = total - shard_total
+        shard_total.copy_(torch.where(rest.abs() <= total.abs() * (ROUNDING * torch.finfo(total.dtype).eps), 0.0, rest))
+        shard_count.neg_().add_(count)
