@@ -9,7 +9,8 @@
 2. Wall time of ``measure()`` against the forward-only floor at the same images per forward (all N·T
    transformed images through the model, eval, no_grad), CPU, 2 threads: the reference case of
    bench_engine.py (13 layers, N = 256) and ResNet18Style(width=0.25) at 32 px (59 layers, N = 128),
-   T = 16 rotations, batch_size 4 and 16; invariance compiled and eager, the default measures compiled.
+   T = 16 rotations, batch_size 4 and 16; invariance compiled and eager, the default measures compiled, all
+   with error bars as by default (8 shards) and the compiled ones also without (``error_bars=False``).
    Every method runs once per repetition, in turn; medians of ``--reps``. The kernels are compiled
    before the timed part (that cost is item 3).
 3. Compile time: a fresh process with an empty Inductor cache measuring the reference case once with
@@ -95,11 +96,13 @@ def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int
                     model(x)
 
         methods[f"floor_b{batch_size}"] = floor
-        variants = [("invariance", INVARIANCE, True), ("invariance_eager", INVARIANCE, False), ("default", DEFAULT, True)]
-        for label, measures, compile in variants:
+        variants = [("invariance", INVARIANCE, True, None), ("invariance_no_error_bars", INVARIANCE, True, False),
+                    ("invariance_eager", INVARIANCE, False, None), ("default", DEFAULT, True, None),
+                    ("default_no_error_bars", DEFAULT, True, False)]
+        for label, measures, compile, bars in variants:  # error_bars None: the default (on where they fit)
             methods[f"{label}_b{batch_size}"] = (
-                lambda m=measures, c=compile, b=batch_size: tm.measure(model, probe, tset, measures=m, batch_size=b, compile=c,
-                                                                       dedupe_batchnorm=False)
+                lambda m=measures, c=compile, b=batch_size, e=bars: tm.measure(
+                    model, probe, tset, measures=m, batch_size=b, compile=c, error_bars=e, dedupe_batchnorm=False)
             )
     for run in methods.values():  # compiles, warms caches and the allocator
         run()
