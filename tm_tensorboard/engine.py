@@ -668,16 +668,20 @@ class Measurement:
         return {name: done[name] for name in layers if name in done}, accuracy
 
     def warm_up(self, probe: Probe) -> float:
-        """Compile the fused updates this measurement needs, on two probe samples (results discarded), and
+        """Compile the fused updates this measurement needs, on a few probe samples (results discarded), and
         return the seconds compiling took (0 when eager, or already compiled in this process). Later
-        measurements reuse the kernels for every chunk size and layer."""
+        measurements reuse the kernels for every chunk size and layer. With error bars, one sample per shard:
+        finalizing K shards is its own kernels (their number of shards is part of them)."""
         if self.compile is False or not fused.compile_available():
             return 0.0
         before = fused.compiled_seconds()
+        count = self.shards(probe, self.classes(probe))
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "(NaN|inf) in the measures", RuntimeWarning)  # of a 2-sample measurement
-            pair = Probe(probe.images[:2], None if probe.labels is None else probe.labels[:2])
-            self.finalize(*self._stream_planned(pair, None, True), len(pair), None)
+            warnings.filterwarnings("ignore", "(NaN|inf) in the measures", RuntimeWarning)  # of a few samples
+            size = max(count, 2)
+            sample = Probe(probe.images[:size], None if probe.labels is None else probe.labels[:size])
+            shards = [(k, k + 1) for k in range(count)] if count > 1 else None
+            self.finalize(*self._stream_planned(sample, None, True, shards=shards), len(sample), None)
         return fused.compiled_seconds() - before
 
     def _compiled(self, probe_size: int, observers: dict[str, "_Observer"]) -> bool:
