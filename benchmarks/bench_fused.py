@@ -5,7 +5,8 @@
 1. Ops per observed layer per chunk (what a GPU would launch), counted as in tests/launches.py: every
    top-level ``aten::`` op in torch.profiler's record plus one per compiled region, the forward's own
    subtracted; SimpleCNN and ResNet18Style(width=0.25) on 3×32×32, N = 64, T = 16 rotations,
-   batch_size = 16 (4 chunks), invariance and the default measures, compiled and eager.
+   batch_size = 16 (4 chunks), invariance and the default measures, compiled and eager, without error
+   bars (the chunk path), and compiled with them (4 shards: their finalizing amortized over 4 chunks).
 2. Wall time of ``measure()`` against the forward-only floor at the same images per forward (all N·T
    transformed images through the model, eval, no_grad), CPU, 2 threads: the reference case of
    bench_engine.py (13 layers, N = 256) and ResNet18Style(width=0.25) at 32 px (59 layers, N = 128),
@@ -53,14 +54,17 @@ THREADS = 2
 INVARIANCE = ("invariance",)
 DEFAULT = ("invariance", "same_equivariance")
 TARGETS = {"ops_invariance": 8, "ops_default": 16, "invariance_over_floor": 1.5, "default_over_floor": 2.0}
+PARTS = ("compile", "ops", "speed")
 
 
-def ops_per_layer_per_chunk(make_model: Callable[[], torch.nn.Module], measures, compile: bool) -> dict:
+def ops_per_layer_per_chunk(make_model: Callable[[], torch.nn.Module], measures, compile: bool,
+                            error_bars: bool = False) -> dict:
     torch.manual_seed(0)
     model = make_model().eval()
     probe = torch.rand(64, 3, 32, 32)
     tset = tm.transforms.rotations(T)
     run = lambda: tm.measure(model, probe, tset, measures=measures, batch_size=16, compile=compile,  # noqa: E731
+                             error_bars=error_bars or False,  # True: 4 shards of 16 samples (their default here)
                              dedupe_batchnorm=False)  # every layer (59 for ResNet18Style), as recorded before
     layers = len(run().layers)
     measured = top_level_ops(run)
@@ -177,26 +181,34 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="run some parts; the others' figures already in --output are kept")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     warm_allocator()
 
-    figures: dict[str, Any] = {
-        "environment": environment(),
-        "targets": TARGETS,
-    }
-    with tempfile.TemporaryDirectory() as cache:
-        figures["compile"] = compile_times(Path(cache))
+    figures: dict[str, Any] = json.loads(args.output.read_text()) if len(args.parts) < len(PARTS) else {}
+    figures.update({"environment": environment(), "targets": TARGETS})
+    if "compile" in args.parts:
+        with tempfile.TemporaryDirectory() as cache:
+            figures["compile"] = compile_times(Path(cache))
 
     models = {"SimpleCNN": lambda: SimpleCNN(3, 10), "ResNet18Style_w0.25": lambda: ResNet18Style(3, 10, width=0.25)}
-    figures["ops"] = {
-        f"{name}/{'+'.join(measures)}/{'compiled' if compile else 'eager'}": ops_per_layer_per_chunk(make, measures, compile)
-        for name, make in models.items()
-        for measures in (INVARIANCE, DEFAULT)
-        for compile in (True, False)
-    }
-    for key, value in figures["ops"].items():
-        print(f"ops per layer per chunk {key}: {value['per_layer_per_chunk']:.2f}", flush=True)
+    if "ops" in args.parts:  # the chunk path (error bars off, as the targets were set), and with error bars
+        figures["ops"] = {
+            f"{name}/{'+'.join(measures)}/{'compiled' if compile else 'eager'}{'/error_bars' if bars else ''}":
+                ops_per_layer_per_chunk(make, measures, compile, bars)
+            for name, make in models.items()
+            for measures in (INVARIANCE, DEFAULT)
+            for compile, bars in ((True, False), (False, False), (True, True))
+        }
+        for key, value in figures["ops"].items():
+            print(f"ops per layer per chunk {key}: {value['per_layer_per_chunk']:.2f}", flush=True)
+    if "speed" not in args.parts:
+        print(json.dumps(figures, indent=1))
+        if not args.no_save:
+            args.output.write_text(json.dumps(figures, indent=1) + "\n")
+        return
 
     torch.manual_seed(0)
     reference = Net().eval()
