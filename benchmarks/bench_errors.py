@@ -3,11 +3,12 @@
     python benchmarks/bench_errors.py            # ~40 min on a busy 2-core machine
 
 1. Cost on the reference case of bench_engine.py (13 layers, N = 256, T = 16 rotations, CPU, 2 threads)
-   at batch_size 4, 16 (the default) and 64 (64, 256 and 1,024 images per forward), every variant once per repetition in turn, medians of ``--reps``, ratios within one
-   run: ``measure()`` with the invariance group alone and with the default measures, each without error
-   bars (``error_bars=False``), with the default ones (8 shards), and with ``per_transformation`` added
-   (ie_t). Compiled kernels, compiled before the timed part. The states' bytes with and without error
-   bars (with them: the totals and every shard's, K + 1 sets, kept for the jackknife).
+   at batch_size 4, 16 (the default) and 64 (64, 256 and 1,024 images per forward), every variant once
+   per repetition in turn, medians of ``--reps``, ratios within one run: ``measure()`` with the invariance
+   group alone and with the default measures, each without error bars (``error_bars=False``), with the
+   default ones (8 shards), and with ``per_transformation`` added (ie_t). Compiled kernels, compiled
+   before the timed part. The states' bytes with and without error bars (with them: the totals and every
+   shard's, K + 1 sets, kept for the jackknife).
 2. Probe size: on an example model trained briefly on real data (SimpleCNN(1, 10), 2 epochs of Adam with a
    fixed seed on scikit-learn's 1,797 8×8 digits upsampled bilinearly to 1×32×32), for T in 4, 16 rotations
    (zero padding) and N in 16 … 1,024 (… 128 at T = 16, for time): 3 probes per N drawn without

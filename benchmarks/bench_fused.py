@@ -64,7 +64,7 @@ def ops_per_layer_per_chunk(make_model: Callable[[], torch.nn.Module], measures,
     probe = torch.rand(64, 3, 32, 32)
     tset = tm.transforms.rotations(T)
     run = lambda: tm.measure(model, probe, tset, measures=measures, batch_size=16, compile=compile,  # noqa: E731
-                             error_bars=error_bars or False,  # True: 4 shards of 16 samples (their default here)
+                             error_bars=error_bars,  # True: 4 shards of 16 samples (the default's, at N = 64)
                              dedupe_batchnorm=False)  # every layer (59 for ResNet18Style), as recorded before
     layers = len(run().layers)
     measured = top_level_ops(run)

@@ -172,7 +172,7 @@ class LayerMeasure:
     def close_shard(self) -> None:
         """End a shard of the probe: keep its states apart for the jackknife and start the next shard's."""
         self.shard_states.append(self.per_class)
-        self.per_class = self._reserved.pop() if self._reserved else [self.new_states() for _ in self.per_class]
+        self.per_class = self._reserved.pop()  # (reserve_shards: before the stream's first chunk)
 
     def replicates(self, compiled: bool = False) -> torch.Tensor | None:
         """The delete-a-shard jackknife replicates, [K, classes, components, channels] float64 on the device:

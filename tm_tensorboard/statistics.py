@@ -187,13 +187,13 @@ class StreamingState:
         """Values in the state's tensors (its count aside)."""
         return sum(t.numel() for t in self.tensors())
 
-    def carve(self, block: torch.Tensor, counts: torch.Tensor, offset: int) -> tuple["StreamingState", int]:
-        """A zero state like this one whose tensors are views of a zero ``block`` from ``offset`` on (its count
-        ``counts``, a zero 0-d int64 view), and where the next one starts: states of many shards in one
+    def carve(self, block: torch.Tensor, count: torch.Tensor, offset: int) -> tuple["StreamingState", int]:
+        """A zero state like this one whose tensors are views of a zero ``block`` from ``offset`` on (its
+        ``count`` a zero 0-d int64 view too), and where the next one starts: states of many shards in one
         allocation (``LayerMeasure.reserve_shards``)."""
         state = object.__new__(type(self))
         state.__dict__.update(self.__dict__)
-        state.count = counts
+        state.count = count
         for name, tensor in zip(self._names, self.tensors()):
             setattr(state, name, block.as_strided(tensor.shape, tensor.stride(), offset))
             offset += tensor.numel()
