@@ -95,6 +95,25 @@ def test_inverse_on_feature_maps_of_another_size():
     torch.testing.assert_close(shifted[0, :, :, 6:], fm[0, :, :, 2:12], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("tset", [
+    T.rotations(5), T.rot90(), T.translations(0.1), T.scalings([0.8, 1.25]), T.flips(), T.brightness([0.9, 1.1]),
+    T.product(T.rotations([0, 30]), T.scalings([0.9, 1.1])),
+    T.rotations(3, interpolation="nearest", padding="zeros"), T.rotations(3, interpolation="bicubic", padding="reflection"),
+], ids=lambda s: s.spec[:24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inverse_at_some_positions_is_the_whole_inverse_there(tset, dtype):
+    """Moving back only each channel's sampled positions (positions=K) gives the whole maps' inverse at
+    them, bit for bit: the same source coordinates, interpolated the same way."""
+    generator = torch.Generator().manual_seed(3)
+    for height, width in ((9, 9), (6, 10)) if not tset.require_square else ((9, 9),):
+        b, channels, k = 3, 4, 7
+        y = torch.randn(b * len(tset), channels, height, width, dtype=dtype, generator=generator)
+        picked = torch.rand(channels, height * width, generator=generator).argsort(1)[:, :k].sort(1).values
+        whole = tset.invert_features(y).reshape(b * len(tset), channels, height * width)
+        expected = whole.gather(2, picked.expand(b * len(tset), channels, k)).reshape(b * len(tset), -1)
+        assert torch.equal(tset.invert_features_at(y, picked), expected)
+
+
 def test_non_square_rotation_is_isotropic_in_pixels():
     x = torch.zeros(1, 1, 21, 41)
     x[0, 0, 10, 30] = 1.0  # 10 px right of the centre

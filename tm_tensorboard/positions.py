@@ -6,8 +6,9 @@ mean components. So on a layer with more than K positions per channel (feature m
 token outputs [tokens, D]) each channel keeps the states of K positions drawn once without replacement,
 and the measures gather the activation to those [C, K] positions inside the hook, before their update
 (one ``index_select`` with an index made once on the activation's device: nothing read back to the host).
-Same-equivariance moves the whole feature map back first, then gathers. Layers with at most K positions
-per channel are measured on all of them, exactly.
+Same-equivariance moves back only the sampled positions of each feature map (the same values as moving
+the whole map back, then gathering: ``TransformationSet.invert_features_at``). Layers with at most K
+positions per channel are measured on all of them, exactly.
 
 The positions depend only on the layer's name, its shape and ``positions_seed``: every chunk, shard, rank
 and Monitor step measures the same ones (drawn with a private ``torch.Generator``: the global RNG is
@@ -50,18 +51,21 @@ from .layer_measures import (
 )
 from .transforms import TransformationSet
 
-__all__ = ["SAMPLED", "check_positions", "sampled_positions", "sample_positions", "build_measure",
+__all__ = ["AUTO", "AUTO_POSITIONS", "SAMPLED", "check_positions", "sampled_positions", "sample_positions", "build_measure",
            "standard_error"]
 
+AUTO = "auto"  # positions="auto": all of them, or the most of AUTO_POSITIONS that fit memory_budget in one pass
+AUTO_POSITIONS = (4096, 2048, 1024, 512, 256, 128, 64, 32, 16)
 
-def check_positions(positions: int | None, seed: int, groups: list[str]) -> None:
-    """ValueError unless ``positions`` is None or an int >= 1, ``seed`` an int, and every measure group in
-    ``groups`` can be measured on sampled positions."""
+
+def check_positions(positions: int | str | None, seed: int, groups: list[str]) -> None:
+    """ValueError unless ``positions`` is None, AUTO or an int >= 1, ``seed`` an int, and every measure group
+    in ``groups`` can be measured on sampled positions."""
     if positions is None:
         return
-    if not isinstance(positions, int) or isinstance(positions, bool) or positions < 1:
-        raise ValueError(f"positions must be None (all positions) or an int >= 1 (positions sampled per channel), "
-                         f"got {positions!r}")
+    if positions != AUTO and (not isinstance(positions, int) or isinstance(positions, bool) or positions < 1):
+        raise ValueError(f"positions must be None (all positions), an int >= 1 (positions sampled per channel) or "
+                         f"'auto' (sampled only where memory_budget needs it), got {positions!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"positions_seed must be an int, got {seed!r}")
     unsupported = [g for g in groups if g not in SAMPLED]
@@ -104,6 +108,7 @@ class _Sampled(LayerMeasure):
         flat = picked * channels + torch.arange(channels).unsqueeze(1) if channels_last \
             else picked + count * torch.arange(channels).unsqueeze(1)
         self.sampled_shape = tuple(picked.shape)
+        self.picked = picked.to(device)
         self.index = flat.reshape(-1).to(device)
         super().__init__(info, transformations, num_classes, device, options)
 
@@ -135,10 +140,11 @@ class _SampledGoodfellow(_GatherFirst, GoodfellowMeasure):
 
 
 class _SampledSameEquivariance(_Sampled, SameEquivarianceMeasure):
-    """Feature maps moved back whole by the inverse transformation, then gathered."""
+    """Feature maps moved back by the inverse transformation at the sampled positions only (the same
+    values as moving the whole maps back, then gathering)."""
 
     def values(self, activation: torch.Tensor) -> torch.Tensor:
-        return self.gather(super().values(activation))
+        return self.transformations.invert_features_at(self.maps(activation), self.picked)
 
 
 SAMPLED: dict[str, type[LayerMeasure]] = {

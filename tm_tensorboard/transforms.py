@@ -306,6 +306,33 @@ class TransformationSet(Sequence[Transformation]):
         """
         return self._warp(y, inverse=True) if self.is_spatial else y
 
+    def invert_features_at(self, y: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``invert_features(y)`` read only at ``positions`` ([C, K] flat h·w indices per channel, on y's
+        device): [b·T, C·K], channel-major. Only those points are moved back (K / (h·w) of the warp), each
+        from the same coordinates as the whole map's: the same values, bit for bit."""
+        n, channels, height, width = y.shape
+        count = positions.shape[1]
+        if not self.is_spatial:
+            offsets = torch.arange(channels, device=y.device).unsqueeze(1) * (height * width)
+            return y.reshape(n, -1).index_select(1, (positions + offsets).reshape(-1))
+        T = len(self)
+        if n % T:
+            raise ValueError(f"batch of {n} rows is not a whole number of {T}-transformation groups")
+        b = n // T
+        kind, data = self._warp_plan((height, width, True, str(y.device), y.dtype), height, width, True,
+                                     y.device, y.dtype)
+        if kind == "gather":  # data [T, h·w]: each output pixel's source pixel
+            offsets = torch.arange(channels, device=y.device).repeat_interleave(count) * (height * width)
+            source = data.index_select(1, positions.reshape(-1)) + offsets  # [T, C·K] into [C·h·w]
+            index = source.unsqueeze(0).expand(b, T, channels * count)
+            return y.reshape(b, T, channels * height * width).gather(2, index).view(n, channels * count)
+        # one grid per (transformation, channel), the batch's samples as grid_sample's channels
+        grid = data.reshape(T, height * width, 2).index_select(1, positions.reshape(-1))
+        maps = y.view(b, T, channels, height, width).permute(1, 2, 0, 3, 4).reshape(T * channels, b, height, width)
+        moved = F.grid_sample(maps, grid.view(T * channels, 1, count, 2), mode=self.interpolation,
+                              padding_mode=self.padding, align_corners=False)
+        return moved.view(T, channels, b, count).permute(2, 0, 1, 3).reshape(n, channels * count)
+
     def _photometric(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
         factors, deltas = zip(*(t.photometric() for t in self._items))
         if all(f == 1 for f in factors) and all(d == 0 for d in deltas):
