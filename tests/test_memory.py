@@ -15,6 +15,7 @@ from tm_tensorboard import transforms as T
 from tm_tensorboard.engine import Measurement, estimate_memory
 from tm_tensorboard.examples.models import ResNet50, SimpleCNN
 from tm_tensorboard.memory import format_bytes, parse_bytes
+from tm_tensorboard.positions import AUTO_POSITIONS
 from tm_tensorboard.statistics import StreamingState
 from models import randomize_batchnorm, small_cnn
 
@@ -149,7 +150,7 @@ def test_a_budget_too_small_fails_after_the_discovery_pass_only(tmp_path):
     budget = report.working_bytes + largest[0].state_bytes // 2
     forwards = _count_forwards(model)
     with pytest.raises(ValueError) as caught:
-        tm.measure(model, images, tset, batch_size=4, memory_budget=budget)
+        tm.measure(model, images, tset, batch_size=4, memory_budget=budget, state_dtype=torch.float64)
     assert forwards == [len(tset)]  # the one-sample discovery pass, nothing else
     message = str(caught.value)
     assert f"memory_budget={format_bytes(budget)} is too small" in message
@@ -161,10 +162,11 @@ def test_a_budget_too_small_fails_after_the_discovery_pass_only(tmp_path):
         assert advice in message
     forwards.clear()
     with pytest.raises(ValueError, match="is too small"):  # the Monitor says so when made, before any step
-        tm.Monitor(model, images, tset, logdir=tmp_path / "run", batch_size=4, memory_budget=budget, compile=False)
+        tm.Monitor(model, images, tset, logdir=tmp_path / "run", batch_size=4, memory_budget=budget, compile=False,
+                   state_dtype=torch.float64)
     assert forwards == [len(tset)]
     with pytest.raises(ValueError, match="is too small"):
-        estimate_memory(model, images, tset, batch_size=4, memory_budget=budget).passes()
+        estimate_memory(model, images, tset, batch_size=4, memory_budget=budget, state_dtype=torch.float64).passes()
 
 
 def _live_state_bytes() -> int:
@@ -181,7 +183,7 @@ def test_grouped_passes_equal_one_pass(monkeypatch):
     images, labels = _images(40), torch.arange(40) % 3
     tset = T.rotations(3)
     keywords = dict(measures=("invariance", "same_equivariance", "goodfellow", "accuracy"), stratified=True,
-                    noise_floor=True, batch_size=8, error_bars=True)
+                    noise_floor=True, batch_size=8, error_bars=True, state_dtype=torch.float64)
     whole = estimate_memory(model, images, tset, labels=labels, **keywords)
     budget = whole.working_bytes + whole.state_bytes // 3
     report = estimate_memory(model, images, tset, labels=labels, memory_budget=budget, **keywords)
@@ -230,7 +232,7 @@ def test_monitor_measures_in_passes_under_a_budget(tmp_path):
     budget = whole.working_bytes + whole.state_bytes // 2
     with pytest.warns(UserWarning, match="passes over the probe"):
         monitor = tm.Monitor(model, images, tset, logdir=tmp_path / "run", every=1, batch_size=8,
-                             memory_budget=budget, compile=False)
+                             memory_budget=budget, compile=False, state_dtype=torch.float64)
     with monitor:
         logged = monitor.step(0)
     expected = tm.measure(model, images, tset, batch_size=8, compile=False)
@@ -381,3 +383,44 @@ def test_only_batchnorms_of_an_unaltered_observed_output_are_left_out():
     model = _Kept()
     result = tm.measure(model, _images(4), T.rot90(), measures=("invariance",), dedupe_batchnorm=True)
     assert result.layers == ["conv", "after_sum", "batch_statistics", "after_inplace"]
+
+
+def test_a_budget_is_met_with_float32_states_then_sampled_positions():
+    """Under memory_budget the measurement fits one pass by itself, least lossy first: float32 states
+    (state_dtype=None, the default), then the most sampled positions per channel of AUTO_POSITIONS
+    (positions="auto"), saying what it chose; the numbers are those of asking for that choice."""
+    torch.manual_seed(0)
+    model, images, tset = small_cnn(), _images(12, size=16), T.rotations(4)
+    kw = dict(measures=("invariance", "same_equivariance"), batch_size=4, error_bars=False, compile=False)
+    f64 = estimate_memory(model, images, tset, state_dtype=torch.float64, **kw)
+    f32 = estimate_memory(model, images, tset, state_dtype=torch.float32, **kw)
+    assert f32.total_bytes < f64.total_bytes
+    # no budget: float64, every position
+    assert estimate_memory(model, images, tset, positions="auto", **kw).state_dtype == torch.float64
+    budget = (f32.total_bytes + f64.total_bytes) // 2
+    with pytest.warns(UserWarning, match=r"to fit memory_budget=.* measuring with float32 states \(within a relative 1e-5"):
+        chosen = estimate_memory(model, images, tset, memory_budget=budget, **kw)
+    assert chosen.state_dtype == torch.float32 and chosen.total_bytes <= budget and len(chosen.passes()) == 1
+    with pytest.warns(UserWarning, match="float32 states"):
+        fitted = tm.measure(model, images, tset, memory_budget=budget, **kw)
+    asked = tm.measure(model, images, tset, state_dtype=torch.float32, **kw)
+    for layer in asked.layers:
+        np.testing.assert_array_equal(fitted.get("nvi", layer), asked.get("nvi", layer))
+
+    # sampled positions only with positions="auto", and the most of the ladder that fits
+    budget = f32.working_bytes + f32.state_bytes // 3
+    sizes = {k: estimate_memory(model, images, tset, state_dtype=torch.float32, positions=k, **kw).total_bytes
+             for k in AUTO_POSITIONS}
+    k = next(k for k in AUTO_POSITIONS if sizes[k] <= budget)
+    assert k < 16 * 16
+    with pytest.warns(UserWarning, match=rf"float32 states .* and positions={k} sampled per channel on the 2 layers"):
+        fitted = tm.measure(model, images, tset, memory_budget=budget, positions="auto", **kw)
+    asked = tm.measure(model, images, tset, state_dtype=torch.float32, positions=k, **kw)
+    assert [fitted.layer_info(n).positions for n in fitted.layers] == [asked.layer_info(n).positions for n in asked.layers]
+    for measure in ("nvi", "nvse"):
+        for layer in asked.layers_of(measure):
+            np.testing.assert_array_equal(fitted.get(measure, layer), asked.get(measure, layer))
+    # state_dtype given: kept, the rest in passes
+    budget = f64.working_bytes + f64.state_bytes // 2
+    report = estimate_memory(model, images, tset, memory_budget=budget, state_dtype=torch.float64, **kw)
+    assert report.state_dtype == torch.float64 and len(report.passes()) > 1

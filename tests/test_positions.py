@@ -244,13 +244,14 @@ def test_memory_estimate_shrinks_and_a_budget_sees_it():
         for group in DEFAULT:  # states per element, plus two sample counts per state set
             assert part.by_group[group] - 16 == pytest.approx((full.by_group[group] - 16) * share), (full.name, group)
     budget = (exact.state_bytes + sampled.state_bytes) // 2 + exact.working_bytes
-    assert len(estimate_memory(model, x, tset, measures=DEFAULT, memory_budget=budget).passes()) > 1
-    assert len(estimate_memory(model, x, tset, measures=DEFAULT, positions=16, memory_budget=budget).passes()) == 1
+    exact64 = dict(measures=DEFAULT, memory_budget=budget, state_dtype=torch.float64)
+    assert len(estimate_memory(model, x, tset, **exact64).passes()) > 1
+    assert len(estimate_memory(model, x, tset, positions=16, **exact64).passes()) == 1
 
 
 @pytest.mark.parametrize("positions", [0, -3, 2.5, True, "8"])
 def test_bad_positions_are_a_clear_error(positions):
-    with pytest.raises(ValueError, match="positions must be None .* or an int >= 1"):
+    with pytest.raises(ValueError, match="positions must be None .*, an int >= 1 .* or 'auto'"):
         tm.measure(small_cnn(), _images(4), T.rotations(4), positions=positions)
 
 
@@ -276,3 +277,24 @@ def test_monitor_measures_the_same_positions_at_every_step(tmp_path):
     _assert_same(first, second)
     alone = tm.measure(model, x, tset, measures=DEFAULT, compile=False, positions=12, positions_seed=7)
     _assert_same(first, alone)
+    config = tm.read(tmp_path)["run"].config  # the logs say which layers are estimates, and how
+    assert [layer["positions"] for layer in config["layers"]] == [info.positions or 0 for info in monitor.layers]
+    assert config["positions_seed"] == 7 and config["state_dtype"] == "float64"
+
+
+def test_monitor_fits_its_budget_and_logs_what_it_chose(tmp_path):
+    """A Monitor under memory_budget with positions="auto" measures with what fit chose, and its run config
+    records it: float32 states, the sampled positions per layer."""
+    model, x, tset = small_cnn().eval(), _images(8), T.rotations(4)
+    kw = dict(measures=DEFAULT, compile=False, error_bars=False)
+    f32 = estimate_memory(model, x, tset, state_dtype=torch.float32, positions=16, **kw)
+    with pytest.warns(UserWarning, match="float32 states .* and positions=16 sampled per channel"):
+        monitor = tm.Monitor(model, x, tset, logdir=tmp_path / "run", every=1, positions="auto",
+                             memory_budget=f32.total_bytes, **kw)
+    with monitor:
+        assert [info.positions for info in monitor.layers[:2]] == [16, 16]
+        logged = monitor.step(0)
+    _assert_same(logged, tm.measure(model, x, tset, state_dtype=torch.float32, positions=16, **kw))
+    config = tm.read(tmp_path)["run"].config
+    assert [layer["positions"] for layer in config["layers"]] == [info.positions or 0 for info in monitor.layers]
+    assert config["state_dtype"] == "float32"

@@ -37,7 +37,7 @@ from .capture import (
 )
 from .layer_measures import GROUPS, LIE_PHASES, TRANSFORMED, UNTRANSFORMED_PHASES, Chunk, MeasureOptions
 from .measures import MEASURE_GROUPS
-from .positions import build_measure, check_positions, sampled_positions
+from .positions import AUTO, AUTO_POSITIONS, build_measure, check_positions, sampled_positions
 from .preserve import preserved_rng_state, preserved_training_state
 from .probe import Probe, as_probe, border_variation
 from .result import MeasureResult
@@ -102,10 +102,10 @@ def measure(
     alpha: float = 0.01,
     compile: bool | None = None,
     error_bars: int | bool | None = None,
-    state_dtype: torch.dtype = torch.float64,
+    state_dtype: torch.dtype | None = None,
     memory_budget: int | str | None = None,
     dedupe_batchnorm: bool | None = None,
-    positions: int | None = None,
+    positions: int | str | None = None,
     positions_seed: int = 0,
 ) -> MeasureResult:
     """Measure how invariant / equivariant every observed unit of ``model`` is to ``transformations``.
@@ -131,11 +131,13 @@ def measure(
     when those states take at most AUTOMATIC_ERROR_BAR_BYTES (and fit ``memory_budget`` in one pass), else
     none, with a warning.
     ``state_dtype=torch.float32`` halves the streaming states' memory (within a relative 1e-5 of float64
-    states per unit, ``statistics.py``). ``memory_budget`` (bytes, or a string such as "8GB" or "512MiB"): checked after
-    one probe sample has learned the layers' sizes and before any other forward (``memory.py``,
-    ``estimate_memory``); layers whose states do not fit together are measured in several passes over the
-    probe (the same numbers, more forwards), and a layer that does not fit alone is a ValueError naming the
-    largest layers and what to change. ``dedupe_batchnorm`` leaves out of the default layers the eval-mode
+    states per unit, ``statistics.py``); None (the default) is float64 unless ``memory_budget`` needs float32.
+    ``memory_budget`` (bytes, or a string such as "8GB" or "512MiB"): checked after one probe sample has learned
+    the layers' sizes and before any other forward (``memory.py``, ``estimate_memory``); to fit it in one pass
+    the measurement takes float32 states (``state_dtype=None``), then sampled positions (``positions="auto"``),
+    saying so in a warning; layers whose states still do not fit together are measured in several passes over
+    the probe (the same numbers, more forwards), and a layer that does not fit alone is a ValueError naming
+    the largest layers and what to change. ``dedupe_batchnorm`` leaves out of the default layers the eval-mode
     BatchNorms that only rescale another observed layer's output per channel: their measures equal their
     input's (nvi per element and per channel, ``capture.AffineBatchNorms``). None (the default) does so
     wherever that is exact and silently measures them otherwise (with ``layers=``, Goodfellow's measures,
@@ -144,7 +146,8 @@ def measure(
     ``positions=K`` keeps the states of K random positions per channel (fixed by ``positions_seed`` and the
     layer) on layers with more, so per-channel values are estimates of known error at K / (H·W) the state
     memory; no per-element values there, and only the invariance, same-equivariance, per-transformation
-    and Goodfellow groups (``positions.py``).
+    and Goodfellow groups (``positions.py``). ``positions="auto"``: every position, or the largest K of
+    AUTO_POSITIONS with which the states fit ``memory_budget`` in one pass.
     A ``torch.compile``d model is measured eagerly through its original module (as a DDP model through
     its ``.module``); a half / bfloat16 model is given the transformed probe in its own dtype.
     """
@@ -312,10 +315,10 @@ class Measurement:
         alpha: float = 0.01,
         compile: bool | None = None,
         error_bars: int | bool | None = None,
-        state_dtype: torch.dtype = torch.float64,
+        state_dtype: torch.dtype | None = None,
         memory_budget: int | str | None = None,
         dedupe_batchnorm: bool | None = None,
-        positions: int | None = None,
+        positions: int | str | None = None,
         positions_seed: int = 0,
     ):
         check_model_and_transformations(model, transformations)
@@ -354,8 +357,9 @@ class Measurement:
         if error_bars is not None and (not isinstance(error_bars, (bool, int)) or error_bars < 0):
             raise ValueError(f"error_bars must be None (when they fit), True, False or a number of shards, "
                              f"got {error_bars!r}")
-        if state_dtype not in STATE_DTYPES:
-            raise ValueError(f"state_dtype must be torch.float64 or torch.float32, got {state_dtype!r}")
+        if state_dtype is not None and state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be None (float64, or float32 where memory_budget needs it), "
+                             f"torch.float64 or torch.float32, got {state_dtype!r}")
         if dedupe_batchnorm not in (None, True, False):
             raise ValueError(f"dedupe_batchnorm must be None (where exact), True or False, got {dedupe_batchnorm!r}")
         refusal = self._dedupe_refusal(layers, measures, transformations)
@@ -369,9 +373,14 @@ class Measurement:
         self.batch_size = batch_size
         self.stratified = stratified
         self.noise_floor = noise_floor
-        self.options = MeasureOptions(actions=_action_lookup(actions), disk=disk, alpha=alpha, state_dtype=state_dtype,
-                                      positions_seed=positions_seed)
-        self.positions = positions  # sampled per channel on the layers with more (None: all)
+        self.options = MeasureOptions(actions=_action_lookup(actions), disk=disk, alpha=alpha,
+                                      state_dtype=state_dtype or torch.float64, positions_seed=positions_seed)
+        # what memory_budget may change (``fit``): float32 states if state_dtype is None, sampled positions
+        # if positions is "auto"
+        self.automatic = {"state_dtype": state_dtype is None, "positions": positions == AUTO}
+        self._asked = (self.options.state_dtype, None if positions == AUTO else positions)
+        self.positions = self._asked[1]  # sampled per channel on the layers with more (None: all)
+        self._fitted: dict[tuple, tuple[torch.dtype, int | None]] = {}  # fit's choice per probe shape and classes
         self.compile = compile if compile is not None else fused.mode_from_environment()
         # shards asked for (None: automatic, see ``shards``)
         self.error_bars = None if error_bars is None else DEFAULT_SHARDS if error_bars is True else max(int(error_bars), 1)
@@ -545,15 +554,82 @@ class Measurement:
         return layers
 
     def estimate_memory(self, probe: Probe, classes: list[int] | None, shards: int | None = None) -> memory.MemoryReport:
-        """The memory this measurement needs on ``probe`` (``memory.py``; the discovery pass runs first), with
-        its error-bar ``shards`` (default: ``self.shards``)."""
-        layers = self.discover(probe)
-        dtype = _model_dtype(self.model) or probe.images.dtype
+        """The memory this measurement needs on ``probe`` (``memory.py``; the discovery pass runs first, and
+        ``fit`` under a budget), with its error-bar ``shards`` (default: ``self.shards``)."""
+        self.fit(probe, classes)
+        shards = self.shards(probe, classes) if shards is None else shards
+        return self._estimate(probe, classes, shards, self.options.state_dtype, self.positions)
+
+    def _estimate(self, probe: Probe, classes: list[int] | None, shards: int, state_dtype: torch.dtype,
+                  positions: int | None) -> memory.MemoryReport:
+        """The MemoryReport with these states' dtype and sampled positions."""
+        layers = [dataclasses.replace(info, positions=sampled_positions(info.unit_shape, info.tokens, positions))
+                  for info in self.discover(probe)]
         return memory.estimate(
-            layers, self.groups, self.transformations, len(classes or [0]), self.options,
-            batch_size=self.batch_size, input_shape=tuple(probe.images.shape[1:]), activation_dtype=dtype,
-            shards=self.shards(probe, classes) if shards is None else shards, budget=self.memory_budget,
+            layers, self.groups, self.transformations, len(classes or [0]),
+            dataclasses.replace(self.options, state_dtype=state_dtype), batch_size=self.batch_size,
+            input_shape=tuple(probe.images.shape[1:]), activation_dtype=_model_dtype(self.model) or probe.images.dtype,
+            shards=shards, budget=self.memory_budget,
         )
+
+    def fit(self, probe: Probe, classes: list[int] | None) -> None:
+        """Under ``memory_budget``, the automatic ways to fit the states in one pass, least lossy first:
+        float32 states (``state_dtype=None``; within a relative 1e-5 of float64), then the most sampled
+        positions per channel of AUTO_POSITIONS (``positions="auto"``; per-channel estimates). What still does
+        not fit is measured in several passes (``passes``). Chosen once per probe shape and classes, with a
+        warning that says what was chosen."""
+        key = (tuple(probe.images.shape), probe.images.dtype, tuple(classes or ()))
+        if key not in self._fitted:
+            self._fitted[key] = self._choose_fit(probe, classes)
+        state_dtype, positions = self._fitted[key]
+        self.options.state_dtype = state_dtype
+        if positions != self.positions:
+            self.positions = positions
+            if self._layers is not None:  # the discovered layers measure the positions chosen
+                shape, layers = self._layers
+                self._layers = (shape, [dataclasses.replace(info, positions=sampled_positions(
+                    info.unit_shape, info.tokens, positions)) for info in layers])
+
+    def _choose_fit(self, probe: Probe, classes: list[int] | None) -> tuple[torch.dtype, int | None]:
+        if self.memory_budget is None or not any(self.automatic.values()):
+            return self._asked
+        dtypes = (torch.float64, torch.float32) if self.automatic["state_dtype"] else (self._asked[0],)
+        ladder = (None, *AUTO_POSITIONS) if self.automatic["positions"] else (self._asked[1],)
+        candidates = [(dtype, positions) for positions in ladder for dtype in dtypes]
+        asked = self._estimate(probe, classes, 1, *candidates[0])
+        chosen, report = candidates[-1], None
+        for candidate in candidates:
+            report = asked if candidate == candidates[0] else self._estimate(probe, classes, 1, *candidate)
+            if report.total_bytes <= self.memory_budget:
+                chosen = candidate
+                break
+        if chosen != candidates[0] and self._feasible(report):
+            dtype, positions = chosen
+            what = ["float32 states (within a relative 1e-5 of float64)"] if dtype != candidates[0][0] else []
+            if positions is not None:
+                sampled = sum(sampled_positions(info.unit_shape, info.tokens, positions) is not None
+                              for info in self.discover(probe))
+                what.append(f"positions={positions} sampled per channel on the {sampled} layers with more (per-channel "
+                            "estimates, no per-element values there)")
+            fits = report.total_bytes <= self.memory_budget
+            warnings.warn(
+                f"tm_tensorboard: to fit memory_budget={memory.format_bytes(self.memory_budget)} "
+                f"({memory.format_bytes(asked.total_bytes)} as asked), measuring with {' and '.join(what)}: "
+                f"{memory.format_bytes(report.total_bytes)}{'' if fits else ', still more: in several passes'}; "
+                "pass state_dtype= and positions= explicitly to choose yourself",
+                UserWarning,
+                stacklevel=4,
+            )
+        return chosen
+
+    @staticmethod
+    def _feasible(report: memory.MemoryReport) -> bool:
+        """Whether the report's layers fit its budget in one pass or several (else ``passes`` says why not)."""
+        try:
+            report.passes()
+        except ValueError:
+            return False
+        return True
 
     def shards(self, probe: Probe, classes: list[int] | None) -> int:
         """Error-bar shards of ``probe`` (1: none): as ``error_bars`` asks, or (None) DEFAULT_SHARDS when their
@@ -600,7 +676,8 @@ class Measurement:
                 f"tm_tensorboard: the streaming states of all {len(report.layers)} layers need "
                 f"{memory.format_bytes(report.state_bytes)}, more than memory_budget="
                 f"{memory.format_bytes(self.memory_budget)} leaves them: measuring in {len(passes)} passes over the "
-                f"probe ({len(passes)} × the forwards; state_dtype=torch.float32 halves the states)",
+                f"probe ({len(passes)} × the forwards"
+                f"{'; state_dtype=torch.float32 halves the states' if self.options.state_dtype == torch.float64 else ''})",
                 UserWarning,
                 stacklevel=2,
             )
@@ -682,6 +759,7 @@ class Measurement:
             sample = Probe(probe.images[:size], None if probe.labels is None else probe.labels[:size])
             shards = [(k, k + 1) for k in range(count)] if count > 1 else None
             self.finalize(*self._stream_planned(sample, None, True, shards=shards), len(sample), None)
+        memory.release_freed_memory()  # the warm-up's states: a whole measurement's, for two samples
         return fused.compiled_seconds() - before
 
     def _compiled(self, probe_size: int, observers: dict[str, "_Observer"]) -> bool:

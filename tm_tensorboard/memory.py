@@ -16,15 +16,16 @@ default BatchNorm dedupe, 105 layers).
 
 ``estimate`` sizes each layer's states by building its measures on the ``meta`` device, exactly as a
 measurement allocates them, so the numbers follow the measures' own ``make_states``. On top comes an
-estimate of one chunk's working memory (``working_bytes``). ``MemoryReport.passes`` splits the layers into
-passes over the probe whose states fit a budget; a layer too big alone gets a ValueError that says what
-to change. Not counted: the finalized results, host memory kept in the MeasureResult (float64, one value
-per component, element and class: 16 bytes per element for invariance). Measured on the CPU (ResNet-50
-at width 0.25, 64-128 px, T = 4), the peak growth of a measurement's resident memory was the estimate
-plus those results within 10 %.
+estimate of one chunk's working memory (``working_bytes``) and of the finalized results kept on the host.
+``MemoryReport.passes`` splits the layers into passes over the probe whose states fit a budget; a layer
+too big alone gets a ValueError that says what to change. Not counted: torch's own runtime (with
+``torch.compile``, the compiler and its kernels: 0.2-0.3 GB once per process, measured). The peak growth
+of a measurement's resident memory against this estimate is in benchmarks/README.md (ResNet-50 at 224 px).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -38,14 +39,34 @@ from .positions import build_measure
 from .transforms import TransformationSet
 
 __all__ = ["LayerMemory", "MemoryReport", "estimate", "measure_state_bytes", "working_bytes", "parse_bytes",
-           "format_bytes"]
+           "format_bytes", "release_freed_memory"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 # Working memory of one chunk, in activations of the largest observed layer: the forward holds that layer's
-# input and output and a residual kept for later, the hooks one working copy (deviations, or the feature
-# maps moved back for same-equivariance).
-_LIVE_ACTIVATIONS = 4
+# input and output and a residual kept for later, the hooks working copies (deviations, the feature maps
+# moved back for same-equivariance, the compiled kernels' temporaries) and the allocator's slack. Set from
+# the peak resident memory of ResNet-50 measurements at 224 px (benchmarks/bench_resnet50.py), compiled:
+# 4 (the count before) fell 0.2-0.9 GB short there.
+_LIVE_ACTIVATIONS = 8
+_RESULT_BYTES = 16  # per element and measure group: the finalized per-element components, float64 on the host
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's free pages back to the operating system (glibc's ``malloc_trim``; elsewhere nothing):
+    a finished measurement's states, freed, would otherwise stay in the process's resident memory beside the
+    training's until the next measurement reuses them."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def parse_bytes(value: int | str) -> int:
@@ -91,6 +112,13 @@ def working_bytes(layers: Sequence[LayerInfo], T: int, batch_size: int, input_sh
     rows = batch_size * T
     forward_and_hooks = rows * (math.prod(input_shape) + _LIVE_ACTIVATIONS * largest) * item
     return forward_and_hooks + T * largest * (2 * item + 3 * state_item)
+
+
+def _measured_elements(info: LayerInfo) -> int:
+    """The elements a layer's per-element results have: all, or its channels' sampled positions."""
+    if info.positions is None:
+        return math.prod(info.unit_shape)
+    return (info.unit_shape[-1] if info.tokens else info.unit_shape[0]) * info.positions
 
 
 @dataclass(frozen=True)
@@ -233,7 +261,8 @@ def estimate(
 ) -> MemoryReport:
     """The MemoryReport of measuring ``groups`` on ``layers`` (as the discovery pass learned them): each
     layer's measures are built on the meta device and their states counted, the shardable ones K + 1 times
-    when the probe is split into K ``shards`` for error bars (each shard's states and the next one's)."""
+    when the probe is split into K ``shards`` for error bars (each shard's states and the next one's). The
+    working memory adds the finalized per-element results (``_RESULT_BYTES`` per element and group)."""
     meta = torch.device("meta")
     report = []
     for info in layers:
@@ -244,5 +273,6 @@ def estimate(
                 by_group[group] = measure_state_bytes(measure) * (shards + 1 if shards > 1 and measure.shardable else 1)
         report.append(LayerMemory(info.name, info.module_type, tuple(info.unit_shape), by_group))
     work = working_bytes(layers, len(transformations), batch_size, input_shape, activation_dtype, options.state_dtype)
+    work += sum(len(layer.by_group) * _measured_elements(info) * _RESULT_BYTES for layer, info in zip(report, layers))
     return MemoryReport(report, work, len(transformations), batch_size, num_classes, tuple(groups),
                         options.state_dtype, shards, budget)

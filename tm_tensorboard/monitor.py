@@ -22,6 +22,7 @@ from . import distributed, metadata
 from .background_writer import BackgroundWriter, close_at_exit
 from .capture import LayerInfo, LayerSelector
 from .engine import Actions, Measurement, compile_pays
+from .memory import release_freed_memory
 from .preserve import preserved_rng_state
 from .probe import as_probe
 from .result import MeasureResult
@@ -162,10 +163,10 @@ class Monitor:
         compile: bool | None = None,
         means_include_dead: bool = False,
         error_bars: int | bool | None = None,
-        state_dtype: torch.dtype = torch.float64,
+        state_dtype: torch.dtype | None = None,
         memory_budget: int | str | None = None,
         dedupe_batchnorm: bool | None = None,
-        positions: int | None = None,
+        positions: int | str | None = None,
         positions_seed: int = 0,
     ):
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
@@ -207,8 +208,8 @@ class Monitor:
         self._measurement.check_probe(samples)
         self._classes = self._measurement.classes(samples)
         self._probe = samples.to(self._measurement.device(samples))  # moved once, not every step
-        self.layers: list[LayerInfo] = self._measurement.discover(self._probe)
         self._measurement.passes(self._probe, self._classes)  # a memory_budget too small fails here, not at a step
+        self.layers: list[LayerInfo] = self._measurement.discover(self._probe)  # (with the positions fit chose)
         if self._measurement.compile is None:  # decide now: compiling pays over the many measurements to come
             values = self._measurement.values_per_measurement(self.layers, len(samples))
             self._measurement.compile = compile_pays(values, MEASUREMENTS_EXPECTED)
@@ -254,6 +255,7 @@ class Monitor:
             if self._probe.images.device != device:  # the model moved since the Monitor was made
                 self._probe = self._probe.to(device)
             result = self._measurement.run(self._probe, classes=self._classes)
+            release_freed_memory()  # the states, freed: back to the OS, for the training
         except Exception as error:
             if self.strict:
                 raise

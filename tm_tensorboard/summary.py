@@ -41,6 +41,7 @@ def layer_proto(info: LayerInfo, num_units: int | None = None) -> metadata.Layer
         module_type=info.module_type,
         unit_shape=list(info.unit_shape),
         num_units=info.num_channels if num_units is None else num_units,
+        positions=info.positions or 0,
     )
 
 
@@ -85,6 +86,8 @@ def run_config(
                  if (with_actions and info.is_spatial) or info.grid is not None},  # (a patch grid: the maps measured)
         means_include_dead=means_include_dead,
         error_bars=shards,
+        state_dtype=str(measurement.options.state_dtype).removeprefix("torch."),
+        positions_seed=measurement.options.positions_seed,
     )
 
 

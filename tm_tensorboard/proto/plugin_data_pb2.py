@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&tm_tensorboard/proto/plugin_data.proto\x12\x0etm_tensorboard\"`\n\x05Layer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x13\n\x0bmodule_type\x18\x03 \x01(\t\x12\x12\n\nunit_shape\x18\x04 \x03(\x03\x12\x11\n\tnum_units\x18\x05 \x01(\x03\"0\n\x02Op\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x01\x12\x0c\n\x04\x61xis\x18\x03 \x01(\t\"@\n\x0eTransformation\x12\r\n\x05label\x18\x01 \x01(\t\x12\x1f\n\x03ops\x18\x02 \x03(\x0b\x32\x12.tm_tensorboard.Op\"6\n\x11MeasureDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xbc\x04\n\tRunConfig\x12\x17\n\x0flibrary_version\x18\x01 \x01(\t\x12\x1d\n\x15transformation_set_id\x18\x02 \x01(\t\x12\x15\n\rinterpolation\x18\x03 \x01(\t\x12\x0f\n\x07padding\x18\x04 \x01(\t\x12\x37\n\x0ftransformations\x18\x05 \x03(\x0b\x32\x1e.tm_tensorboard.Transformation\x12\x12\n\nprobe_size\x18\x06 \x01(\x03\x12%\n\x06layers\x18\x07 \x03(\x0b\x32\x15.tm_tensorboard.Layer\x12\x33\n\x08measures\x18\x08 \x03(\x0b\x32!.tm_tensorboard.MeasureDefinition\x12\x12\n\nstratified\x18\t \x01(\x08\x12\x0f\n\x07\x63lasses\x18\n \x03(\x03\x12\r\n\x05\x65very\x18\x0b \x01(\x03\x12\x12\n\nbatch_size\x18\x0c \x01(\x03\x12\x13\n\x0b\x61ggregation\x18\r \x01(\t\x12\x13\n\x0bnoise_floor\x18\x0e \x01(\x08\x12\r\n\x05\x61lpha\x18\x0f \x01(\x01\x12\x0c\n\x04\x64isk\x18\x10 \x01(\x08\x12\x37\n\x07\x61\x63tions\x18\x11 \x03(\x0b\x32&.tm_tensorboard.RunConfig.ActionsEntry\x12\x1a\n\x12means_include_dead\x18\x12 \x01(\x08\x12\x12\n\nerror_bars\x18\x13 \x01(\x03\x1a.\n\x0c\x41\x63tionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9f\x04\n\x14InvariancePluginData\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x37\n\x04kind\x18\x02 \x01(\x0e\x32).tm_tensorboard.InvariancePluginData.Kind\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0f\n\x07measure\x18\x04 \x01(\t\x12$\n\x05layer\x18\x05 \x01(\x0b\x32\x15.tm_tensorboard.Layer\x12%\n\x06layers\x18\x06 \x03(\x0b\x32\x15.tm_tensorboard.Layer\x12\x1d\n\x15transformation_set_id\x18\x07 \x01(\t\x12\x12\n\nprobe_size\x18\x08 \x01(\x03\x12\x13\n\x0b\x61ggregation\x18\t \x01(\t\x12)\n\x06\x63onfig\x18\n \x01(\x0b\x32\x19.tm_tensorboard.RunConfig\x12\x10\n\x08measures\x18\x0b \x03(\t\x12\x1a\n\x12means_include_dead\x18\x0c \x01(\x08\x12\x0e\n\x06shards\x18\r \x01(\x05\"\x9a\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bUNIT_VALUES\x10\x01\x12\x0f\n\x0bLAYER_MEANS\x10\x02\x12\x0c\n\x08\x41\x43\x43URACY\x10\x03\x12\x0e\n\nRUN_CONFIG\x10\x04\x12\x11\n\rUNIT_SNAPSHOT\x10\x05\x12\x16\n\x12PER_TRANSFORMATION\x10\x06\x12\x11\n\rLAYER_STDERRS\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&tm_tensorboard/proto/plugin_data.proto\x12\x0etm_tensorboard\"s\n\x05Layer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x13\n\x0bmodule_type\x18\x03 \x01(\t\x12\x12\n\nunit_shape\x18\x04 \x03(\x03\x12\x11\n\tnum_units\x18\x05 \x01(\x03\x12\x11\n\tpositions\x18\x06 \x01(\x03\"0\n\x02Op\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x01\x12\x0c\n\x04\x61xis\x18\x03 \x01(\t\"@\n\x0eTransformation\x12\r\n\x05label\x18\x01 \x01(\t\x12\x1f\n\x03ops\x18\x02 \x03(\x0b\x32\x12.tm_tensorboard.Op\"6\n\x11MeasureDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xe9\x04\n\tRunConfig\x12\x17\n\x0flibrary_version\x18\x01 \x01(\t\x12\x1d\n\x15transformation_set_id\x18\x02 \x01(\t\x12\x15\n\rinterpolation\x18\x03 \x01(\t\x12\x0f\n\x07padding\x18\x04 \x01(\t\x12\x37\n\x0ftransformations\x18\x05 \x03(\x0b\x32\x1e.tm_tensorboard.Transformation\x12\x12\n\nprobe_size\x18\x06 \x01(\x03\x12%\n\x06layers\x18\x07 \x03(\x0b\x32\x15.tm_tensorboard.Layer\x12\x33\n\x08measures\x18\x08 \x03(\x0b\x32!.tm_tensorboard.MeasureDefinition\x12\x12\n\nstratified\x18\t \x01(\x08\x12\x0f\n\x07\x63lasses\x18\n \x03(\x03\x12\r\n\x05\x65very\x18\x0b \x01(\x03\x12\x12\n\nbatch_size\x18\x0c \x01(\x03\x12\x13\n\x0b\x61ggregation\x18\r \x01(\t\x12\x13\n\x0bnoise_floor\x18\x0e \x01(\x08\x12\r\n\x05\x61lpha\x18\x0f \x01(\x01\x12\x0c\n\x04\x64isk\x18\x10 \x01(\x08\x12\x37\n\x07\x61\x63tions\x18\x11 \x03(\x0b\x32&.tm_tensorboard.RunConfig.ActionsEntry\x12\x1a\n\x12means_include_dead\x18\x12 \x01(\x08\x12\x12\n\nerror_bars\x18\x13 \x01(\x03\x12\x13\n\x0bstate_dtype\x18\x14 \x01(\t\x12\x16\n\x0epositions_seed\x18\x15 \x01(\x03\x1a.\n\x0c\x41\x63tionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9f\x04\n\x14InvariancePluginData\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x37\n\x04kind\x18\x02 \x01(\x0e\x32).tm_tensorboard.InvariancePluginData.Kind\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0f\n\x07measure\x18\x04 \x01(\t\x12$\n\x05layer\x18\x05 \x01(\x0b\x32\x15.tm_tensorboard.Layer\x12%\n\x06layers\x18\x06 \x03(\x0b\x32\x15.tm_tensorboard.Layer\x12\x1d\n\x15transformation_set_id\x18\x07 \x01(\t\x12\x12\n\nprobe_size\x18\x08 \x01(\x03\x12\x13\n\x0b\x61ggregation\x18\t \x01(\t\x12)\n\x06\x63onfig\x18\n \x01(\x0b\x32\x19.tm_tensorboard.RunConfig\x12\x10\n\x08measures\x18\x0b \x03(\t\x12\x1a\n\x12means_include_dead\x18\x0c \x01(\x08\x12\x0e\n\x06shards\x18\r \x01(\x05\"\x9a\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bUNIT_VALUES\x10\x01\x12\x0f\n\x0bLAYER_MEANS\x10\x02\x12\x0c\n\x08\x41\x43\x43URACY\x10\x03\x12\x0e\n\nRUN_CONFIG\x10\x04\x12\x11\n\rUNIT_SNAPSHOT\x10\x05\x12\x16\n\x12PER_TRANSFORMATION\x10\x06\x12\x11\n\rLAYER_STDERRS\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNCONFIG_ACTIONSENTRY']._loaded_options = None
   _globals['_RUNCONFIG_ACTIONSENTRY']._serialized_options = b'8\001'
   _globals['_LAYER']._serialized_start=58
-  _globals['_LAYER']._serialized_end=154
-  _globals['_OP']._serialized_start=156
-  _globals['_OP']._serialized_end=204
-  _globals['_TRANSFORMATION']._serialized_start=206
-  _globals['_TRANSFORMATION']._serialized_end=270
-  _globals['_MEASUREDEFINITION']._serialized_start=272
-  _globals['_MEASUREDEFINITION']._serialized_end=326
-  _globals['_RUNCONFIG']._serialized_start=329
-  _globals['_RUNCONFIG']._serialized_end=901
-  _globals['_RUNCONFIG_ACTIONSENTRY']._serialized_start=855
-  _globals['_RUNCONFIG_ACTIONSENTRY']._serialized_end=901
-  _globals['_INVARIANCEPLUGINDATA']._serialized_start=904
-  _globals['_INVARIANCEPLUGINDATA']._serialized_end=1447
-  _globals['_INVARIANCEPLUGINDATA_KIND']._serialized_start=1293
-  _globals['_INVARIANCEPLUGINDATA_KIND']._serialized_end=1447
+  _globals['_LAYER']._serialized_end=173
+  _globals['_OP']._serialized_start=175
+  _globals['_OP']._serialized_end=223
+  _globals['_TRANSFORMATION']._serialized_start=225
+  _globals['_TRANSFORMATION']._serialized_end=289
+  _globals['_MEASUREDEFINITION']._serialized_start=291
+  _globals['_MEASUREDEFINITION']._serialized_end=345
+  _globals['_RUNCONFIG']._serialized_start=348
+  _globals['_RUNCONFIG']._serialized_end=965
+  _globals['_RUNCONFIG_ACTIONSENTRY']._serialized_start=919
+  _globals['_RUNCONFIG_ACTIONSENTRY']._serialized_end=965
+  _globals['_INVARIANCEPLUGINDATA']._serialized_start=968
+  _globals['_INVARIANCEPLUGINDATA']._serialized_end=1511
+  _globals['_INVARIANCEPLUGINDATA_KIND']._serialized_start=1357
+  _globals['_INVARIANCEPLUGINDATA_KIND']._serialized_end=1511
 # @@protoc_insertion_point(module_scope)
