@@ -1,0 +1,151 @@
+"""An ImageNet ResNet-50 at 224 px measured under a 4 GB memory budget: peak memory and time against the
+forward-only floor of the same N·T images.
+
+    python benchmarks/bench_resnet50.py                 # ~35 min on an idle 2-core machine
+    python benchmarks/bench_resnet50.py --samples 16    # a quicker look
+
+``examples.models.ResNet50`` (random weights, eval mode), a probe of N = 64 random 3×224×224 images, T = 16
+rotations, the default measures (invariance + same-equivariance), ``batch_size=4`` (64 images per forward),
+``memory_budget="4GB"``, two cases:
+
+- width 1, ``positions="auto"``: the measurement chooses how to fit (float32 states, then sampled positions,
+  then passes); what it chose is recorded;
+- width 0.25 with exact states: ``state_dtype=torch.float64``, every position.
+
+Every run is a fresh process: its peak memory is the growth of its resident set (``ru_maxrss``) over what
+the model and the probe took before it. A measurement run makes the ``tm.Monitor``'s preparation first
+(the layers, the memory plan, compiling the fused statistics on two samples; recorded apart, as
+``prepare_s``), then times ``measure()`` on the whole probe; its peak covers both. A floor run forwards the
+same transformed images (made beforehand) in the same chunks without hooks (eval, no autograd). Floor and measurement runs alternate,
+``--repeats`` of each; medians. Results in ``results/resnet50.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "resnet50.json"
+T = 16
+CASES = {
+    "width 1, automatic choice": dict(width=1.0, keywords=dict(positions="auto")),
+    "width 0.25, exact float64 states": dict(width=0.25, keywords=dict(state_dtype="float64")),
+}
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def child(case: str, kind: str, samples: int, batch_size: int, budget: str) -> dict:
+    """One run in this process: the floor or the measurement of ``case``."""
+    import tm_tensorboard as tm
+    from tm_tensorboard.engine import Measurement
+    from tm_tensorboard.examples.models import ResNet50
+    from tm_tensorboard.probe import as_probe
+
+    torch.manual_seed(0)
+    model = ResNet50(width=CASES[case]["width"]).eval()
+    probe = torch.rand(samples, 3, 224, 224)
+    tset = tm.transforms.rotations(T)
+    baseline = resident_bytes()
+    out: dict = {}
+    if kind == "floor":  # the transformed images made beforehand: the forwards alone
+        chunks = [tset.apply(probe[lo:lo + batch_size]) for lo in range(0, samples, batch_size)]
+        start = time.perf_counter()
+        with torch.no_grad():
+            for images in chunks:
+                model(images)
+        out["seconds"] = time.perf_counter() - start
+    else:
+        keywords = dict(CASES[case]["keywords"])
+        if "state_dtype" in keywords:
+            keywords["state_dtype"] = getattr(torch, keywords["state_dtype"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            start = time.perf_counter()
+            session = Measurement(model, tset, batch_size=batch_size, memory_budget=budget, **keywords)
+            whole = as_probe(probe)
+            passes = session.passes(whole, None)
+            session.warm_up(whole)  # what tm.Monitor does when it is made
+            out["prepare_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            result = session.run(whole)
+            out["seconds"] = time.perf_counter() - start
+        report = session.estimate_memory(whole, None)
+        out.update(
+            layers=len(result.layers),
+            passes=len(passes) if passes else 1,
+            state_dtype=str(session.options.state_dtype).removeprefix("torch."),
+            positions=session.positions,
+            sampled_layers=sum(result.layer_info(layer).positions is not None for layer in result.layers),
+            error_bars=session.shards(whole, None),
+            estimated_state_bytes=report.state_bytes,
+            estimated_working_bytes=report.working_bytes,
+            warnings=[str(w.message) for w in caught if "memory" in str(w.message)],  # what fitting the budget did
+        )
+    out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    return out
+
+
+def run_child(case: str, kind: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--child", case, kind, "--samples", str(args.samples),
+               "--batch-size", str(args.batch_size), "--budget", args.budget]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--budget", default="4GB")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "KIND"))
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child, args.samples, args.batch_size, args.budget)))
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from provenance import environment, save_results
+
+    figures: dict = {"environment": environment(), "samples": args.samples, "T": T, "batch_size": args.batch_size,
+                     "memory_budget": args.budget, "repeats": args.repeats, "cases": {}}
+    for case in args.cases:
+        floors, runs = [], []
+        for _ in range(args.repeats):
+            floors.append(run_child(case, "floor", args))
+            runs.append(run_child(case, "measure", args))
+            print(case, floors[-1], {k: v for k, v in runs[-1].items() if k != "warnings"}, flush=True)
+        floor = statistics.median(r["seconds"] for r in floors)
+        seconds = statistics.median(r["seconds"] for r in runs)
+        figures["cases"][case] = {
+            "width": CASES[case]["width"],
+            "floor_s": floor,
+            "measure_s": seconds,
+            "ratio": seconds / floor,
+            "prepare_s": statistics.median(r["prepare_s"] for r in runs),
+            "peak_gb": statistics.median(r["peak_bytes"] for r in runs) / 1e9,
+            "floor_peak_gb": statistics.median(r["peak_bytes"] for r in floors) / 1e9,
+            "floor_runs_s": [r["seconds"] for r in floors],
+            "measure_runs_s": [r["seconds"] for r in runs],
+            "peak_runs_gb": [r["peak_bytes"] / 1e9 for r in runs],
+            "chosen": {k: runs[-1][k] for k in ("layers", "passes", "state_dtype", "positions", "sampled_layers",
+                                                "error_bars", "estimated_state_bytes", "estimated_working_bytes")},
+            "warnings": runs[-1]["warnings"],
+        }
+    save_results(figures, RESULTS)
+
+
+if __name__ == "__main__":
+    main()
