@@ -22,7 +22,6 @@ from . import distributed, metadata
 from .background_writer import BackgroundWriter, close_at_exit
 from .capture import LayerInfo, LayerSelector
 from .engine import Actions, Measurement, compile_pays
-from .memory import release_freed_memory
 from .preserve import preserved_rng_state
 from .probe import as_probe
 from .result import MeasureResult
@@ -255,7 +254,6 @@ class Monitor:
             if self._probe.images.device != device:  # the model moved since the Monitor was made
                 self._probe = self._probe.to(device)
             result = self._measurement.run(self._probe, classes=self._classes)
-            release_freed_memory()  # the states, freed: back to the OS, for the training
         except Exception as error:
             if self.strict:
                 raise
