@@ -3,7 +3,7 @@
     python benchmarks/bench_memory.py          # seconds: everything on the meta device, no weights
 
 ``examples.models.ResNet50`` (width 1) and a probe of N = 64 images 3×224×224 built on the ``meta`` device,
-T = 16 rotations, ``batch_size=16``: the bytes of every observed layer's states (exact: built as the
+T = 16 rotations, ``batch_size=4``: the bytes of every observed layer's states (exact: built as the
 measures allocate them; tests/test_memory.py checks the estimate against allocated states) for the
 measure sets, state dtypes, error bars, BatchNorm dedupe and sampled positions of the README's memory
 table, the number
@@ -42,7 +42,7 @@ CASES = {
 }
 # what measure(memory_budget=..., positions="auto") chooses by itself (bench_resnet50.py measures it)
 AUTOMATIC = {"4GB, batch_size=4": dict(batch_size=4, memory_budget="4GB"),
-             "8GB, batch_size=16": dict(batch_size=16, memory_budget="8GB")}
+             "8GB, batch_size=4": dict(batch_size=4, memory_budget="8GB")}
 
 
 def main() -> None:
@@ -52,8 +52,8 @@ def main() -> None:
     tset = tm.transforms.rotations(16)
     figures: dict = {"environment": environment(), "cases": {}}
     for name, keywords in CASES.items():
-        report = tm.estimate_memory(model, probe, tset, batch_size=16, **keywords)
-        budget = tm.estimate_memory(model, probe, tset, batch_size=16, memory_budget="8GB", **keywords)
+        report = tm.estimate_memory(model, probe, tset, batch_size=4, **keywords)
+        budget = tm.estimate_memory(model, probe, tset, batch_size=4, memory_budget="8GB", **keywords)
         figures["cases"][name] = {"layers": len(report.layers), "state_bytes": report.state_bytes,
                                   "working_bytes": report.working_bytes, "passes_under_8GB": len(budget.passes())}
         print(name, figures["cases"][name], flush=True)

@@ -70,7 +70,8 @@ def test_read_returns_what_was_measured(logdir):
                 np.testing.assert_array_equal(series.values, expected)  # exact: float32 rounding only
                 assert run.layer_index(layer) == last.layers.index(layer)
         assert run.config["layers"][0] == {
-            "name": "0", "index": 0, "module_type": "Conv2d", "unit_shape": [6, 8, 8], "num_units": 6
+            "name": "0", "index": 0, "module_type": "Conv2d", "unit_shape": [6, 8, 8], "num_units": 6,
+            "positions": 0,  # every position measured
         }
         assert [layer["name"] for layer in run.config["layers"]] == last.layers
         assert run.transformations == [t.label for t in last.transformations]

@@ -380,7 +380,7 @@ class Measurement:
         self.automatic = {"state_dtype": state_dtype is None, "positions": positions == AUTO}
         self._asked = (self.options.state_dtype, None if positions == AUTO else positions)
         self.positions = self._asked[1]  # sampled per channel on the layers with more (None: all)
-        self._fitted: dict[tuple, tuple[torch.dtype, int | None]] = {}  # fit's choice per probe shape and classes
+        self._fitted: dict[tuple, tuple[torch.dtype, int | None]] = {}  # fit's choice per sample shape and classes
         self.compile = compile if compile is not None else fused.mode_from_environment()
         # shards asked for (None: automatic, see ``shards``)
         self.error_bars = None if error_bars is None else DEFAULT_SHARDS if error_bars is True else max(int(error_bars), 1)
@@ -576,9 +576,10 @@ class Measurement:
         """Under ``memory_budget``, the automatic ways to fit the states in one pass, least lossy first:
         float32 states (``state_dtype=None``; within a relative 1e-5 of float64), then the most sampled
         positions per channel of AUTO_POSITIONS (``positions="auto"``; per-channel estimates). What still does
-        not fit is measured in several passes (``passes``). Chosen once per probe shape and classes, with a
-        warning that says what was chosen."""
-        key = (tuple(probe.images.shape), probe.images.dtype, tuple(classes or ()))
+        not fit is measured in several passes (``passes``). Chosen once per sample shape and classes, with a
+        warning that says what was chosen. (The states do not depend on the probe's size: the warm-up's
+        two samples and the probe get the same choice, and one warning.)"""
+        key = (tuple(probe.images.shape[1:]), probe.images.dtype, tuple(classes or ()))
         if key not in self._fitted:
             self._fitted[key] = self._choose_fit(probe, classes)
         state_dtype, positions = self._fitted[key]
