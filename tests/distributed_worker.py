@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,22 @@ def run(scenario: str, rank: int, world: int, out: Path) -> None:
                                 measures=("invariance", "lie_rotation"), **kwargs)
             save(result, out / f"bars_{name}_{rank}.npz")
             save_stderrs(result, out / f"bars_{name}_stderr_{rank}.npz")
+    elif scenario == "passes":  # a memory budget that takes several passes over the probe, on every rank
+        images, labels = probe(32)
+        tset = tm.transforms.rotations(4)
+        kw = dict(measures=("invariance", "same_equivariance", "accuracy"), batch_size=1, error_bars=2,
+                  noise_floor=True, state_dtype=torch.float64)
+        whole = tm.estimate_memory(model, (images, labels), tset, **kw)
+        budget = whole.working_bytes + whole.state_bytes // 3
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grouped = tm.measure(model, (images, labels), tset, memory_budget=budget, **kw)
+        assert any("passes over the probe" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        save(grouped, out / f"passes_{rank}.npz")
+        save_stderrs(grouped, out / f"passes_stderr_{rank}.npz")
+        one = tm.measure(model, (images, labels), tset, **kw)
+        save(one, out / f"one_{rank}.npz")
+        save_stderrs(one, out / f"one_stderr_{rank}.npz")
     elif scenario == "small":  # fewer samples than ranks: one rank streams nothing
         images, labels = probe(2)
         save(tm.measure(model, images, tm.transforms.flips(), batch_size=1), out / f"small_{rank}.npz")

@@ -96,6 +96,23 @@ def test_error_bars_equal_single_process(tmp_path, world):
                                            atol=1e-12, err_msg=key)
 
 
+def test_grouped_passes_equal_one_pass_on_every_rank(tmp_path):
+    """Under a memory budget that takes several passes, every rank measures each pass's layers over its part
+    of the probe, merged as in one pass: the same numbers and standard errors as one pass, exactly, and
+    those of one process."""
+    launch("passes", 2, tmp_path)
+    images, labels = probe(32)
+    single = tm.measure(small_cnn(seed=3), (images, labels), tm.transforms.rotations(4), batch_size=1, error_bars=2,
+                        measures=("invariance", "same_equivariance", "accuracy"), noise_floor=True)
+    for rank in range(2):
+        for name in ("", "stderr_"):
+            grouped, one = np.load(tmp_path / f"passes_{name}{rank}.npz"), np.load(tmp_path / f"one_{name}{rank}.npz")
+            assert grouped.files == one.files and len(one.files) > 10
+            for key in one.files:
+                np.testing.assert_array_equal(grouped[key], one[key], err_msg=key)
+        assert_matches(tmp_path / f"passes_{rank}.npz", single)
+
+
 def test_probe_smaller_than_world(tmp_path):
     launch("small", 3, tmp_path)
     single = tm.measure(small_cnn(seed=3), probe(2)[0], tm.transforms.flips(), batch_size=1)

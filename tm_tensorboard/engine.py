@@ -719,15 +719,22 @@ class Measurement:
 
     def _stream_planned(self, probe: Probe, classes: list[int] | None, compiled: bool | None = None,
                         shards: list[tuple[int, int]] | None = None):
-        """``_stream_phases`` on all layers at once, or under ``memory_budget`` once per pass of ``passes``:
-        each pass observes its layers only and is finalized to the host before the next one starts, so one
-        pass's states are in memory at a time. Every pass folds the same activations in the same chunks
-        with the same kernels, so the results equal one pass's exactly."""
+        """``_stream_phases`` on all layers at once, or under ``memory_budget`` once per pass of ``passes``."""
+        return self._in_passes(probe, classes, compiled,
+                               lambda compiled: self._stream_phases(probe, classes, compiled, shards))
+
+    def _in_passes(self, probe: Probe, classes: list[int] | None, compiled: bool | None,
+                   stream: Callable[[bool | None], tuple]):
+        """``stream(compiled)`` (observers and accuracy of the layers in ``self.modules``) on all layers, or
+        once per pass of ``passes``: each pass observes its layers only and is finalized to the host before
+        the next one starts, so one pass's states are in memory at a time. Every pass folds the same
+        activations in the same chunks with the same kernels (compiled or not is decided for the whole
+        measurement), so the results equal one pass's exactly."""
         passes = self.passes(probe, classes)
         if passes is None or len(passes) == 1:
-            return self._stream_phases(probe, classes, compiled, shards)
+            return stream(compiled)
         layers = {info.name: info for info in self.discover(probe)}
-        if compiled is None and self.compile is None:  # decided for the whole measurement, as one pass would
+        if compiled is None and self.compile is None:
             compiled = compile_pays(self.values_per_measurement(list(layers.values()), len(probe)))
         modules, noise_floor = self.modules, self.noise_floor
         done: dict[str, _Finalized] = {}
@@ -737,7 +744,7 @@ class Measurement:
                 wanted = {name.split("#")[0] for name in names}
                 self.modules = [(name, module) for name, module in modules if name in wanted]
                 self.noise_floor = noise_floor and INPUT_LAYER in wanted
-                observers, measured = self._stream_phases(probe, classes, compiled, shards)
+                observers, measured = stream(compiled)
                 accuracy = measured if accuracy is None else accuracy  # the same in every pass
                 done.update((name, _Finalized(layers[name], o.finalize())) for name, o in observers.items())
                 del observers  # this pass's states, before the next pass makes its own
@@ -783,11 +790,7 @@ class Measurement:
         try:
             self.check_probe(probe)
             classes = classes if classes is not None else self.classes(probe)
-            passes = self.passes(probe, classes)
-            if passes is not None and len(passes) > 1:
-                raise ValueError(f"the layers' states need {len(passes)} passes over the probe to fit memory_budget, "
-                                 "and grouped passes are not supported under torch.distributed: raise the budget, or "
-                                 "see tm_tensorboard.estimate_memory for what else makes the states smaller")
+            self.passes(probe, classes)  # a budget too small: the ValueError, on every rank
         except Exception as caught:
             error = caught
         distributed.exchange_status(
@@ -802,8 +805,16 @@ class Measurement:
                 classes,
             ),
         )
-        # 2. Each phase: stream this rank's part (with rank 0's buffers), agree on the outcome, merge. With
-        # error bars, the rank's part of every error-bar shard, the ranks' states merged at each shard's end.
+        # 2. Under a memory budget, once per pass over the probe (every rank plans the same passes).
+        observers, accuracy = self._in_passes(probe, classes, None, lambda compiled: self._stream_distributed(
+            probe, classes, rank, world, compiled))
+        return self.finalize(observers, accuracy, len(probe), classes)
+
+    def _stream_distributed(self, probe: Probe, classes: list[int] | None, rank: int, world: int,
+                            compiled: bool | None) -> tuple[dict[str, "_Observer"], AccuracyState | None]:
+        """Each phase: stream this rank's part (with rank 0's buffers), agree on the outcome, merge. With
+        error bars, the rank's part of every error-bar shard, the ranks' states merged at each shard's end."""
+        error = None
         probe, bounds = self.interleaved(probe, classes)
         ranges = [[(lo + (hi - lo) * r // world, lo + (hi - lo) * (r + 1) // world) for lo, hi in bounds or [(0, len(probe))]]
                   for r in range(world)]
@@ -838,7 +849,8 @@ class Measurement:
                     if bounds is not None and not observers:  # every rank takes part in every shard's merge
                         observers.update(self._empty_observers(probe, classes))
                     if len(part) or bounds is not None:
-                        self.stream(part, classes, phase, observers, accuracy, shards=shards if bounds else None,
+                        self.stream(part, classes, phase, observers, accuracy, compiled=compiled,
+                                    shards=shards if bounds else None,
                                     on_shard_end=(lambda k, phase=phase: merge_shard(phase, k)) if bounds else None)
                     elif not observers:  # nothing to stream, but this rank holds (empty) states for the merges
                         observers.update(self._empty_observers(probe, classes))
@@ -857,13 +869,16 @@ class Measurement:
                         m.finish(phase)
         if accuracy is not None:
             distributed.merge_accuracy(accuracy, len(probe))
-        return self.finalize(observers, accuracy, len(probe), classes)
+        return observers, accuracy
 
     def _empty_observers(self, probe: Probe, classes: list[int] | None) -> dict[str, _Observer]:
+        """Observers with zeroed states for every layer this pass observes (the modules of ``self.modules``,
+        and the input under ``noise_floor``)."""
         device = self.device(probe)
+        observed = {name for name, _ in self.modules} | ({INPUT_LAYER} if self.noise_floor else set())
         return {
             info.name: _Observer(info, self.groups, len(classes or [0]), self.transformations, device, self.options)
-            for info in self.discover(probe)
+            for info in self.discover(probe) if info.name.split("#")[0] in observed
         }
 
     def stream(
