@@ -377,7 +377,7 @@ class Measurement:
                                       state_dtype=state_dtype or torch.float64, positions_seed=positions_seed)
         # what memory_budget may change (``fit``): float32 states if state_dtype is None, sampled positions
         # if positions is "auto"
-        self.automatic = {"state_dtype": state_dtype is None, "positions": positions == AUTO}
+        self._automatic = {"state_dtype": state_dtype is None, "positions": positions == AUTO}
         self._asked = (self.options.state_dtype, None if positions == AUTO else positions)
         self.positions = self._asked[1]  # sampled per channel on the layers with more (None: all)
         self._fitted: dict[tuple, tuple[torch.dtype, int | None]] = {}  # fit's choice per sample shape and classes
@@ -592,10 +592,10 @@ class Measurement:
                     info.unit_shape, info.tokens, positions)) for info in layers])
 
     def _choose_fit(self, probe: Probe, classes: list[int] | None) -> tuple[torch.dtype, int | None]:
-        if self.memory_budget is None or not any(self.automatic.values()):
+        if self.memory_budget is None or not any(self._automatic.values()):
             return self._asked
-        dtypes = (torch.float64, torch.float32) if self.automatic["state_dtype"] else (self._asked[0],)
-        ladder = (None, *AUTO_POSITIONS) if self.automatic["positions"] else (self._asked[1],)
+        dtypes = (torch.float64, torch.float32) if self._automatic["state_dtype"] else (self._asked[0],)
+        ladder = (None, *AUTO_POSITIONS) if self._automatic["positions"] else (self._asked[1],)
         candidates = [(dtype, positions) for positions in ladder for dtype in dtypes]
         asked = self._estimate(probe, classes, 1, *candidates[0])
         chosen, report = candidates[-1], None
