@@ -416,6 +416,9 @@ def test_a_budget_is_met_with_float32_states_then_sampled_positions():
     with pytest.warns(UserWarning, match=rf"float32 states .* and positions={k} sampled per channel on the 2 layers"):
         fitted = tm.measure(model, images, tset, memory_budget=budget, positions="auto", **kw)
     asked = tm.measure(model, images, tset, state_dtype=torch.float32, positions=k, **kw)
+    with pytest.warns(UserWarning, match="float32 states"):
+        assert f"float32 states; invariance, same_equivariance; 4 transformations; 1 class; positions={k} on 2 layers" \
+            in str(estimate_memory(model, images, tset, memory_budget=budget, positions="auto", **kw))
     assert [fitted.layer_info(n).positions for n in fitted.layers] == [asked.layer_info(n).positions for n in asked.layers]
     for measure in ("nvi", "nvse"):
         for layer in asked.layers_of(measure):

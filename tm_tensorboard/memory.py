@@ -130,6 +130,7 @@ class LayerMemory:
     module_type: str
     unit_shape: tuple[int, ...]
     by_group: dict[str, int]
+    positions: int | None = None  # K: the states of K sampled positions per channel (None: all)
 
     @property
     def state_bytes(self) -> int:
@@ -226,7 +227,9 @@ class MemoryReport:
         dtype = str(self.state_dtype).removeprefix("torch.")
         classes = f"{self.classes} classes" if self.classes > 1 else "1 class"
         shards = f", error bars ({self.shards + 1} sets of states)" if self.shards > 1 else ""
-        return f"{dtype} states; {', '.join(self.groups)}; {self.T} transformations; {classes}{shards}"
+        sampled = [layer.positions for layer in self.layers if layer.positions is not None]
+        positions = f"; positions={max(sampled)} on {len(sampled)} layers" if sampled else ""
+        return f"{dtype} states; {', '.join(self.groups)}; {self.T} transformations; {classes}{shards}{positions}"
 
     def __str__(self) -> str:
         width = max([len(layer.name) for layer in self.layers] + [5])
@@ -236,7 +239,7 @@ class MemoryReport:
             lines.append(f"{layer.name:<{width}}  {layer.module_type[:18]:<18} {shape:<18} "
                          f"{format_bytes(layer.state_bytes):>10}")
         lines.append(f"states: {format_bytes(self.state_bytes)} ({self._setting()}); one chunk's working memory "
-                     f"(estimate): {format_bytes(self.working_bytes)}; in all: {format_bytes(self.total_bytes)}")
+                     f"and the results (estimate): {format_bytes(self.working_bytes)}; in all: {format_bytes(self.total_bytes)}")
         if self.budget is not None:
             try:
                 count = len(self.passes())
@@ -272,7 +275,7 @@ def estimate(
             if GROUPS[group].applies(info):
                 measure = build_measure(group, info, transformations, num_classes, meta, options)
                 by_group[group] = measure_state_bytes(measure) * (shards + 1 if shards > 1 and measure.shardable else 1)
-        report.append(LayerMemory(info.name, info.module_type, tuple(info.unit_shape), by_group))
+        report.append(LayerMemory(info.name, info.module_type, tuple(info.unit_shape), by_group, info.positions))
     work = working_bytes(layers, len(transformations), batch_size, input_shape, activation_dtype, options.state_dtype)
     work += sum(len(layer.by_group) * _measured_elements(info) * _RESULT_BYTES for layer, info in zip(report, layers))
     return MemoryReport(report, work, len(transformations), batch_size, num_classes, tuple(groups),
