@@ -16,8 +16,8 @@ Every run is a fresh process: its peak memory is the growth of its resident set 
 the model and the probe took before it. A measurement run makes the ``tm.Monitor``'s preparation first
 (the layers, the memory plan, compiling the fused statistics on two samples; recorded apart, as
 ``prepare_s``), then times ``measure()`` on the whole probe; its peak covers both. A floor run forwards the
-same transformed images (made beforehand) in the same chunks without hooks (eval, no autograd). Floor and measurement runs alternate,
-``--repeats`` of each; medians. Results in ``results/resnet50.json``.
+same transformed images (made beforehand) in the same chunks without hooks (eval, no autograd). Floor and
+measurement runs alternate, ``--repeats`` of each; medians. Results in ``results/resnet50.json``.
 """
 from __future__ import annotations
 

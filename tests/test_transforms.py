@@ -98,7 +98,8 @@ def test_inverse_on_feature_maps_of_another_size():
 @pytest.mark.parametrize("tset", [
     T.rotations(5), T.rot90(), T.translations(0.1), T.scalings([0.8, 1.25]), T.flips(), T.brightness([0.9, 1.1]),
     T.product(T.rotations([0, 30]), T.scalings([0.9, 1.1])),
-    T.rotations(3, interpolation="nearest", padding="zeros"), T.rotations(3, interpolation="bicubic", padding="reflection"),
+    T.rotations(3, interpolation="nearest", padding="zeros"),
+    T.rotations(3, interpolation="bicubic", padding="reflection"),
 ], ids=lambda s: s.spec[:24])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_inverse_at_some_positions_is_the_whole_inverse_there(tset, dtype):

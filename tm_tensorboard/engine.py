@@ -673,12 +673,13 @@ class Measurement:
         passes = report.passes()
         if len(passes) > 1 and not self._passes_warned:
             self._passes_warned = True
+            halve = "; state_dtype=torch.float32 halves the states" if self.options.state_dtype == torch.float64 \
+                else ""
             warnings.warn(
                 f"tm_tensorboard: the streaming states of all {len(report.layers)} layers need "
                 f"{memory.format_bytes(report.state_bytes)}, more than memory_budget="
                 f"{memory.format_bytes(self.memory_budget)} leaves them: measuring in {len(passes)} passes over the "
-                f"probe ({len(passes)} × the forwards"
-                f"{'; state_dtype=torch.float32 halves the states' if self.options.state_dtype == torch.float64 else ''})",
+                f"probe ({len(passes)} × the forwards{halve})",
                 UserWarning,
                 stacklevel=2,
             )

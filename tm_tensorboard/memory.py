@@ -239,7 +239,8 @@ class MemoryReport:
             lines.append(f"{layer.name:<{width}}  {layer.module_type[:18]:<18} {shape:<18} "
                          f"{format_bytes(layer.state_bytes):>10}")
         lines.append(f"states: {format_bytes(self.state_bytes)} ({self._setting()}); one chunk's working memory "
-                     f"and the results (estimate): {format_bytes(self.working_bytes)}; in all: {format_bytes(self.total_bytes)}")
+                     f"and the results (estimate): {format_bytes(self.working_bytes)}; "
+                     f"in all: {format_bytes(self.total_bytes)}")
         if self.budget is not None:
             try:
                 count = len(self.passes())

@@ -51,8 +51,8 @@ from .layer_measures import (
 )
 from .transforms import TransformationSet
 
-__all__ = ["AUTO", "AUTO_POSITIONS", "SAMPLED", "check_positions", "sampled_positions", "sample_positions", "build_measure",
-           "standard_error"]
+__all__ = ["AUTO", "AUTO_POSITIONS", "SAMPLED", "check_positions", "sampled_positions", "sample_positions",
+           "build_measure", "standard_error"]
 
 AUTO = "auto"  # positions="auto": all of them, or the most of AUTO_POSITIONS that fit memory_budget in one pass
 AUTO_POSITIONS = (4096, 2048, 1024, 512, 256, 128, 64, 32, 16)
