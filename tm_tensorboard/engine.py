@@ -198,6 +198,12 @@ def estimate_memory(
     return session.estimate_memory(samples, session.classes(samples))
 
 
+def _with_positions(layers: Sequence[LayerInfo], positions: int | None) -> list[LayerInfo]:
+    """The layers as measured with ``positions=`` (each one's sampled positions per channel, or None)."""
+    return [dataclasses.replace(info, positions=sampled_positions(info.unit_shape, info.tokens, positions))
+            for info in layers]
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype | None:
     """The floating dtype of the model's parameters (else buffers); None if it has neither."""
     for tensors in (model.parameters(), model.buffers()):
@@ -563,8 +569,7 @@ class Measurement:
     def _estimate(self, probe: Probe, classes: list[int] | None, shards: int, state_dtype: torch.dtype,
                   positions: int | None) -> memory.MemoryReport:
         """The MemoryReport with these states' dtype and sampled positions."""
-        layers = [dataclasses.replace(info, positions=sampled_positions(info.unit_shape, info.tokens, positions))
-                  for info in self.discover(probe)]
+        layers = _with_positions(self.discover(probe), positions)
         return memory.estimate(
             layers, self.groups, self.transformations, len(classes or [0]),
             dataclasses.replace(self.options, state_dtype=state_dtype), batch_size=self.batch_size,
@@ -588,8 +593,7 @@ class Measurement:
             self.positions = positions
             if self._layers is not None:  # the discovered layers measure the positions chosen
                 shape, layers = self._layers
-                self._layers = (shape, [dataclasses.replace(info, positions=sampled_positions(
-                    info.unit_shape, info.tokens, positions)) for info in layers])
+                self._layers = (shape, _with_positions(layers, positions))
 
     def _choose_fit(self, probe: Probe, classes: list[int] | None) -> tuple[torch.dtype, int | None]:
         if self.memory_budget is None or not any(self._automatic.values()):
@@ -608,8 +612,7 @@ class Measurement:
             dtype, positions = chosen
             what = ["float32 states (within a relative 1e-5 of float64)"] if dtype != candidates[0][0] else []
             if positions is not None:
-                sampled = sum(sampled_positions(info.unit_shape, info.tokens, positions) is not None
-                              for info in self.discover(probe))
+                sampled = sum(layer.positions is not None for layer in report.layers)
                 what.append(f"positions={positions} sampled per channel on the {sampled} layers with more (per-channel "
                             "estimates, no per-element values there)")
             fits = report.total_bytes <= self.memory_budget

@@ -119,7 +119,7 @@ def _measured_elements(info: LayerInfo) -> int:
     """The elements a layer's per-element results have: all, or its channels' sampled positions."""
     if info.positions is None:
         return math.prod(info.unit_shape)
-    return (info.unit_shape[-1] if info.tokens else info.unit_shape[0]) * info.positions
+    return info.num_channels * info.positions
 
 
 @dataclass(frozen=True)

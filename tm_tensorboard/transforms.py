@@ -316,11 +316,7 @@ class TransformationSet(Sequence[Transformation]):
             offsets = torch.arange(channels, device=y.device).unsqueeze(1) * (height * width)
             return y.reshape(n, -1).index_select(1, (positions + offsets).reshape(-1))
         T = len(self)
-        if n % T:
-            raise ValueError(f"batch of {n} rows is not a whole number of {T}-transformation groups")
-        b = n // T
-        kind, data = self._warp_plan((height, width, True, str(y.device), y.dtype), height, width, True,
-                                     y.device, y.dtype)
+        b, _, (kind, data) = self._rows_and_plan(y, inverse=True)
         if kind == "gather":  # data [T, h·w]: each output pixel's source pixel
             offsets = torch.arange(channels, device=y.device).repeat_interleave(count) * (height * width)
             source = data.index_select(1, positions.reshape(-1)) + offsets  # [T, C·K] into [C·h·w]
@@ -377,17 +373,22 @@ class TransformationSet(Sequence[Transformation]):
             raise ValueError(f"spatial transformations need [N, C, H, W] tensors; got shape {list(x.shape)}")
         T = len(self)
         n, channels, height, width = x.shape
-        if n % T:
-            raise ValueError(f"batch of {n} rows is not a whole number of {T}-transformation groups")
-        b = n // T
-        key = (height, width, inverse, str(x.device), x.dtype)
-        kind, data = self._warp_plan(key, height, width, inverse, x.device, x.dtype)
+        b, key, (kind, data) = self._rows_and_plan(x, inverse)
         if kind == "gather":
             flat = x.reshape(b, T, channels, height * width)
             index = data.view(1, T, 1, height * width).expand(b, T, channels, height * width)
             return flat.gather(3, index).view(n, channels, height, width)
         return F.grid_sample(x, self._batch_grid(key, data, b), mode=self.interpolation, padding_mode=self.padding,
                              align_corners=False)
+
+    def _rows_and_plan(self, x: torch.Tensor, inverse: bool) -> tuple[int, tuple, tuple]:
+        """For maps x [b·T, C, h, w]: b, the plan's key and the warp plan (ValueError unless whole T-groups)."""
+        n, _, height, width = x.shape
+        T = len(self)
+        if n % T:
+            raise ValueError(f"batch of {n} rows is not a whole number of {T}-transformation groups")
+        key = (height, width, inverse, str(x.device), x.dtype)
+        return n // T, key, self._warp_plan(key, height, width, inverse, x.device, x.dtype)
 
     def _batch_grid(self, key: tuple, grid: torch.Tensor, b: int) -> torch.Tensor:
         """The plan ``key``'s [T, h, w, 2] sampling grid repeated for b samples, kept for the next chunk of
