@@ -24,12 +24,16 @@ a fresh process's forwards page-fault every activation above glibc's mmap thresh
 (1.7 M faults and 2.2× the time at width 0.25, 16 samples), while the measurement's process has a heap its
 states left free, which the forwards reuse. Comparing the measurement with a fresh process's floor would
 credit it with the allocator's state; that ratio is recorded too (``ratio_to_fresh_process_floor``), with
-page-fault counts of every timed part.
+page-fault counts of every timed part. How much of both is the allocator: run it again with glibc keeping
+freed memory (README, "CPU memory allocator"), e.g.
+``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184 python
+benchmarks/bench_resnet50.py --output benchmarks/results/resnet50_tunables.json``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -133,6 +137,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--child", nargs=2, metavar=("CASE", "KIND"))
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.samples, args.batch_size, args.budget)))
@@ -141,7 +146,8 @@ def main() -> None:
     from provenance import environment, save_results
 
     figures: dict = {"environment": environment(), "samples": args.samples, "T": T, "batch_size": args.batch_size,
-                     "memory_budget": args.budget, "repeats": args.repeats, "cases": {}}
+                     "memory_budget": args.budget, "repeats": args.repeats, "cases": {},
+                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}  # inherited by every run
     for case in args.cases:
         floors, runs = [], []
         for _ in range(args.repeats):
@@ -171,7 +177,7 @@ def main() -> None:
                                                 "error_bars", "estimated_state_bytes", "estimated_working_bytes")},
             "warnings": runs[-1]["warnings"],
         }
-    save_results(figures, RESULTS)
+    save_results(figures, args.output)
 
 
 if __name__ == "__main__":
