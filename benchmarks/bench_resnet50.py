@@ -25,7 +25,7 @@ a fresh process's forwards page-fault every activation above glibc's mmap thresh
 states left free, which the forwards reuse. Comparing the measurement with a fresh process's floor would
 credit it with the allocator's state; that ratio is recorded too (``ratio_to_fresh_process_floor``), with
 page-fault counts of every timed part. How much of both is the allocator: run it again with glibc keeping
-freed memory (README, "CPU memory allocator"), e.g.
+freed memory (README, "CPU: glibc's allocator and page faults"), e.g.
 ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184 python
 benchmarks/bench_resnet50.py --output benchmarks/results/resnet50_tunables.json``.
 """
