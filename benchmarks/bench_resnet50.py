@@ -41,6 +41,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -57,6 +58,14 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
+def timed(run: Callable[[], Any]) -> tuple[float, int, Any]:
+    """Seconds and minor page faults (``ru_minflt``) that ``run()`` took, and what it returned."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    value = run()
+    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, value
+
+
 def child(case: str, kind: str, samples: int, batch_size: int, budget: str) -> dict:
     """One run in this process: the floor or the measurement of ``case``."""
     import tm_tensorboard as tm
@@ -70,15 +79,18 @@ def child(case: str, kind: str, samples: int, batch_size: int, budget: str) -> d
     tset = tm.transforms.rotations(T)
     baseline = resident_bytes()
     out: dict = {}
-    if kind == "floor":  # the transformed images made beforehand: the forwards alone
+    def forwards() -> Callable[[], None]:
+        """The floor: the transformed images made beforehand (untimed), then the forwards alone."""
         chunks = [tset.apply(probe[lo:lo + batch_size]) for lo in range(0, samples, batch_size)]
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        start = time.perf_counter()
-        with torch.no_grad():
-            for images in chunks:
-                model(images)
-        out["seconds"] = time.perf_counter() - start
-        out["page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+        def run() -> None:
+            with torch.no_grad():
+                for images in chunks:
+                    model(images)
+        return run
+
+    if kind == "floor":
+        out["seconds"], out["page_faults"], _ = timed(forwards())
     else:
         keywords = dict(CASES[case]["keywords"])
         if "state_dtype" in keywords:
@@ -91,11 +103,7 @@ def child(case: str, kind: str, samples: int, batch_size: int, budget: str) -> d
             passes = session.passes(whole, None)
             session.warm_up(whole)  # what tm.Monitor does when it is made
             out["prepare_s"] = time.perf_counter() - start
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            start = time.perf_counter()
-            result = session.run(whole)
-            out["seconds"] = time.perf_counter() - start
-            out["page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            out["seconds"], out["page_faults"], result = timed(lambda: session.run(whole))
         report = session.estimate_memory(whole, None)
         out.update(
             layers=len(result.layers),
@@ -111,14 +119,7 @@ def child(case: str, kind: str, samples: int, batch_size: int, budget: str) -> d
     out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     if kind == "measure":  # the floor again, in this process: its heap as the measurement left it
         del result
-        chunks = [tset.apply(probe[lo:lo + batch_size]) for lo in range(0, samples, batch_size)]
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        start = time.perf_counter()
-        with torch.no_grad():
-            for images in chunks:
-                model(images)
-        out["floor_after_s"] = time.perf_counter() - start
-        out["floor_after_page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        out["floor_after_s"], out["floor_after_page_faults"], _ = timed(forwards())
     return out
 
 
