@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .statistics import Scratch
 from .transforms import TransformationSet
 
 __all__ = ["FeatureAction", "identity", "orientation_pooling", "cyclic_shift", "patch_grid"]
@@ -46,9 +47,11 @@ class FeatureAction:
         """The features g acts on: the layer's maps (grouped actions act on their channels too)."""
         return self.maps(x)
 
-    def undo(self, y: torch.Tensor, transformations: TransformationSet) -> torch.Tensor:
-        """g_t⁻¹ applied to rows i·T + t of ψ-features [b·T, C', h, w]."""
-        return transformations.invert_features(y)
+    def undo(self, y: torch.Tensor, transformations: TransformationSet, compiled: bool = False,
+             scratch: Scratch | None = None) -> torch.Tensor:
+        """g_t⁻¹ applied to rows i·T + t of ψ-features [b·T, C', h, w] (``compiled``: with the fused
+        kernels, in ``scratch``'s buffers: ``TransformationSet.invert_features``)."""
+        return transformations.invert_features(y, compiled, scratch)
 
     def __repr__(self) -> str:
         return self.name
@@ -99,8 +102,9 @@ class _CyclicShift(_Grouped):
         super().check(channels, transformations)
         self._indices(transformations)
 
-    def undo(self, y: torch.Tensor, transformations: TransformationSet) -> torch.Tensor:
-        y = transformations.invert_features(y)
+    def undo(self, y: torch.Tensor, transformations: TransformationSet, compiled: bool = False,
+             scratch: Scratch | None = None) -> torch.Tensor:
+        y = transformations.invert_features(y, compiled, scratch)
         T = len(transformations)
         n, c, h, w = y.shape
         key = (transformations.id, str(y.device))

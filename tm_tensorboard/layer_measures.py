@@ -226,11 +226,12 @@ class VarianceMeasure(LayerMeasure):
         # spread: the sum over samples of each one's std over transformations
         return {"spread": SampleSum((self.units,), device), "moments": SampleMoments((self.T, self.units), device)}
 
-    def values(self, activation: torch.Tensor) -> torch.Tensor:
+    def values(self, activation: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        """What the states stream, [b·T, *units] in the states' order of units."""
         return activation
 
     def update(self, phase, activation, chunk):
-        for k, rows in chunk.rows(self.values(activation)):
+        for k, rows in chunk.rows(self.values(activation, chunk)):
             spread, moments = self.per_class[k]["spread"], self.per_class[k]["moments"]
             _variance_update(
                 chunk.compiled, rows, self.T, spread.total, spread.count, moments.mean, moments.m2, moments.count,
@@ -244,9 +245,12 @@ class VarianceMeasure(LayerMeasure):
 
 class SameEquivarianceMeasure(VarianceMeasure):
     """The variance measures on t⁻¹(φ(t(x))): feature maps moved back by the inverse transformation (a
-    token layer's maps are those its feature action lays out: ``actions.patch_grid``)."""
+    token layer's maps are those its feature action lays out: ``actions.patch_grid``). The maps are moved
+    back and streamed pixel-major (``warps.py``: the layout the inverse warp reads fast), so the states
+    hold the units in (h, w, C) order, put back in (C, h, w) order when finalized."""
 
     group = "same_equivariance"
+    pixel_major = True
 
     def __init__(self, info, transformations, num_classes, device, options):
         self.maps = options.actions(info.name).maps
@@ -259,8 +263,15 @@ class SameEquivarianceMeasure(VarianceMeasure):
     def feature_shape(self, info):
         return info.map_shape
 
-    def values(self, activation):
-        return self.transformations.invert_features(self.maps(activation))
+    def values(self, activation, chunk):
+        return self.transformations.invert_features_pixel_major(self.maps(activation), chunk.compiled, chunk.scratch)
+
+    def compute_class(self, states, compiled):
+        values = super().compute_class(states, compiled)
+        if not self.pixel_major:
+            return values
+        channels, height, width = self.unit_shape
+        return values.view(-1, height, width, channels).permute(0, 3, 1, 2).reshape(values.shape[0], -1)
 
 
 def _fold_errors(moved, reference, squared_total, squared_count, mean, m2, count, scratch):
@@ -330,7 +341,7 @@ class EquivarianceErrorMeasure(LayerMeasure):
 
     def update(self, phase, activation, chunk):
         psi = self.action.psi(activation)
-        back = self.action.undo(psi, self.transformations)
+        back = self.action.undo(psi, self.transformations, chunk.compiled, chunk.scratch)
         for (k, back_rows), (_, psi_rows) in zip(chunk.rows(back), chunk.rows(psi)):
             squared, reference = self.per_class[k]["squared"], self.per_class[k]["reference"]
             _equivariance_error_update(

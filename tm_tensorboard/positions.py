@@ -6,8 +6,9 @@ mean components. So on a layer with more than K positions per channel (feature m
 token outputs [tokens, D]) each channel keeps the states of K positions drawn once without replacement,
 and the measures gather the activation to those [C, K] positions inside the hook, before their update
 (one ``index_select`` with an index made once on the activation's device: nothing read back to the host).
-Same-equivariance moves back only the sampled positions of each feature map (the same values as moving
-the whole map back, then gathering: ``TransformationSet.invert_features_at``). Layers with at most K
+Same-equivariance moves back only the sampled positions of each feature map (``grid_sample`` at those
+points: the same values as moving the whole map back eagerly, then gathering,
+``TransformationSet.invert_features_at``; the compiled whole-map warp differs from it by float rounding). Layers with at most K
 positions per channel are measured on all of them, exactly.
 
 The positions depend only on the layer's name, its shape and ``positions_seed``: every chunk, shard, rank
@@ -141,9 +142,11 @@ class _SampledGoodfellow(_GatherFirst, GoodfellowMeasure):
 
 class _SampledSameEquivariance(_Sampled, SameEquivarianceMeasure):
     """Feature maps moved back by the inverse transformation at the sampled positions only (the same
-    values as moving the whole maps back, then gathering)."""
+    values as moving the whole maps back eagerly, then gathering), channel-major."""
 
-    def values(self, activation: torch.Tensor) -> torch.Tensor:
+    pixel_major = False
+
+    def values(self, activation: torch.Tensor, chunk: Chunk) -> torch.Tensor:
         return self.transformations.invert_features_at(self.maps(activation), self.picked)
 
 

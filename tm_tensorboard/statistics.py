@@ -68,14 +68,22 @@ class Scratch:
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
+        self._views: dict[str, dict[tuple[int, ...], torch.Tensor]] = {}  # per buffer, its views by shape
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """An uninitialized tensor, valid until the next ``get`` of the same name."""
-        numel = math.prod(shape)
+        """An uninitialized tensor, valid until the next ``get`` of the same name. A shape asked for before
+        gets the same view again (no op: every op counts on a GPU's launch queue)."""
         buffer = self._buffers.get(name)
+        if buffer is not None and buffer.dtype == dtype and buffer.device == device:
+            view = self._views[name].get(shape)
+            if view is not None:
+                return view
+        numel = math.prod(shape)
         if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
             buffer = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
-        return buffer[:numel].view(shape)
+            self._views[name] = {}  # views of the old buffer would keep it alive
+        view = self._views[name][shape] = buffer[:numel].view(shape)
+        return view
 
     def like(self, x: torch.Tensor, name: str = "activation") -> torch.Tensor:
         return self.get(name, tuple(x.shape), x.dtype, x.device)
