@@ -1,0 +1,131 @@
+"""Same-equivariance's inverse warps: grid_sample against the compiled taps (warps.py), in one process.
+
+    python benchmarks/bench_warps.py            # ~8 min on an idle 2-core machine
+
+1. The warp alone on [b·T, C, h, w] = [256, 16, 32, 32] and [256, 64, 8, 8] float32 maps (T = 16
+   rotations): ``grid_sample`` (what the eager path runs) against the compiled taps (the layout change
+   and the gather, into kept buffers), each timed with the caches flushed (a 64 MiB write) before every
+   call; medians of 15.
+2. ``measure()`` with the default measures (invariance + same-equivariance), compiled, no error bars,
+   T = 16 rotations, the two ways of moving the maps back in the same process, interleaved with the
+   forward-only floor at the same images per forward: the old one (``grid_sample``, states in (C, h, w)
+   order, as before 6b9f42b) put back for the comparison by replacing ``SameEquivarianceMeasure.values``;
+   medians of ``--reps``. Cases: bench_fused.py's ResNet18Style(width=0.25) at 32 px (N = 128) at
+   batch_size 4 and 16, and the reference case (13 layers, N = 256) at 16. Also the largest relative
+   difference of nvse per channel between the two.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+import tm_tensorboard as tm
+from bench_engine import Net, warm_allocator
+from provenance import environment
+from tm_tensorboard import layer_measures
+from tm_tensorboard.examples.models import ResNet18Style
+from tm_tensorboard.statistics import Scratch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "warps.json"
+T = 16
+_FLUSH = torch.empty(64 << 20, dtype=torch.uint8)
+_TAPS_VALUES = layer_measures.SameEquivarianceMeasure.values
+
+
+def _grid_sample_values(self, activation, chunk):
+    """Before 6b9f42b: grid_sample, the states in the layer's (C, h, w) order."""
+    return self.transformations.invert_features(self.maps(activation))
+
+
+def use(way: str) -> None:
+    """Move same-equivariance's maps back by ``grid_sample`` or by the compiled ``taps``."""
+    layer_measures.SameEquivarianceMeasure.pixel_major = way == "taps"
+    layer_measures.SameEquivarianceMeasure.values = _TAPS_VALUES if way == "taps" else _grid_sample_values
+
+
+def cold_ms(fn: Callable[[], object], reps: int = 15) -> float:
+    fn(), fn()
+    times = []
+    for _ in range(reps):
+        _FLUSH.fill_(1)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def warp_alone() -> dict:
+    tset, out = tm.transforms.rotations(T), {}
+    for shape in ((256, 16, 32, 32), (256, 64, 8, 8)):
+        maps, scratch = torch.randn(*shape), Scratch()
+        out[str(list(shape))] = {
+            "grid_sample_ms": cold_ms(lambda: tset.invert_features(maps)),
+            "taps_ms": cold_ms(lambda: tset.invert_features_pixel_major(maps, True, scratch)),
+        }
+    return out
+
+
+def measured(name: str, model: torch.nn.Module, samples: int, batch_size: int, reps: int) -> dict:
+    torch.manual_seed(0)
+    probe = torch.rand(samples, 3, 32, 32)
+    tset = tm.transforms.rotations(T)
+
+    def run():
+        return tm.measure(model, probe, tset, measures=("invariance", "same_equivariance"), batch_size=batch_size,
+                          compile=True, error_bars=False, dedupe_batchnorm=False)
+
+    def floor():
+        with torch.no_grad():
+            for lo in range(0, samples, batch_size):
+                model(tset.apply(probe[lo : lo + batch_size]))
+
+    results = {}
+    for way in ("grid_sample", "taps"):
+        use(way)
+        results[way] = run()  # compiles
+    old, new = results["grid_sample"], results["taps"]
+    difference = max(float(np.abs(old.get("nvse", layer) - new.get("nvse", layer)).max()
+                           / np.abs(old.get("nvse", layer)).max()) for layer in old.layers_of("nvse"))
+    times: dict[str, list[float]] = {"floor": [], "grid_sample": [], "taps": []}
+    for _ in range(reps):
+        for way in times:
+            if way != "floor":
+                use(way)
+            start = time.perf_counter()
+            floor() if way == "floor" else run()
+            times[way].append(time.perf_counter() - start)
+    use("taps")
+    medians = {way: statistics.median(values) for way, values in times.items()}
+    figures = {"case": name, "batch_size": batch_size, "samples": samples, "runs_s": times, "median_s": medians,
+               "grid_sample_over_floor": medians["grid_sample"] / medians["floor"],
+               "taps_over_floor": medians["taps"] / medians["floor"], "nvse_max_relative_difference": difference}
+    print(json.dumps({k: v for k, v in figures.items() if k != "runs_s"}))
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    warm_allocator()
+    figures = {"environment": environment(), "warp_alone": warp_alone(), "measure": [
+        measured("ResNet18Style(width=0.25), 32 px", ResNet18Style(3, 10, width=0.25).eval(), 128, 4, args.reps),
+        measured("ResNet18Style(width=0.25), 32 px", ResNet18Style(3, 10, width=0.25).eval(), 128, 16, args.reps),
+        measured("reference case (bench_engine.Net)", Net().eval(), 256, 16, args.reps),
+    ]}
+    print(json.dumps(figures["warp_alone"]))
+    args.output.write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
