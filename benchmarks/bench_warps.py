@@ -1,6 +1,6 @@
 """Same-equivariance's inverse warps: grid_sample against the compiled taps (warps.py), in one process.
 
-    python benchmarks/bench_warps.py            # ~8 min on an idle 2-core machine
+    python benchmarks/bench_warps.py            # ~9 min on an idle 2-core machine (--reps 5)
 
 1. The warp alone on [b·T, C, h, w] = [256, 16, 32, 32] and [256, 64, 8, 8] float32 maps (T = 16
    rotations): ``grid_sample`` (what the eager path runs) against the compiled taps (the layout change
@@ -13,6 +13,11 @@
    medians of ``--reps``. Cases: bench_fused.py's ResNet18Style(width=0.25) at 32 px (N = 128) at
    batch_size 4 and 16, and the reference case (13 layers, N = 256) at 16. Also the largest relative
    difference of nvse per channel between the two.
+3. ``--parts eager``: the same with the eager statistics (``compile=False``), where both ways run
+   ``grid_sample`` and the new one adds the layout change (an eager copy) so that the states stream
+   pixel-major whichever path runs: what that costs the eager path (its figures keep the names of part 2:
+   "taps" is the current code, here ``grid_sample`` and the copy). (Figures of the other parts already in
+   ``--output`` are kept.)
 """
 from __future__ import annotations
 
@@ -72,14 +77,15 @@ def warp_alone() -> dict:
     return out
 
 
-def measured(name: str, model: torch.nn.Module, samples: int, batch_size: int, reps: int) -> dict:
+def measured(name: str, model: torch.nn.Module, samples: int, batch_size: int, reps: int,
+             compile: bool = True) -> dict:
     torch.manual_seed(0)
     probe = torch.rand(samples, 3, 32, 32)
     tset = tm.transforms.rotations(T)
 
     def run():
         return tm.measure(model, probe, tset, measures=("invariance", "same_equivariance"), batch_size=batch_size,
-                          compile=True, error_bars=False, dedupe_batchnorm=False)
+                          compile=compile, error_bars=False, dedupe_batchnorm=False)
 
     def floor():
         with torch.no_grad():
@@ -103,7 +109,8 @@ def measured(name: str, model: torch.nn.Module, samples: int, batch_size: int, r
             times[way].append(time.perf_counter() - start)
     use("taps")
     medians = {way: statistics.median(values) for way, values in times.items()}
-    figures = {"case": name, "batch_size": batch_size, "samples": samples, "runs_s": times, "median_s": medians,
+    figures = {"case": name, "batch_size": batch_size, "samples": samples, "compiled": compile, "runs_s": times,
+               "median_s": medians,
                "grid_sample_over_floor": medians["grid_sample"] / medians["floor"],
                "taps_over_floor": medians["taps"] / medians["floor"], "nvse_max_relative_difference": difference}
     print(json.dumps({k: v for k, v in figures.items() if k != "runs_s"}))
@@ -114,15 +121,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--parts", nargs="+", choices=("compiled", "eager"), default=["compiled"])
     args = parser.parse_args()
     torch.set_num_threads(2)
     warm_allocator()
-    figures = {"environment": environment(), "warp_alone": warp_alone(), "measure": [
-        measured("ResNet18Style(width=0.25), 32 px", ResNet18Style(3, 10, width=0.25).eval(), 128, 4, args.reps),
-        measured("ResNet18Style(width=0.25), 32 px", ResNet18Style(3, 10, width=0.25).eval(), 128, 16, args.reps),
-        measured("reference case (bench_engine.Net)", Net().eval(), 256, 16, args.reps),
-    ]}
-    print(json.dumps(figures["warp_alone"]))
+    figures = json.loads(args.output.read_text()) if args.output.exists() else {}
+    resnet = lambda: ResNet18Style(3, 10, width=0.25).eval()  # noqa: E731
+    if "compiled" in args.parts:
+        figures.update({"environment": environment(), "warp_alone": warp_alone(), "measure": [
+            measured("ResNet18Style(width=0.25), 32 px", resnet(), 128, 4, args.reps),
+            measured("ResNet18Style(width=0.25), 32 px", resnet(), 128, 16, args.reps),
+            measured("reference case (bench_engine.Net)", Net().eval(), 256, 16, args.reps),
+        ]})
+        print(json.dumps(figures["warp_alone"]))
+    if "eager" in args.parts:
+        figures["eager"] = {"environment": environment(), "measure": [
+            measured("ResNet18Style(width=0.25), 32 px", resnet(), 128, 16, args.reps, compile=False),
+            measured("reference case (bench_engine.Net)", Net().eval(), 256, 16, args.reps, compile=False),
+        ]}
     args.output.write_text(json.dumps(figures, indent=1) + "\n")
     print(f"wrote {args.output}")
 

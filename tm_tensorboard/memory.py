@@ -45,7 +45,8 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 # Working memory of one chunk, in activations of the largest observed layer: the forward holds that layer's
 # input and output and a residual kept for later, the hooks working copies (deviations, the feature maps
-# moved back for same-equivariance, the compiled kernels' temporaries) and the allocator's slack. Set from
+# laid out pixel-major and moved back for same-equivariance: two, the compiled kernels' temporaries) and
+# the allocator's slack. Set from
 # the peak resident memory of ResNet-50 measurements at 224 px (benchmarks/bench_resnet50.py), compiled:
 # 4 (the count before) fell 0.2-0.9 GB short there.
 _LIVE_ACTIVATIONS = 8

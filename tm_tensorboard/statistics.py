@@ -63,8 +63,9 @@ def state_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 class Scratch:
-    """Reusable work buffers of the eager path, by name: fresh activation-sized allocations cost page
-    faults on CPU, each chunk and layer. (Compiled code allocates its own.)"""
+    """Reusable work buffers, by name: fresh activation-sized allocations cost page faults on CPU, each
+    chunk and layer. (Compiled code allocates its own temporaries, and writes into these where it is given
+    one: ``warps.py``.)"""
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}

@@ -7,11 +7,12 @@ each output pixel is a weighted sum of k source pixels (k = 1 for pixel permutat
 bicubic), with weights and sources fixed by t, the map's size, the interpolation and the padding. So the
 taps are computed once, in float64 and as ``grid_sample`` defines them (``align_corners=False``, every
 padding mode), and applied to maps laid out pixel-major, [n, h·w, C]: every tap reads a contiguous row of
-C channels, which vectorizes. Compiled, that layout change and the gather are two kernels costing ~2.4
-and ~3.3 ms on [256, 16, 32, 32] (from memory, not cache), against 9–12 ms for ``grid_sample``. They
-write into buffers the caller keeps (``Scratch``): a compiled function's fresh outputs page-faulted on
-every call. Eagerly the taps are slower than ``grid_sample`` (one op per tap over the whole maps: 17 vs
-8 ms), so the eager path keeps ``grid_sample`` (``TransformationSet.invert_features``).
+C channels, which vectorizes. Compiled, that layout change and the gather are two kernels: 5.5 ms
+together on [256, 16, 32, 32] with the caches flushed, against 13.1 ms for ``grid_sample``
+(``benchmarks/bench_warps.py``). They write into buffers the caller keeps (``Scratch``): a compiled
+function's fresh outputs page-faulted on every call. Eagerly the taps are slower than ``grid_sample``
+(one op per tap over the whole maps: 17 vs 8 ms), so the eager path keeps ``grid_sample``
+(``TransformationSet.invert_features``).
 
 The values are ``grid_sample``'s up to float rounding: its coordinates are computed in the features'
 precision, the taps' in float64 (a coordinate within 1e-9 of a pixel centre is that centre, so exact
@@ -104,12 +105,11 @@ def tap_table(sampling: list[np.ndarray], height: int, width: int, interpolation
 
 @fused
 def pixel_major(maps, out, scratch=None):
-    """Feature maps [n, C, h, w] written pixel-major into ``out`` [n, h·w, C].
-    (Outputs are buffers the caller keeps: a compiled function's own outputs are fresh allocations, which
-    on CPU page-fault in anew each chunk: 0.33 M faults, a third of the warp's time, on ResNet18Style at
-    width 0.25.)"""
-    out.copy_(maps.flatten(2).transpose(1, 2))  # (shaped as ``out`` by views: a reshape or a view of ``out``
-    # made Inductor write a temporary too, which page-faults like an output)
+    """Feature maps [n, C, h, w] written pixel-major into ``out`` [n, h·w, C]. (Outputs are buffers the
+    caller keeps: a compiled function's own outputs are fresh allocations, which on CPU page-fault in anew
+    each chunk: 0.33 M faults, a third of the warp's time, on ResNet18Style at width 0.25. The source is
+    shaped as ``out`` by views: reshaping it, or viewing ``out``, made Inductor write a temporary too.)"""
+    out.copy_(maps.flatten(2).transpose(1, 2))
 
 
 @fused
