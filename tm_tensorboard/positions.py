@@ -8,8 +8,8 @@ and the measures gather the activation to those [C, K] positions inside the hook
 (one ``index_select`` with an index made once on the activation's device: nothing read back to the host).
 Same-equivariance moves back only the sampled positions of each feature map (``grid_sample`` at those
 points: the same values as moving the whole map back eagerly, then gathering,
-``TransformationSet.invert_features_at``; the compiled whole-map warp differs from it by float rounding). Layers with at most K
-positions per channel are measured on all of them, exactly.
+``TransformationSet.invert_features_at``; the compiled whole-map warp differs from it by float
+rounding). Layers with at most K positions per channel are measured on all of them, exactly.
 
 The positions depend only on the layer's name, its shape and ``positions_seed``: every chunk, shard, rank
 and Monitor step measures the same ones (drawn with a private ``torch.Generator``: the global RNG is

@@ -346,12 +346,11 @@ class TransformationSet(Sequence[Transformation]):
         """Maps [b·T, C, h, w] as [b, T·h·w, C] (sample i's maps, transformation by transformation, pixel by
         pixel): the layout the inverse warp's taps read fast (``warps.py``), in ``scratch``'s buffer."""
         n, channels, height, width = y.shape
-        if n % len(self):
-            raise ValueError(f"batch of {n} rows is not a whole number of {len(self)}-transformation groups")
+        b = self._samples(n)
         scratch = Scratch() if scratch is None else scratch
         warps.pixel_major(compiled, y, scratch.get("pixel major", (n, height * width, channels), y.dtype, y.device),
                           scratch=scratch)
-        return scratch.get("pixel major", (n // len(self), len(self) * height * width, channels), y.dtype, y.device)
+        return scratch.get("pixel major", (b, len(self) * height * width, channels), y.dtype, y.device)
 
     def inverse_taps(self, height: int, width: int, device: torch.device, dtype: torch.dtype
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -441,12 +440,15 @@ class TransformationSet(Sequence[Transformation]):
 
     def _rows_and_plan(self, x: torch.Tensor, inverse: bool) -> tuple[int, tuple, tuple]:
         """For maps x [b·T, C, h, w]: b, the plan's key and the warp plan (ValueError unless whole T-groups)."""
-        n, _, height, width = x.shape
-        T = len(self)
-        if n % T:
-            raise ValueError(f"batch of {n} rows is not a whole number of {T}-transformation groups")
+        height, width = x.shape[-2:]
         key = (height, width, inverse, str(x.device), x.dtype)
-        return n // T, key, self._warp_plan(key, height, width, inverse, x.device, x.dtype)
+        return self._samples(x.shape[0]), key, self._warp_plan(key, height, width, inverse, x.device, x.dtype)
+
+    def _samples(self, rows: int) -> int:
+        """The samples b of a batch of b·T rows (ValueError unless whole T-groups)."""
+        if rows % len(self):
+            raise ValueError(f"batch of {rows} rows is not a whole number of {len(self)}-transformation groups")
+        return rows // len(self)
 
     def _batch_grid(self, key: tuple, grid: torch.Tensor, b: int) -> torch.Tensor:
         """The plan ``key``'s [T, h, w, 2] sampling grid repeated for b samples, kept for the next chunk of
