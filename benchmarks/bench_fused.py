@@ -18,6 +18,13 @@
    ``compile=True`` (cold: what a first run on a machine pays), the same with the cache that run left
    (warm: every later process), and the time to make a Monitor (which compiles) and its first
    measurement, against a later one.
+4. Host time per observed layer and chunk (``--parts host``): a model whose kernels take microseconds
+   (20 convolutions of 4 channels on 6×6 maps, each followed by a ReLU: 40 layers; N = 64, T = 4,
+   batch_size = 2: 32 chunks), so that measure()'s time over its forward floor is what the host spends
+   per layer and chunk (hooks, Dynamo's call of each compiled region, the compiler settings): on a GPU
+   that time, not the kernels, bounds a chunk. Compiled with the compiler settings entered once per
+   layer (as measure() does) and, in the same process, once per compiled call (as before 7e7e8ef); eager;
+   and one compiled call of the invariance update on a 2-sample chunk against the same function eagerly.
 
 The allocator: glibc returns freed memory to the system until a large block (> 32 MiB) has once been
 freed, after which it keeps it; a training process has long done that, a fresh benchmark process has
@@ -54,7 +61,7 @@ THREADS = 2
 INVARIANCE = ("invariance",)
 DEFAULT = ("invariance", "same_equivariance")
 TARGETS = {"ops_invariance": 8, "ops_default": 16, "invariance_over_floor": 1.5, "default_over_floor": 2.0}
-PARTS = ("compile", "ops", "speed")
+PARTS = ("compile", "ops", "speed", "host")
 
 
 def ops_per_layer_per_chunk(make_model: Callable[[], torch.nn.Module], measures, compile: bool,
@@ -84,6 +91,74 @@ def ops_per_layer_per_chunk(make_model: Callable[[], torch.nn.Module], measures,
         "forward_ops": sum(forward.values()),
         "per_layer_per_chunk": (sum(measured.values()) - sum(forward.values())) / (layers * len(batches)),
         "most_common_extra": extra.most_common(8),
+    }
+
+
+def host_per_layer_chunk(reps: int) -> dict:
+    """Microseconds the host spends per observed layer and chunk when the kernels take next to nothing."""
+    import contextlib
+    import types
+
+    import tm_tensorboard.engine as engine
+    from tm_tensorboard import fused
+    from tm_tensorboard.layer_measures import _variance_update
+
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(20):
+        layers += [torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers).eval()
+    probe, tset, batch_size = torch.rand(64, 4, 6, 6), tm.transforms.rotations(4), 2
+    images = [tset.apply(chunk) for chunk in probe.split(batch_size)]
+    per_call = types.SimpleNamespace(**{k: getattr(fused, k) for k in dir(fused) if not k.startswith("__")})
+    per_call.compiling = contextlib.nullcontext  # the hook leaves the settings to each compiled call
+
+    def floor() -> None:
+        with torch.no_grad():
+            for x in images:
+                model(x)
+
+    def measure(measures, compile: bool, settings=fused) -> Callable[[], None]:
+        def run() -> None:
+            engine.fused = settings
+            try:
+                tm.measure(model, probe, tset, measures=measures, batch_size=batch_size, compile=compile,
+                           error_bars=False, dedupe_batchnorm=False)
+            finally:
+                engine.fused = fused
+        return run
+
+    methods = {"floor": floor}
+    for label, measures in (("invariance", INVARIANCE), ("default", DEFAULT)):
+        methods[f"{label}_compiled"] = measure(measures, True)
+        methods[f"{label}_compiled_settings_per_call"] = measure(measures, True, per_call)
+        methods[f"{label}_eager"] = measure(measures, False)
+    for run in methods.values():
+        run()
+    wall: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(reps):
+        for method, run in methods.items():
+            start = time.perf_counter()
+            run()
+            wall[method].append(time.perf_counter() - start)
+    median = {m: statistics.median(ts) for m, ts in wall.items()}
+    layer_chunks = len(layers) * len(images)
+
+    x = torch.rand(2 * 4, 4)  # one compiled call on next to no data, against the same function eagerly
+    states = (torch.zeros(4, dtype=torch.float64), torch.zeros((), dtype=torch.int64),
+              torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64),
+              torch.zeros((), dtype=torch.int64))
+    call = {}
+    for label, compiled in (("compiled", True), ("eager", False)):
+        _variance_update(compiled, x, 4, *states)
+        start, calls = time.perf_counter(), 2000
+        for _ in range(calls):
+            _variance_update(compiled, x, 4, *states)
+        call[label] = (time.perf_counter() - start) / calls * 1e6
+    return {
+        "layers": len(layers), "chunks": len(images), "median_s": median,
+        "us_per_layer_chunk": {m: (median[m] - median["floor"]) / layer_chunks * 1e6 for m in methods if m != "floor"},
+        "us_per_invariance_update_call": call,
     }
 
 
@@ -204,6 +279,10 @@ def main() -> None:
         }
         for key, value in figures["ops"].items():
             print(f"ops per layer per chunk {key}: {value['per_layer_per_chunk']:.2f}", flush=True)
+    if "host" in args.parts:
+        figures["host"] = host_per_layer_chunk(max(args.reps, 7))
+        print("host µs per layer and chunk:", json.dumps({k: round(v) for k, v in figures["host"]["us_per_layer_chunk"].items()}),
+              "per invariance update call:", json.dumps({k: round(v) for k, v in figures["host"]["us_per_invariance_update_call"].items()}), flush=True)
     if "speed" not in args.parts:
         print(json.dumps(figures, indent=1))
         if not args.no_save:
