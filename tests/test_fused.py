@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tm_tensorboard as tm
+from tm_tensorboard import fused
 from tm_tensorboard import transforms as T
 from tm_tensorboard.engine import Measurement
 from tm_tensorboard.examples.models import ResNet18Style, SimpleCNN
@@ -81,8 +82,10 @@ def test_compiled_ops_per_layer_per_shard_end_within_budget(measures):
     torch.manual_seed(0)
     probe = torch.rand(128, 3, 32, 32)
     layers = len(tm.measure(model, probe[:2], tset, measures=measures, compile=True).layers)
-    counts = [sum(top_level_ops(lambda: tm.measure(model, probe, tset, measures=measures, batch_size=16, compile=True,
-                                                   error_bars=bars)).values()) for bars in (8, False)]
+    run = lambda bars: tm.measure(model, probe, tset, measures=measures, batch_size=16, compile=True,  # noqa: E731
+                                  error_bars=bars)
+    run(8)  # compiled first: compiling ahead of time dispatches ops (on fake tensors) that no GPU launches
+    counts = [sum(top_level_ops(lambda: run(bars)).values()) for bars in (8, False)]
     per_shard_end = (counts[0] - counts[1]) / (layers * 8)
     assert 0 < per_shard_end <= SHARD_END_BUDGET[measures], per_shard_end
 
@@ -117,6 +120,44 @@ class _HostReads(TorchDispatchMode):
         if func.__name__.split(".")[0] in self.SYNCING:
             self.seen.append(func.__name__)
         return func(*args, **(kwargs or {}))
+
+
+def _weighted(x, k, out, scratch=None):
+    """x·(1 + 2 + … + k) into out, by a loop Dynamo specializes on k."""
+    total = x
+    for i in range(1, k):
+        total = total + x * (i + 1)
+    out.copy_(total)
+
+
+def _results(f, x):
+    got, expected = [], []
+    for k in (2, 3, 2):
+        out = torch.empty_like(x)
+        f(True, x, k, out)
+        got.append(out)
+        expected.append(x * (k * (k + 1) // 2))
+    return got, expected
+
+
+def test_graphs_compiled_ahead_of_time_serve_only_what_their_guards_pass(monkeypatch):
+    """Fused functions run as graphs compiled ahead of time, without Dynamo's frame evaluation (a third of
+    the host's time per call): a call whose arguments a graph's guards reject gets a graph of its own, and
+    where compiling ahead of time is unavailable, Dynamo's call serves, with the same numbers."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    x = torch.rand(5, 3)
+    ahead = fused.FusedFunction(_weighted)
+    got, expected = _results(ahead, x)
+    torch.testing.assert_close(got, expected)
+    assert [len(graphs) for graphs in ahead._ahead.values()] == [2]  # k = 2 and k = 3
+    assert not _debug_get_cache_entry_list(_weighted.__code__)  # Dynamo never evaluated the frame
+
+    monkeypatch.setattr(fused._AHEAD, "failed", "unavailable here")
+    called = fused.FusedFunction(_weighted)
+    got, expected = _results(called, x)
+    torch.testing.assert_close(got, expected)
+    assert not called._ahead and len(_debug_get_cache_entry_list(_weighted.__code__)) == 2
 
 
 def test_chunk_path_has_no_host_syncs():

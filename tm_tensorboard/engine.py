@@ -954,7 +954,7 @@ class Measurement:
             activation = output.detach() if output.requires_grad else output  # (no_grad: it never does)
             if activation.dtype not in (torch.float32, torch.float64):
                 activation = activation.float()
-            with fused.compiling() if chunk.compiled else contextlib.nullcontext():  # once for all the layer's calls
+            with fused.call_settings(chunk.compiled):
                 observer.update(phase, activation, chunk)
 
         images, n = probe.images, len(probe)
