@@ -160,6 +160,37 @@ def test_graphs_compiled_ahead_of_time_serve_only_what_their_guards_pass(monkeyp
     assert not called._ahead and len(_debug_get_cache_entry_list(_weighted.__code__)) == 2
 
 
+_STORE_CHILD = textwrap.dedent(
+    """
+    import json, torch
+    from tm_tensorboard import fused
+    from tm_tensorboard.layer_measures import _variance_update
+    x = torch.arange(60, dtype=torch.float32).reshape(3 * 4, 5).sin()
+    states = (torch.zeros(5, dtype=torch.float64), torch.zeros((), dtype=torch.int64),
+              torch.zeros(4, 5, dtype=torch.float64), torch.zeros(4, 5, dtype=torch.float64),
+              torch.zeros((), dtype=torch.int64))
+    _variance_update(True, x, 4, *states)
+    print(json.dumps({"counts": fused._AHEAD.counts, "failed": fused._AHEAD.failed,
+                      "states": [t.tolist() for t in states]}))
+    """
+)
+
+
+def test_graphs_compiled_ahead_of_time_are_stored_for_later_processes(tmp_path):
+    """Compiling ahead of time bypasses Inductor's caches, so the graphs are stored (in Inductor's cache
+    directory): a later process loads them instead of compiling, and computes the same numbers."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    env.pop("TM_TENSORBOARD_COMPILE", None)
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _STORE_CHILD], env=env, capture_output=True, text=True, check=True)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert runs[0]["failed"] is None and runs[0]["counts"] == {"compiled": 1, "loaded": 0}
+    assert runs[1]["counts"] == {"compiled": 0, "loaded": 1}
+    assert runs[1]["states"] == runs[0]["states"]
+    assert len(list((tmp_path / "tm_tensorboard").glob("_variance_update-*.graph"))) == 1
+
+
 def test_chunk_path_has_no_host_syncs():
     """Streaming every measure group (stratified, noise floor, accuracy) reads nothing back to the host."""
     model = small_cnn()
