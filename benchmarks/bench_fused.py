@@ -21,10 +21,10 @@
 4. Host time per observed layer and chunk (``--parts host``): a model whose kernels take microseconds
    (20 convolutions of 4 channels on 6×6 maps, each followed by a ReLU: 40 layers; N = 64, T = 4,
    batch_size = 2: 32 chunks), so that measure()'s time over its forward floor is what the host spends
-   per layer and chunk (hooks, Dynamo's call of each compiled region, the compiler settings): on a GPU
-   that time, not the kernels, bounds a chunk. Compiled with the compiler settings entered once per
-   layer (as measure() does) and, in the same process, once per compiled call (as before 7e7e8ef); eager;
-   and one compiled call of the invariance update on a 2-sample chunk against the same function eagerly.
+   per layer and chunk (hooks, calling each compiled graph): on a GPU that time, not the kernels, bounds
+   a chunk. Compiled (graphs compiled ahead of time, called directly), in the same process through
+   Dynamo's frame evaluation (where compiling ahead of time is unavailable) and eager; and one call of the
+   invariance update on a 2-sample chunk each of the three ways.
 
 The allocator: glibc returns freed memory to the system until a large block (> 32 MiB) has once been
 freed, after which it keeps it; a training process has long done that, a fresh benchmark process has
@@ -34,6 +34,7 @@ a 1.9 s floor). The script frees one 64 MiB block first, as training would have.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -61,7 +62,7 @@ THREADS = 2
 INVARIANCE = ("invariance",)
 DEFAULT = ("invariance", "same_equivariance")
 TARGETS = {"ops_invariance": 8, "ops_default": 16, "invariance_over_floor": 1.5, "default_over_floor": 2.0}
-PARTS = ("compile", "ops", "speed", "host")
+PARTS = ("compile", "ops", "speed", "host", "dynamo")
 
 
 def ops_per_layer_per_chunk(make_model: Callable[[], torch.nn.Module], measures, compile: bool,
@@ -96,10 +97,6 @@ def ops_per_layer_per_chunk(make_model: Callable[[], torch.nn.Module], measures,
 
 def host_per_layer_chunk(reps: int) -> dict:
     """Microseconds the host spends per observed layer and chunk when the kernels take next to nothing."""
-    import contextlib
-    import types
-
-    import tm_tensorboard.engine as engine
     from tm_tensorboard import fused
     from tm_tensorboard.layer_measures import _variance_update
 
@@ -110,28 +107,34 @@ def host_per_layer_chunk(reps: int) -> dict:
     model = torch.nn.Sequential(*layers).eval()
     probe, tset, batch_size = torch.rand(64, 4, 6, 6), tm.transforms.rotations(4), 2
     images = [tset.apply(chunk) for chunk in probe.split(batch_size)]
-    per_call = types.SimpleNamespace(**{k: getattr(fused, k) for k in dir(fused) if not k.startswith("__")})
-    per_call.compiling = contextlib.nullcontext  # the hook leaves the settings to each compiled call
+
+    @contextlib.contextmanager
+    def through_dynamo(on: bool):
+        """Dynamo's frame evaluation calls the compiled regions, as where compiling ahead of time is
+        unavailable (and as measure() did before), instead of the graphs compiled ahead of time."""
+        failed = fused._AHEAD.failed
+        fused._AHEAD.failed = "benchmarked through Dynamo" if on else failed
+        try:
+            yield
+        finally:
+            fused._AHEAD.failed = failed
 
     def floor() -> None:
         with torch.no_grad():
             for x in images:
                 model(x)
 
-    def measure(measures, compile: bool, settings=fused) -> Callable[[], None]:
+    def measure(measures, compile: bool, dynamo: bool = False) -> Callable[[], None]:
         def run() -> None:
-            engine.fused = settings
-            try:
+            with through_dynamo(dynamo):
                 tm.measure(model, probe, tset, measures=measures, batch_size=batch_size, compile=compile,
                            error_bars=False, dedupe_batchnorm=False)
-            finally:
-                engine.fused = fused
         return run
 
     methods = {"floor": floor}
     for label, measures in (("invariance", INVARIANCE), ("default", DEFAULT)):
         methods[f"{label}_compiled"] = measure(measures, True)
-        methods[f"{label}_compiled_settings_per_call"] = measure(measures, True, per_call)
+        methods[f"{label}_compiled_through_dynamo"] = measure(measures, True, dynamo=True)
         methods[f"{label}_eager"] = measure(measures, False)
     for run in methods.values():
         run()
@@ -144,22 +147,67 @@ def host_per_layer_chunk(reps: int) -> dict:
     median = {m: statistics.median(ts) for m, ts in wall.items()}
     layer_chunks = len(layers) * len(images)
 
-    x = torch.rand(2 * 4, 4)  # one compiled call on next to no data, against the same function eagerly
+    x = torch.rand(2 * 4, 4)  # one call on next to no data: compiled both ways, and eagerly
     states = (torch.zeros(4, dtype=torch.float64), torch.zeros((), dtype=torch.int64),
               torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64),
               torch.zeros((), dtype=torch.int64))
     call = {}
-    for label, compiled in (("compiled", True), ("eager", False)):
-        _variance_update(compiled, x, 4, *states)
-        start, calls = time.perf_counter(), 2000
-        for _ in range(calls):
+    for label, compiled, dynamo in (("compiled", True, False), ("compiled_through_dynamo", True, True),
+                                    ("eager", False, False)):
+        with through_dynamo(dynamo):
             _variance_update(compiled, x, 4, *states)
-        call[label] = (time.perf_counter() - start) / calls * 1e6
+            start, calls = time.perf_counter(), 2000
+            for _ in range(calls):
+                _variance_update(compiled, x, 4, *states)
+            call[label] = (time.perf_counter() - start) / calls * 1e6
     return {
         "layers": len(layers), "chunks": len(images), "median_s": median,
         "us_per_layer_chunk": {m: (median[m] - median["floor"]) / layer_chunks * 1e6 for m in methods if m != "floor"},
         "us_per_invariance_update_call": call,
     }
+
+
+def ahead_of_time_against_dynamo(reps: int) -> dict:
+    """measure() on ResNet18Style(0.25) with the graphs compiled ahead of time and through Dynamo's calls."""
+    from tm_tensorboard import fused
+
+    torch.manual_seed(0)
+    model = ResNet18Style(3, 10, width=0.25).eval()
+    probe = torch.rand(128, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tset = tm.transforms.rotations(T)
+    out = {}
+    for batch_size in (4, 16):
+        images = [tset.apply(chunk) for chunk in probe.split(batch_size)]
+
+        def floor(images=images) -> None:
+            with torch.no_grad():
+                for x in images:
+                    model(x)
+
+        def run(measures, failed, b=batch_size) -> None:
+            before, fused._AHEAD.failed = fused._AHEAD.failed, failed
+            try:
+                tm.measure(model, probe, tset, measures=measures, batch_size=b, compile=True, error_bars=False,
+                           dedupe_batchnorm=False)
+            finally:
+                fused._AHEAD.failed = before
+
+        methods: dict[str, Callable[[], None]] = {"floor": floor}
+        for label, measures in (("invariance", INVARIANCE), ("default", DEFAULT)):
+            methods[f"{label}_ahead_of_time"] = lambda m=measures: run(m, None)
+            methods[f"{label}_through_dynamo"] = lambda m=measures: run(m, "benchmarked through Dynamo")
+        for method in methods.values():
+            method()
+        wall: dict[str, list[float]] = {m: [] for m in methods}
+        for _ in range(reps):
+            for method, call in methods.items():
+                start = time.perf_counter()
+                call()
+                wall[method].append(time.perf_counter() - start)
+        median = {m: statistics.median(ts) for m, ts in wall.items()}
+        out[f"b{batch_size}"] = {"median_s": median, "over_floor": {m: median[m] / median["floor"] for m in median}}
+        print(f"ahead of time / Dynamo, batch {batch_size}:", json.dumps({m: round(v, 2) for m, v in median.items()}), flush=True)
+    return out
 
 
 def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int) -> dict:
@@ -283,6 +331,8 @@ def main() -> None:
         figures["host"] = host_per_layer_chunk(max(args.reps, 7))
         print("host µs per layer and chunk:", json.dumps({k: round(v) for k, v in figures["host"]["us_per_layer_chunk"].items()}),
               "per invariance update call:", json.dumps({k: round(v) for k, v in figures["host"]["us_per_invariance_update_call"].items()}), flush=True)
+    if "dynamo" in args.parts:
+        figures["ahead_of_time_against_dynamo"] = ahead_of_time_against_dynamo(args.reps)
     if "speed" not in args.parts:
         print(json.dumps(figures, indent=1))
         if not args.no_save:
