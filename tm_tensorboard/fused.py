@@ -17,6 +17,8 @@ import contextlib
 import functools
 import hashlib
 import os
+import platform
+import sys
 import threading
 import time
 import warnings
@@ -190,9 +192,9 @@ class _AheadOfTime:
     """Graphs compiled ahead of time, and their store on disk: compiling one ahead of time bypasses
     Inductor's caches (~3 s a graph in every process, where Dynamo's call of a graph Inductor had cached
     compiled in 0.6 s), while loading a stored one takes ~15 ms. Stored in Inductor's cache directory,
-    under a key of this package's source (and the function's file), torch's version, the function, the
-    kind of arguments and the CPU's vector instructions (or the GPU's compute capability), so that no
-    changed code or other machine loads them."""
+    under a key of this package's source (and the function's file), torch's and Python's versions, the
+    function, the kind of arguments and the machine (its CPU's vector instructions, or the GPU's compute
+    capability), so that no changed code or other machine loads them."""
 
     def __init__(self):
         self.failed: str | None = None  # why compiling ahead of time was given up in this process, once it was
@@ -218,8 +220,8 @@ class _AheadOfTime:
         devices = sorted({str(part[2]) for part in kind if isinstance(part, tuple)})
         machine = [torch.cuda.get_device_capability(d) if d.startswith("cuda") else torch.backends.cpu.get_cpu_capability()
                    for d in devices]
-        key = repr((self._source, _file_digest(fn.__code__.co_filename), torch.__version__, fn.__module__,
-                    fn.__qualname__, kind, machine))
+        key = repr((self._source, _file_digest(fn.__code__.co_filename), torch.__version__,
+                    sys.implementation.cache_tag, platform.machine(), fn.__module__, fn.__qualname__, kind, machine))
         return directory / f"{fn.__name__}-{hashlib.sha256(key.encode()).hexdigest()[:32]}-{index}.graph"
 
     def load(self, fn: Callable, kind: tuple) -> list:
