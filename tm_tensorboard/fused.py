@@ -4,7 +4,9 @@ Each measure group writes its per-chunk update once, in torch ops (``statistics.
 it is vectorized: a constant number of ops whatever T and the chunk size. Run through ``torch.compile``
 (Inductor), it becomes one compiled region of a few fused kernels that read the activations once or
 twice. Shapes are compiled symbolically (batch, units, T, feature-map size), so one compilation serves
-every layer of a given rank and every chunk size; Inductor caches it on disk for later processes too.
+every layer of a given rank and every chunk size. The graphs are compiled ahead of time and called
+directly (no Dynamo frame evaluation per call: the host's time, not the launches, is what a chunk of
+small kernels waits on), and stored on disk for later processes.
 
 Compiling costs seconds once per process, so it is used when it pays (``engine.compile_pays``). A
 compiler that is missing or fails warns once and the eager path takes over for the rest of the process:
