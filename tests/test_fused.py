@@ -191,6 +191,31 @@ def test_graphs_compiled_ahead_of_time_are_stored_for_later_processes(tmp_path):
     assert len(list((tmp_path / "tm_tensorboard").glob("_variance_update-*.graph"))) == 1
 
 
+_STRICT_WARNINGS_CHILD = textwrap.dedent(
+    """
+    import json, warnings, torch
+    from torch import nn
+    import tm_tensorboard as tm
+    from tm_tensorboard import fused
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tm.measure(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.randn(8, 3, 8, 8),
+                   tm.transforms.rotations(4, padding="zeros"), measures=("invariance",), compile=True)
+    print(json.dumps({"compiled": fused.compile_available(), "ahead_of_time": fused._AHEAD.failed is None}))
+    """
+)
+
+
+def test_a_process_first_compiling_under_strict_warnings_compiles(tmp_path):
+    """Compiling imports parts of torch that warn of their own deprecations; under a user's
+    warnings.simplefilter("error") that failed the first compile of a process (and then the measurement)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    env.pop("TM_TENSORBOARD_COMPILE", None)
+    done = subprocess.run([sys.executable, "-c", _STRICT_WARNINGS_CHILD], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"compiled": True, "ahead_of_time": True}
+
+
 def test_chunk_path_has_no_host_syncs():
     """Streaming every measure group (stratified, noise floor, accuracy) reads nothing back to the host."""
     model = small_cnn()

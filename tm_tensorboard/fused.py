@@ -168,7 +168,8 @@ class FusedFunction:
         try:
             graphs = self._ahead.get(kind)
             if graphs is None:  # this process's first call of this kind: the graphs an earlier one stored
-                graphs = self._ahead[kind] = _AHEAD.load(self.fn, kind)
+                with _torch_deprecations_ignored():
+                    graphs = self._ahead[kind] = _AHEAD.load(self.fn, kind)
                 _COMPILER.seconds += time.perf_counter() - start
             for graph in graphs:
                 if graph.guard_check(*args, scratch=None):
@@ -176,7 +177,7 @@ class FusedFunction:
             if len(graphs) >= AHEAD_OF_TIME_GRAPHS:
                 return None
             start = time.perf_counter()
-            with compiling():
+            with compiling(), _torch_deprecations_ignored():
                 graph = self._compiled.aot_compile((args, {"scratch": None}))
             graph.disable_guard_check()  # checked here, before each call
             _COMPILER.seconds += time.perf_counter() - start
@@ -250,6 +251,17 @@ class _AheadOfTime:
             graph.save_compiled_function(str(path))  # written to a temporary file, then renamed
         except Exception:  # a read-only cache directory, a graph that does not serialize: compiled next time too
             pass
+
+
+@contextlib.contextmanager
+def _torch_deprecations_ignored() -> Iterator[None]:
+    """Compiling (and loading compiled graphs) imports parts of torch that warn of their own deprecations
+    (``torch.jit.script_method``, from ``torch.utils.mkldnn``): not the user's warnings, and under
+    ``warnings.simplefilter("error")`` they failed the first compile of a process."""
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
+        yield
 
 
 @functools.lru_cache(maxsize=None)
