@@ -176,19 +176,24 @@ _STORE_CHILD = textwrap.dedent(
 )
 
 
+def _fresh_process(script: str, tmp_path, **env) -> dict:
+    """Run ``script`` in a new Python process with its own Inductor cache (``tmp_path / "inductor"``, kept
+    across calls with the same ``tmp_path``) and the default compile mode; the JSON it prints last."""
+    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), **env}
+    environment.pop("TM_TENSORBOARD_COMPILE", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_graphs_compiled_ahead_of_time_are_stored_for_later_processes(tmp_path):
     """Compiling ahead of time bypasses Inductor's caches, so the graphs are stored (in Inductor's cache
     directory): a later process loads them instead of compiling, and computes the same numbers."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
-    env.pop("TM_TENSORBOARD_COMPILE", None)
-    runs = []
-    for _ in range(2):
-        done = subprocess.run([sys.executable, "-c", _STORE_CHILD], env=env, capture_output=True, text=True, check=True)
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    runs = [_fresh_process(_STORE_CHILD, tmp_path) for _ in range(2)]
     assert runs[0]["failed"] is None and runs[0]["counts"] == {"compiled": 1, "loaded": 0}
     assert runs[1]["counts"] == {"compiled": 0, "loaded": 1}
     assert runs[1]["states"] == runs[0]["states"]
-    assert len(list((tmp_path / "tm_tensorboard").glob("_variance_update-*.graph"))) == 1
+    assert len(list((tmp_path / "inductor" / "tm_tensorboard").glob("_variance_update-*.graph"))) == 1
 
 
 _STRICT_WARNINGS_CHILD = textwrap.dedent(
@@ -209,11 +214,7 @@ _STRICT_WARNINGS_CHILD = textwrap.dedent(
 def test_a_process_first_compiling_under_strict_warnings_compiles(tmp_path):
     """Compiling imports parts of torch that warn of their own deprecations; under a user's
     warnings.simplefilter("error") that failed the first compile of a process (and then the measurement)."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
-    env.pop("TM_TENSORBOARD_COMPILE", None)
-    done = subprocess.run([sys.executable, "-c", _STRICT_WARNINGS_CHILD], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"compiled": True, "ahead_of_time": True}
+    assert _fresh_process(_STRICT_WARNINGS_CHILD, tmp_path) == {"compiled": True, "ahead_of_time": True}
 
 
 def test_chunk_path_has_no_host_syncs():
@@ -285,12 +286,7 @@ _CHILD = textwrap.dedent(
 
 
 def _child(tmp_path, runs, **env) -> dict:
-    script = _CHILD.format(tests=os.path.dirname(__file__), runs=runs)
-    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), **env}
-    environment.pop("TM_TENSORBOARD_COMPILE", None)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=600)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _fresh_process(_CHILD.format(tests=os.path.dirname(__file__), runs=runs), tmp_path, **env)
 
 
 def test_a_missing_compiler_warns_once_and_measures_eagerly(tmp_path):
@@ -360,12 +356,7 @@ _MONITOR_CHILD = textwrap.dedent(
 def test_a_monitor_compiles_when_made_and_only_when_it_pays(tmp_path):
     """A small Monitor measures eagerly (ten measurements would not repay compiling); with compile=True it
     compiles when it is made, says how long that took, and its measurements compile nothing more."""
-    script = _MONITOR_CHILD.format(tests=os.path.dirname(__file__))
-    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    environment.pop("TM_TENSORBOARD_COMPILE", None)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=600)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = _fresh_process(_MONITOR_CHILD.format(tests=os.path.dirname(__file__)), tmp_path)
     assert out["auto"] == {"compile_seconds": 0, "made": 0, "after_step": 0, "shards": 2}
     assert out["compiled"]["compile_seconds"] > 0 and out["compiled"]["shards"] == 2
     assert out["compiled"]["after_step"] == out["compiled"]["made"] == pytest.approx(out["compiled"]["compile_seconds"])
