@@ -44,7 +44,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -65,6 +65,15 @@ TARGETS = {"ops_invariance": 8, "ops_default": 16, "invariance_over_floor": 1.5,
 PARTS = ("compile", "ops", "speed", "host", "dynamo")
 
 
+def forward_floor(model: torch.nn.Module, images: list[torch.Tensor]) -> Callable[[], None]:
+    """The forward-only floor: the transformed images through the model, chunk by chunk, no autograd."""
+    def floor() -> None:
+        with torch.no_grad():
+            for x in images:
+                model(x)
+    return floor
+
+
 def ops_per_layer_per_chunk(make_model: Callable[[], torch.nn.Module], measures, compile: bool,
                             error_bars: bool = False) -> dict:
     torch.manual_seed(0)
@@ -77,13 +86,7 @@ def ops_per_layer_per_chunk(make_model: Callable[[], torch.nn.Module], measures,
     layers = len(run().layers)
     measured = top_level_ops(run)
     batches = [tset.apply(probe[i : i + 16]) for i in range(0, 64, 16)]
-
-    def forward_only() -> None:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-
-    forward = top_level_ops(forward_only)
+    forward = top_level_ops(forward_floor(model, batches))
     extra = measured - forward
     return {
         "layers": layers,
@@ -95,9 +98,36 @@ def ops_per_layer_per_chunk(make_model: Callable[[], torch.nn.Module], measures,
     }
 
 
+def interleaved(methods: dict[str, Callable[[], Any]], reps: int, name: str | None = None) -> dict[str, list[float]]:
+    """``reps`` rounds of all the methods in turn (run each once before: compiling, warming caches and the
+    allocator); their wall times (each round printed under ``name``)."""
+    wall: dict[str, list[float]] = {m: [] for m in methods}
+    for rep in range(reps):
+        for method, run in methods.items():
+            start = time.perf_counter()
+            run()
+            wall[method].append(time.perf_counter() - start)
+        if name is not None:
+            print(f"{name} rep {rep + 1}/{reps}: " + ", ".join(f"{m} {wall[m][-1]:.2f}" for m in methods), flush=True)
+    return wall
+
+
+@contextlib.contextmanager
+def through_dynamo(on: bool) -> Iterator[None]:
+    """With ``on``, Dynamo's frame evaluation calls the compiled regions, as where compiling ahead of time is
+    unavailable (and as measure() did before), instead of the graphs compiled ahead of time."""
+    from tm_tensorboard import fused
+
+    failed = fused._AHEAD.failed
+    fused._AHEAD.failed = "benchmarked through Dynamo" if on else failed
+    try:
+        yield
+    finally:
+        fused._AHEAD.failed = failed
+
+
 def host_per_layer_chunk(reps: int) -> dict:
     """Microseconds the host spends per observed layer and chunk when the kernels take next to nothing."""
-    from tm_tensorboard import fused
     from tm_tensorboard.layer_measures import _variance_update
 
     torch.manual_seed(0)
@@ -108,22 +138,6 @@ def host_per_layer_chunk(reps: int) -> dict:
     probe, tset, batch_size = torch.rand(64, 4, 6, 6), tm.transforms.rotations(4), 2
     images = [tset.apply(chunk) for chunk in probe.split(batch_size)]
 
-    @contextlib.contextmanager
-    def through_dynamo(on: bool):
-        """Dynamo's frame evaluation calls the compiled regions, as where compiling ahead of time is
-        unavailable (and as measure() did before), instead of the graphs compiled ahead of time."""
-        failed = fused._AHEAD.failed
-        fused._AHEAD.failed = "benchmarked through Dynamo" if on else failed
-        try:
-            yield
-        finally:
-            fused._AHEAD.failed = failed
-
-    def floor() -> None:
-        with torch.no_grad():
-            for x in images:
-                model(x)
-
     def measure(measures, compile: bool, dynamo: bool = False) -> Callable[[], None]:
         def run() -> None:
             with through_dynamo(dynamo):
@@ -131,20 +145,14 @@ def host_per_layer_chunk(reps: int) -> dict:
                            error_bars=False, dedupe_batchnorm=False)
         return run
 
-    methods = {"floor": floor}
+    methods = {"floor": forward_floor(model, images)}
     for label, measures in (("invariance", INVARIANCE), ("default", DEFAULT)):
         methods[f"{label}_compiled"] = measure(measures, True)
         methods[f"{label}_compiled_through_dynamo"] = measure(measures, True, dynamo=True)
         methods[f"{label}_eager"] = measure(measures, False)
     for run in methods.values():
         run()
-    wall: dict[str, list[float]] = {m: [] for m in methods}
-    for _ in range(reps):
-        for method, run in methods.items():
-            start = time.perf_counter()
-            run()
-            wall[method].append(time.perf_counter() - start)
-    median = {m: statistics.median(ts) for m, ts in wall.items()}
+    median = {m: statistics.median(ts) for m, ts in interleaved(methods, reps).items()}
     layer_chunks = len(layers) * len(images)
 
     x = torch.rand(2 * 4, 4)  # one call on next to no data: compiled both ways, and eagerly
@@ -169,42 +177,25 @@ def host_per_layer_chunk(reps: int) -> dict:
 
 def ahead_of_time_against_dynamo(reps: int) -> dict:
     """measure() on ResNet18Style(0.25) with the graphs compiled ahead of time and through Dynamo's calls."""
-    from tm_tensorboard import fused
-
     torch.manual_seed(0)
     model = ResNet18Style(3, 10, width=0.25).eval()
     probe = torch.rand(128, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     tset = tm.transforms.rotations(T)
     out = {}
     for batch_size in (4, 16):
-        images = [tset.apply(chunk) for chunk in probe.split(batch_size)]
-
-        def floor(images=images) -> None:
-            with torch.no_grad():
-                for x in images:
-                    model(x)
-
-        def run(measures, failed, b=batch_size) -> None:
-            before, fused._AHEAD.failed = fused._AHEAD.failed, failed
-            try:
+        def run(measures, dynamo: bool, b=batch_size) -> None:
+            with through_dynamo(dynamo):
                 tm.measure(model, probe, tset, measures=measures, batch_size=b, compile=True, error_bars=False,
                            dedupe_batchnorm=False)
-            finally:
-                fused._AHEAD.failed = before
 
-        methods: dict[str, Callable[[], None]] = {"floor": floor}
+        methods: dict[str, Callable[[], None]] = {
+            "floor": forward_floor(model, [tset.apply(chunk) for chunk in probe.split(batch_size)])}
         for label, measures in (("invariance", INVARIANCE), ("default", DEFAULT)):
-            methods[f"{label}_ahead_of_time"] = lambda m=measures: run(m, None)
-            methods[f"{label}_through_dynamo"] = lambda m=measures: run(m, "benchmarked through Dynamo")
+            methods[f"{label}_ahead_of_time"] = lambda m=measures: run(m, False)
+            methods[f"{label}_through_dynamo"] = lambda m=measures: run(m, True)
         for method in methods.values():
             method()
-        wall: dict[str, list[float]] = {m: [] for m in methods}
-        for _ in range(reps):
-            for method, call in methods.items():
-                start = time.perf_counter()
-                call()
-                wall[method].append(time.perf_counter() - start)
-        median = {m: statistics.median(ts) for m, ts in wall.items()}
+        median = {m: statistics.median(ts) for m, ts in interleaved(methods, reps).items()}
         out[f"b{batch_size}"] = {"median_s": median, "over_floor": {m: median[m] / median["floor"] for m in median}}
         print(f"ahead of time / Dynamo, batch {batch_size}:", json.dumps({m: round(v, 2) for m, v in median.items()}), flush=True)
     return out
@@ -215,14 +206,7 @@ def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int
     tset = tm.transforms.rotations(T)
     methods: dict[str, Callable[[], Any]] = {}
     for batch_size in (4, 16):
-        images = [tset.apply(chunk) for chunk in probe.split(batch_size)]
-
-        def floor(images=images) -> None:
-            with torch.no_grad():
-                for x in images:
-                    model(x)
-
-        methods[f"floor_b{batch_size}"] = floor
+        methods[f"floor_b{batch_size}"] = forward_floor(model, [tset.apply(chunk) for chunk in probe.split(batch_size)])
         variants = [("invariance", INVARIANCE, True, None), ("invariance_no_error_bars", INVARIANCE, True, False),
                     ("invariance_eager", INVARIANCE, False, None), ("default", DEFAULT, True, None),
                     ("default_no_error_bars", DEFAULT, True, False)]
@@ -233,14 +217,8 @@ def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int
             )
     for run in methods.values():  # compiles, warms caches and the allocator
         run()
-    wall: dict[str, list[float]] = {m: [] for m in methods}
     load_before = os.getloadavg()
-    for rep in range(reps):
-        for method, run in methods.items():
-            start = time.perf_counter()
-            run()
-            wall[method].append(time.perf_counter() - start)
-        print(f"{name} rep {rep + 1}/{reps}: " + ", ".join(f"{m} {wall[m][-1]:.2f}" for m in methods), flush=True)
+    wall = interleaved(methods, reps, name)
     median = {m: statistics.median(ts) for m, ts in wall.items()}
     ratios = {
         f"{m}_over_floor": median[m] / median[f"floor_b{m.rsplit('_b', 1)[1]}"] for m in methods if not m.startswith("floor")
