@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import nn
 
-from . import distributed, fused, lie, memory
+from . import distributed, fused, heap, lie, memory
 from .actions import FeatureAction, identity
 from .capture import (
     AffineBatchNorms,
@@ -694,13 +694,15 @@ class Measurement:
         Under torch.distributed every rank passes the same probe, streams its shard of it, and gets the
         same merged result.
         """
-        if distributed.process_group() is not None:
-            return self._run_distributed(probe, classes)
-        self.check_probe(probe)
-        classes = classes if classes is not None else self.classes(probe)
-        probe, shards = self.interleaved(probe, classes)
-        observers, accuracy = self._stream_planned(probe, classes, shards=shards)
-        return self.finalize(observers, accuracy, len(probe), classes)
+        on_cpu = self.device(probe).type == "cpu"
+        with heap.freed_memory_kept() if on_cpu else contextlib.nullcontext():  # see heap.py
+            if distributed.process_group() is not None:
+                return self._run_distributed(probe, classes)
+            self.check_probe(probe)
+            classes = classes if classes is not None else self.classes(probe)
+            probe, shards = self.interleaved(probe, classes)
+            observers, accuracy = self._stream_planned(probe, classes, shards=shards)
+            return self.finalize(observers, accuracy, len(probe), classes)
 
     def interleaved(self, probe: Probe, classes: list[int] | None) -> tuple[Probe, list[tuple[int, int]] | None]:
         """The probe in error-bar shard order and each shard's range (None: no error bars for it)."""
@@ -771,7 +773,7 @@ class Measurement:
             sample = Probe(probe.images[:size], None if probe.labels is None else probe.labels[:size])
             shards = [(k, k + 1) for k in range(count)] if count > 1 else None
             self.finalize(*self._stream_planned(sample, None, True, shards=shards), len(sample), None)
-        memory.release_freed_memory()  # the warm-up's states: a whole measurement's, for two samples
+        heap.release_freed_memory()  # the warm-up's states: a whole measurement's, for two samples
         return fused.compiled_seconds() - before
 
     def _compiled(self, probe_size: int, observers: dict[str, "_Observer"]) -> bool:

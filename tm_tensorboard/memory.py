@@ -24,8 +24,6 @@ of a measurement's resident memory against this estimate is in benchmarks/README
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -39,7 +37,7 @@ from .positions import build_measure
 from .transforms import TransformationSet
 
 __all__ = ["LayerMemory", "MemoryReport", "estimate", "measure_state_bytes", "working_bytes", "parse_bytes",
-           "format_bytes", "release_freed_memory"]
+           "format_bytes"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -51,24 +49,6 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 # 4 (the count before) fell 0.2-0.9 GB short there.
 _LIVE_ACTIVATIONS = 8
 _RESULT_BYTES = 16  # per element and measure group: the finalized per-element components, float64 on the host
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):  # not glibc
-        return None
-
-
-def release_freed_memory() -> None:
-    """Give the C heap's free pages back to the operating system (glibc's ``malloc_trim``; elsewhere nothing).
-    After the warm-up (a whole measurement's states, for two samples): else its freed memory, fragmented,
-    adds to the first measurement's peak. Not after every measurement: the next one would page its states
-    in anew (2.5-5 s more for ResNet-50 at width 0.25, 2.8 GB of states, against 10.5 s)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def parse_bytes(value: int | str) -> int:

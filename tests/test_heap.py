@@ -1,0 +1,109 @@
+"""The C heap while measuring on CPU (``heap.py``): freed memory kept for the next chunk, given back after."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import tm_tensorboard as tm
+from tm_tensorboard import heap
+
+glibc = pytest.mark.skipif(heap._libc() is None, reason="glibc's allocator only")
+
+_CHILD = textwrap.dedent(
+    """
+    import json, os, resource, torch
+    torch.set_num_threads(2)
+    from tm_tensorboard import heap
+    from tm_tensorboard.examples.models import SimpleCNN
+
+    def faults():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    def resident():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    torch.manual_seed(0)
+    model, x = SimpleCNN(1, 5, width=0.5).eval(), torch.rand(256, 1, 32, 32)  # activations of 16.8 MB
+
+    def faults_per_forward(n=3):
+        before = faults()
+        with torch.no_grad():
+            for _ in range(n):
+                model(x)
+        return (faults() - before) / n
+
+    def kept_after_freeing():  # 8 blocks of 24 MB (under glibc's 32 MB: from the heap): growth, and what stays freed
+        before = resident()
+        blocks = [torch.ones(6 * 2**20) for _ in range(8)]
+        grown = resident() - before
+        del blocks
+        return grown, resident() - before
+
+    out = {"outside": [faults_per_forward() for _ in range(2)]}
+    with heap.freed_memory_kept():
+        faults_per_forward(1)  # the heap grows to what a forward needs
+        out["inside"] = faults_per_forward()
+        out["kept_inside"] = kept_after_freeing()
+    out["kept_after"] = kept_after_freeing()
+    print(json.dumps(out))
+    """
+)
+
+
+def _child(**env) -> dict:
+    environment = {**os.environ, **env}
+    environment.pop("GLIBC_TUNABLES", None)
+    done = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@glibc
+def test_freed_memory_is_kept_while_measuring_and_given_back_after():
+    """A fresh process's forwards page-fault their activations in anew every time (glibc trims the top of
+    its heap); inside ``freed_memory_kept`` they reuse the heap (no faults), 192 MB freed stays, and after
+    it the same freed memory goes back to the system (glibc's own 64 MB trim threshold again)."""
+    run = _child()
+    assert min(run["outside"]) > 2000  # glibc's own thresholds: ~8 k faults (32 MB) per forward here
+    assert run["inside"] < 0.02 * min(run["outside"])
+    grown, kept = run["kept_inside"]
+    assert grown > 100 * 2**20 and kept > 0.9 * grown
+    assert run["kept_after"][1] < 80 * 2**20  # (what was kept inside is reused, then given back too)
+
+
+@glibc
+def test_switched_off_by_its_environment_variable():
+    run = _child(**{heap.ENVIRONMENT_VARIABLE: "0"})
+    assert run["inside"] > 0.5 * min(run["outside"])
+    grown, kept = run["kept_inside"]
+    assert grown > 100 * 2**20 and kept < 80 * 2**20
+
+
+def test_left_alone_when_the_user_configured_glibc(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1000000")
+    assert not heap._enabled()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX2")
+    assert heap._enabled()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert not heap._enabled()
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv(heap.ENVIRONMENT_VARIABLE, "maybe")
+    with pytest.raises(ValueError, match=heap.ENVIRONMENT_VARIABLE):
+        heap._enabled()
+
+
+def test_a_measurement_on_cpu_runs_inside_it_and_leaves_it():
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU())
+    model[1].register_forward_hook(lambda *args: seen.append(heap._DEPTH[0]))
+    tm.measure(model, torch.rand(8, 1, 8, 8), tm.transforms.rotations(4), measures=("invariance",), compile=False)
+    expected = 1 if heap._libc() is not None and heap._enabled() else 0
+    assert seen and set(seen) == {expected}
+    assert heap._DEPTH[0] == 0
