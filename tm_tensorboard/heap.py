@@ -3,10 +3,11 @@
 glibc gives the top of its heap back to the operating system whenever more than its trim threshold is
 free there (2× its mmap threshold, which it raises by itself to 32 MB at most: 64 MB at most). A chunk's
 activations of tens of MB each are freed at the top of the heap at the end of every forward, handed back,
-and page-faulted in (and zeroed by the kernel) anew by the next chunk: on this project's 2-core machine
-~2 µs a page, 0.26 M page faults and ~0.5 s of a 1.5 s measurement of the Monitor's example model.
-``freed_memory_kept`` raises the trim threshold while a measurement runs and sets it back after, so the
-heap never grows beyond what one chunk needs and no more is kept once the measurement is over.
+and page-faulted in (and zeroed by the kernel) anew by the next chunk, ~2 µs a page on this project's
+2-core machine (8 k page faults per forward of the Monitor's example model, ``tests/test_heap.py``; a
+measurement at batch_size=16 4-37 % slower, ``benchmarks/bench_heap.py``). ``freed_memory_kept`` raises
+the trim threshold while a measurement runs and sets it back after, so the heap grows to what one chunk
+needs and no further, and no more is kept once the measurement is over.
 
 Setting a threshold stops glibc adjusting both of them to the process, for the rest of the process; so
 both are set to where glibc's own adjustment ends (mmap threshold 32 MB, trim threshold 64 MB on 64-bit
