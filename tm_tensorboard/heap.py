@@ -1,7 +1,7 @@
 """The C heap during a measurement on CPU: what the chunks free is kept for the next chunk.
 
 glibc gives the top of its heap back to the operating system whenever more than its trim threshold is
-free there (2× its mmap threshold, which it raises by itself to 32 MB at most: 64 MB at most). A chunk's
+free there (twice its mmap threshold, which glibc raises by itself up to 32 MB: so 64 MB at most). A chunk's
 activations of tens of MB each are freed at the top of the heap at the end of every forward, handed back,
 and page-faulted in (and zeroed by the kernel) anew by the next chunk, ~2 µs a page on this project's
 2-core machine (8 k page faults per forward of the Monitor's example model, ``tests/test_heap.py``; a
@@ -13,7 +13,8 @@ Setting a threshold stops glibc adjusting both of them to the process, for the r
 both are set to where glibc's own adjustment ends (mmap threshold 32 MB, trim threshold 64 MB on 64-bit
 Linux), and blocks above 32 MB are mapped apart and given back at once, as before. Nothing changes where
 the allocator is not glibc's, where the user configured it (``GLIBC_TUNABLES`` with malloc settings,
-``MALLOC_*_`` variables), or with TM_TENSORBOARD_KEEP_FREED_MEMORY=0.
+``MALLOC_*_`` variables), or with TM_TENSORBOARD_KEEP_FREED_MEMORY=0 (what a program that calls
+``mallopt`` itself should set: that cannot be seen from here).
 """
 from __future__ import annotations
 
