@@ -8,8 +8,8 @@ default) or 0, alternated, ``--runs`` of each. In a run: the forward floor (the 
 the model, chunk by chunk, no hooks) and ``measure()`` with error bars as by default and without, every
 method once per repetition in turn, 4 repetitions after one untimed call each; medians, and the median
 page faults (``ru_minflt``) of each. Cases: ResNet18Style(0.25) at 32 px (N = 128) and the reference case
-of bench_engine.py (N = 256), T = 16 rotations, invariance, compiled, 2 threads; ``--batch-sizes``.
-Results in ``results/heap.json``.
+of bench_engine.py (N = 256), T = 16 rotations, compiled, 2 threads; ``--measures`` (invariance),
+``--batch-sizes`` (16), ``--cases``. Results in ``results/heap.json``.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from pathlib import Path
 from provenance import environment, save_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "heap.json"
+CASES = ("ResNet18Style_w0.25_32px", "reference")
 
 _CHILD = textwrap.dedent(
     """
@@ -51,7 +52,7 @@ _CHILD = textwrap.dedent(
                 model(x)
 
     def measure(error_bars):
-        return lambda: tm.measure(model, probe, tset, measures=("invariance",), batch_size={batch_size}, compile=True,
+        return lambda: tm.measure(model, probe, tset, measures={measures!r}, batch_size={batch_size}, compile=True,
                                   error_bars=error_bars, dedupe_batchnorm=False)
 
     methods = {{"floor": floor, "error_bars": measure(None), "no_error_bars": measure(False)}}
@@ -71,8 +72,9 @@ _CHILD = textwrap.dedent(
 )
 
 
-def run_child(case: str, batch_size: int, keep: bool) -> dict:
-    script = _CHILD.format(benchmarks=str(Path(__file__).resolve().parent), case=case, batch_size=batch_size)
+def run_child(case: str, batch_size: int, measures: tuple[str, ...], keep: bool) -> dict:
+    script = _CHILD.format(benchmarks=str(Path(__file__).resolve().parent), case=case, batch_size=batch_size,
+                           measures=measures)
     env = {**os.environ, "TM_TENSORBOARD_KEEP_FREED_MEMORY": "1" if keep else "0"}
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, env=env,
                           check=True)
@@ -83,15 +85,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2, help="processes of each side")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16])
+    parser.add_argument("--measures", nargs="+", default=["invariance"])
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
-    figures: dict = {"environment": environment(), "cases": {}}
-    for case in ("ResNet18Style_w0.25_32px", "reference"):
+    figures: dict = {"environment": environment(), "measures": args.measures, "cases": {}}
+    for case in args.cases:
         for batch_size in args.batch_sizes:
             runs = {"kept": [], "not_kept": []}
             for _ in range(args.runs):
                 for side, keep in (("kept", True), ("not_kept", False)):
-                    runs[side].append(run_child(case, batch_size, keep))
+                    runs[side].append(run_child(case, batch_size, tuple(args.measures), keep))
             summary = {}
             for side, results in runs.items():
                 summary[side] = {
