@@ -257,6 +257,20 @@ def warm_allocator() -> None:
     del block
 
 
+def interleaved(methods: dict[str, Callable[[], Any]], reps: int, name: str | None = None) -> dict[str, list[float]]:
+    """``reps`` rounds of all the methods in turn (run each once before: compiling, warming caches and the
+    allocator); their wall times (each round printed under ``name``)."""
+    wall: dict[str, list[float]] = {m: [] for m in methods}
+    for rep in range(reps):
+        for method, run in methods.items():
+            start = time.perf_counter()
+            run()
+            wall[method].append(time.perf_counter() - start)
+        if name is not None:
+            print(f"{name} rep {rep + 1}/{reps}: " + ", ".join(f"{m} {wall[m][-1]:.2f}" for m in methods), flush=True)
+    return wall
+
+
 def peak_memory_mib(method: str) -> float:
     """Peak RSS (MiB) of a fresh subprocess running ``method`` once ("baseline": imports, model and data)."""
     out = subprocess.run(

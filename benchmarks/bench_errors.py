@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import tm_tensorboard as tm
-from bench_engine import Net, warm_allocator
+from bench_engine import Net, interleaved, warm_allocator
 from provenance import environment, save_results
 from tm_tensorboard.examples.models import SimpleCNN
 
@@ -76,12 +76,7 @@ def cost(reps: int, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> dict:
             variants[f"b{b}_{name}_per_transformation"] = lambda m=measures, run=run: run(m + ("per_transformation",), False)
     for run in variants.values():  # compile and warm up
         run()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(reps):
-        for name, run in variants.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved(variants, reps)
     median = {name: statistics.median(t) for name, t in times.items()}
     out = {"batch_sizes": list(batch_sizes), "seconds": median, "runs": times}
     for b in batch_sizes:

@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 import tm_tensorboard as tm
-from bench_engine import Net, warm_allocator
+from bench_engine import Net, interleaved, warm_allocator
 from provenance import environment
 from tm_tensorboard.examples.models import ResNet18Style, SimpleCNN
 
@@ -96,20 +96,6 @@ def ops_per_layer_per_chunk(make_model: Callable[[], torch.nn.Module], measures,
         "per_layer_per_chunk": (sum(measured.values()) - sum(forward.values())) / (layers * len(batches)),
         "most_common_extra": extra.most_common(8),
     }
-
-
-def interleaved(methods: dict[str, Callable[[], Any]], reps: int, name: str | None = None) -> dict[str, list[float]]:
-    """``reps`` rounds of all the methods in turn (run each once before: compiling, warming caches and the
-    allocator); their wall times (each round printed under ``name``)."""
-    wall: dict[str, list[float]] = {m: [] for m in methods}
-    for rep in range(reps):
-        for method, run in methods.items():
-            start = time.perf_counter()
-            run()
-            wall[method].append(time.perf_counter() - start)
-        if name is not None:
-            print(f"{name} rep {rep + 1}/{reps}: " + ", ".join(f"{m} {wall[m][-1]:.2f}" for m in methods), flush=True)
-    return wall
 
 
 @contextlib.contextmanager
