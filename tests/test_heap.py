@@ -46,11 +46,31 @@ _CHILD = textwrap.dedent(
         del blocks
         return grown, resident() - before
 
-    out = {"outside": [faults_per_forward() for _ in range(2)]}
+    def big_block():  # 48 MB, above glibc's largest mmap threshold (32 MB): mapped apart by glibc's own rules
+        return torch.ones(12 * 2**20)
+
+    def faults_of_big_block_again():  # a big block freed, then one of the same size: faults of the second
+        block = big_block()
+        del block
+        before = faults()
+        block = big_block()
+        return faults() - before
+
+    def big_block_kept():  # growth of the resident set with a big block, and what stays of it once freed
+        before = resident()
+        block = big_block()
+        grown = resident() - before
+        del block
+        return grown, resident() - before
+
+    out = {"outside": [faults_per_forward() for _ in range(2)], "big_outside": faults_of_big_block_again()}
     with heap.freed_memory_kept():
+        with heap.mapped_apart():  # (first: once the heap holds free memory, glibc serves big blocks from it)
+            out["big_apart"] = big_block_kept()
         faults_per_forward(1)  # the heap grows to what a forward needs
         out["inside"] = faults_per_forward()
         out["kept_inside"] = kept_after_freeing()
+        out["big_inside"] = faults_of_big_block_again()
     out["kept_after"] = kept_after_freeing()
     print(json.dumps(out))
     """
@@ -79,9 +99,23 @@ def test_freed_memory_is_kept_while_measuring_and_given_back_after():
 
 
 @glibc
+def test_blocks_above_32_mb_come_from_the_heap_while_measuring_but_states_are_mapped_apart():
+    """Outside, a 48 MB block is mapped apart and unmapped when freed, so one of the same size faults in
+    anew (~12 k pages); inside ``freed_memory_kept`` it is served again from the heap, without faults; and
+    inside ``mapped_apart`` (a measurement's states), where the heap has no free memory to serve it, it is
+    mapped apart and given back when freed, as glibc's own rules do."""
+    run = _child()
+    assert run["big_outside"] > 1000
+    assert run["big_inside"] < 0.02 * run["big_outside"]
+    grown, kept = run["big_apart"]
+    assert grown > 40 * 2**20 and kept < 4 * 2**20
+
+
+@glibc
 def test_switched_off_by_its_environment_variable():
     run = _child(**{heap.ENVIRONMENT_VARIABLE: "0"})
     assert run["inside"] > 0.5 * min(run["outside"])
+    assert run["big_inside"] > 0.5 * run["big_outside"]
     grown, kept = run["kept_inside"]
     assert grown > 100 * 2**20 and kept < 80 * 2**20
 
@@ -106,4 +140,4 @@ def test_a_measurement_on_cpu_runs_inside_it_and_leaves_it():
     tm.measure(model, torch.rand(8, 1, 8, 8), tm.transforms.rotations(4), measures=("invariance",), compile=False)
     expected = 1 if heap._libc() is not None and heap._enabled() else 0
     assert seen and set(seen) == {expected}
-    assert heap._DEPTH[0] == 0
+    assert heap._DEPTH[0] == 0 and heap._APART[0] == 0

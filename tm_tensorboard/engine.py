@@ -248,10 +248,11 @@ class _Observer:
                  device: torch.device, options: MeasureOptions):
         self.info = info
         self.compiled = False
-        self.measures = {
-            g: build_measure(g, info, transformations, num_classes, device, options)
-            for g in groups if GROUPS[g].applies(info)
-        }
+        with heap.mapped_apart():  # states live to the measurement's end: given back to the system then
+            self.measures = {
+                g: build_measure(g, info, transformations, num_classes, device, options)
+                for g in groups if GROUPS[g].applies(info)
+            }
 
     def update(self, phase: str, activation: torch.Tensor, chunk: Chunk) -> None:
         self.compiled = chunk.compiled  # finalize the way the chunks went
@@ -266,8 +267,9 @@ class _Observer:
     def reserve_shards(self, phase: str, shards: int) -> None:
         """Allocate the states of every shard of this phase now, before the chunks recycle their memory."""
         if shards > 1:
-            for m in self.sharded(phase):
-                m.reserve_shards(shards)
+            with heap.mapped_apart():
+                for m in self.sharded(phase):
+                    m.reserve_shards(shards)
 
     def finalize(self) -> tuple[dict[str, tuple[tuple[str, ...], np.ndarray, np.ndarray | None]], bool, bool]:
         """{group: (component names, [classes, components, *shape], the jackknife replicates' [K, classes,
