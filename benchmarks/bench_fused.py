@@ -8,7 +8,7 @@
    batch_size = 16 (4 chunks), invariance and the default measures, compiled and eager, without error
    bars (the chunk path), and compiled with them (4 shards: their finalizing amortized over 4 chunks).
 2. Wall time of ``measure()`` against the forward-only floor at the same images per forward (all N·T
-   transformed images through the model, eval, no_grad), CPU, 2 threads: the reference case of
+   transformed images through the model, eval, no_grad, the C heap set as a measurement sets it), CPU, 2 threads: the reference case of
    bench_engine.py (13 layers, N = 256) and ResNet18Style(width=0.25) at 32 px (59 layers, N = 128),
    T = 16 rotations, batch_size 4 and 16; invariance compiled and eager, the default measures compiled, all
    with error bars as by default (8 shards) and the compiled ones also without (``error_bars=False``).
@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 import tm_tensorboard as tm
+from tm_tensorboard import heap
 from bench_engine import Net, interleaved, warm_allocator
 from provenance import environment
 from tm_tensorboard.examples.models import ResNet18Style, SimpleCNN
@@ -66,9 +67,11 @@ PARTS = ("compile", "ops", "speed", "host", "dynamo")
 
 
 def forward_floor(model: torch.nn.Module, images: list[torch.Tensor]) -> Callable[[], None]:
-    """The forward-only floor: the transformed images through the model, chunk by chunk, no autograd."""
+    """The forward-only floor: the transformed images through the model, chunk by chunk, no autograd, with
+    the C heap as a measurement sets it (``heap.freed_memory_kept``): the forward at its best, not
+    page-faulting its activations above 32 MB in anew every chunk as with glibc's own settings."""
     def floor() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), heap.freed_memory_kept():
             for x in images:
                 model(x)
     return floor
