@@ -64,8 +64,10 @@ _CHILD = textwrap.dedent(
         return grown, resident() - before
 
     out = {"outside": [faults_per_forward() for _ in range(2)], "big_outside": faults_of_big_block_again()}
+    with heap.freed_memory_kept(large_blocks=False):  # (a measurement under a memory budget; first: a heap
+        out["big_bounded"] = faults_of_big_block_again()  # holding free memory serves big blocks from it)
     with heap.freed_memory_kept():
-        with heap.mapped_apart():  # (first: once the heap holds free memory, glibc serves big blocks from it)
+        with heap.mapped_apart():  # (a measurement's states; the heap holds no free memory to serve them yet)
             out["big_apart"] = big_block_kept()
         faults_per_forward(1)  # the heap grows to what a forward needs
         out["inside"] = faults_per_forward()
@@ -103,10 +105,12 @@ def test_blocks_above_32_mb_come_from_the_heap_while_measuring_but_states_are_ma
     """Outside, a 48 MB block is mapped apart and unmapped when freed, so one of the same size faults in
     anew (~12 k pages); inside ``freed_memory_kept`` it is served again from the heap, without faults; and
     inside ``mapped_apart`` (a measurement's states), where the heap has no free memory to serve it, it is
-    mapped apart and given back when freed, as glibc's own rules do."""
+    mapped apart and given back when freed, as glibc's own rules do. Under a memory budget
+    (``large_blocks=False``) blocks above 32 MB are mapped apart as glibc would."""
     run = _child()
     assert run["big_outside"] > 1000
     assert run["big_inside"] < 0.02 * run["big_outside"]
+    assert run["big_bounded"] > 0.5 * run["big_outside"]
     grown, kept = run["big_apart"]
     assert grown > 40 * 2**20 and kept < 4 * 2**20
 
@@ -136,8 +140,10 @@ def test_left_alone_when_the_user_configured_glibc(monkeypatch):
 def test_a_measurement_on_cpu_runs_inside_it_and_leaves_it():
     seen = []
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU())
-    model[1].register_forward_hook(lambda *args: seen.append(heap._DEPTH[0]))
-    tm.measure(model, torch.rand(8, 1, 8, 8), tm.transforms.rotations(4), measures=("invariance",), compile=False)
-    expected = 1 if heap._libc() is not None and heap._enabled() else 0
-    assert seen and set(seen) == {expected}
-    assert heap._DEPTH[0] == 0 and heap._APART[0] == 0
+    model[1].register_forward_hook(lambda *args: seen.append((heap._DEPTH[0], heap._BOUNDED[0])))
+    for budget in (None, "1GB"):
+        tm.measure(model, torch.rand(8, 1, 8, 8), tm.transforms.rotations(4), measures=("invariance",),
+                   compile=False, memory_budget=budget)
+    on = heap._libc() is not None and heap._enabled()
+    assert seen and set(seen) == ({(1, 0), (1, 1)} if on else {(0, 0)})
+    assert heap._DEPTH[0] == 0 and heap._BOUNDED[0] == 0 and heap._APART[0] == 0

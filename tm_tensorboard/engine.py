@@ -697,7 +697,8 @@ class Measurement:
         same merged result.
         """
         on_cpu = self.device(probe).type == "cpu"
-        with heap.freed_memory_kept() if on_cpu else contextlib.nullcontext():  # see heap.py
+        kept = heap.freed_memory_kept(large_blocks=self.memory_budget is None)  # see heap.py
+        with kept if on_cpu else contextlib.nullcontext():
             if distributed.process_group() is not None:
                 return self._run_distributed(probe, classes)
             self.check_probe(probe)

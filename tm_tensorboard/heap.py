@@ -9,6 +9,8 @@ of the Monitor's example model, ``tests/test_heap.py``; a measurement at batch_s
 ``benchmarks/bench_heap.py``). ``freed_memory_kept`` raises the trim threshold while a measurement runs
 and serves every block from the heap (glibc's mmap count limit set to 0: no threshold above 32 MB can be
 set), so the heap grows to what one chunk needs and no further; after it, glibc's own settings again.
+Under a memory budget, blocks above 32 MB are still mapped apart: what the heap would hold free of them
+is not in the budget's plan.
 
 The measurement's streaming states are another matter: allocated once, kept to the end, then freed. They
 are allocated by glibc's own rules (``mapped_apart``): above 32 MB mapped apart unless free heap memory
@@ -73,15 +75,26 @@ def _enabled() -> bool:
 
 _LOCK = threading.Lock()
 _DEPTH = [0]  # measurements running (the thresholds are the process's, not a thread's)
+_BOUNDED = [0]  # of them, those under a memory budget
 _APART = [0]  # allocations inside mapped_apart, in any thread
 
 
+def _set_mmap_max(libc: ctypes.CDLL) -> None:
+    """Blocks above 32 MB come from the heap while measurements run, unless one is under a memory budget or
+    allocating its states."""
+    libc.mallopt(_M_MMAP_MAX, 0 if _DEPTH[0] and not _BOUNDED[0] and not _APART[0] else MMAP_MAX)
+
+
 @contextlib.contextmanager
-def freed_memory_kept() -> Iterator[None]:
-    """While inside: the C heap keeps the memory freed at its top (up to 2 GB) instead of giving it back, and
-    serves blocks of any size (none mapped apart but inside ``mapped_apart``); on leaving the last one,
-    glibc's own 64 MB trim threshold and mapped blocks above 32 MB again. Re-entrant; nothing where not
-    glibc."""
+def freed_memory_kept(large_blocks: bool = True) -> Iterator[None]:
+    """While inside: the C heap keeps the memory freed at its top (up to 2 GB) instead of giving it back,
+    and, with ``large_blocks``, serves blocks above 32 MB too (none mapped apart but inside
+    ``mapped_apart``); on leaving the last one, glibc's own 64 MB trim threshold and mapped blocks above
+    32 MB again. Re-entrant; nothing where not glibc.
+
+    ``large_blocks=False`` is for a measurement under a memory budget: large blocks freed into the heap stay
+    there as free memory the process holds, and where they are hundreds of MB (ResNet-50 at 224 px, width
+    1, 64 images per forward) that was 2 GB over the peak the budget planned (5.3 GB for 4 GB)."""
     libc = _libc() if _enabled() else None
     if libc is None:
         yield
@@ -90,16 +103,18 @@ def freed_memory_kept() -> Iterator[None]:
         if _DEPTH[0] == 0:
             libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
             libc.mallopt(_M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)
-            libc.mallopt(_M_MMAP_MAX, MMAP_MAX if _APART[0] else 0)
         _DEPTH[0] += 1
+        _BOUNDED[0] += not large_blocks
+        _set_mmap_max(libc)
     try:
         yield
     finally:
         with _LOCK:
             _DEPTH[0] -= 1
+            _BOUNDED[0] -= not large_blocks
+            _set_mmap_max(libc)
             if _DEPTH[0] == 0:
                 libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-                libc.mallopt(_M_MMAP_MAX, MMAP_MAX)
 
 
 @contextlib.contextmanager
@@ -114,15 +129,13 @@ def mapped_apart() -> Iterator[None]:
         return
     with _LOCK:
         _APART[0] += 1
-        if _DEPTH[0] and _APART[0] == 1:
-            libc.mallopt(_M_MMAP_MAX, MMAP_MAX)
+        _set_mmap_max(libc)
     try:
         yield
     finally:
         with _LOCK:
             _APART[0] -= 1
-            if _DEPTH[0] and _APART[0] == 0:
-                libc.mallopt(_M_MMAP_MAX, 0)
+            _set_mmap_max(libc)
 
 
 def release_freed_memory() -> None:
