@@ -5,7 +5,7 @@ free there (twice its mmap threshold, which glibc raises by itself up to 32 MB: 
 every block above its mmap threshold (32 MB at most) apart, unmapping it when freed. A chunk's activations
 of tens of MB each are so handed back at the end of every forward and page-faulted in (and zeroed by the
 kernel) anew by the next chunk, ~2 µs a page on this project's 2-core machine (8 k page faults per forward
-of the Monitor's example model, ``tests/test_heap.py``; a measurement at batch_size=16 4-37 % slower,
+of the Monitor's example model, ``tests/test_heap.py``; a measurement at batch_size=16 1.3-1.5× slower,
 ``benchmarks/bench_heap.py``). ``freed_memory_kept`` raises the trim threshold while a measurement runs
 and serves every block from the heap (glibc's mmap count limit set to 0: no threshold above 32 MB can be
 set), so the heap grows to what one chunk needs and no further; after it, glibc's own settings again.
