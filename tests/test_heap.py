@@ -147,3 +147,42 @@ def test_a_measurement_on_cpu_runs_inside_it_and_leaves_it():
     on = heap._libc() is not None and heap._enabled()
     assert seen and set(seen) == ({(1, 0), (1, 1)} if on else {(0, 0)})
     assert heap._DEPTH[0] == 0 and heap._BOUNDED[0] == 0 and heap._APART[0] == 0
+
+
+class _RecordedLibc:
+    """glibc's two functions as ``heap`` calls them, recorded instead of called."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, parameter, value):
+        self.calls.append((parameter, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        return 1
+
+
+@pytest.mark.parametrize("setting", ["off", "user"])
+def test_glibc_is_left_alone_where_it_is_off(monkeypatch, setting):
+    """Switched off, or with the user's own glibc settings, a measurement sets nothing (a mallopt would
+    also stop glibc adjusting its thresholds for the rest of the process); on, it ends with glibc's own
+    settings back."""
+    libc = _RecordedLibc()
+    monkeypatch.setattr(heap, "_libc", lambda: libc)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU())
+    measure = lambda: tm.measure(model, torch.rand(8, 1, 8, 8), tm.transforms.rotations(4), compile=False,  # noqa: E731
+                                 measures=("invariance", "same_equivariance"), error_bars=2)
+    if setting == "off":
+        monkeypatch.setenv(heap.ENVIRONMENT_VARIABLE, "0")
+    else:
+        monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    measure()
+    assert libc.calls == []
+    monkeypatch.setenv(heap.ENVIRONMENT_VARIABLE, "1")
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    measure()
+    last = dict(libc.calls)  # each parameter's last value
+    assert last == {heap._M_MMAP_THRESHOLD: heap.MMAP_THRESHOLD, heap._M_TRIM_THRESHOLD: heap.TRIM_THRESHOLD,
+                    heap._M_MMAP_MAX: heap.MMAP_MAX}
+    assert (heap._M_MMAP_MAX, 0) in libc.calls

@@ -129,13 +129,15 @@ def mapped_apart() -> Iterator[None]:
         return
     with _LOCK:
         _APART[0] += 1
-        _set_mmap_max(libc)
+        if _DEPTH[0]:  # (only where a measurement set the heap up: else glibc is left as it is)
+            _set_mmap_max(libc)
     try:
         yield
     finally:
         with _LOCK:
             _APART[0] -= 1
-            _set_mmap_max(libc)
+            if _DEPTH[0]:
+                _set_mmap_max(libc)
 
 
 def release_freed_memory() -> None:
