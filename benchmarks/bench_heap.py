@@ -36,6 +36,7 @@ _CHILD = textwrap.dedent(
     import torch
     torch.set_num_threads(2)
     import tm_tensorboard as tm
+    from tm_tensorboard import heap
     from bench_engine import Net
     from tm_tensorboard.examples.models import ResNet18Style
     torch.manual_seed(0)
@@ -45,8 +46,6 @@ _CHILD = textwrap.dedent(
         model, probe = Net().eval(), torch.rand(256, 3, 32, 32)
     tset = tm.transforms.rotations(16)
     images = [tset.apply(chunk) for chunk in probe.split({batch_size})]
-
-    from tm_tensorboard import heap
 
     def floor():  # with the heap as a measurement sets it (or not, as the run says): the forward at its best
         with torch.no_grad(), heap.freed_memory_kept():
