@@ -360,3 +360,45 @@ def test_a_monitor_compiles_when_made_and_only_when_it_pays(tmp_path):
     assert out["auto"] == {"compile_seconds": 0, "made": 0, "after_step": 0, "shards": 2}
     assert out["compiled"]["compile_seconds"] > 0 and out["compiled"]["shards"] == 2
     assert out["compiled"]["after_step"] == out["compiled"]["made"] == pytest.approx(out["compiled"]["compile_seconds"])
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("stratified", [False, True], ids=["whole", "per_class"])
+def test_updates_in_sample_blocks_give_the_numbers_of_one_update(monkeypatch, stratified):
+    """On CPU a large chunk is folded in blocks of at most 16 samples (4 for squared differences): views of
+    the chunk, each merged by Chan's formula. Every group's values, per element, equal those of one update
+    per chunk up to float32 rounding (a chunk of 37 samples: blocks of 16, 16, 5 and of 4 ... 4, 1), and the
+    blocks do run."""
+    from tm_tensorboard import layer_measures
+
+    torch.manual_seed(0)
+    model, probe = small_cnn(), torch.randn(74, 3, 8, 8)
+    labels = torch.arange(74) % 3
+    measures = ("invariance", "same_equivariance", "equivariance_error", "per_transformation", "goodfellow",
+                "anova", "lie_rotation")
+    blocks = []
+    original = layer_measures.Chunk.rows
+
+    def counted(self, values, block=layer_measures.SAMPLE_BLOCK):
+        out = list(original(self, values, block))
+        blocks.append(len(out))
+        return iter(out)
+
+    def run(blocked_bytes):
+        monkeypatch.setattr(layer_measures, "BLOCKED_BYTES", blocked_bytes)
+        return tm.measure(model, (probe, labels) if stratified else probe, T.rotations(4), measures=measures,
+                          batch_size=37, error_bars=False, stratified=stratified)
+
+    monkeypatch.setattr(layer_measures.Chunk, "rows", counted)
+    whole = run(10**18)
+    assert max(blocks) == (3 if stratified else 1)
+    blocks.clear()
+    blocked = run(0)
+    assert max(blocks) == 10  # blocks of 4: 37 samples in 10, or the classes' 13, 12 and 12 in 4 + 3 + 3
+    for measure in whole.measures:
+        for layer in whole.layers_of(measure):
+            labels_of = [None, *range(3)] if stratified else [None]
+            for label in labels_of:
+                np.testing.assert_allclose(blocked.get(measure, layer, per="element", label=label),
+                                           whole.get(measure, layer, per="element", label=label),
+                                           rtol=1e-4, atol=1e-6, err_msg=f"{measure} {layer} {label}")

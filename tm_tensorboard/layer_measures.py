@@ -42,6 +42,13 @@ from .transforms import TransformationSet
 __all__ = ["MeasureOptions", "Chunk", "LayerMeasure", "GROUPS", "UNTRANSFORMED_PHASES", "LIE_PHASES", "TRANSFORMED"]
 
 TRANSFORMED = "transformed"
+# The most samples one update folds in at once: the statistics over samples are reductions over the
+# outermost dimension, and a compiled kernel reads one stream per sample in its innermost loop; beyond ~16
+# streams the CPU's prefetchers lose them (a [64, 16, 32768] chunk: 37 ms in one update, 20 ms in blocks
+# of 16; benchmarks/README.md). Any blocking gives the same states up to rounding (Chan's merge).
+SAMPLE_BLOCK = 16
+DIFFERENCE_BLOCK = 4  # the same for squared differences from the untransformed sample: two streams per sample
+BLOCKED_BYTES = 2**20  # chunks of fewer bytes are folded in at once (in cache: the streams cost nothing)
 UNTRANSFORMED_PHASES = ("thresholds", "global")  # passes over the untransformed probe, in order
 LIE_PHASES = tuple(GENERATORS)  # one forward-mode pass over the untransformed probe per generator
 
@@ -68,11 +75,20 @@ class Chunk:
     compiled: bool = False  # run the fused updates compiled
     image_size: tuple[int, int] | None = None  # (H, W) of the probe's images (the Lie translations' pixels)
 
-    def rows(self, values: torch.Tensor):
-        """(class index, the chunk's samples of that class) pairs of values [b·T, ...] or [b, ...]: all of
-        them as they are, or the class's samples as [b_k, T·units]."""
+    def rows(self, values: torch.Tensor, block: int = SAMPLE_BLOCK):
+        """(class index, a block of the chunk's samples of that class) pairs of values [b·T, ...] or
+        [b, ...]: all of them as they are, or the class's samples as [b_k, T·units]; on CPU beyond
+        BLOCKED_BYTES, in blocks of at most ``block`` samples (views, sample-major)."""
         for k, rows in self.groups:
-            yield k, values if rows is None else values.reshape(self.size, -1).index_select(0, rows)
+            selected = values if rows is None else values.reshape(self.size, -1).index_select(0, rows)
+            samples = self.size if rows is None else rows.shape[0]
+            if (samples <= block or selected.numel() * selected.element_size() <= BLOCKED_BYTES
+                    or selected.device.type != "cpu"):  # a GPU keeps its updates at a constant count of kernels
+                yield k, selected
+                continue
+            per_sample = selected.shape[0] // samples
+            for start in range(0, samples, block):
+                yield k, selected[start * per_sample: (start + block) * per_sample]
 
 
 class LayerMeasure:
@@ -342,7 +358,7 @@ class EquivarianceErrorMeasure(LayerMeasure):
     def update(self, phase, activation, chunk):
         psi = self.action.psi(activation)
         back = self.action.undo(psi, self.transformations, chunk.compiled, chunk.scratch)
-        for (k, back_rows), (_, psi_rows) in zip(chunk.rows(back), chunk.rows(psi)):
+        for (k, back_rows), (_, psi_rows) in zip(chunk.rows(back, DIFFERENCE_BLOCK), chunk.rows(psi, DIFFERENCE_BLOCK)):
             squared, reference = self.per_class[k]["squared"], self.per_class[k]["reference"]
             _equivariance_error_update(
                 chunk.compiled, back_rows, psi_rows, self.T, self.identity, squared.total, squared.count,
@@ -388,7 +404,7 @@ class InvarianceErrorMeasure(LayerMeasure):
         return {"squared": SampleSum((self.T, self.units), device), "reference": SampleMoments((self.units,), device)}
 
     def update(self, phase, activation, chunk):
-        for k, rows in chunk.rows(activation):
+        for k, rows in chunk.rows(activation, DIFFERENCE_BLOCK):
             squared, reference = self.per_class[k]["squared"], self.per_class[k]["reference"]
             _invariance_error_update(
                 chunk.compiled, rows, self.T, self.identity, squared.total, squared.count, reference.mean,
