@@ -45,7 +45,7 @@ TRANSFORMED = "transformed"
 # The most samples one update folds in at once: the statistics over samples are reductions over the
 # outermost dimension, and a compiled kernel reads one stream per sample in its innermost loop; beyond ~16
 # streams the CPU's prefetchers lose them (benchmarks/bench_blocks.py: a [64, 16, 32768] chunk took 34 ms in
-# one update, 21 ms in blocks of 16; its squared differences 32 ms, 11 ms in blocks of 8). Any blocking
+# one update, 21 ms in blocks of 16; its squared differences 33 ms, 12 ms in blocks of 8). Any blocking
 # gives the same states up to rounding (Chan's merge).
 SAMPLE_BLOCK = 16
 DIFFERENCE_BLOCK = 8  # the same for squared differences from the untransformed sample: two streams per sample
