@@ -44,7 +44,7 @@ __all__ = ["MeasureOptions", "Chunk", "LayerMeasure", "GROUPS", "UNTRANSFORMED_P
 TRANSFORMED = "transformed"
 # The most samples one update folds in at once: the statistics over samples are reductions over the
 # outermost dimension, and a compiled kernel reads one stream per sample in its innermost loop; beyond ~16
-# streams the CPU's prefetchers lose them (benchmarks/bench_blocks.py: a [64, 16, 32768] chunk took 34 ms in
+# streams the CPU's prefetchers lose them (benchmarks/bench_blocks.py: a [64, 16, 32768] chunk took 33 ms in
 # one update, 21 ms in blocks of 16; its squared differences 33 ms, 12 ms in blocks of 8). Any blocking
 # gives the same states up to rounding (Chan's merge).
 SAMPLE_BLOCK = 16
@@ -359,7 +359,8 @@ class EquivarianceErrorMeasure(LayerMeasure):
     def update(self, phase, activation, chunk):
         psi = self.action.psi(activation)
         back = self.action.undo(psi, self.transformations, chunk.compiled, chunk.scratch)
-        for (k, back_rows), (_, psi_rows) in zip(chunk.rows(back, DIFFERENCE_BLOCK), chunk.rows(psi, DIFFERENCE_BLOCK)):
+        blocks = zip(chunk.rows(back, DIFFERENCE_BLOCK), chunk.rows(psi, DIFFERENCE_BLOCK))  # back: psi's shape
+        for (k, back_rows), (_, psi_rows) in blocks:
             squared, reference = self.per_class[k]["squared"], self.per_class[k]["reference"]
             _equivariance_error_update(
                 chunk.compiled, back_rows, psi_rows, self.T, self.identity, squared.total, squared.count,
