@@ -1,6 +1,6 @@
 """Folding a chunk's samples in blocks (layer_measures.SAMPLE_BLOCK, DIFFERENCE_BLOCK) against at once, on CPU.
 
-    python benchmarks/bench_blocks.py           # ~10 min on an idle 2-core machine (--reps 5)
+    python benchmarks/bench_blocks.py           # ~25 min on an idle 2-core machine (--reps 5)
 
 1. ``kernels``: the compiled invariance update (``_variance_update``: spread over T, moments over samples)
    and the per-transformation update (``_invariance_error_update``: squared differences from the

@@ -5,9 +5,9 @@
 The setting is process-wide and, once made, stays made (glibc stops adjusting its thresholds), so the two
 sides cannot share a process: each run is a fresh process, with TM_TENSORBOARD_KEEP_FREED_MEMORY=1 (the
 default) or 0, alternated, ``--runs`` of each. In a run: the forward floor (the transformed images through
-the model, chunk by chunk, no hooks, with the heap as that side sets it for a measurement) and ``measure()`` with error bars as by default and without, every
-method once per repetition in turn, 4 repetitions after one untimed call each; medians, and the median
-page faults (``ru_minflt``) of each. Cases: ResNet18Style(0.25) at 32 px (N = 128) and the reference case
+the model, chunk by chunk, no hooks, with the heap as that side sets it for a measurement) and
+``measure()`` with error bars as by default and without, every method once per repetition in turn,
+4 repetitions after one untimed call each; medians, and the median page faults (``ru_minflt``) of each. Cases: ResNet18Style(0.25) at 32 px (N = 128) and the reference case
 of bench_engine.py (N = 256), T = 16 rotations, compiled, 2 threads; ``--measures`` (invariance),
 ``--batch-sizes`` (16), ``--cases``. Results in ``results/heap.json``.
 """

@@ -365,7 +365,7 @@ def test_a_monitor_compiles_when_made_and_only_when_it_pays(tmp_path):
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("stratified", [False, True], ids=["whole", "per_class"])
 def test_updates_in_sample_blocks_give_the_numbers_of_one_update(monkeypatch, stratified):
-    """On CPU a large chunk is folded in blocks of at most 16 samples (4 for squared differences): views of
+    """On CPU a large chunk is folded in blocks of at most 16 samples (8 for squared differences): views of
     the chunk, each merged by Chan's formula. Every group's values, per element, equal those of one update
     per chunk up to float32 rounding (a chunk of 37 samples: blocks of 16, 16, 5 and of 8, 8, 8, 8, 5), and
     the blocks do run."""
@@ -395,9 +395,9 @@ def test_updates_in_sample_blocks_give_the_numbers_of_one_update(monkeypatch, st
     blocks.clear()
     blocked = run(0)
     assert max(blocks) == (6 if stratified else 5)  # blocks of 8: 37 samples in 5, the classes' 13, 12, 12 in 2 + 2 + 2
+    labels_of = [None, *range(3)] if stratified else [None]
     for measure in whole.measures:
         for layer in whole.layers_of(measure):
-            labels_of = [None, *range(3)] if stratified else [None]
             for label in labels_of:
                 np.testing.assert_allclose(blocked.get(measure, layer, per="element", label=label),
                                            whole.get(measure, layer, per="element", label=label),
