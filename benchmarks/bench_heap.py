@@ -7,9 +7,10 @@ sides cannot share a process: each run is a fresh process, with TM_TENSORBOARD_K
 default) or 0, alternated, ``--runs`` of each. In a run: the forward floor (the transformed images through
 the model, chunk by chunk, no hooks, with the heap as that side sets it for a measurement) and
 ``measure()`` with error bars as by default and without, every method once per repetition in turn,
-4 repetitions after one untimed call each; medians, and the median page faults (``ru_minflt``) of each. Cases: ResNet18Style(0.25) at 32 px (N = 128) and the reference case
-of bench_engine.py (N = 256), T = 16 rotations, compiled, 2 threads; ``--measures`` (invariance),
-``--batch-sizes`` (16), ``--cases``. Results in ``results/heap.json``.
+4 repetitions after one untimed call each; medians, and the median page faults (``ru_minflt``) of each.
+Cases: ResNet18Style(0.25) at 32 px (N = 128) and the reference case of bench_engine.py (N = 256), T = 16
+rotations, compiled, 2 threads; ``--measures`` (invariance), ``--batch-sizes`` (16), ``--cases``. Results
+in ``results/heap.json``.
 """
 from __future__ import annotations
 
