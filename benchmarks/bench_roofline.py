@@ -28,6 +28,8 @@ in one run:
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import time
 import warnings
@@ -63,6 +65,30 @@ def bandwidth(reps: int = 9) -> dict:
     }
 
 
+FORWARD_OPS = ("conv2d", "max_pool2d", "relu", "linear", "batch_norm", "adaptive_avg_pool2d", "add")
+
+
+def profile(run) -> dict:
+    """Seconds of one profiled call of ``run`` by kind: compiled kernels (Inductor's ``kernel`` functions),
+    the forward's ATen ops, the transformations' ``grid_sampler``, and the rest (Python on the host:
+    hooks, calls of the compiled graphs, finalizing; cProfile inflates it, so read it as an upper bound)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    parts = {"kernels": 0.0, "forward": 0.0, "grid_sampler": 0.0, "total": 0.0}
+    for (_, _, name), (_, _, tottime, _, _) in pstats.Stats(profiler).stats.items():
+        parts["total"] += tottime
+        if name.endswith(".kernel>") or name == "<built-in method kernel>":
+            parts["kernels"] += tottime
+        elif "grid_sampler" in name:
+            parts["grid_sampler"] += tottime
+        elif any(name == f"<built-in method torch.{op}>" or name == f"<built-in method torch._C._nn.{op}>" for op in FORWARD_OPS):
+            parts["forward"] += tottime
+    parts["host_and_rest"] = parts["total"] - parts["kernels"] - parts["forward"] - parts["grid_sampler"]
+    return parts
+
+
 def case(model: torch.nn.Module, probe: torch.Tensor, reps: int, speed: dict) -> dict:
     """Floors, measure() variants, traffic and bounds of one model at each batch size."""
     tset = tm.transforms.rotations(T)
@@ -77,7 +103,8 @@ def case(model: torch.nn.Module, probe: torch.Tensor, reps: int, speed: dict) ->
         run()
     wall = interleaved(methods, reps, type(model).__name__)
     median = {m: statistics.median(ts) for m, ts in wall.items()}
-    out = {"N": len(probe), "median_s": median, "all_s": wall, "bounds": {}}
+    out = {"N": len(probe), "median_s": median, "all_s": wall, "bounds": {},
+           "profile": {m: profile(run) for m, run in methods.items() if "float32" not in m}}
     for label, (measures, dtype) in VARIANTS.items():
         report = tm.estimate_memory(model, probe, tset, measures=measures, error_bars=False,
                                     dedupe_batchnorm=False, state_dtype=dtype, batch_size=16)
