@@ -37,6 +37,7 @@ from .capture import (
 )
 from .layer_measures import GROUPS, LIE_PHASES, TRANSFORMED, UNTRANSFORMED_PHASES, Chunk, MeasureOptions
 from .measures import MEASURE_GROUPS
+from .kept_states import KeptStates
 from .positions import AUTO, AUTO_POSITIONS, build_measure, check_positions, sampled_positions
 from .preserve import preserved_rng_state, preserved_training_state
 from .probe import Probe, as_probe, border_variation
@@ -395,6 +396,7 @@ class Measurement:
         self._shards: dict[tuple, int] = {}  # the automatic choice per probe shape and classes
         self.modules, self.explicit = select_modules(self.model, layers)
         self.memory_budget = None if memory_budget is None else memory.parse_bytes(memory_budget)
+        self.kept_states = KeptStates()  # this session's last measurement's states, for its next (CPU, no budget)
         # None: wherever exact; the discovery pass that finds them runs only when there is a BatchNorm to leave out
         self.dedupe_batchnorm = dedupe_batchnorm is not False and refusal is None and any(
             isinstance(module, nn.modules.batchnorm._BatchNorm) for _, module in self.modules)
@@ -698,7 +700,7 @@ class Measurement:
         """
         on_cpu = self.device(probe).type == "cpu"
         kept = heap.freed_memory_kept(large_blocks=self.memory_budget is None)  # see heap.py
-        with kept if on_cpu else contextlib.nullcontext():
+        with kept if on_cpu else contextlib.nullcontext(), self._keeping_states(on_cpu):
             if distributed.process_group() is not None:
                 return self._run_distributed(probe, classes)
             self.check_probe(probe)
@@ -706,6 +708,12 @@ class Measurement:
             probe, shards = self.interleaved(probe, classes)
             observers, accuracy = self._stream_planned(probe, classes, shards=shards)
             return self.finalize(observers, accuracy, len(probe), classes)
+
+    def _keeping_states(self, on_cpu: bool) -> contextlib.AbstractContextManager:
+        """The states of a measurement on CPU come from the previous one's memory and are kept for the next
+        (``kept_states.py``: a Monitor's measurements page nothing in after the first). Not under a memory
+        budget: there passes free their states for the next pass, and nothing is held between measurements."""
+        return self.kept_states.serving() if on_cpu and self.memory_budget is None else contextlib.nullcontext()
 
     def interleaved(self, probe: Probe, classes: list[int] | None) -> tuple[Probe, list[tuple[int, int]] | None]:
         """The probe in error-bar shard order and each shard's range (None: no error bars for it)."""
@@ -775,7 +783,8 @@ class Measurement:
             size = max(count, 2)
             sample = Probe(probe.images[:size], None if probe.labels is None else probe.labels[:size])
             shards = [(k, k + 1) for k in range(count)] if count > 1 else None
-            self.finalize(*self._stream_planned(sample, None, True, shards=shards), len(sample), None)
+            with self._keeping_states(self.device(probe).type == "cpu"):  # (the first measurement reuses them)
+                self.finalize(*self._stream_planned(sample, None, True, shards=shards), len(sample), None)
         heap.release_freed_memory()  # the warm-up's states: a whole measurement's, for two samples
         return fused.compiled_seconds() - before
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torch.autograd.forward_ad as forward_ad
 
+from . import kept_states
 from .actions import FeatureAction, identity
 from .capture import LayerInfo
 from .f_distribution import f_critical_value
@@ -174,7 +175,7 @@ class LayerMeasure:
             return
         first = next(iter(self.per_class[0].values())).tensors()[0]
         size = sum(state.numel() for states in self.per_class for state in states.values())
-        block, offset = torch.zeros(shards * size, dtype=first.dtype, device=first.device), 0
+        block, offset = kept_states.zeros((shards * size,), first.dtype, first.device), 0
         counts = iter(torch.zeros(shards * len(self.per_class) * len(self.per_class[0]), dtype=torch.int64,
                                   device=first.device).unbind())
         for _ in range(shards):

@@ -30,6 +30,8 @@ from typing import Iterator
 
 import torch
 
+from . import kept_states
+
 __all__ = [
     "Scratch",
     "StreamingState",
@@ -181,7 +183,7 @@ class StreamingState:
         self._names = names
         dtype = _STATE_DTYPE.get()
         for name in names:
-            setattr(self, name, torch.zeros(self.shape, dtype=dtype, device=device))
+            setattr(self, name, kept_states.zeros(self.shape, dtype, device))
 
     def tensors(self) -> list[torch.Tensor]:
         """The state's tensors in a fixed order (what ranks exchange; the count is known to every rank)."""
