@@ -16,7 +16,8 @@ The measurement's streaming states are another matter: allocated once, kept to t
 are allocated by glibc's own rules (``mapped_apart``): above 32 MB mapped apart unless free heap memory
 holds them, and so given back to the system when freed, as before. (Measured: the resident set after a
 measurement 612 MB against 538 MB before on the reference case at batch_size=16, 1.06 against 0.99 GB on
-ResNet18Style; the peak the same.)
+ResNet18Style; the peak the same.) A session measured again (a Monitor) keeps them for its next
+measurement instead (``kept_states.py``).
 
 Setting a threshold stops glibc adjusting both of them to the process, for the rest of the process; so
 both are set to where glibc's own adjustment ends (mmap threshold 32 MB, trim threshold 64 MB on 64-bit
