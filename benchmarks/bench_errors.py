@@ -6,9 +6,10 @@
    at batch_size 4, 16 (the default) and 64 (64, 256 and 1,024 images per forward), every variant once
    per repetition in turn, medians of ``--reps``, ratios within one run: ``measure()`` with the invariance
    group alone and with the default measures, each without error bars (``error_bars=False``), with the
-   default ones (8 shards), and with ``per_transformation`` added (ie_t). Compiled kernels, compiled
-   before the timed part. The states' bytes with and without error bars (with them: the totals and every
-   shard's, K + 1 sets, kept for the jackknife).
+   default ones (8 shards), and with ``per_transformation`` added (ie_t); each also as a session run
+   again (``Measurement.run``, a Monitor's steps: the states' memory kept between measurements,
+   ``kept_states.py``). Compiled kernels, compiled before the timed part. The states' bytes with and
+   without error bars (with them: the totals and every shard's, K + 1 sets, kept for the jackknife).
 2. Probe size: on an example model trained briefly on real data (SimpleCNN(1, 10), 2 epochs of Adam with a
    fixed seed on scikit-learn's 1,797 8×8 digits upsampled bilinearly to 1×32×32), for T in 4, 16 rotations
    (zero padding) and N in 16 … 1,024 (… 128 at T = 16, for time): 3 probes per N drawn without
@@ -40,6 +41,8 @@ import torch
 import tm_tensorboard as tm
 from bench_engine import Net, interleaved, warm_allocator
 from provenance import environment, save_results
+from tm_tensorboard.engine import Measurement
+from tm_tensorboard.probe import as_probe
 from tm_tensorboard.examples.models import SimpleCNN
 
 RESULTS = Path(__file__).resolve().parent / "results" / "errors.json"
@@ -74,7 +77,11 @@ def cost(reps: int, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> dict:
             variants[f"b{b}_{name}_no_error_bars"] = lambda m=measures, run=run: run(m, False)
             variants[f"b{b}_{name}_error_bars"] = lambda m=measures, run=run: run(m, True)
             variants[f"b{b}_{name}_per_transformation"] = lambda m=measures, run=run: run(m + ("per_transformation",), False)
-    for run in variants.values():  # compile and warm up
+            for label, m, bars in (("no_error_bars", measures, False), ("error_bars", measures, True),
+                                   ("per_transformation", measures + ("per_transformation",), False)):
+                session = Measurement(model, tset, measures=m, batch_size=b, compile=True, error_bars=bars)
+                variants[f"b{b}_{name}_{label}_session"] = lambda s=session: s.run(as_probe(probe))
+    for run in variants.values():  # compile and warm up (and give each session its first measurement)
         run()
     times = interleaved(variants, reps)
     median = {name: statistics.median(t) for name, t in times.items()}
@@ -84,6 +91,10 @@ def cost(reps: int, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> dict:
             base = median[f"b{b}_{name}_no_error_bars"]
             out[f"b{b}_{name}_error_bars_added"] = median[f"b{b}_{name}_error_bars"] / base - 1
             out[f"b{b}_{name}_per_transformation_added"] = median[f"b{b}_{name}_per_transformation"] / base - 1
+            base = median[f"b{b}_{name}_no_error_bars_session"]  # a session run again: a Monitor's steps
+            out[f"b{b}_{name}_error_bars_added_session"] = median[f"b{b}_{name}_error_bars_session"] / base - 1
+            out[f"b{b}_{name}_per_transformation_added_session"] = (
+                median[f"b{b}_{name}_per_transformation_session"] / base - 1)
     out["state_bytes"] = {
         f"{name}_{'error_bars' if bars else 'no_error_bars'}": state_bytes(model, probe, measures, bars)
         for name, measures in (("invariance", ("invariance",)), ("default", DEFAULT)) for bars in (False, True)
