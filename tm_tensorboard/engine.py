@@ -35,9 +35,9 @@ from .capture import (
     select_modules,
     unwrap,
 )
+from .kept_states import KeptStates
 from .layer_measures import GROUPS, LIE_PHASES, TRANSFORMED, UNTRANSFORMED_PHASES, Chunk, MeasureOptions
 from .measures import MEASURE_GROUPS
-from .kept_states import KeptStates
 from .positions import AUTO, AUTO_POSITIONS, build_measure, check_positions, sampled_positions
 from .preserve import preserved_rng_state, preserved_training_state
 from .probe import Probe, as_probe, border_variation
