@@ -18,7 +18,9 @@ Every run is a fresh process: its peak memory is the growth of its resident set 
 the model and the probe took before it. A measurement run makes the ``tm.Monitor``'s preparation first
 (the layers, the memory plan, compiling the fused statistics on two samples; recorded apart, as
 ``prepare_s``), then times ``measure()`` on the whole probe; its peak covers both. A floor run forwards the
-same transformed images (made beforehand) in the same chunks without hooks (eval, no autograd). Floor and
+same transformed images (made beforehand) in the same chunks without hooks (eval, no autograd), then
+again with the C heap as a measurement keeps it (``kept_heap_s``: no activation page-faulted in anew,
+the forwards at their best, as ``bench_fused.py``'s floor). Floor and
 measurement runs alternate, ``--repeats`` of each; medians. Results in ``results/resnet50.json``.
 
 The ratio is against the floor forwarded again *in the measurement's process*, after it (``floor_after_s``):
@@ -74,6 +76,7 @@ def timed(run: Callable[[], Any]) -> tuple[float, int, Any]:
 def child(case: str, kind: str, samples: int, batch_size: int, budget: str) -> dict:
     """One run in this process: the floor or the measurement of ``case``."""
     import tm_tensorboard as tm
+    from tm_tensorboard import heap
     from tm_tensorboard.engine import Measurement
     from tm_tensorboard.examples.models import ResNet50
     from tm_tensorboard.probe import as_probe
@@ -96,6 +99,9 @@ def child(case: str, kind: str, samples: int, batch_size: int, budget: str) -> d
 
     if kind == "floor":
         out["seconds"], out["page_faults"], _ = timed(forwards())
+        with heap.freed_memory_kept():  # the forwards at their best: the heap as a measurement keeps it
+            forwards()()  # (its first pass grows the heap)
+            out["kept_heap_s"], out["kept_heap_page_faults"], _ = timed(forwards())
     else:
         keywords = dict(CASES[case]["keywords"])
         if "state_dtype" in keywords:
@@ -124,7 +130,7 @@ def child(case: str, kind: str, samples: int, batch_size: int, budget: str) -> d
         )
     out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     if kind == "measure":  # the floor again, in this process: its heap as the measurement left it
-        del result
+        del result, session  # (a session keeps its states' memory for its next measurement: kept_states.py)
         out["floor_after_s"], out["floor_after_page_faults"], _ = timed(forwards())
     return out
 
@@ -172,7 +178,10 @@ def main() -> None:
             "measure_s": seconds,
             "ratio": seconds / warm_floor,
             "ratio_to_fresh_process_floor": seconds / floor,
+            "kept_heap_floor_s": statistics.median(r["kept_heap_s"] for r in floors),
+            "ratio_to_kept_heap_floor": seconds / statistics.median(r["kept_heap_s"] for r in floors),
             "page_faults": {"floor": statistics.median(r["page_faults"] for r in floors),
+                            "kept_heap_floor": statistics.median(r["kept_heap_page_faults"] for r in floors),
                             "measure": statistics.median(r["page_faults"] for r in runs),
                             "floor_after": statistics.median(r["floor_after_page_faults"] for r in runs)},
             "prepare_s": statistics.median(r["prepare_s"] for r in runs),
