@@ -69,6 +69,7 @@ def cost(reps: int, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> dict:
     model = Net().eval()
     probe = torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     tset = tm.transforms.rotations(16)
+    samples = as_probe(probe)  # what the sessions run on (measure() makes it from the tensor each call)
     variants: dict[str, Callable[[], object]] = {}
     for b in batch_sizes:
         for name, measures in (("invariance", ("invariance",)), ("default", DEFAULT)):
@@ -80,7 +81,7 @@ def cost(reps: int, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> dict:
             for label, m, bars in (("no_error_bars", measures, False), ("error_bars", measures, True),
                                    ("per_transformation", measures + ("per_transformation",), False)):
                 session = Measurement(model, tset, measures=m, batch_size=b, compile=True, error_bars=bars)
-                variants[f"b{b}_{name}_{label}_session"] = lambda s=session: s.run(as_probe(probe))
+                variants[f"b{b}_{name}_{label}_session"] = lambda s=session: s.run(samples)
     for run in variants.values():  # compile and warm up (and give each session its first measurement)
         run()
     times = interleaved(variants, reps)

@@ -190,6 +190,18 @@ def ahead_of_time_against_dynamo(reps: int) -> dict:
     return out
 
 
+def speed_cases() -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+    """The two cases issue 12's ratios are set on, seeded: DESIGN.md's reference case (13 layers, N = 256) and
+    ResNet18Style(width=0.25) at 32 px (59 layers, N = 128), each (model in eval mode, probe)."""
+    torch.manual_seed(0)
+    reference = Net().eval()
+    resnet = ResNet18Style(3, 10, width=0.25).eval()
+    return {
+        "reference": (reference, torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))),
+        "ResNet18Style_w0.25_32px": (resnet, torch.rand(128, 3, 32, 32, generator=torch.Generator().manual_seed(0))),
+    }
+
+
 def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int) -> dict:
     """Interleaved wall times of the floors and measure() variants of one model."""
     tset = tm.transforms.rotations(T)
@@ -306,14 +318,9 @@ def main() -> None:
             args.output.write_text(json.dumps(figures, indent=1) + "\n")
         return
 
-    torch.manual_seed(0)
-    reference = Net().eval()
-    reference_probe = torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    resnet = ResNet18Style(3, 10, width=0.25).eval()
-    resnet_probe = torch.rand(128, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     figures["speed"] = {
-        "reference": speed_case("reference", reference, reference_probe, args.reps),
-        "ResNet18Style_w0.25_32px": speed_case("resnet", resnet, resnet_probe, args.reps),
+        case: speed_case(label, model, probe, args.reps)
+        for (case, (model, probe)), label in zip(speed_cases().items(), ("reference", "resnet"))
     }
     for case, value in figures["speed"].items():
         print(case, json.dumps({k: round(v, 2) for k, v in value["ratios"].items()}))

@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 import tm_tensorboard as tm
-from bench_engine import Net, interleaved, warm_allocator
-from bench_fused import forward_floor
+from bench_engine import interleaved, warm_allocator
+from bench_fused import forward_floor, speed_cases
 from provenance import environment, save_results
 from tm_tensorboard.engine import Measurement
-from tm_tensorboard.examples.models import ResNet18Style
 from tm_tensorboard.probe import as_probe
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kept_states.json"
@@ -67,15 +66,8 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     warnings.simplefilter("ignore")  # the border warning of random probes: not what this measures
     warm_allocator()
-    torch.manual_seed(0)
     start = time.perf_counter()
-    cases = {
-        "reference": case(Net().eval(), torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
-                          args.reps),
-        "ResNet18Style_w0.25_32px": case(ResNet18Style(3, 10, width=0.25).eval(),
-                                         torch.rand(128, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
-                                         args.reps),
-    }
+    cases = {name: case(model, probe, args.reps) for name, (model, probe) in speed_cases().items()}
     save_results({"environment": environment(), "threads": THREADS, "batch_size": BATCH_SIZE, "reps": args.reps,
                   "cases": cases, "seconds": time.perf_counter() - start}, args.output)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import math
 import pstats
 import statistics
 import time
@@ -38,10 +39,9 @@ from pathlib import Path
 import torch
 
 import tm_tensorboard as tm
-from bench_engine import Net, interleaved, warm_allocator
-from bench_fused import forward_floor
+from bench_engine import interleaved, warm_allocator
+from bench_fused import forward_floor, speed_cases
 from provenance import environment, save_results
-from tm_tensorboard.examples.models import ResNet18Style
 
 RESULTS = Path(__file__).resolve().parent / "results" / "roofline.json"
 THREADS = 2
@@ -109,7 +109,7 @@ def case(model: torch.nn.Module, probe: torch.Tensor, reps: int, speed: dict) ->
         report = tm.estimate_memory(model, probe, tset, measures=measures, error_bars=False,
                                     dedupe_batchnorm=False, state_dtype=dtype, batch_size=16)
         state_bytes = report.state_bytes
-        elements = sum(_elements(layer.unit_shape) for layer in report.layers)
+        elements = sum(math.prod(layer.unit_shape) for layer in report.layers)
         value_bytes = len(probe) * T * elements * 4
         for b in BATCH_SIZES:
             floor = median[f"floor_b{b}"]
@@ -133,13 +133,6 @@ def case(model: torch.nn.Module, probe: torch.Tensor, reps: int, speed: dict) ->
     return out
 
 
-def _elements(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -148,17 +141,10 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     warnings.simplefilter("ignore")  # the border warning of random probes: not what this measures
     warm_allocator()
-    torch.manual_seed(0)
     start = time.perf_counter()
     speed = bandwidth()
     print(f"bandwidth: read {speed['read_GBps']:.1f} GB/s, read + write {speed['read_write_GBps']:.1f} GB/s", flush=True)
-    cases = {
-        "reference": case(Net().eval(), torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
-                          args.reps, speed),
-        "ResNet18Style_w0.25_32px": case(ResNet18Style(3, 10, width=0.25).eval(),
-                                         torch.rand(128, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
-                                         args.reps, speed),
-    }
+    cases = {name: case(model, probe, args.reps, speed) for name, (model, probe) in speed_cases().items()}
     speed_after = bandwidth()
     figures = {"environment": environment(), "threads": THREADS, "T": T, "reps": args.reps,
                "bandwidth": speed, "bandwidth_after": speed_after, "cases": cases,
