@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tm_tensorboard as tm
-from tm_tensorboard import fused
+from tm_tensorboard import fused, native
 from tm_tensorboard import transforms as T
 from tm_tensorboard.engine import Measurement
 from tm_tensorboard.examples.models import ResNet18Style, SimpleCNN
@@ -68,7 +68,9 @@ def _ops_per_layer_per_chunk(model, measures, compile, t=16, batch_size=16):
 
 @pytest.mark.parametrize("measures", list(BUDGET), ids=["invariance", "default"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_compiled_ops_per_layer_per_chunk_within_budget(name, measures):
+def test_compiled_ops_per_layer_per_chunk_within_budget(name, measures, monkeypatch):
+    """What a GPU would launch: the compiled graphs, without the CPU kernel of native.py (CPU only)."""
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0")
     model = MODELS[name]().eval()
     per_layer_chunk, measured = _ops_per_layer_per_chunk(model, measures, compile=True)
     assert measured[COMPILED_REGION] > 0, "nothing ran compiled"
@@ -76,8 +78,9 @@ def test_compiled_ops_per_layer_per_chunk_within_budget(name, measures):
 
 
 @pytest.mark.parametrize("measures", list(SHARD_END_BUDGET), ids=["invariance", "default"])
-def test_compiled_ops_per_layer_per_shard_end_within_budget(measures):
-    """Error bars cost ops at each of the K shards' ends, none on the chunk path."""
+def test_compiled_ops_per_layer_per_shard_end_within_budget(measures, monkeypatch):
+    """Error bars cost ops at each of the K shards' ends, none on the chunk path (as a GPU runs them)."""
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0")
     model, tset = SimpleCNN(3, 10).eval(), T.rotations(16)
     torch.manual_seed(0)
     probe = torch.rand(128, 3, 32, 32)
@@ -189,7 +192,7 @@ def _fresh_process(script: str, tmp_path, **env) -> dict:
 def test_graphs_compiled_ahead_of_time_are_stored_for_later_processes(tmp_path):
     """Compiling ahead of time bypasses Inductor's caches, so the graphs are stored (in Inductor's cache
     directory): a later process loads them instead of compiling, and computes the same numbers."""
-    runs = [_fresh_process(_STORE_CHILD, tmp_path) for _ in range(2)]
+    runs = [_fresh_process(_STORE_CHILD, tmp_path, TM_TENSORBOARD_NATIVE="0") for _ in range(2)]  # (graphs)
     assert runs[0]["failed"] is None and runs[0]["counts"] == {"compiled": 1, "loaded": 0}
     assert runs[1]["counts"] == {"compiled": 0, "loaded": 1}
     assert runs[1]["states"] == runs[0]["states"]

@@ -29,6 +29,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import native
+
 __all__ = ["FusedFunction", "fused", "compiling", "call_settings", "compile_available", "compiled_seconds",
            "mode_from_environment"]
 
@@ -61,8 +63,8 @@ def compile_available() -> bool:
 
 
 def compiled_seconds() -> float:
-    """Seconds spent compiling fused updates in this process so far."""
-    return _COMPILER.seconds
+    """Seconds spent compiling fused updates (and building the native kernel) in this process so far."""
+    return _COMPILER.seconds + native.build_seconds()
 
 
 def mode_from_environment() -> bool | None:
@@ -122,22 +124,28 @@ class FusedFunction:
     """A function of tensors and sizes, ``fn(*args, scratch=...)``: a per-chunk update that mutates its
     state tensors in place, or a finalization that returns a tensor.
 
-    ``f(compiled, *args, scratch=scratch)``: when ``compiled`` (and the compiler works), a graph compiled
-    ahead of time whose guards the arguments pass (or, where that is unavailable, Dynamo's compiled
-    region), else the eager function with its scratch buffer.
+    ``f(compiled, *args, scratch=scratch)``: when ``compiled``, a hand-written ``native`` kernel where one
+    takes the arguments (it returns False where it does not apply: ``native.py``), else (and the compiler
+    works) a graph compiled ahead of time whose guards the arguments pass (or, where that is unavailable,
+    Dynamo's compiled region), else the eager function with its scratch buffer.
     """
 
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, native: Callable[..., bool] | None = None):
         self.fn = fn
+        self.native = native
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
         self._compiled: Callable | None = None
         self._ahead: dict[tuple, list] = {}  # per kind of arguments, the graphs compiled ahead of time for it
 
     def __call__(self, compiled: bool, *args, scratch=None):
+        if compiled and self.native is not None and self.native(*args):
+            return None
         if compiled and compile_available():
             try:
-                return self._run_compiled(args)
+                out = self._run_compiled(args)
+                native.report_failure()  # a native kernel that failed to build where Inductor's code builds
+                return out
             except Exception as error:  # any compiler failure: never fail the measurement for it
                 _COMPILER.give_up(error)
         return self.fn(*args, scratch=scratch)
@@ -292,6 +300,8 @@ def _graph_count() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def fused(fn: Callable) -> FusedFunction:
-    """Decorator: make ``fn`` a FusedFunction."""
-    return FusedFunction(fn)
+def fused(fn: Callable | None = None, *, native: Callable[..., bool] | None = None):
+    """Decorator: make ``fn`` a FusedFunction (``@fused``, or ``@fused(native=kernel)``)."""
+    if fn is None:
+        return lambda f: FusedFunction(f, native)
+    return FusedFunction(fn, native)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from . import kept_states
+from . import kept_states, native
 from .actions import FeatureAction, identity
 from .capture import LayerInfo
 from .f_distribution import f_critical_value
@@ -226,7 +226,7 @@ def _variance_compute(spread_total, spread_count, m2, count, scratch=None):
     return torch.stack([mean_of_sum(spread_total, spread_count), unbiased_var(m2, count).sqrt().mean(dim=0)])
 
 
-@fused
+@fused(native=native.variance_update)
 def _variance_update(output, T, spread_total, spread_count, mean, m2, count, scratch=None):
     """Samples' std over transformations (TV) and per-transformation moments over samples (SV)."""
     x = output.reshape(-1, T, mean.shape[-1])  # [b, T, units]

@@ -1,0 +1,164 @@
+"""The CPU kernel of the invariance update (native.py): the states of a float64 reference from the same
+float32 values for any chunking, the compiled graphs' numbers, NaN where they give NaN, and a clean refusal
+(nothing touched) wherever it does not apply."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tm_tensorboard as tm
+from tm_tensorboard import native
+from tm_tensorboard import transforms as T
+from tm_tensorboard.layer_measures import _variance_update
+from models import small_cnn
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def kernel_on(monkeypatch):
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "1")
+
+
+def _states(T: int, units: int, block: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """spread total, spread count, mean, m2, count; with ``block``, views at odd offsets into it (as shards'
+    states are carved from one allocation)."""
+    if block is None:
+        tensors = [torch.zeros(units, dtype=torch.float64), torch.zeros(T, units, dtype=torch.float64),
+                   torch.zeros(T, units, dtype=torch.float64)]
+    else:
+        offsets = [1, 1 + units, 1 + units + T * units]
+        tensors = [block.as_strided((units,), (1,), offsets[0]), block.as_strided((T, units), (units, 1), offsets[1]),
+                   block.as_strided((T, units), (units, 1), offsets[2])]
+    counts = torch.zeros(2, dtype=torch.int64)
+    return [tensors[0], counts[0], tensors[1], tensors[2], counts[1]]
+
+
+def _fold(values: torch.Tensor, T: int, sizes: list[int], states: list[torch.Tensor], kernel: bool) -> None:
+    """values [N, T, units] folded in chunks of ``sizes`` samples."""
+    start = 0
+    for size in sizes:
+        chunk = values[start: start + size].reshape(size * T, -1).contiguous()
+        if kernel:
+            assert native.variance_update(chunk, T, *states)
+        else:
+            _variance_update(True, chunk, T, *states)
+        start += size
+
+
+@pytest.mark.parametrize("T, units", [(2, 5), (4, 517), (16, 1024 + 33)])
+@pytest.mark.parametrize("sizes", [[1] * 9, [3, 3, 3], [4, 5], [9]], ids=["ones", "odd", "uneven", "whole"])
+def test_states_equal_a_float64_reference_for_any_chunking(T, units, sizes):
+    """Units of all kinds of level and spread: the sample moments to 1e-12 of a float64 computation from
+    the same float32 values (deviations over samples are exact float64 differences), the spread to float32
+    rounding of the values' level (it is taken in the activations' precision, as on every path)."""
+    g = torch.Generator().manual_seed(units)
+    level = torch.logspace(-3, 3, units, dtype=torch.float64)
+    values = (100 * level + level * 1e-3 * torch.randn(sum(sizes), T, units, generator=g, dtype=torch.float64)).float()
+    states = _states(T, units, block=torch.zeros(1 + units + 2 * T * units, dtype=torch.float64))
+    _fold(values, T, sizes, states, kernel=True)
+    x = values.double()
+    np.testing.assert_allclose(states[2].numpy(), x.mean(0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(states[3].numpy(), (x.var(0) * (len(x) - 1)).numpy(), rtol=1e-9, atol=0)
+    spread_error = (states[0] - x.std(1).sum(0)).abs()  # float32 rounding of the values' level, per sample
+    assert (spread_error <= 1e-6 * x.abs().amax(1).sum(0)).all(), spread_error.max()
+    assert states[1].item() == states[4].item() == sum(sizes)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_states_equal_the_compiled_graphs(batch):
+    """The compiled graph's states (what a GPU computes) up to its float32 deviations, after 3 chunks."""
+    g = torch.Generator().manual_seed(batch)
+    T, units = 16, 3000
+    values = torch.randn(3 * batch, T, units, generator=g) * torch.linspace(0.1, 10, units) + 2
+    ours, graphs = _states(T, units), _states(T, units)
+    _fold(values, T, [batch] * 3, ours, kernel=True)
+    _fold(values, T, [batch] * 3, graphs, kernel=False)
+    for a, b in zip(ours, graphs):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-9)
+
+
+def test_nan_and_inf_where_the_compiled_graphs_have_them():
+    """A NaN activation makes its unit's spread and its (transformation, unit) moments NaN, an inf makes
+    them non-finite, exactly where the compiled graph's are; other units are unaffected."""
+    T, units = 4, 40
+    values = torch.randn(6, T, units, generator=torch.Generator().manual_seed(0))
+    values[2, 1, 3] = float("nan")
+    values[4, 0, 7] = float("inf")
+    values[0, 2, 11] = -float("inf")  # the shift itself
+    ours, graphs = _states(T, units), _states(T, units)
+    _fold(values, T, [3, 3], ours, kernel=True)
+    _fold(values, T, [3, 3], graphs, kernel=False)
+    for a, b in zip(ours, graphs):
+        np.testing.assert_array_equal(torch.isfinite(a).numpy(), torch.isfinite(b).numpy())
+    assert ours[2][1, 3].isnan() and torch.isfinite(ours[2][0, 3]) and ours[0][3].isnan()  # (t, unit) moments
+    assert torch.isfinite(ours[2][:, 4]).all() and torch.isfinite(ours[0][4])
+
+
+def test_it_declines_what_it_does_not_apply_to_and_touches_nothing():
+    x = torch.randn(8, 6)
+    cases = {
+        "float64 activations": (x.double(), 4, _states(4, 6)),
+        "non-contiguous": (torch.randn(6, 8).t(), 4, _states(4, 6)),
+        "one transformation": (x, 1, _states(1, 6)),
+        "meta device": (x.to("meta"), 4, _states(4, 6)),
+    }
+    float32_states = _states(4, 6)
+    float32_states[2], float32_states[3] = float32_states[2].float(), float32_states[3].float()
+    cases["float32 states"] = (x, 4, float32_states)
+    for name, (values, t, states) in cases.items():
+        before = [s.clone() for s in states]
+        assert not native.variance_update(values, t, *states), name
+        for a, b in zip(states, before):
+            assert torch.equal(a, b), name
+
+
+def test_the_environment_variable_turns_it_off(monkeypatch):
+    states = _states(4, 6)
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0")
+    assert not native.variance_update(torch.randn(8, 6), 4, *states)
+    assert states[4].item() == 0
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "maybe")
+    with pytest.raises(ValueError, match="TM_TENSORBOARD_NATIVE='maybe': use 1"):
+        native.variance_update(torch.randn(8, 6), 4, *states)
+
+
+def test_measure_with_the_kernel_equals_the_compiled_graphs(monkeypatch):
+    """End to end, invariance and same-equivariance (whose moved-back maps it folds too) give the
+    compiled graphs' numbers, with error bars."""
+    model, images = small_cnn(), torch.rand(48, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    tset = T.rotations(8, padding="zeros")
+    run = lambda: tm.measure(model, images, tset, measures=("invariance", "same_equivariance"),  # noqa: E731
+                             batch_size=5, compile=True, error_bars=3)  # shards of 16
+    ours = run()
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0")
+    graphs = run()
+    spatial = [layer for layer in ours.layers if ours.layer_info(layer).is_spatial]
+    assert spatial
+    for measure in ("nvi", "tvi", "svi", "nvse"):
+        for layer in spatial if measure == "nvse" else ours.layers:
+            np.testing.assert_allclose(ours.get(measure, layer), graphs.get(measure, layer), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(ours.stderr(measure, layer), graphs.stderr(measure, layer), rtol=1e-4, atol=1e-7)
+
+
+def test_a_kernel_that_does_not_build_warns_once_and_the_graphs_measure(monkeypatch):
+    """A toolchain that builds Inductor's code but not this kernel: one warning, the graphs' numbers."""
+    model, images = small_cnn(), torch.rand(6, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    tset = T.rotations(4, padding="zeros")
+    def run():
+        return tm.measure(model, images, tset, measures=("invariance",), compile=True, error_bars=False)
+
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0")
+    expected = run()
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "1")
+    monkeypatch.setattr(native, "_SOURCE", native._SOURCE.replace("extern \"C\"", "this is not C++"))
+    monkeypatch.setattr(native, "_KERNEL", native._Kernel())
+    with pytest.warns(RuntimeWarning, match="CPU kernel of the invariance update could not be built") as caught:
+        first = run()
+        second = run()
+    assert len([w for w in caught if "CPU kernel" in str(w.message)]) == 1
+    assert not native.available()
+    for result in (first, second):
+        for layer in expected.layers:
+            np.testing.assert_array_equal(result.get("nvi", layer), expected.get("nvi", layer))

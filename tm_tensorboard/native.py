@@ -1,0 +1,210 @@
+"""A hand-written CPU kernel for the hottest per-chunk update (invariance's, and same-equivariance's on the
+maps moved back), compiled at run time by the C++ toolchain Inductor uses.
+
+Inductor compiles that update into two loop nests, one per reduction axis (the spread over
+transformations, the moments over samples), that each read the chunk from memory, and its reductions over
+samples read one strided stream per sample: ~20-25 GB/s on this project's CPU, where the states and the
+chunk could move at 60-130 GB/s. This kernel walks the units in tiles: each sample's rows of a tile are
+read once, in T sequential streams, for the spread, and stay in cache for the moments, which are merged
+into the states tile by tile (``benchmarks/bench_native.py``). The arithmetic is the compiled path's:
+the spread two-pass within each sample in the activations' precision, the moments shifted by the chunk's
+first sample and accumulated in float64 (exact differences of float32 values), merged by Chan's formula.
+
+It runs on CPU where the compiled updates run (``compile``), for float32 activations and float64 states;
+anything else, a GPU included, runs the compiled graphs. A toolchain that cannot build it warns once and
+the compiled graphs take over; ``TM_TENSORBOARD_NATIVE=0`` turns it off.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Callable
+
+import torch
+
+__all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "enabled", "available", "report_failure", "build_seconds"]
+
+ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
+TILE = 512  # units per tile: b·T rows of 2 KB, in L2 for the moments' pass (bench_native.py: 256-1024 within 5 %)
+
+_SOURCE = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <cmath>
+#include <cstdint>
+
+// x [b, T, U] float32 (contiguous); states float64: spread_total [U], mean and m2 [T, U]; counts int64.
+extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_count, double* mean, double* m2,
+                       int64_t* count, const int64_t b, const int64_t T, const int64_t U, const int64_t tile) {
+  using VF = at::vec::Vectorized<float>;
+  using VD = at::vec::Vectorized<double>;
+  constexpr int64_t NF = VF::size();
+  constexpr int64_t ND = VD::size();
+  const double n_a = static_cast<double>(*count);
+  const double w = static_cast<double>(b) / (n_a + static_cast<double>(b));  // the chunk's share of the merge
+  const double nw = n_a * w;
+  const int64_t tiles = (U + tile - 1) / tile;
+  const int64_t TU = T * U;
+  const float t_count = static_cast<float>(T), t_dof = static_cast<float>(T - 1);  // divided by, as torch does
+  #pragma omp parallel
+  {
+    alignas(64) double spread[1024];
+    #pragma omp for schedule(static)
+    for (int64_t k = 0; k < tiles; k++) {
+      const int64_t u0 = k * tile, n = std::min(tile, U - u0), whole = n / NF * NF;
+      for (int64_t u = 0; u < n; u++) spread[u] = 0.0;
+      // Each sample's std over transformations: T sequential streams over the tile.
+      for (int64_t i = 0; i < b; i++) {
+        const float* xi = x + i * TU + u0;
+        for (int64_t u = 0; u < whole; u += NF) {
+          VF s(0.0f);
+          for (int64_t t = 0; t < T; t++) s = s + VF::loadu(xi + t * U + u);
+          const VF mu = s / VF(t_count);
+          VF q(0.0f);
+          for (int64_t t = 0; t < T; t++) {
+            const VF d = VF::loadu(xi + t * U + u) - mu;
+            q = q + d * d;
+          }
+          const auto sd = at::vec::convert<double, 2, float, 1>((q / VF(t_dof)).sqrt());
+          (VD::loadu(spread + u) + sd[0]).store(spread + u);
+          (VD::loadu(spread + u + ND) + sd[1]).store(spread + u + ND);
+        }
+        for (int64_t u = whole; u < n; u++) {
+          float s = 0.0f;
+          for (int64_t t = 0; t < T; t++) s += xi[t * U + u];
+          const float mu = s / t_count;
+          float q = 0.0f;
+          for (int64_t t = 0; t < T; t++) { const float d = xi[t * U + u] - mu; q += d * d; }
+          spread[u] += static_cast<double>(std::sqrt(q / t_dof));
+        }
+      }
+      for (int64_t u = 0; u < n; u++) spread_total[u0 + u] += spread[u];
+      // Per transformation, the moments over samples (the tile is in cache), merged into the states.
+      for (int64_t t = 0; t < T; t++) {
+        const float* xt = x + t * U + u0;
+        double* mt = mean + t * U + u0;
+        double* qt = m2 + t * U + u0;
+        for (int64_t u = 0; u < whole; u += NF) {
+          const auto z = at::vec::convert<double, 2, float, 1>(VF::loadu(xt + u));  // the shift: sample 0
+          VD s[2] = {VD(0.0), VD(0.0)}, q[2] = {VD(0.0), VD(0.0)};
+          for (int64_t i = 1; i < b; i++) {
+            const auto v = at::vec::convert<double, 2, float, 1>(VF::loadu(xt + i * TU + u));
+            for (int h = 0; h < 2; h++) {
+              const VD e = v[h] - z[h];
+              s[h] = s[h] + e;
+              q[h] = q[h] + e * e;
+            }
+          }
+          for (int h = 0; h < 2; h++) {
+            double* mp = mt + u + h * ND;
+            double* qp = qt + u + h * ND;
+            const VD chunk_mean = s[h] / VD(static_cast<double>(b));
+            const VD old = VD::loadu(mp);
+            const VD delta = (old - z[h]) - chunk_mean;
+            (VD::loadu(qp) + (q[h] - s[h] * chunk_mean) + delta * delta * VD(nw)).store(qp);
+            (old - delta * VD(w)).store(mp);
+          }
+        }
+        for (int64_t u = whole; u < n; u++) {
+          const double z = xt[u];
+          double s = 0.0, q = 0.0;
+          for (int64_t i = 1; i < b; i++) {
+            const double e = static_cast<double>(xt[i * TU + u]) - z;
+            s += e;
+            q += e * e;
+          }
+          const double chunk_mean = s / static_cast<double>(b);
+          const double delta = (mt[u] - z) - chunk_mean;
+          qt[u] += (q - s * chunk_mean) + delta * delta * nw;
+          mt[u] -= delta * w;
+        }
+      }
+    }
+  }
+  *spread_count += b;
+  *count += b;
+}
+"""
+_ARGUMENTS = ["const float*", "double*", "int64_t*", "double*", "double*", "int64_t*",
+              "const int64_t", "const int64_t", "const int64_t", "const int64_t"]
+
+
+class _Kernel:
+    """The kernel, built on first use (Inductor's code cache keeps the library on disk for later processes)."""
+
+    def __init__(self):
+        self.failed: str | None = None  # why it was given up in this process, once it was
+        self.reported = False  # the failure warned of (once Inductor's own compiling is known to work)
+        self.seconds = 0.0  # spent building (or loading) it
+        self._call: Callable | None = None
+
+    def get(self) -> Callable | None:
+        if self._call is None and self.failed is None:
+            start = time.perf_counter()
+            try:
+                from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+                self._call = CppPythonBindingsCodeCache.load_pybinding(_ARGUMENTS, _SOURCE)
+            except Exception as error:  # no compiler, an older torch: the compiled graphs serve
+                message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                self.failed = f"{type(error).__name__}: {message}"
+            self.seconds += time.perf_counter() - start
+        return self._call
+
+
+_KERNEL = _Kernel()
+
+
+def enabled() -> bool:
+    """Whether TM_TENSORBOARD_NATIVE allows the kernel (unset or 1: yes; 0: no)."""
+    value = os.environ.get(ENVIRONMENT_VARIABLE, "").strip().lower()
+    if value not in ("", "1", "true", "0", "false"):
+        raise ValueError(f"{ENVIRONMENT_VARIABLE}={value!r}: use 1 (the CPU kernel where it applies) or 0 (never)")
+    return value not in ("0", "false")
+
+
+def available() -> bool:
+    """False once building the kernel failed in this process."""
+    return _KERNEL.failed is None
+
+
+def report_failure() -> None:
+    """Warn once that the kernel could not be built, if it could not: called after a compiled graph ran, so
+    that a missing compiler (which fails both) warns once, of the compiled kernels (``fused.py``)."""
+    if _KERNEL.failed is not None and not _KERNEL.reported:
+        _KERNEL.reported = True
+        warnings.warn(
+            "tm_tensorboard: the CPU kernel of the invariance update could not be built, so the compiled "
+            f"kernels run instead (same numbers, slower): {_KERNEL.failed}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def build_seconds() -> float:
+    """Seconds spent building or loading the kernel in this process."""
+    return _KERNEL.seconds
+
+
+def variance_update(output: torch.Tensor, T: int, spread_total: torch.Tensor, spread_count: torch.Tensor,
+                    mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor) -> bool:
+    """Fold a chunk ``output`` [b·T, ...] into invariance's states like ``layer_measures._variance_update``;
+    False (nothing done) where the kernel does not apply: not CPU, not float32 activations with float64
+    states, not contiguous, fewer than two transformations, or the kernel unavailable."""
+    if not (output.device.type == "cpu" and output.dtype == torch.float32 and mean.dtype == torch.float64
+            and T >= 2 and output.is_contiguous() and not output.requires_grad):
+        return False
+    states = (spread_total, mean, m2)
+    if not all(s.is_contiguous() and s.dtype == torch.float64 and s.device.type == "cpu" for s in states):
+        return False
+    units = mean.shape[-1]
+    if (output.numel() == 0 or output.numel() % (T * units) or mean.numel() != T * units
+            or spread_total.numel() != units):
+        return False
+    if not enabled():
+        return False
+    kernel = _KERNEL.get()
+    if kernel is None:
+        return False
+    kernel(output, spread_total, spread_count, mean, m2, count, output.numel() // (T * units), T, units, TILE)
+    return True
