@@ -7,11 +7,13 @@
    subtracted; SimpleCNN and ResNet18Style(width=0.25) on 3×32×32, N = 64, T = 16 rotations,
    batch_size = 16 (4 chunks), invariance and the default measures, compiled and eager, without error
    bars (the chunk path), and compiled with them (4 shards: their finalizing amortized over 4 chunks).
+   Compiled means the compiled graphs here, as on a GPU (the CPU kernel of native.py off).
 2. Wall time of ``measure()`` against the forward-only floor at the same images per forward (all N·T
-   transformed images through the model, eval, no_grad, the C heap set as a measurement sets it), CPU, 2 threads: the reference case of
-   bench_engine.py (13 layers, N = 256) and ResNet18Style(width=0.25) at 32 px (59 layers, N = 128),
-   T = 16 rotations, batch_size 4 and 16; invariance compiled and eager, the default measures compiled, all
-   with error bars as by default (8 shards) and the compiled ones also without (``error_bars=False``).
+   transformed images through the model, eval, no_grad, the C heap set as a measurement sets it), CPU,
+   2 threads: the reference case of bench_engine.py (13 layers, N = 256) and ResNet18Style(width=0.25) at
+   32 px (59 layers, N = 128), T = 16 rotations, batch_size 4 and 16; invariance compiled (on CPU with
+   native.py's kernel) and eager, the default measures compiled, all with error bars as by default
+   (8 shards) and the compiled ones also without (``error_bars=False``).
    Every method runs once per repetition, in turn; medians of ``--reps``. The kernels are compiled
    before the timed part (that cost is item 3).
 3. Compile time: a fresh process with an empty Inductor cache measuring the reference case once with
@@ -22,9 +24,9 @@
    (20 convolutions of 4 channels on 6×6 maps, each followed by a ReLU: 40 layers; N = 64, T = 4,
    batch_size = 2: 32 chunks), so that measure()'s time over its forward floor is what the host spends
    per layer and chunk (hooks, calling each compiled graph): on a GPU that time, not the kernels, bounds
-   a chunk. Compiled (graphs compiled ahead of time, called directly), in the same process through
-   Dynamo's frame evaluation (where compiling ahead of time is unavailable) and eager; and one call of the
-   invariance update on a 2-sample chunk each of the three ways.
+   a chunk (so native.py's CPU kernel is off here). Compiled (graphs compiled ahead of time, called
+   directly), in the same process through Dynamo's frame evaluation (where compiling ahead of time is
+   unavailable) and eager; and one call of the invariance update on a 2-sample chunk each of the three ways.
 
 The allocator: glibc returns freed memory to the system until a large block (> 32 MiB) has once been
 freed, after which it keeps it; a training process has long done that, a fresh benchmark process has
@@ -49,7 +51,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 import tm_tensorboard as tm
-from tm_tensorboard import heap
+from tm_tensorboard import heap, native
 from bench_engine import Net, interleaved, warm_allocator
 from provenance import environment
 from tm_tensorboard.examples.models import ResNet18Style, SimpleCNN
@@ -64,6 +66,21 @@ INVARIANCE = ("invariance",)
 DEFAULT = ("invariance", "same_equivariance")
 TARGETS = {"ops_invariance": 8, "ops_default": 16, "invariance_over_floor": 1.5, "default_over_floor": 2.0}
 PARTS = ("compile", "ops", "speed", "host", "dynamo")
+
+
+@contextlib.contextmanager
+def graphs_only() -> Iterator[None]:
+    """Compiled updates as a GPU runs them: the compiled graphs, without the CPU kernel of native.py (the
+    ops a GPU would launch, the host's time per call of a graph)."""
+    before = os.environ.get(native.ENVIRONMENT_VARIABLE)
+    os.environ[native.ENVIRONMENT_VARIABLE] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[native.ENVIRONMENT_VARIABLE]
+        else:
+            os.environ[native.ENVIRONMENT_VARIABLE] = before
 
 
 def forward_floor(model: torch.nn.Module, images: list[torch.Tensor]) -> Callable[[], None]:
@@ -297,17 +314,19 @@ def main() -> None:
 
     models = {"SimpleCNN": lambda: SimpleCNN(3, 10), "ResNet18Style_w0.25": lambda: ResNet18Style(3, 10, width=0.25)}
     if "ops" in args.parts:  # the chunk path (error bars off, as the targets were set), and with error bars
-        figures["ops"] = {
+        with graphs_only():
+            figures["ops"] = {
             f"{name}/{'+'.join(measures)}/{'compiled' if compile else 'eager'}{'/error_bars' if bars else ''}":
-                ops_per_layer_per_chunk(make, measures, compile, bars)
-            for name, make in models.items()
-            for measures in (INVARIANCE, DEFAULT)
-            for compile, bars in ((True, False), (False, False), (True, True))
-        }
+                    ops_per_layer_per_chunk(make, measures, compile, bars)
+                for name, make in models.items()
+                for measures in (INVARIANCE, DEFAULT)
+                for compile, bars in ((True, False), (False, False), (True, True))
+            }
         for key, value in figures["ops"].items():
             print(f"ops per layer per chunk {key}: {value['per_layer_per_chunk']:.2f}", flush=True)
     if "host" in args.parts:
-        figures["host"] = host_per_layer_chunk(max(args.reps, 7))
+        with graphs_only():
+            figures["host"] = host_per_layer_chunk(max(args.reps, 7))
         print("host µs per layer and chunk:", json.dumps({k: round(v) for k, v in figures["host"]["us_per_layer_chunk"].items()}),
               "per invariance update call:", json.dumps({k: round(v) for k, v in figures["host"]["us_per_invariance_update_call"].items()}), flush=True)
     if "dynamo" in args.parts:

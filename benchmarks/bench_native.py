@@ -1,0 +1,135 @@
+"""The CPU kernel of the invariance update (tm_tensorboard/native.py) against the compiled graph it replaces.
+
+    python benchmarks/bench_native.py            # ~8 min on an idle 2-core machine
+
+1. The update alone: one [b·T, U] float32 chunk folded into float64 states, b = 4 and 16, T = 16, U from
+   512 to 65,536 units, by the compiled graph and by the kernel (and the kernel at other tile sizes:
+   ``--tiles``); enough layers cycled that the states and chunks leave the caches, as in a measurement.
+   The traffic an update must move (the chunk read once, the states read and written) over its time: the
+   effective bandwidth, against this machine's (bench_roofline.py).
+2. ``measure()`` with the kernel and without it (TM_TENSORBOARD_NATIVE=0: the compiled graphs), interleaved
+   with the forward-only floor in one run, on bench_fused's two cases (the reference case, N = 256, and
+   ResNet18Style(width=0.25) at 32 px, N = 128), T = 16 rotations, batch_size 4 and 16, invariance and
+   the default measures, error bars as by default; medians of ``--reps``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import tm_tensorboard as tm
+from tm_tensorboard import native
+from tm_tensorboard.layer_measures import _variance_update
+from bench_engine import interleaved, warm_allocator
+from bench_fused import DEFAULT, INVARIANCE, THREADS, forward_floor, speed_cases
+from provenance import environment, save_results
+
+RESULTS = Path(__file__).resolve().parent / "results" / "native.json"
+T = 16
+CACHE_BYTES = 64 << 20  # layers cycled: more chunk and state bytes than this machine's caches hold
+
+
+def _states(units: int) -> list[torch.Tensor]:
+    f64 = torch.float64
+    return [torch.zeros(units, dtype=f64), torch.zeros((), dtype=torch.int64), torch.zeros(T, units, dtype=f64),
+            torch.zeros(T, units, dtype=f64), torch.zeros((), dtype=torch.int64)]
+
+
+def update_alone(batch: int, units: int, tiles: list[int], reps: int) -> dict:
+    """Microseconds per update by the compiled graph and by the kernel (per tile size), medians of ``reps``."""
+    chunk_bytes, state_bytes = batch * T * units * 4, (2 * T + 1) * units * 8
+    layers = max(1, CACHE_BYTES // (chunk_bytes + state_bytes))
+    chunks = [torch.randn(batch * T, units) for _ in range(layers)]
+    states = [_states(units) for _ in range(layers)]
+    calls = max(layers, 200 // layers * layers)
+
+    def timed(update: Callable[[torch.Tensor, list[torch.Tensor]], Any]) -> float:
+        for x, s in zip(chunks, states):
+            update(x, s)  # compiles, pages in
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            for k in range(calls):
+                update(chunks[k % layers], states[k % layers])
+            times.append((time.perf_counter() - start) / calls)
+        return statistics.median(times) * 1e6
+
+    def kernel(tile: int) -> Callable:
+        def update(x, s):
+            previous, native.TILE = native.TILE, tile
+            try:
+                assert native.variance_update(x, T, *s)
+            finally:
+                native.TILE = previous
+        return update
+
+    us = {"graph": timed(lambda x, s: _variance_update._run_compiled((x, T, *s)))}  # the graph, never the kernel
+    for tile in tiles:
+        us[f"kernel_tile{tile}"] = timed(kernel(tile))
+    traffic = chunk_bytes + 2 * state_bytes
+    return {"batch": batch, "units": units, "layers_cycled": layers, "us": us,
+            "graph_over_kernel": us["graph"] / us[f"kernel_tile{native.TILE}"],
+            "effective_GBps": {k: traffic / (v * 1e-6) / 1e9 for k, v in us.items()}}
+
+
+def measure_with_and_without(reps: int) -> dict:
+    """measure() / floor with the kernel and with the compiled graphs, per case, batch size and measures."""
+    out = {}
+    tset = tm.transforms.rotations(T)
+    for case, (model, probe) in speed_cases().items():
+        methods: dict[str, Callable[[], Any]] = {}
+        for batch in (4, 16):
+            methods[f"floor_b{batch}"] = forward_floor(model, [tset.apply(chunk) for chunk in probe.split(batch)])
+            for label, measures in (("invariance", INVARIANCE), ("default", DEFAULT)):
+                for kernel in (True, False):
+                    def run(m=measures, b=batch, k=kernel):
+                        os.environ[native.ENVIRONMENT_VARIABLE] = "1" if k else "0"
+                        tm.measure(model, probe, tset, measures=m, batch_size=b, compile=True, dedupe_batchnorm=False)
+                    methods[f"{label}_{'kernel' if kernel else 'graphs'}_b{batch}"] = run
+        for run in methods.values():
+            run()
+        wall = interleaved(methods, reps, case)
+        median = {m: statistics.median(ts) for m, ts in wall.items()}
+        out[case] = {
+            "N": len(probe),
+            "median_s": median,
+            "all_s": wall,
+            "over_floor": {m: v / median[f"floor_b{m.rsplit('_b', 1)[1]}"] for m, v in median.items()
+                           if not m.startswith("floor")},
+        }
+        print(case, {m: round(v, 2) for m, v in out[case]["over_floor"].items()}, flush=True)
+    os.environ[native.ENVIRONMENT_VARIABLE] = "1"
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--tiles", type=int, nargs="+", default=[128, 256, native.TILE, 1024])
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    warm_allocator()
+    started = time.perf_counter()
+    figures: dict[str, Any] = {"environment": environment(), "T": T, "threads": THREADS, "reps": args.reps,
+                               "tile": native.TILE}
+    updates = []
+    for batch in (4, 16):
+        for units in (512, 4096, 16384, 65536):
+            updates.append(update_alone(batch, units, sorted(set(args.tiles)), args.reps))
+            row = updates[-1]
+            print(f"b{batch} U{units}: " + ", ".join(f"{k} {v:.0f} µs" for k, v in row["us"].items()), flush=True)
+    figures["update_alone"] = updates
+    figures["measure"] = measure_with_and_without(args.reps)
+    figures["seconds"] = time.perf_counter() - started
+    save_results(figures, args.output)
+
+
+if __name__ == "__main__":
+    main()
