@@ -3,8 +3,9 @@
     python benchmarks/bench_native.py            # ~8 min on an idle 2-core machine
 
 1. The update alone: one [b·T, U] float32 chunk folded into float64 states, b = 4 and 16, T = 16, U from
-   512 to 65,536 units, by the compiled graph and by the kernel (and the kernel at other tile sizes:
-   ``--tiles``); enough layers cycled that the states and chunks leave the caches, as in a measurement.
+   512 to 65,536 units, by the compiled graph and by the kernel (and the kernel with other largest tiles,
+   ``native.TILE``: ``--tiles``; a small layer gets smaller ones, two per thread); enough layers cycled that
+   the states and chunks leave the caches, as in a measurement.
    The traffic an update must move (the chunk read once, the states read and written) over its time: the
    effective bandwidth, against this machine's (bench_roofline.py).
 2. ``measure()`` with the kernel and without it (TM_TENSORBOARD_NATIVE=0: the compiled graphs), interleaved
