@@ -1,9 +1,10 @@
-"""The CPU kernel of the invariance update (tm_tensorboard/native.py) against the compiled graph it replaces.
+"""The CPU kernels of native.py (invariance's and per_transformation's updates) against the compiled graphs.
 
     python benchmarks/bench_native.py            # ~8 min on an idle 2-core machine
 
-1. The update alone: one [b·T, U] float32 chunk folded into float64 states, b = 4 and 16, T = 16, U from
-   512 to 65,536 units, by the compiled graph and by the kernel (and the kernel with other largest tiles,
+1. The update alone: one [b·T, U] float32 chunk folded into float64 states, T = 16, U from 512 to 65,536
+   units, invariance's at b = 4 and 16, per_transformation's at 4 and 8 (its sample blocks on CPU), by the
+   compiled graph and by the kernel (and the kernel with other largest tiles,
    ``native.TILE``: ``--tiles``; a small layer gets smaller ones, two per thread); enough layers cycled that
    the states and chunks leave the caches, as in a measurement.
    The traffic an update must move (the chunk read once, the states read and written) over its time: the
@@ -26,7 +27,7 @@ import torch
 
 import tm_tensorboard as tm
 from tm_tensorboard import native
-from tm_tensorboard.layer_measures import _variance_update
+from tm_tensorboard.layer_measures import _invariance_error_update, _variance_update
 from bench_engine import interleaved, warm_allocator
 from bench_fused import DEFAULT, INVARIANCE, THREADS, forward_floor, speed_cases
 from provenance import environment, save_results
@@ -37,17 +38,35 @@ CACHE_BYTES = 64 << 20  # layers cycled: more chunk and state bytes than this ma
 
 
 def _states(units: int) -> list[torch.Tensor]:
+    """Invariance's: spread total and count, mean and m2 [T, units], count."""
     f64 = torch.float64
     return [torch.zeros(units, dtype=f64), torch.zeros((), dtype=torch.int64), torch.zeros(T, units, dtype=f64),
             torch.zeros(T, units, dtype=f64), torch.zeros((), dtype=torch.int64)]
 
 
-def update_alone(batch: int, units: int, tiles: list[int], reps: int) -> dict:
-    """Microseconds per update by the compiled graph and by the kernel (per tile size), medians of ``reps``."""
-    chunk_bytes, state_bytes = batch * T * units * 4, (2 * T + 1) * units * 8
+def _error_states(units: int) -> list[torch.Tensor]:
+    """per_transformation's: squared total [T, units] and count, the untransformed mean and m2, count."""
+    f64 = torch.float64
+    return [torch.zeros(T, units, dtype=f64), torch.zeros((), dtype=torch.int64), torch.zeros(units, dtype=f64),
+            torch.zeros(units, dtype=f64), torch.zeros((), dtype=torch.int64)]
+
+
+# per update kind: its states, the compiled graph (never the kernel), the kernel, the states' bytes
+UPDATES = {
+    "invariance": (_states, lambda x, s: _variance_update._run_compiled((x, T, *s)),
+                   lambda x, s: native.variance_update(x, T, *s), lambda units: (2 * T + 1) * units * 8),
+    "per_transformation": (_error_states, lambda x, s: _invariance_error_update._run_compiled((x, T, 0, *s)),
+                           lambda x, s: native.errors_update(x, T, 0, *s), lambda units: (T + 2) * units * 8),
+}
+
+
+def update_alone(kind: str, batch: int, units: int, tiles: list[int], reps: int) -> dict:
+    """Microseconds per update by the compiled graph and by the kernel (per largest tile), medians of ``reps``."""
+    make_states, graph, kernel_update, state_size = UPDATES[kind]
+    chunk_bytes, state_bytes = batch * T * units * 4, state_size(units)
     layers = max(1, CACHE_BYTES // (chunk_bytes + state_bytes))
     chunks = [torch.randn(batch * T, units) for _ in range(layers)]
-    states = [_states(units) for _ in range(layers)]
+    states = [make_states(units) for _ in range(layers)]
     calls = max(layers, 200 // layers * layers)
 
     def timed(update: Callable[[torch.Tensor, list[torch.Tensor]], Any]) -> float:
@@ -65,16 +84,16 @@ def update_alone(batch: int, units: int, tiles: list[int], reps: int) -> dict:
         def update(x, s):
             previous, native.TILE = native.TILE, tile
             try:
-                assert native.variance_update(x, T, *s)
+                assert kernel_update(x, s)
             finally:
                 native.TILE = previous
         return update
 
-    us = {"graph": timed(lambda x, s: _variance_update._run_compiled((x, T, *s)))}  # the graph, never the kernel
+    us = {"graph": timed(graph)}
     for tile in tiles:
         us[f"kernel_tile{tile}"] = timed(kernel(tile))
     traffic = chunk_bytes + 2 * state_bytes
-    return {"batch": batch, "units": units, "layers_cycled": layers, "us": us,
+    return {"update": kind, "batch": batch, "units": units, "layers_cycled": layers, "us": us,
             "graph_over_kernel": us["graph"] / us[f"kernel_tile{native.TILE}"],
             "effective_GBps": {k: traffic / (v * 1e-6) / 1e9 for k, v in us.items()}}
 
@@ -121,11 +140,13 @@ def main() -> None:
     figures: dict[str, Any] = {"environment": environment(), "T": T, "threads": THREADS, "reps": args.reps,
                                "tile": native.TILE}
     updates = []
-    for batch in (4, 16):
-        for units in (512, 4096, 16384, 65536):
-            updates.append(update_alone(batch, units, sorted(set(args.tiles)), args.reps))
-            row = updates[-1]
-            print(f"b{batch} U{units}: " + ", ".join(f"{k} {v:.0f} µs" for k, v in row["us"].items()), flush=True)
+    for kind, batches in (("invariance", (4, 16)), ("per_transformation", (4, 8))):  # (8: DIFFERENCE_BLOCK)
+        for batch in batches:
+            for units in (512, 4096, 16384, 65536):
+                updates.append(update_alone(kind, batch, units, sorted(set(args.tiles)), args.reps))
+                row = updates[-1]
+                print(f"{kind} b{batch} U{units}: " + ", ".join(f"{k} {v:.0f} µs" for k, v in row["us"].items()),
+                      flush=True)
     figures["update_alone"] = updates
     figures["measure"] = measure_with_and_without(args.reps)
     figures["seconds"] = time.perf_counter() - started

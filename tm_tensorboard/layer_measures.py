@@ -376,7 +376,7 @@ class EquivarianceErrorMeasure(LayerMeasure):
         )
 
 
-@fused
+@fused(native=native.errors_update)
 def _invariance_error_update(output, T, identity, squared_total, squared_count, mean, m2, count, scratch=None):
     """Squared differences of every transformed input's activation from the untransformed one's, and the
     moments of the untransformed activations."""

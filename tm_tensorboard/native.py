@@ -1,18 +1,20 @@
-"""A hand-written CPU kernel for the hottest per-chunk update (invariance's, and same-equivariance's on the
-maps moved back), compiled at run time by the C++ toolchain Inductor uses.
+"""Hand-written CPU kernels for the hottest per-chunk updates, compiled at run time by the C++ toolchain
+Inductor uses: invariance's (and same-equivariance's, on the maps moved back) and ``per_transformation``'s.
 
-Inductor compiles that update into two loop nests, one per reduction axis (the spread over
+Inductor compiles invariance's update into two loop nests, one per reduction axis (the spread over
 transformations, the moments over samples), that each read the chunk from memory, and its reductions over
-samples read one strided stream per sample: ~20-25 GB/s on this project's CPU, where the states and the
+samples read one strided stream per sample: ~10-25 GB/s on this project's CPU, where the states and the
 chunk could move at 60-130 GB/s. This kernel walks the units in tiles: each sample's rows of a tile are
 read once, in T sequential streams, for the spread, and stay in cache for the moments, which are merged
-into the states tile by tile (``benchmarks/bench_native.py``). The arithmetic is the compiled path's:
-the spread two-pass within each sample in the activations' precision, the moments shifted by the chunk's
-first sample and accumulated in float64 (exact differences of float32 values), merged by Chan's formula.
+into the states tile by tile. ``per_transformation``'s kernel reads each row once too, the untransformed
+rows of a tile staying in cache for all T differences (``benchmarks/bench_native.py``). The arithmetic is
+the compiled path's: the spread two-pass within each sample in the activations' precision, the moments
+shifted by the chunk's first sample and accumulated in float64 (exact differences of float32 values),
+merged by Chan's formula, squared differences in the activations' precision summed in float64.
 
-It runs on CPU where the compiled updates run (``compile``), for float32 activations and float64 states;
-anything else, a GPU included, runs the compiled graphs. A toolchain that cannot build it warns once and
-the compiled graphs take over; ``TM_TENSORBOARD_NATIVE=0`` turns it off.
+They run on CPU where the compiled updates run (``compile``), for float32 activations and float64 states;
+anything else, a GPU included, runs the compiled graphs. A toolchain that cannot build them warns once and
+the compiled graphs take over; ``TM_TENSORBOARD_NATIVE=0`` turns them off.
 """
 from __future__ import annotations
 
@@ -23,13 +25,14 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "enabled", "available", "report_failure", "build_seconds"]
+__all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "enabled", "available",
+           "report_failure", "build_seconds"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
 TILE = 512  # most units per tile: b·T rows of 2 KB, in L2 for the moments' pass (bench_native.py)
 MIN_TILE = 64
 
-_SOURCE = r"""
+_VARIANCE_SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
 #include <cmath>
 #include <cstdint>
@@ -126,14 +129,101 @@ extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_cou
   *count += b;
 }
 """
-_ARGUMENTS = ["const float*", "double*", "int64_t*", "double*", "double*", "int64_t*",
-              "const int64_t", "const int64_t", "const int64_t", "const int64_t"]
+
+_ERRORS_SOURCE = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <cmath>
+#include <cstdint>
+
+// x [b, T, U] float32 (contiguous), identity: the untransformed row; states float64: squared_total [T, U],
+// mean and m2 [U] (the untransformed activations' moments); counts int64.
+extern "C" void kernel(const float* x, double* squared_total, int64_t* squared_count, double* mean, double* m2,
+                       int64_t* count, const int64_t b, const int64_t T, const int64_t U, const int64_t identity,
+                       const int64_t tile) {
+  using VF = at::vec::Vectorized<float>;
+  using VD = at::vec::Vectorized<double>;
+  constexpr int64_t NF = VF::size();
+  constexpr int64_t ND = VD::size();
+  const double n_a = static_cast<double>(*count);
+  const double w = static_cast<double>(b) / (n_a + static_cast<double>(b));
+  const double nw = n_a * w;
+  const int64_t tiles = (U + tile - 1) / tile;
+  const int64_t TU = T * U;
+  #pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < tiles; k++) {
+    const int64_t u0 = k * tile, n = std::min(tile, U - u0), whole = n / NF * NF;
+    const float* ref = x + identity * U + u0;  // sample i's untransformed row: ref + i * TU
+    // The untransformed activations' moments over samples, shifted by the first sample's.
+    for (int64_t u = 0; u < whole; u += NF) {
+      const auto z = at::vec::convert<double, 2, float, 1>(VF::loadu(ref + u));
+      VD s[2] = {VD(0.0), VD(0.0)}, q[2] = {VD(0.0), VD(0.0)};
+      for (int64_t i = 1; i < b; i++) {
+        const auto v = at::vec::convert<double, 2, float, 1>(VF::loadu(ref + i * TU + u));
+        for (int h = 0; h < 2; h++) {
+          const VD e = v[h] - z[h];
+          s[h] = s[h] + e;
+          q[h] = q[h] + e * e;
+        }
+      }
+      for (int h = 0; h < 2; h++) {
+        double* mp = mean + u0 + u + h * ND;
+        double* qp = m2 + u0 + u + h * ND;
+        const VD chunk_mean = s[h] / VD(static_cast<double>(b));
+        const VD old = VD::loadu(mp);
+        const VD delta = (old - z[h]) - chunk_mean;
+        (VD::loadu(qp) + (q[h] - s[h] * chunk_mean) + delta * delta * VD(nw)).store(qp);
+        (old - delta * VD(w)).store(mp);
+      }
+    }
+    for (int64_t u = whole; u < n; u++) {
+      const double z = ref[u];
+      double s = 0.0, q = 0.0;
+      for (int64_t i = 1; i < b; i++) {
+        const double e = static_cast<double>(ref[i * TU + u]) - z;
+        s += e;
+        q += e * e;
+      }
+      const double chunk_mean = s / static_cast<double>(b);
+      const double delta = (mean[u0 + u] - z) - chunk_mean;
+      m2[u0 + u] += (q - s * chunk_mean) + delta * delta * nw;
+      mean[u0 + u] -= delta * w;
+    }
+    // Per transformation, the squared differences from the untransformed activations, summed over samples.
+    for (int64_t t = 0; t < T; t++) {
+      const float* xt = x + t * U + u0;
+      double* st = squared_total + t * U + u0;
+      for (int64_t u = 0; u < whole; u += NF) {
+        VD a[2] = {VD(0.0), VD(0.0)};
+        for (int64_t i = 0; i < b; i++) {
+          const VF d = VF::loadu(xt + i * TU + u) - VF::loadu(ref + i * TU + u);
+          const auto d2 = at::vec::convert<double, 2, float, 1>(d * d);
+          a[0] = a[0] + d2[0];
+          a[1] = a[1] + d2[1];
+        }
+        (VD::loadu(st + u) + a[0]).store(st + u);
+        (VD::loadu(st + u + ND) + a[1]).store(st + u + ND);
+      }
+      for (int64_t u = whole; u < n; u++) {
+        double a = 0.0;
+        for (int64_t i = 0; i < b; i++) {
+          const float d = xt[i * TU + u] - ref[i * TU + u];
+          a += static_cast<double>(d * d);
+        }
+        st[u] += a;
+      }
+    }
+  }
+  *squared_count += b;
+  *count += b;
+}
+"""
 
 
 class _Kernel:
-    """The kernel, built on first use (Inductor's code cache keeps the library on disk for later processes)."""
+    """One kernel, built on first use (Inductor's code cache keeps the library on disk for later processes)."""
 
-    def __init__(self):
+    def __init__(self, name: str, source: str, arguments: list[str]):
+        self.name, self.source, self.arguments = name, source, arguments
         self.failed: str | None = None  # why it was given up in this process, once it was
         self.reported = False  # the failure warned of (once Inductor's own compiling is known to work)
         self.seconds = 0.0  # spent building (or loading) it
@@ -145,7 +235,7 @@ class _Kernel:
             try:
                 from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-                self._call = CppPythonBindingsCodeCache.load_pybinding(_ARGUMENTS, _SOURCE)
+                self._call = CppPythonBindingsCodeCache.load_pybinding(self.arguments, self.source)
             except Exception as error:  # no compiler, an older torch: the compiled graphs serve
                 message = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 self.failed = f"{type(error).__name__}: {message}"
@@ -153,62 +243,90 @@ class _Kernel:
         return self._call
 
 
-_KERNEL = _Kernel()
+_STATE_ARGUMENTS = ["const float*", "double*", "int64_t*", "double*", "double*", "int64_t*"]
+_VARIANCE = _Kernel("invariance update", _VARIANCE_SOURCE, _STATE_ARGUMENTS + ["const int64_t"] * 4)
+_ERRORS = _Kernel("per-transformation update", _ERRORS_SOURCE, _STATE_ARGUMENTS + ["const int64_t"] * 5)
+_KERNELS = (_VARIANCE, _ERRORS)
 
 
 def enabled() -> bool:
-    """Whether TM_TENSORBOARD_NATIVE allows the kernel (unset or 1: yes; 0: no)."""
+    """Whether TM_TENSORBOARD_NATIVE allows the kernels (unset or 1: yes; 0: no)."""
     value = os.environ.get(ENVIRONMENT_VARIABLE, "").strip().lower()
     if value not in ("", "1", "true", "0", "false"):
-        raise ValueError(f"{ENVIRONMENT_VARIABLE}={value!r}: use 1 (the CPU kernel where it applies) or 0 (never)")
+        raise ValueError(f"{ENVIRONMENT_VARIABLE}={value!r}: use 1 (the CPU kernels where they apply) or 0 (never)")
     return value not in ("0", "false")
 
 
 def available() -> bool:
-    """False once building the kernel failed in this process."""
-    return _KERNEL.failed is None
+    """False once building a kernel failed in this process."""
+    return all(kernel.failed is None for kernel in _KERNELS)
 
 
 def report_failure() -> None:
-    """Warn once that the kernel could not be built, if it could not: called after a compiled graph ran, so
-    that a missing compiler (which fails both) warns once, of the compiled kernels (``fused.py``)."""
-    if _KERNEL.failed is not None and not _KERNEL.reported:
-        _KERNEL.reported = True
-        warnings.warn(
-            "tm_tensorboard: the CPU kernel of the invariance update could not be built, so the compiled "
-            f"kernels run instead (same numbers, slower): {_KERNEL.failed}",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+    """Warn once of each kernel that could not be built: called after a compiled graph ran, so that a
+    missing compiler (which fails both) warns once, of the compiled kernels (``fused.py``)."""
+    for kernel in _KERNELS:
+        if kernel.failed is not None and not kernel.reported:
+            kernel.reported = True
+            warnings.warn(
+                f"tm_tensorboard: the CPU kernel of the {kernel.name} could not be built, so the compiled "
+                f"kernels run instead (same numbers, slower): {kernel.failed}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 def build_seconds() -> float:
-    """Seconds spent building or loading the kernel in this process."""
-    return _KERNEL.seconds
+    """Seconds spent building or loading the kernels in this process."""
+    return sum(kernel.seconds for kernel in _KERNELS)
+
+
+def _applies(output: torch.Tensor, T: int, per_transformation: tuple[torch.Tensor, ...],
+             per_unit: tuple[torch.Tensor, ...]) -> bool:
+    """Whether a kernel takes these arguments: CPU, float32 activations [b·T, ...] (contiguous, a whole
+    number of samples), float64 contiguous states [T, units] and [units], two transformations or more."""
+    if not (output.device.type == "cpu" and output.dtype == torch.float32 and T >= 2 and output.is_contiguous()
+            and not output.requires_grad):
+        return False
+    units = per_unit[0].numel()
+    states = per_transformation + per_unit
+    if not all(s.is_contiguous() and s.dtype == torch.float64 and s.device.type == "cpu" for s in states):
+        return False
+    return (output.numel() > 0 and output.numel() % (T * units) == 0
+            and all(s.numel() == T * units for s in per_transformation)
+            and all(s.numel() == units for s in per_unit) and enabled())
+
+
+def _tile(units: int) -> int:
+    """Tiles of TILE units, smaller on a small layer so that every thread gets two (bench_native.py: a layer
+    of 512 units at batch 16 took 60 µs in one tile, 37 µs in four)."""
+    return min(TILE, max(MIN_TILE, -(-units // (32 * torch.get_num_threads())) * 16))
 
 
 def variance_update(output: torch.Tensor, T: int, spread_total: torch.Tensor, spread_count: torch.Tensor,
                     mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor) -> bool:
     """Fold a chunk ``output`` [b·T, ...] into invariance's states like ``layer_measures._variance_update``;
-    False (nothing done) where the kernel does not apply: not CPU, not float32 activations with float64
-    states, not contiguous, fewer than two transformations, or the kernel unavailable."""
-    if not (output.device.type == "cpu" and output.dtype == torch.float32 and mean.dtype == torch.float64
-            and T >= 2 and output.is_contiguous() and not output.requires_grad):
+    False (nothing done) where the kernel does not apply (``_applies``) or is unavailable."""
+    if not _applies(output, T, (mean, m2), (spread_total,)):
         return False
-    states = (spread_total, mean, m2)
-    if not all(s.is_contiguous() and s.dtype == torch.float64 and s.device.type == "cpu" for s in states):
-        return False
-    units = mean.shape[-1]
-    if (output.numel() == 0 or output.numel() % (T * units) or mean.numel() != T * units
-            or spread_total.numel() != units):
-        return False
-    if not enabled():
-        return False
-    kernel = _KERNEL.get()
+    kernel = _VARIANCE.get()
     if kernel is None:
         return False
-    # Tiles of TILE units, smaller on a small layer so that every thread gets two (bench_native.py: a layer of
-    # 512 units at batch 16 took 60 µs in one tile, 37 µs in four)
-    tile = min(TILE, max(MIN_TILE, -(-units // (32 * torch.get_num_threads())) * 16))
-    kernel(output, spread_total, spread_count, mean, m2, count, output.numel() // (T * units), T, units, tile)
+    units = spread_total.numel()
+    kernel(output, spread_total, spread_count, mean, m2, count, output.numel() // (T * units), T, units, _tile(units))
+    return True
+
+
+def errors_update(output: torch.Tensor, T: int, identity: int, squared_total: torch.Tensor,
+                  squared_count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor) -> bool:
+    """Fold a chunk ``output`` [b·T, ...] into ``per_transformation``'s states like
+    ``layer_measures._invariance_error_update``; False (nothing done) where the kernel does not apply."""
+    if not _applies(output, T, (squared_total,), (mean, m2)) or not 0 <= identity < T:
+        return False
+    kernel = _ERRORS.get()
+    if kernel is None:
+        return False
+    units = mean.numel()
+    kernel(output, squared_total, squared_count, mean, m2, count, output.numel() // (T * units), T, units, identity,
+           _tile(units))
     return True
