@@ -30,7 +30,7 @@ __all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
 TILE = 512  # most units per tile: b·T rows of 2 KB, in L2 for the moments' pass (bench_native.py)
-MIN_TILE = 64
+MIN_TILE, MAX_TILE = 64, 1024  # (MAX_TILE: the variance kernel's per-thread buffer)
 
 _VARIANCE_SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
@@ -52,7 +52,7 @@ extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_cou
   const float t_count = static_cast<float>(T), t_dof = static_cast<float>(T - 1);  // divided by, as torch does
   #pragma omp parallel
   {
-    alignas(64) double spread[1024];
+    alignas(64) double spread[1024];  // tile <= MAX_TILE
     #pragma omp for schedule(static)
     for (int64_t k = 0; k < tiles; k++) {
       const int64_t u0 = k * tile, n = std::min(tile, U - u0), whole = n / NF * NF;
@@ -300,7 +300,7 @@ def _applies(output: torch.Tensor, T: int, per_transformation: tuple[torch.Tenso
 def _tile(units: int) -> int:
     """Tiles of TILE units, smaller on a small layer so that every thread gets two (bench_native.py: a layer
     of 512 units at batch 16 took 60 µs in one tile, 37 µs in four)."""
-    return min(TILE, max(MIN_TILE, -(-units // (32 * torch.get_num_threads())) * 16))
+    return min(TILE, MAX_TILE, max(MIN_TILE, -(-units // (32 * torch.get_num_threads())) * 16))
 
 
 def variance_update(output: torch.Tensor, T: int, spread_total: torch.Tensor, spread_count: torch.Tensor,
