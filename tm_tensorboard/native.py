@@ -32,21 +32,65 @@ ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
 TILE = 512  # most units per tile: b·T rows of 2 KB, in L2 for the moments' pass (bench_native.py)
 MIN_TILE, MAX_TILE = 64, 1024  # (MAX_TILE: the variance kernel's per-thread buffer)
 
-_VARIANCE_SOURCE = r"""
+_PRELUDE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
 #include <cmath>
 #include <cstdint>
 
+using VF = at::vec::Vectorized<float>;
+using VD = at::vec::Vectorized<double>;
+constexpr int64_t NF = VF::size();
+constexpr int64_t ND = VD::size();
+
+// Fold b samples of n units (rows `stride` floats apart, in cache) into float64 mean and m2 of n_a samples:
+// deviations from the first sample as float64 differences, the chunk's moments merged by Chan's formula.
+static inline void fold_moments(const float* rows, int64_t stride, int64_t b, int64_t n, double* mean,
+                                double* m2, double n_a) {
+  const double w = static_cast<double>(b) / (n_a + static_cast<double>(b));  // the chunk's share of the merge
+  const double nw = n_a * w;
+  const int64_t whole = n / NF * NF;
+  for (int64_t u = 0; u < whole; u += NF) {
+    const auto z = at::vec::convert<double, 2, float, 1>(VF::loadu(rows + u));  // the shift: sample 0
+    VD s[2] = {VD(0.0), VD(0.0)}, q[2] = {VD(0.0), VD(0.0)};
+    for (int64_t i = 1; i < b; i++) {
+      const auto v = at::vec::convert<double, 2, float, 1>(VF::loadu(rows + i * stride + u));
+      for (int h = 0; h < 2; h++) {
+        const VD e = v[h] - z[h];
+        s[h] = s[h] + e;
+        q[h] = q[h] + e * e;
+      }
+    }
+    for (int h = 0; h < 2; h++) {
+      double* mp = mean + u + h * ND;
+      double* qp = m2 + u + h * ND;
+      const VD chunk_mean = s[h] / VD(static_cast<double>(b));
+      const VD old = VD::loadu(mp);
+      const VD delta = (old - z[h]) - chunk_mean;
+      (VD::loadu(qp) + (q[h] - s[h] * chunk_mean) + delta * delta * VD(nw)).store(qp);
+      (old - delta * VD(w)).store(mp);
+    }
+  }
+  for (int64_t u = whole; u < n; u++) {
+    const double z = rows[u];
+    double s = 0.0, q = 0.0;
+    for (int64_t i = 1; i < b; i++) {
+      const double e = static_cast<double>(rows[i * stride + u]) - z;
+      s += e;
+      q += e * e;
+    }
+    const double chunk_mean = s / static_cast<double>(b);
+    const double delta = (mean[u] - z) - chunk_mean;
+    m2[u] += (q - s * chunk_mean) + delta * delta * nw;
+    mean[u] -= delta * w;
+  }
+}
+"""
+
+_VARIANCE_SOURCE = _PRELUDE + r"""
 // x [b, T, U] float32 (contiguous); states float64: spread_total [U], mean and m2 [T, U]; counts int64.
 extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_count, double* mean, double* m2,
                        int64_t* count, const int64_t b, const int64_t T, const int64_t U, const int64_t tile) {
-  using VF = at::vec::Vectorized<float>;
-  using VD = at::vec::Vectorized<double>;
-  constexpr int64_t NF = VF::size();
-  constexpr int64_t ND = VD::size();
   const double n_a = static_cast<double>(*count);
-  const double w = static_cast<double>(b) / (n_a + static_cast<double>(b));  // the chunk's share of the merge
-  const double nw = n_a * w;
   const int64_t tiles = (U + tile - 1) / tile;
   const int64_t TU = T * U;
   const float t_count = static_cast<float>(T), t_dof = static_cast<float>(T - 1);  // divided by, as torch does
@@ -85,43 +129,7 @@ extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_cou
       for (int64_t u = 0; u < n; u++) spread_total[u0 + u] += spread[u];
       // Per transformation, the moments over samples (the tile is in cache), merged into the states.
       for (int64_t t = 0; t < T; t++) {
-        const float* xt = x + t * U + u0;
-        double* mt = mean + t * U + u0;
-        double* qt = m2 + t * U + u0;
-        for (int64_t u = 0; u < whole; u += NF) {
-          const auto z = at::vec::convert<double, 2, float, 1>(VF::loadu(xt + u));  // the shift: sample 0
-          VD s[2] = {VD(0.0), VD(0.0)}, q[2] = {VD(0.0), VD(0.0)};
-          for (int64_t i = 1; i < b; i++) {
-            const auto v = at::vec::convert<double, 2, float, 1>(VF::loadu(xt + i * TU + u));
-            for (int h = 0; h < 2; h++) {
-              const VD e = v[h] - z[h];
-              s[h] = s[h] + e;
-              q[h] = q[h] + e * e;
-            }
-          }
-          for (int h = 0; h < 2; h++) {
-            double* mp = mt + u + h * ND;
-            double* qp = qt + u + h * ND;
-            const VD chunk_mean = s[h] / VD(static_cast<double>(b));
-            const VD old = VD::loadu(mp);
-            const VD delta = (old - z[h]) - chunk_mean;
-            (VD::loadu(qp) + (q[h] - s[h] * chunk_mean) + delta * delta * VD(nw)).store(qp);
-            (old - delta * VD(w)).store(mp);
-          }
-        }
-        for (int64_t u = whole; u < n; u++) {
-          const double z = xt[u];
-          double s = 0.0, q = 0.0;
-          for (int64_t i = 1; i < b; i++) {
-            const double e = static_cast<double>(xt[i * TU + u]) - z;
-            s += e;
-            q += e * e;
-          }
-          const double chunk_mean = s / static_cast<double>(b);
-          const double delta = (mt[u] - z) - chunk_mean;
-          qt[u] += (q - s * chunk_mean) + delta * delta * nw;
-          mt[u] -= delta * w;
-        }
+        fold_moments(x + t * U + u0, TU, b, n, mean + t * U + u0, m2 + t * U + u0, n_a);
       }
     }
   }
@@ -130,23 +138,13 @@ extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_cou
 }
 """
 
-_ERRORS_SOURCE = r"""
-#include <torch/csrc/inductor/cpp_prefix.h>
-#include <cmath>
-#include <cstdint>
-
+_ERRORS_SOURCE = _PRELUDE + r"""
 // x [b, T, U] float32 (contiguous), identity: the untransformed row; states float64: squared_total [T, U],
 // mean and m2 [U] (the untransformed activations' moments); counts int64.
 extern "C" void kernel(const float* x, double* squared_total, int64_t* squared_count, double* mean, double* m2,
                        int64_t* count, const int64_t b, const int64_t T, const int64_t U, const int64_t identity,
                        const int64_t tile) {
-  using VF = at::vec::Vectorized<float>;
-  using VD = at::vec::Vectorized<double>;
-  constexpr int64_t NF = VF::size();
-  constexpr int64_t ND = VD::size();
   const double n_a = static_cast<double>(*count);
-  const double w = static_cast<double>(b) / (n_a + static_cast<double>(b));
-  const double nw = n_a * w;
   const int64_t tiles = (U + tile - 1) / tile;
   const int64_t TU = T * U;
   #pragma omp parallel for schedule(static)
@@ -154,40 +152,7 @@ extern "C" void kernel(const float* x, double* squared_total, int64_t* squared_c
     const int64_t u0 = k * tile, n = std::min(tile, U - u0), whole = n / NF * NF;
     const float* ref = x + identity * U + u0;  // sample i's untransformed row: ref + i * TU
     // The untransformed activations' moments over samples, shifted by the first sample's.
-    for (int64_t u = 0; u < whole; u += NF) {
-      const auto z = at::vec::convert<double, 2, float, 1>(VF::loadu(ref + u));
-      VD s[2] = {VD(0.0), VD(0.0)}, q[2] = {VD(0.0), VD(0.0)};
-      for (int64_t i = 1; i < b; i++) {
-        const auto v = at::vec::convert<double, 2, float, 1>(VF::loadu(ref + i * TU + u));
-        for (int h = 0; h < 2; h++) {
-          const VD e = v[h] - z[h];
-          s[h] = s[h] + e;
-          q[h] = q[h] + e * e;
-        }
-      }
-      for (int h = 0; h < 2; h++) {
-        double* mp = mean + u0 + u + h * ND;
-        double* qp = m2 + u0 + u + h * ND;
-        const VD chunk_mean = s[h] / VD(static_cast<double>(b));
-        const VD old = VD::loadu(mp);
-        const VD delta = (old - z[h]) - chunk_mean;
-        (VD::loadu(qp) + (q[h] - s[h] * chunk_mean) + delta * delta * VD(nw)).store(qp);
-        (old - delta * VD(w)).store(mp);
-      }
-    }
-    for (int64_t u = whole; u < n; u++) {
-      const double z = ref[u];
-      double s = 0.0, q = 0.0;
-      for (int64_t i = 1; i < b; i++) {
-        const double e = static_cast<double>(ref[i * TU + u]) - z;
-        s += e;
-        q += e * e;
-      }
-      const double chunk_mean = s / static_cast<double>(b);
-      const double delta = (mean[u0 + u] - z) - chunk_mean;
-      m2[u0 + u] += (q - s * chunk_mean) + delta * delta * nw;
-      mean[u0 + u] -= delta * w;
-    }
+    fold_moments(ref, TU, b, n, mean + u0, m2 + u0, n_a);
     // Per transformation, the squared differences from the untransformed activations, summed over samples.
     for (int64_t t = 0; t < T; t++) {
       const float* xt = x + t * U + u0;
