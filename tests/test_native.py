@@ -225,3 +225,67 @@ def test_a_kernel_that_does_not_build_warns_once_and_the_graphs_measure(monkeypa
     for result in (first, second):
         for layer in expected.layers:
             np.testing.assert_array_equal(result.get("nvi", layer), expected.get("nvi", layer))
+
+
+_WARP_SETS = {
+    "rotations(16) bilinear zeros": T.rotations(16, padding="zeros"),
+    "rot90 (one tap)": T.rot90(),
+    "rotations(6) bicubic reflection": T.rotations(6, interpolation="bicubic", padding="reflection"),
+}
+
+
+def _moved(tset: T.TransformationSet, maps: torch.Tensor, kernel: bool) -> torch.Tensor:
+    """maps [b·T, C, h, w] moved back pixel-major, [b, T·h·w, C], by the kernel or by the compiled graphs."""
+    from tm_tensorboard import warps
+    from tm_tensorboard.statistics import Scratch
+
+    n, channels, height, width = maps.shape
+    sources, weights = tset.inverse_taps(height, width, CPU, maps.dtype)
+    out = torch.full((n // len(tset), len(tset) * height * width, channels), -7.0)
+    if kernel:
+        assert native.move_back(maps, sources, weights, out, lambda numel: torch.full((numel,), 3.0))
+    else:
+        scratch = Scratch()
+        warps.gather_taps._run_compiled((tset.pixel_major(maps, True, scratch), sources, weights, out))
+    return out
+
+
+@pytest.mark.parametrize("name", list(_WARP_SETS))
+@pytest.mark.parametrize("channels, height, width", [(1, 5, 7), (3, 8, 8), (16, 6, 5), (20, 9, 4), (33, 4, 4)])
+def test_moved_back_maps_equal_the_compiled_graphs_and_grid_sample(name, channels, height, width):
+    """Channels fewer than, equal to and not a multiple of the vector width, odd map sizes, 1, 4 and 16
+    taps: the compiled layout change and gather's values (the same sums in the same order), NaN where they
+    have NaN (a tap of weight 0 on inf), and grid_sample's (the eager path) up to float rounding."""
+    tset = _WARP_SETS[name]
+    g = torch.Generator().manual_seed(channels * height)
+    maps = torch.randn(3 * len(tset), channels, height, width, generator=g)
+    maps[1, 0, 0, 0] = float("inf")
+    maps[len(tset) + 2, -1, -1, -1] = float("nan")
+    ours, graphs = _moved(tset, maps, kernel=True), _moved(tset, maps, kernel=False)
+    torch.testing.assert_close(ours, graphs, rtol=1e-6, atol=1e-6, equal_nan=True)
+    eager = tset.pixel_major(tset.invert_features(maps))
+    finite = eager.isfinite() & ours.isfinite()
+    assert finite.float().mean() > 0.5
+    torch.testing.assert_close(ours[finite], eager[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_move_back_declines_what_it_does_not_apply_to_and_touches_nothing(monkeypatch):
+    tset = T.rotations(4, padding="zeros")
+    maps = torch.randn(8, 3, 5, 5)
+    sources, weights = tset.inverse_taps(5, 5, CPU, torch.float32)
+    out = torch.zeros(2, 4 * 25, 3)
+    buffer = lambda numel: torch.empty(numel)  # noqa: E731
+    cases = {
+        "float64 maps": (maps.double(), sources, weights, out),
+        "non-contiguous maps": (maps.transpose(2, 3), sources, weights, out),
+        "int32 sources": (maps, sources.int(), weights, out),
+        "not whole samples": (maps[:6], sources, weights, out),
+        "meta device": (maps.to("meta"), sources, weights, out),
+        "flat maps": (maps.flatten(2), sources, weights, out),
+    }
+    for name, arguments in cases.items():
+        assert not native.move_back(*arguments, buffer), name
+        assert not out.any(), name
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0")
+    assert not native.move_back(maps, sources, weights, out, buffer)
+    assert not out.any()

@@ -1,5 +1,6 @@
 """Hand-written CPU kernels for the hottest per-chunk updates, compiled at run time by the C++ toolchain
-Inductor uses: invariance's (and same-equivariance's, on the maps moved back) and ``per_transformation``'s.
+Inductor uses: invariance's (and same-equivariance's, on the maps moved back) and ``per_transformation``'s,
+and same-equivariance's inverse warp.
 
 Inductor compiles invariance's update into two loop nests, one per reduction axis (the spread over
 transformations, the moments over samples), that each read the chunk from memory, and its reductions over
@@ -11,6 +12,11 @@ rows of a tile staying in cache for all T differences (``benchmarks/bench_native
 the compiled path's: the spread two-pass within each sample in the activations' precision, the moments
 shifted by the chunk's first sample and accumulated in float64 (exact differences of float32 values),
 merged by Chan's formula, squared differences in the activations' precision summed in float64.
+
+The inverse warp (``warps.py``) compiles to two passes over the chunk: maps laid out pixel-major, then
+each output row gathered from its taps' rows. Its kernel lays one map at a time out pixel-major in a
+buffer that stays in cache and gathers from there: the chunk is read once and the moved maps written once,
+the same sums in the same order (2-3x faster than the two graphs on the reference case's layers).
 
 They run on CPU where the compiled updates run (``compile``), for float32 activations and float64 states;
 anything else, a GPU included, runs the compiled graphs. A toolchain that cannot build them warns once and
@@ -25,7 +31,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "enabled", "available",
+__all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "move_back", "enabled", "available",
            "report_failure", "build_seconds"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
@@ -184,6 +190,54 @@ extern "C" void kernel(const float* x, double* squared_total, int64_t* squared_c
 """
 
 
+_WARP_SOURCE = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <omp.h>
+#include <cstdint>
+
+using VF = at::vec::Vectorized<float>;
+constexpr int64_t NF = VF::size();
+
+// x: maps [b·T, C, hw] float32 (map m is sample m / T's transformation m % T); taps [T·hw, k]: sources
+// into the T·hw pixel-major rows of a sample (transformation t's from row t·hw on) and float32 weights;
+// out [b, T·hw, C]. buffer: threads × hw·C floats, one map pixel-major per thread.
+extern "C" void kernel(const float* x, const int64_t* sources, const float* weights, float* out, float* buffer,
+                       const int64_t maps, const int64_t T, const int64_t C, const int64_t hw, const int64_t k,
+                       const int64_t threads) {
+  const int64_t whole = C / NF * NF;
+  #pragma omp parallel num_threads(threads)
+  {
+    float* rows = buffer + omp_get_thread_num() * hw * C;
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < maps; m++) {
+      const int64_t t = m % T;
+      at::vec::transpose_mxn<float>(x + m * C * hw, hw, rows, C, static_cast<int>(C), static_cast<int>(hw));
+      const int64_t* src = sources + t * hw * k;
+      const float* w = weights + t * hw * k;
+      const float* first = rows - t * hw * C;  // the sources count from the sample's first row
+      float* o = out + m * hw * C;  // map m = i·T + t: rows (i·T + t)·hw on
+      for (int64_t p = 0; p < hw; p++) {
+        const int64_t* sp = src + p * k;
+        const float* wp = w + p * k;
+        float* op = o + p * C;
+        for (int64_t c = 0; c < whole; c += NF) {  // the taps in order, as warps.gather_taps adds them
+          VF total = VF::loadu(first + sp[0] * C + c) * VF(wp[0]);
+          for (int64_t j = 1; j < k; j++) total = total + VF::loadu(first + sp[j] * C + c) * VF(wp[j]);
+          total.store(op + c);
+        }
+        if (whole < C) {
+          const int rest = static_cast<int>(C - whole);
+          VF total = VF::loadu(first + sp[0] * C + whole, rest) * VF(wp[0]);
+          for (int64_t j = 1; j < k; j++) total = total + VF::loadu(first + sp[j] * C + whole, rest) * VF(wp[j]);
+          total.store(op + whole, rest);
+        }
+      }
+    }
+  }
+}
+"""
+
+
 class _Kernel:
     """One kernel, built on first use (Inductor's code cache keeps the library on disk for later processes)."""
 
@@ -211,7 +265,9 @@ class _Kernel:
 _STATE_ARGUMENTS = ["const float*", "double*", "int64_t*", "double*", "double*", "int64_t*"]
 _VARIANCE = _Kernel("invariance update", _VARIANCE_SOURCE, _STATE_ARGUMENTS + ["const int64_t"] * 4)
 _ERRORS = _Kernel("per-transformation update", _ERRORS_SOURCE, _STATE_ARGUMENTS + ["const int64_t"] * 5)
-_KERNELS = (_VARIANCE, _ERRORS)
+_WARP = _Kernel("inverse warp", _WARP_SOURCE,
+                ["const float*", "const int64_t*", "const float*", "float*", "float*"] + ["const int64_t"] * 6)
+_KERNELS = (_VARIANCE, _ERRORS, _WARP)
 
 
 def enabled() -> bool:
@@ -294,4 +350,29 @@ def errors_update(output: torch.Tensor, T: int, identity: int, squared_total: to
     units = mean.numel()
     kernel(output, squared_total, squared_count, mean, m2, count, output.numel() // (T * units), T, units, identity,
            _tile(units))
+    return True
+
+
+def move_back(maps: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
+              buffer: Callable[[int], torch.Tensor]) -> bool:
+    """Maps [b·T, C, h, w] moved back by their taps (``warps.tap_table``: sources [T·h·w, k] into a sample's
+    T·h·w rows, weights) into ``out`` [b, T·h·w, C] pixel-major, as ``warps.pixel_major`` then
+    ``warps.gather_taps`` do, in one pass: each map laid out pixel-major in cache (``buffer(numel)``: a
+    float32 work buffer the caller keeps), its taps gathered from there. False where it does not apply."""
+    if maps.dim() != 4 or sources.dim() != 2 or not enabled():
+        return False
+    n, channels, height, width = maps.shape
+    pixels = height * width
+    T, k = sources.shape[0] // max(pixels, 1), sources.shape[1]
+    tensors = (maps, sources, weights, out)
+    if not (all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) and maps.dtype == torch.float32
+            and out.dtype == torch.float32 and weights.dtype == torch.float32 and sources.dtype == torch.int64
+            and not maps.requires_grad and n > 0 and pixels > 0 and T > 0 and sources.shape[0] == T * pixels
+            and n % T == 0 and weights.shape == sources.shape and out.numel() == maps.numel()):
+        return False
+    kernel = _WARP.get()
+    if kernel is None:
+        return False
+    threads = max(1, min(torch.get_num_threads(), n))
+    kernel(maps, sources, weights, out, buffer(threads * pixels * channels), n, T, channels, pixels, k, threads)
     return True

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import fused, warps
+from . import fused, native, warps
 from .statistics import Scratch
 
 __all__ = [
@@ -335,11 +335,14 @@ class TransformationSet(Sequence[Transformation]):
         return self.pixel_major(self.invert_features(y), compiled, scratch)
 
     def _moved_rows(self, y: torch.Tensor, scratch: Scratch) -> torch.Tensor:
-        """The maps y [b·T, C, h, w] moved back by their compiled taps, pixel-major [b, T·h·w, C]."""
-        rows = self.pixel_major(y, True, scratch)
-        sources, weights = self.inverse_taps(y.shape[-2], y.shape[-1], y.device, y.dtype)
-        out = scratch.get("moved", tuple(rows.shape), y.dtype, y.device)
-        warps.gather_taps(True, rows, sources, weights, out, scratch=scratch)
+        """The maps y [b·T, C, h, w] moved back by their taps, pixel-major [b, T·h·w, C]: in one pass by the
+        CPU kernel where it applies (``native.move_back``), else by the compiled layout change and gather."""
+        n, channels, height, width = y.shape
+        sources, weights = self.inverse_taps(height, width, y.device, y.dtype)
+        out = scratch.get("moved", (self._samples(n), len(self) * height * width, channels), y.dtype, y.device)
+        if native.move_back(y, sources, weights, out, lambda numel: scratch.get("warp rows", (numel,), y.dtype, y.device)):
+            return out
+        warps.gather_taps(True, self.pixel_major(y, True, scratch), sources, weights, out, scratch=scratch)
         return out
 
     def pixel_major(self, y: torch.Tensor, compiled: bool = False, scratch: Scratch | None = None) -> torch.Tensor:

@@ -9,7 +9,8 @@ taps are computed once, in float64 and as ``grid_sample`` defines them (``align_
 padding mode), and applied to maps laid out pixel-major, [n, h·w, C]: every tap reads a contiguous row of
 C channels, which vectorizes. Compiled, that layout change and the gather are two kernels: 5.5 ms
 together on [256, 16, 32, 32] with the caches flushed, against 13.1 ms for ``grid_sample``
-(``benchmarks/bench_warps.py``). They write into buffers the caller keeps (``Scratch``): a compiled
+(``benchmarks/bench_warps.py``); on CPU one hand-written kernel does both in one pass
+(``native.move_back``). They write into buffers the caller keeps (``Scratch``): a compiled
 function's fresh outputs page-faulted on every call. Eagerly the taps are slower than ``grid_sample``
 (one op per tap over the whole maps: 17 vs 8 ms), so the eager path keeps ``grid_sample``
 (``TransformationSet.invert_features``).
