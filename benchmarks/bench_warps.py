@@ -1,20 +1,21 @@
-"""Same-equivariance's inverse warps: grid_sample against the compiled taps (warps.py), in one process.
+"""Same-equivariance's inverse warps: grid_sample, the compiled taps (warps.py) and their CPU kernel
+(native.move_back), in one process.
 
-    python benchmarks/bench_warps.py            # ~9 min on an idle 2-core machine (--reps 5)
+    python benchmarks/bench_warps.py            # ~12 min on an idle 2-core machine (--reps 5)
 
 1. The warp alone on [b·T, C, h, w] = [256, 16, 32, 32] and [256, 64, 8, 8] float32 maps (T = 16
    rotations): ``grid_sample`` (what the eager path runs) against the compiled taps (the layout change
-   and the gather, into kept buffers), each timed with the caches flushed (a 64 MiB write) before every
-   call; medians of 15.
+   and the gather, into kept buffers: "taps", what a GPU runs) and the CPU kernel that does both in one
+   pass ("kernel"), each timed with the caches flushed (a 64 MiB write) before every call; medians of 15.
 2. ``measure()`` with the default measures (invariance + same-equivariance), compiled, no error bars,
-   T = 16 rotations, the two ways of moving the maps back in the same process, interleaved with the
+   T = 16 rotations, the three ways of moving the maps back in the same process, interleaved with the
    forward-only floor at the same images per forward: the old one (``grid_sample``, states in (C, h, w)
-   order, as before 6b9f42b) put back for the comparison by replacing ``SameEquivarianceMeasure.values``;
-   medians of ``--reps``. Cases: bench_fused.py's ResNet18Style(width=0.25) at 32 px (N = 128) at
+   order, as before 6b9f42b) put back for the comparison by replacing ``SameEquivarianceMeasure.values``,
+   the compiled taps ("taps": the warp's kernel declined), and the kernel; medians of ``--reps``. Cases: bench_fused.py's ResNet18Style(width=0.25) at 32 px (N = 128) at
    batch_size 4 and 16, and the reference case (13 layers, N = 256) at 16. Also the largest relative
    difference of nvse per channel between the two.
-3. ``--parts eager``: the same with the eager statistics (``compile=False``), where both ways run
-   ``grid_sample`` and the new one adds the layout change (an eager copy) so that the states stream
+3. ``--parts eager``: the same with the eager statistics (``compile=False``), where every way runs
+   ``grid_sample`` and "taps" and "kernel" add the layout change (an eager copy) so that the states stream
    pixel-major whichever path runs: what that costs the eager path (its figures keep the names of part 2:
    "taps" is the current code, here ``grid_sample`` and the copy). (Figures of the other parts already in
    ``--output`` are kept.)
@@ -34,7 +35,7 @@ import torch
 import tm_tensorboard as tm
 from bench_engine import Net, warm_allocator
 from provenance import environment
-from tm_tensorboard import layer_measures
+from tm_tensorboard import layer_measures, native
 from tm_tensorboard.examples.models import ResNet18Style
 from tm_tensorboard.statistics import Scratch
 
@@ -42,6 +43,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "warps.json"
 T = 16
 _FLUSH = torch.empty(64 << 20, dtype=torch.uint8)
 _TAPS_VALUES = layer_measures.SameEquivarianceMeasure.values
+_MOVE_BACK = native.move_back
+WAYS = ("grid_sample", "taps", "kernel")
 
 
 def _grid_sample_values(self, activation, chunk):
@@ -50,9 +53,10 @@ def _grid_sample_values(self, activation, chunk):
 
 
 def use(way: str) -> None:
-    """Move same-equivariance's maps back by ``grid_sample`` or by the compiled ``taps``."""
-    layer_measures.SameEquivarianceMeasure.pixel_major = way == "taps"
-    layer_measures.SameEquivarianceMeasure.values = _TAPS_VALUES if way == "taps" else _grid_sample_values
+    """Move same-equivariance's maps back by ``grid_sample``, the compiled ``taps`` or their ``kernel``."""
+    layer_measures.SameEquivarianceMeasure.pixel_major = way != "grid_sample"
+    layer_measures.SameEquivarianceMeasure.values = _grid_sample_values if way == "grid_sample" else _TAPS_VALUES
+    native.move_back = _MOVE_BACK if way == "kernel" else lambda *arguments: False
 
 
 def cold_ms(fn: Callable[[], object], reps: int = 15) -> float:
@@ -70,10 +74,11 @@ def warp_alone() -> dict:
     tset, out = tm.transforms.rotations(T), {}
     for shape in ((256, 16, 32, 32), (256, 64, 8, 8)):
         maps, scratch = torch.randn(*shape), Scratch()
-        out[str(list(shape))] = {
-            "grid_sample_ms": cold_ms(lambda: tset.invert_features(maps)),
-            "taps_ms": cold_ms(lambda: tset.invert_features_pixel_major(maps, True, scratch)),
-        }
+        out[str(list(shape))] = {"grid_sample_ms": cold_ms(lambda: tset.invert_features(maps))}
+        for way in ("taps", "kernel"):
+            use(way)
+            out[str(list(shape))][f"{way}_ms"] = cold_ms(lambda: tset.invert_features_pixel_major(maps, True, scratch))
+    use("kernel")
     return out
 
 
@@ -93,13 +98,14 @@ def measured(name: str, model: torch.nn.Module, samples: int, batch_size: int, r
                 model(tset.apply(probe[lo : lo + batch_size]))
 
     results = {}
-    for way in ("grid_sample", "taps"):
+    for way in WAYS:
         use(way)
         results[way] = run()  # compiles
-    old, new = results["grid_sample"], results["taps"]
-    difference = max(float(np.abs(old.get("nvse", layer) - new.get("nvse", layer)).max()
-                           / np.abs(old.get("nvse", layer)).max()) for layer in old.layers_of("nvse"))
-    times: dict[str, list[float]] = {"floor": [], "grid_sample": [], "taps": []}
+    old = results["grid_sample"]
+    difference = {way: max(float(np.abs(old.get("nvse", layer) - results[way].get("nvse", layer)).max()
+                                 / np.abs(old.get("nvse", layer)).max()) for layer in old.layers_of("nvse"))
+                  for way in WAYS[1:]}
+    times: dict[str, list[float]] = {"floor": [], **{way: [] for way in WAYS}}
     for _ in range(reps):
         for way in times:
             if way != "floor":
@@ -107,12 +113,11 @@ def measured(name: str, model: torch.nn.Module, samples: int, batch_size: int, r
             start = time.perf_counter()
             floor() if way == "floor" else run()
             times[way].append(time.perf_counter() - start)
-    use("taps")
+    use("kernel")
     medians = {way: statistics.median(values) for way, values in times.items()}
     figures = {"case": name, "batch_size": batch_size, "samples": samples, "compiled": compile, "runs_s": times,
-               "median_s": medians,
-               "grid_sample_over_floor": medians["grid_sample"] / medians["floor"],
-               "taps_over_floor": medians["taps"] / medians["floor"], "nvse_max_relative_difference": difference}
+               "median_s": medians, **{f"{way}_over_floor": medians[way] / medians["floor"] for way in WAYS},
+               "nvse_max_relative_difference": difference}
     print(json.dumps({k: v for k, v in figures.items() if k != "runs_s"}))
     return figures
 
