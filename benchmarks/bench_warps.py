@@ -1,7 +1,7 @@
 """Same-equivariance's inverse warps: grid_sample, the compiled taps (warps.py) and their CPU kernel
 (native.move_back), in one process.
 
-    python benchmarks/bench_warps.py            # ~12 min on an idle 2-core machine (--reps 5)
+    python benchmarks/bench_warps.py            # ~5 min on an idle 2-core machine (--reps 5)
 
 1. The warp alone on [b·T, C, h, w] = [256, 16, 32, 32] and [256, 64, 8, 8] float32 maps (T = 16
    rotations): ``grid_sample`` (what the eager path runs) against the compiled taps (the layout change
