@@ -289,3 +289,53 @@ def test_move_back_declines_what_it_does_not_apply_to_and_touches_nothing(monkey
     monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0")
     assert not native.move_back(maps, sources, weights, out, buffer)
     assert not out.any()
+
+
+def _replicate_arguments(counts: list[int], T: int = 7, units: int = 301) -> list:
+    """The whole probe's invariance states and K shards' with ``counts`` samples each (spread total,
+    spread count, mean, m2, count), the whole probe's m2 consistent with the shards' (within them)."""
+    g = torch.Generator().manual_seed(len(counts) * units)
+    f64 = torch.float64
+
+    def state(n: int) -> list[torch.Tensor]:
+        return [torch.rand(units, generator=g, dtype=f64) * n, torch.tensor(n), torch.randn(T, units, generator=g, dtype=f64),
+                torch.rand(T, units, generator=g, dtype=f64) * n, torch.tensor(n)]
+
+    shards = [state(n) for n in counts]
+    total = state(sum(counts))
+    total[0] = sum(s[0] for s in shards)
+    total[3] = sum(s[3] for s in shards) * 1.5
+    return total + [[s[i] for s in shards] for i in range(5)]
+
+
+@pytest.mark.parametrize("counts", [[3, 4, 1, 5, 2], [16] * 8, [0, 9], [9, 0, 0]], ids=["uneven", "eight", "empty shard",
+                                                                                     "one shard holds all"])
+def test_replicates_equal_the_graphs_and_the_eager_function(counts):
+    """TV and SV without each shard, from the states as they are: the compiled graph's and the eager
+    function's values (float64 throughout: to 1e-12), NaN and inf where theirs are (no samples left, a shard
+    with NaN states, a rest within rounding of 0)."""
+    from tm_tensorboard.layer_measures import _variance_replicates
+
+    arguments = _replicate_arguments(counts)
+    arguments[8][0][1, 3] = float("nan")  # a NaN in the first shard's m2
+    arguments[8][-1][0, :5] = arguments[3][0, :5] = 0.0  # the whole probe's M2 all in the last shard: rest 0
+    outs = [torch.full((len(counts), 2, 301), -7.0, dtype=torch.float64) for _ in range(3)]
+    assert native.variance_replicates(*arguments, outs[0])
+    _variance_replicates._run_compiled((*arguments, outs[1]))
+    _variance_replicates.fn(*arguments, outs[2])
+    for other in outs[1:]:
+        torch.testing.assert_close(outs[0], other, rtol=1e-12, atol=1e-300, equal_nan=True)
+        assert torch.equal(outs[0].isinf(), other.isinf())
+    assert outs[0].isnan().any()
+
+
+def test_replicates_decline_what_they_do_not_apply_to():
+    arguments = _replicate_arguments([3, 4])
+    out = torch.zeros(2, 2, 301, dtype=torch.float64)
+    float32 = list(arguments)
+    float32[2] = float32[2].float()
+    wrong_out = torch.zeros(3, 2, 301, dtype=torch.float64)
+    for name, (values, target) in {"float32 mean": (float32, out), "an out of another shape": (arguments, wrong_out),
+                                   "no shards": (arguments[:5] + [[]] * 5, out[:0])}.items():
+        assert not native.variance_replicates(*values, target), name
+        assert not target.any(), name

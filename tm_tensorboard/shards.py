@@ -4,8 +4,9 @@ Sample n of the probe belongs to shard n mod K (interleaved, so a probe sorted b
 every class). The probe is streamed shard after shard, and each shard's streaming states are kept apart
 (no extra forward). At the end they merge into the whole probe's states (Chan's formula: the result is
 exactly the one-pass result), and each shard's states become the whole probe's *without* that shard
-(``leave_out``, the inverse merge). Every measure is computed from those K leave-one-out states: its
-replicates v_(k). The standard error of a value v (a unit's measure, a layer mean) is the delete-a-group
+(``leave_out``, the inverse merge; the variance groups compute their replicates from the whole probe's and
+the shards' states directly: ``moments_without``, ``sum_without``). Every measure is computed from those
+K leave-one-out states: its replicates v_(k). The standard error of a value v (a unit's measure, a layer mean) is the delete-a-group
 jackknife √((K − 1)/K · Σ_k (v_(k) − v̄)²).
 
 Why the jackknife and not random groups (the spread of the K shards measured alone, over √K): the
@@ -24,7 +25,7 @@ from .fused import fused
 from .statistics import SampleMoments, StreamingState
 
 __all__ = ["DEFAULT_SHARDS", "MIN_SHARD_SAMPLES", "AUTOMATIC_ERROR_BAR_BYTES", "ROUNDING", "shard_count", "interleave",
-           "standard_error", "channel_means", "merge_into", "leave_out"]
+           "standard_error", "channel_means", "merge_into", "leave_out", "moments_without", "sum_without"]
 
 DEFAULT_SHARDS = 8
 MIN_SHARD_SAMPLES = 16
@@ -114,29 +115,45 @@ def leave_out(total: StreamingState, shards: list[StreamingState], compiled: boo
         _leave_out_sums(compiled, total.total, total.count, [s.total for s in shards], [s.count for s in shards])
 
 
-@fused
-def _leave_out_moments(mean, m2, count, shard_means, shard_m2s, shard_counts, scratch=None):
-    """(mean, M2, count) of the total's samples without each shard's: n_r = n − n_k,
+def moments_without(mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor, shard_mean: torch.Tensor,
+                    shard_m2: torch.Tensor, shard_count: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, M2, count) of the total's samples without a shard's: n_r = n − n_k,
     μ_r = μ + n_k (μ − μ_k) / n_r, M2_r = M2 − M2_k − (μ_k − μ_r)² n_k n_r / n. What is left of M2 within
     the subtraction's rounding (ROUNDING ulps of M2) is 0: the rest of a unit that varied in this shard only
     (a channel firing in a few samples) is exactly constant, and would otherwise get a variance of noise."""
-    n = count.to(mean.dtype)
+    n, n_k = count.to(mean.dtype), shard_count.to(mean.dtype)
+    n_r = n - n_k
+    rest_mean = (mean + (mean - shard_mean) * (n_k / n_r.clamp_min(1))) * (n_r > 0)
+    delta = shard_mean - rest_mean
+    rest_m2 = m2 - shard_m2 - delta.square() * (n_k * n_r / n.clamp_min(1))
+    rest_m2 = torch.where(rest_m2 <= m2 * (ROUNDING * torch.finfo(m2.dtype).eps), 0.0, rest_m2)  # NaN stays
+    return rest_mean, rest_m2, count - shard_count
+
+
+def sum_without(total: torch.Tensor, count: torch.Tensor, shard_total: torch.Tensor, shard_count: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The total's sum over samples without a shard's, and its count (a rest within ROUNDING ulps of the
+    total is 0, as for the moments; the sums are of non-negative quantities)."""
+    rest = total - shard_total
+    rest = torch.where(rest.abs() <= total.abs() * (ROUNDING * torch.finfo(total.dtype).eps), 0.0, rest)
+    return rest, count - shard_count
+
+
+@fused
+def _leave_out_moments(mean, m2, count, shard_means, shard_m2s, shard_counts, scratch=None):
+    """Each shard's (mean, M2, count) := the total's without it (``moments_without``)."""
     for shard_mean, shard_m2, shard_count in zip(shard_means, shard_m2s, shard_counts):
-        n_k = shard_count.to(mean.dtype)
-        n_r = n - n_k
-        rest_mean = (mean + (mean - shard_mean) * (n_k / n_r.clamp_min(1))) * (n_r > 0)
-        delta = shard_mean - rest_mean
-        rest_m2 = m2 - shard_m2 - delta.square() * (n_k * n_r / n.clamp_min(1))
-        shard_m2.copy_(torch.where(rest_m2 <= m2 * (ROUNDING * torch.finfo(m2.dtype).eps), 0.0, rest_m2))  # NaN stays
+        rest_mean, rest_m2, rest_count = moments_without(mean, m2, count, shard_mean, shard_m2, shard_count)
+        shard_m2.copy_(rest_m2)
         shard_mean.copy_(rest_mean)
-        shard_count.neg_().add_(count)
+        shard_count.copy_(rest_count)
 
 
 @fused
 def _leave_out_sums(total, count, shard_totals, shard_counts, scratch=None):
-    """The total's sum over samples without each shard's (a rest within ROUNDING ulps of the total is 0,
-    as for the moments; the sums are of non-negative quantities)."""
+    """Each shard's sum over samples := the total's without it (``sum_without``)."""
     for shard_total, shard_count in zip(shard_totals, shard_counts):
-        rest = total - shard_total
-        shard_total.copy_(torch.where(rest.abs() <= total.abs() * (ROUNDING * torch.finfo(total.dtype).eps), 0.0, rest))
-        shard_count.neg_().add_(count)
+        rest, rest_count = sum_without(total, count, shard_total, shard_count)
+        shard_total.copy_(rest)
+        shard_count.copy_(rest_count)
