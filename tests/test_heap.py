@@ -93,11 +93,11 @@ def test_freed_memory_is_kept_while_measuring_and_given_back_after():
     its heap); inside ``freed_memory_kept`` they reuse the heap (no faults), 192 MB freed stays, and after
     it the same freed memory goes back to the system (glibc's own 64 MB trim threshold again)."""
     run = _child()
-    assert min(run["outside"]) > 2000  # glibc's own thresholds: ~8 k faults (32 MB) per forward here
-    assert run["inside"] < 0.02 * min(run["outside"])
+    assert min(run["outside"]) > 2000, run  # glibc's own thresholds: ~8 k faults (32 MB) per forward here
+    assert run["inside"] < 0.02 * min(run["outside"]), run
     grown, kept = run["kept_inside"]
-    assert grown > 100 * 2**20 and kept > 0.9 * grown
-    assert run["kept_after"][1] < 80 * 2**20  # (what was kept inside is reused, then given back too)
+    assert grown > 100 * 2**20 and kept > 0.9 * grown, run
+    assert run["kept_after"][1] < 80 * 2**20, run  # (what was kept inside is reused, then given back too)
 
 
 @glibc
