@@ -222,21 +222,23 @@ extern "C" void kernel(const float* x, const int64_t* sources, const float* weig
       at::vec::transpose_mxn<float>(x + m * C * hw, hw, rows, C, static_cast<int>(C), static_cast<int>(hw));
       const int64_t* src = sources + t * hw * k;
       const float* w = weights + t * hw * k;
-      const float* first = rows - t * hw * C;  // the sources count from the sample's first row
+      const int64_t first = t * hw;  // the sources count from the sample's first row: map t's from row t·hw on
       float* o = out + m * hw * C;  // map m = i·T + t: rows (i·T + t)·hw on
       for (int64_t p = 0; p < hw; p++) {
         const int64_t* sp = src + p * k;
         const float* wp = w + p * k;
         float* op = o + p * C;
         for (int64_t c = 0; c < whole; c += NF) {  // the taps in order, as warps.gather_taps adds them
-          VF total = VF::loadu(first + sp[0] * C + c) * VF(wp[0]);
-          for (int64_t j = 1; j < k; j++) total = total + VF::loadu(first + sp[j] * C + c) * VF(wp[j]);
+          VF total = VF::loadu(rows + (sp[0] - first) * C + c) * VF(wp[0]);
+          for (int64_t j = 1; j < k; j++) total = total + VF::loadu(rows + (sp[j] - first) * C + c) * VF(wp[j]);
           total.store(op + c);
         }
         if (whole < C) {
           const int rest = static_cast<int>(C - whole);
-          VF total = VF::loadu(first + sp[0] * C + whole, rest) * VF(wp[0]);
-          for (int64_t j = 1; j < k; j++) total = total + VF::loadu(first + sp[j] * C + whole, rest) * VF(wp[j]);
+          VF total = VF::loadu(rows + (sp[0] - first) * C + whole, rest) * VF(wp[0]);
+          for (int64_t j = 1; j < k; j++) {
+            total = total + VF::loadu(rows + (sp[j] - first) * C + whole, rest) * VF(wp[j]);
+          }
           total.store(op + whole, rest);
         }
       }
@@ -276,11 +278,11 @@ extern "C" void kernel(const double* spread_total, const int64_t* spread_count, 
       const double* mu = mean + t * U + u0;
       const double* q = m2 + t * U + u0;
       for (int64_t k = 0; k < K; k++) {
-        const double n_k = static_cast<double>(*reinterpret_cast<const int64_t*>(table[5 * k + 4]));
-        const double n_r = n - n_k;
+        const int64_t samples_k = *reinterpret_cast<const int64_t*>(table[5 * k + 4]);
+        const double n_k = static_cast<double>(samples_k), n_r = n - n_k;
         const double w_mean = n_k / std::max(n_r, 1.0), keep = n_r > 0 ? 1.0 : 0.0;
         const double w_m2 = n_k * n_r / std::max(n, 1.0);
-        const double dof = static_cast<double>(std::max<int64_t>(*count - *reinterpret_cast<const int64_t*>(table[5 * k + 4]) - 1, 0));
+        const double dof = static_cast<double>(std::max<int64_t>(*count - samples_k - 1, 0));
         const double* mu_k = reinterpret_cast<const double*>(table[5 * k + 2]) + t * U + u0;
         const double* q_k = reinterpret_cast<const double*>(table[5 * k + 3]) + t * U + u0;
         double* acc = roots + k * TILE;

@@ -6,8 +6,8 @@ every class). The probe is streamed shard after shard, and each shard's streamin
 exactly the one-pass result), and each shard's states become the whole probe's *without* that shard
 (``leave_out``, the inverse merge; the variance groups compute their replicates from the whole probe's and
 the shards' states directly: ``moments_without``, ``sum_without``). Every measure is computed from those
-K leave-one-out states: its replicates v_(k). The standard error of a value v (a unit's measure, a layer mean) is the delete-a-group
-jackknife √((K − 1)/K · Σ_k (v_(k) − v̄)²).
+K leave-one-out states: its replicates v_(k). The standard error of a value v (a unit's measure, a layer
+mean) is the delete-a-group jackknife √((K − 1)/K · Σ_k (v_(k) − v̄)²).
 
 Why the jackknife and not random groups (the spread of the K shards measured alone, over √K): the
 measures are non-linear in the samples (SV is a standard deviation, NV a ratio, a layer mean skips dead
