@@ -11,9 +11,10 @@
    T = 16 rotations, the three ways of moving the maps back in the same process, interleaved with the
    forward-only floor at the same images per forward: the old one (``grid_sample``, states in (C, h, w)
    order, as before 6b9f42b) put back for the comparison by replacing ``SameEquivarianceMeasure.values``,
-   the compiled taps ("taps": the warp's kernel declined), and the kernel; medians of ``--reps``. Cases: bench_fused.py's ResNet18Style(width=0.25) at 32 px (N = 128) at
-   batch_size 4 and 16, and the reference case (13 layers, N = 256) at 16. Also the largest relative
-   difference of nvse per channel between the two.
+   the compiled taps ("taps": the warp's kernel declined), and the kernel; medians of ``--reps``. Cases:
+   bench_fused.py's ResNet18Style(width=0.25) at 32 px (N = 128) at batch_size 4 and 16, and the reference
+   case (13 layers, N = 256) at 16. Also the largest relative difference of nvse per channel between
+   ``grid_sample``'s and each of the other two.
 3. ``--parts eager``: the same with the eager statistics (``compile=False``), where every way runs
    ``grid_sample`` and "taps" and "kernel" add the layout change (an eager copy) so that the states stream
    pixel-major whichever path runs: what that costs the eager path (its figures keep the names of part 2:

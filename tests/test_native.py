@@ -298,8 +298,9 @@ def _replicate_arguments(counts: list[int], T: int = 7, units: int = 301) -> lis
     f64 = torch.float64
 
     def state(n: int) -> list[torch.Tensor]:
-        return [torch.rand(units, generator=g, dtype=f64) * n, torch.tensor(n), torch.randn(T, units, generator=g, dtype=f64),
-                torch.rand(T, units, generator=g, dtype=f64) * n, torch.tensor(n)]
+        return [torch.rand(units, generator=g, dtype=f64) * n, torch.tensor(n),
+                torch.randn(T, units, generator=g, dtype=f64), torch.rand(T, units, generator=g, dtype=f64) * n,
+                torch.tensor(n)]
 
     shards = [state(n) for n in counts]
     total = state(sum(counts))
@@ -308,8 +309,8 @@ def _replicate_arguments(counts: list[int], T: int = 7, units: int = 301) -> lis
     return total + [[s[i] for s in shards] for i in range(5)]
 
 
-@pytest.mark.parametrize("counts", [[3, 4, 1, 5, 2], [16] * 8, [0, 9], [9, 0, 0]], ids=["uneven", "eight", "empty shard",
-                                                                                     "one shard holds all"])
+@pytest.mark.parametrize("counts", [[3, 4, 1, 5, 2], [16] * 8, [0, 9], [9, 0, 0]],
+                         ids=["uneven", "eight", "empty shard", "one shard holds all"])
 def test_replicates_equal_the_graphs_and_the_eager_function(counts):
     """TV and SV without each shard, from the states as they are: the compiled graph's and the eager
     function's values (float64 throughout: to 1e-12), NaN and inf where theirs are (no samples left, a shard

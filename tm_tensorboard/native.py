@@ -467,8 +467,8 @@ def move_back(maps: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor, 
 
 def variance_replicates(spread_total: torch.Tensor, spread_count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
                         count: torch.Tensor, shard_totals: list[torch.Tensor], shard_spread_counts: list[torch.Tensor],
-                        shard_means: list[torch.Tensor], shard_m2s: list[torch.Tensor], shard_counts: list[torch.Tensor],
-                        out: torch.Tensor) -> bool:
+                        shard_means: list[torch.Tensor], shard_m2s: list[torch.Tensor],
+                        shard_counts: list[torch.Tensor], out: torch.Tensor) -> bool:
     """``layer_measures._variance_replicates``: ``out`` [K, 2, units] := TV and SV of the whole probe without
     each of its K shards, in one pass over the shards' states (each tile of units' rests summed in cache);
     False where it does not apply (float64 contiguous CPU states)."""

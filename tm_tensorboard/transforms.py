@@ -340,7 +340,10 @@ class TransformationSet(Sequence[Transformation]):
         n, channels, height, width = y.shape
         sources, weights = self.inverse_taps(height, width, y.device, y.dtype)
         out = scratch.get("moved", (self._samples(n), len(self) * height * width, channels), y.dtype, y.device)
-        if native.move_back(y, sources, weights, out, lambda numel: scratch.get("warp rows", (numel,), y.dtype, y.device)):
+        def buffer(numel: int) -> torch.Tensor:
+            return scratch.get("warp rows", (numel,), y.dtype, y.device)
+
+        if native.move_back(y, sources, weights, out, buffer):
             return out
         warps.gather_taps(True, self.pixel_major(y, True, scratch), sources, weights, out, scratch=scratch)
         return out
