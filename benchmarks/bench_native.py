@@ -1,6 +1,6 @@
 """The CPU kernels of native.py (invariance's and per_transformation's updates) against the compiled graphs.
 
-    python benchmarks/bench_native.py            # ~8 min on an idle 2-core machine
+    python benchmarks/bench_native.py            # ~5 min on an idle 2-core machine
 
 1. The update alone: one [b·T, U] float32 chunk folded into float64 states, T = 16, U from 512 to 65,536
    units, invariance's at b = 4 and 16, per_transformation's at 4 and 8 (its sample blocks on CPU), by the
@@ -9,7 +9,8 @@
    the states and chunks leave the caches, as in a measurement.
    The traffic an update must move (the chunk read once, the states read and written) over its time: the
    effective bandwidth, against this machine's (bench_roofline.py).
-2. ``measure()`` with the kernel and without it (TM_TENSORBOARD_NATIVE=0: the compiled graphs), interleaved
+2. ``measure()`` with the kernels (all of native.py's: the updates', the inverse warp's, the error bars'
+   replicates') and without them (TM_TENSORBOARD_NATIVE=0: the compiled graphs), interleaved
    with the forward-only floor in one run, on bench_fused's two cases (the reference case, N = 256, and
    ResNet18Style(width=0.25) at 32 px, N = 128), T = 16 rotations, batch_size 4 and 16, invariance and
    the default measures, error bars as by default; medians of ``--reps``.
