@@ -48,8 +48,10 @@ MIN_TILE, MAX_TILE = 64, 1024  # (MAX_TILE: the variance kernel's per-thread buf
 
 _PRELUDE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
+#include <omp.h>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 using VF = at::vec::Vectorized<float>;
 using VD = at::vec::Vectorized<double>;
@@ -198,14 +200,7 @@ extern "C" void kernel(const float* x, double* squared_total, int64_t* squared_c
 """
 
 
-_WARP_SOURCE = r"""
-#include <torch/csrc/inductor/cpp_prefix.h>
-#include <omp.h>
-#include <cstdint>
-
-using VF = at::vec::Vectorized<float>;
-constexpr int64_t NF = VF::size();
-
+_WARP_SOURCE = _PRELUDE + r"""
 // x: maps [b·T, C, hw] float32 (map m is sample m / T's transformation m % T); taps [T·hw, k]: sources
 // into the T·hw pixel-major rows of a sample (transformation t's from row t·hw on) and float32 weights;
 // out [b, T·hw, C]. buffer: threads × hw·C floats, one map pixel-major per thread.
@@ -248,14 +243,7 @@ extern "C" void kernel(const float* x, const int64_t* sources, const float* weig
 """
 
 
-_REPLICATES_SOURCE = r"""
-#include <torch/csrc/inductor/cpp_prefix.h>
-#include <cmath>
-#include <cstdint>
-#include <vector>
-
-using VD = at::vec::Vectorized<double>;
-constexpr int64_t ND = VD::size();
+_REPLICATES_SOURCE = _PRELUDE + r"""
 constexpr int64_t TILE = 512;  // units per tile: the K sums of square roots (K · 4 KB) and rows of 4 KB
 
 // The whole probe's invariance states (spread_total [U], mean and m2 [T, U], counts) and K shards' (table:
