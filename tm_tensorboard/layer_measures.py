@@ -195,22 +195,23 @@ class LayerMeasure:
     def replicates(self, compiled: bool = False) -> torch.Tensor | None:
         """The delete-a-shard jackknife replicates, [K, classes, components, channels] float64 on the device:
         replicate k is what the probe without shard k measures, per channel (``shards.py``); None without
-        shards. Each shard's states become its replicate's in place (the whole probe's minus the shard's)."""
+        shards."""
         if not self.shard_states:
             return None
+        values = self._replicate_values(compiled)  # [K, classes, components, units]
+        self.shard_states = []  # replicates now, not shards: computed once
+        axis = self.info.channel_axis if self.unit_shape == self.info.unit_shape else 0
+        values = values.reshape(*values.shape[:-1], *self.unit_shape)  # [..., units] -> [..., *unit_shape]
+        return channel_means(values, self.unit_shape, axis, self.masked)
+
+    def _replicate_values(self, compiled: bool) -> torch.Tensor:
+        """Per unit, in the layer's order, the replicates' components: [K, classes, components, units]. Each
+        shard's states become its replicate's in place (the whole probe's minus the shard's)."""
         totals = self.final_states(compiled)
         for k, total in enumerate(totals):
             for name, state in total.items():
                 leave_out(state, [shard[k][name] for shard in self.shard_states], compiled)
-        out = [self._channel_means(self._compute(shard, compiled)) for shard in self.shard_states]
-        self.shard_states = []  # replicates now, not shards: computed once
-        return torch.stack(out)
-
-    def _channel_means(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-unit values [..., units] in the layer's order of units averaged per channel: [..., channels]."""
-        axis = self.info.channel_axis if self.unit_shape == self.info.unit_shape else 0
-        values = values.reshape(*values.shape[:-1], *self.unit_shape)  # [..., units] -> [..., *unit_shape]
-        return channel_means(values, self.unit_shape, axis, self.masked)
+        return torch.stack([self._compute(shard, compiled) for shard in self.shard_states])
 
     def nonfinite(self) -> torch.Tensor:
         """The sum of the states' absolute values, [1] on the device in the states' dtype, read with the
@@ -283,13 +284,11 @@ class VarianceMeasure(LayerMeasure):
         """Per-unit values [..., units] in the states' order of units, in the layer's."""
         return values
 
-    def replicates(self, compiled=False):
-        """As ``LayerMeasure.replicates``, each class's K replicates in one fused call from the whole probe's
-        and the shards' states (the shards' states are not turned into the replicates' first, nor each
-        computed on its own: on ResNet18Style with the default measures the finalizing took 0.46 s of a
+    def _replicate_values(self, compiled):
+        """As ``LayerMeasure._replicate_values``, each class's K replicates in one fused call from the whole
+        probe's and the shards' states (the shards' states are not turned into the replicates' first, nor
+        each computed on its own: on ResNet18Style with the default measures the finalizing took 0.46 s of a
         0.6 s forward floor, most of it one call per shard and state)."""
-        if not self.shard_states:
-            return None
         out = []
         for k, total in enumerate(self.final_states(compiled)):
             spread, moments = total["spread"], total["moments"]
@@ -301,8 +300,7 @@ class VarianceMeasure(LayerMeasure):
                 [s["moments"].mean for s in shards], [s["moments"].m2 for s in shards],
                 [s["moments"].count for s in shards], values,
             )
-            out.append(self._channel_means(self._in_layer_order(values)))  # [K, 2, channels]
-        self.shard_states = []  # replicates now, not shards: computed once
+            out.append(self._in_layer_order(values))  # [K, 2, units]
         return torch.stack(out, dim=1)
 
 
