@@ -184,6 +184,68 @@ def test_per_transformation_states_equal_the_compiled_graphs(batch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize("T, units, identity", [(2, 5, 1), (4, 517, 2), (16, 1024 + 33, 0)])
+@pytest.mark.parametrize("sizes", [[1] * 5, [3, 4], [9]], ids=["ones", "uneven", "whole"])
+def test_both_updates_at_once_equal_each_kernel_alone(T, units, identity, sizes):
+    """native.both_update (one pass for invariance and per_transformation) leaves every state bit-equal to
+    the two kernels run one after the other, NaN and inf included, the states carved at odd offsets."""
+    g = torch.Generator().manual_seed(units + T)
+    values = torch.randn(sum(sizes), T, units, generator=g) * torch.linspace(0.1, 10, units) + 2
+    values[0, T - 1, 3] = float("nan")
+    values[-1, 0, 4] = float("inf")
+    together = _states(T, units, block=torch.zeros(1 + units + 2 * T * units, dtype=torch.float64)) + \
+        _error_states(T, units)
+    alone = _states(T, units) + _error_states(T, units)
+    start = 0
+    for size in sizes:
+        chunk = values[start: start + size].reshape(size * T, -1).contiguous()
+        assert native.both_update(chunk, T, identity, *together)
+        assert native.variance_update(chunk, T, *alone[:5]) and native.errors_update(chunk, T, identity, *alone[5:])
+        start += size
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert together[5][:, 3].isnan().any() and torch.isfinite(together[5][:, 2]).all()
+
+
+def test_both_at_once_decline_what_either_does_not_take_and_touch_nothing():
+    x = torch.randn(8, 6)
+    cases = {"float64 activations": (x.double(), 4, 0), "identity out of range": (x, 4, 4),
+             "one transformation": (x, 1, 0), "non-contiguous": (torch.randn(6, 8).t(), 4, 0)}
+    for name, (values, t, identity) in cases.items():
+        states = _states(t, 6) + _error_states(t, 6)
+        assert not native.both_update(values, t, identity, *states), name
+        assert not any(s.any() for s in states), name
+    for position in (2, 5):  # float32 moments of either group
+        states = _states(4, 6) + _error_states(4, 6)
+        states[position] = states[position].float()
+        assert not native.both_update(x, 4, 0, *states)
+        assert not any(s.any() for s in states)
+
+
+def test_a_layer_with_both_groups_is_updated_once_per_chunk_with_the_numbers_of_each_alone(monkeypatch):
+    """measure() with invariance and per_transformation runs the one-pass kernel on every layer and chunk
+    and gives exactly what each group measured alone gives, stratified and with error bars too."""
+    model, images = small_cnn(), torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(40) % 2
+    tset = T.rotations(8, padding="zeros")
+    calls = []
+    both_update = native.both_update
+    monkeypatch.setattr(native, "both_update", lambda *a: calls.append(1) or both_update(*a))
+    for stratified in (False, True):
+        def run(groups):
+            return tm.measure(model, (images, labels) if stratified else images, tset, measures=groups, batch_size=5,
+                              compile=True, error_bars=2, stratified=stratified)
+
+        calls.clear()
+        both = run(("invariance", "per_transformation"))
+        layers, chunks = len(both.layers), 40 // 5  # (stratified: each class's 20 samples in 4 chunks)
+        assert len(calls) == layers * chunks, (len(calls), layers, chunks)
+        alone = {"nvi": run(("invariance",)), "ie_t": run(("per_transformation",))}
+        for measure, result in alone.items():
+            for layer in both.layers:
+                np.testing.assert_array_equal(both.get(measure, layer), result.get(measure, layer))
+                np.testing.assert_array_equal(both.stderr(measure, layer), result.stderr(measure, layer))
+
 def test_measure_with_the_kernel_equals_the_compiled_graphs(monkeypatch):
     """End to end, invariance, same-equivariance (whose moved-back maps its kernel folds too) and
     per_transformation give the compiled graphs' numbers, with error bars."""

@@ -36,7 +36,8 @@ from .capture import (
     unwrap,
 )
 from .kept_states import KeptStates
-from .layer_measures import GROUPS, LIE_PHASES, TRANSFORMED, UNTRANSFORMED_PHASES, Chunk, MeasureOptions
+from .layer_measures import (GROUPS, LIE_PHASES, TRANSFORMED, UNTRANSFORMED_PHASES, Chunk, MeasureOptions,
+                             update_together)
 from .measures import MEASURE_GROUPS
 from .positions import AUTO, AUTO_POSITIONS, build_measure, check_positions, sampled_positions
 from .preserve import preserved_rng_state, preserved_training_state
@@ -257,8 +258,9 @@ class _Observer:
 
     def update(self, phase: str, activation: torch.Tensor, chunk: Chunk) -> None:
         self.compiled = chunk.compiled  # finalize the way the chunks went
-        for m in self.measures.values():
-            if phase in m.phases:
+        together = update_together(self.measures, phase, activation, chunk)
+        for group, m in self.measures.items():
+            if phase in m.phases and group not in together:
                 m.update(phase, activation, chunk)
 
     def sharded(self, phase: str) -> list:

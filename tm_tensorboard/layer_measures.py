@@ -40,7 +40,8 @@ from .statistics import (
 )
 from .transforms import TransformationSet
 
-__all__ = ["MeasureOptions", "Chunk", "LayerMeasure", "GROUPS", "UNTRANSFORMED_PHASES", "LIE_PHASES", "TRANSFORMED"]
+__all__ = ["MeasureOptions", "Chunk", "LayerMeasure", "GROUPS", "UNTRANSFORMED_PHASES", "LIE_PHASES", "TRANSFORMED",
+           "update_together"]
 
 TRANSFORMED = "transformed"
 # The most samples one update folds in at once: the statistics over samples are reductions over the
@@ -460,6 +461,31 @@ class InvarianceErrorMeasure(LayerMeasure):
         squared, reference = states["squared"], states["reference"]
         return _invariance_error_compute(compiled, squared.total, squared.count, reference.m2, reference.count)
 
+
+def update_together(measures: dict[str, LayerMeasure], phase: str, activation: torch.Tensor,
+                    chunk: Chunk) -> tuple[str, ...]:
+    """The groups of one layer updated at once, by one CPU kernel that reads the chunk once for both: invariance
+    and per_transformation (``native.both_update``; their two kernels read it twice, ~0.15 s of a 1.4 s
+    measurement on the reference case at batch_size=16). () where that does not apply: each group updates
+    alone."""
+    invariance, errors = measures.get("invariance"), measures.get("per_transformation")
+    if (phase != TRANSFORMED or not chunk.compiled or type(invariance) is not VarianceMeasure
+            or type(errors) is not InvarianceErrorMeasure):
+        return ()
+    for block, (k, rows) in enumerate(chunk.rows(activation)):
+        spread, moments = invariance.per_class[k]["spread"], invariance.per_class[k]["moments"]
+        squared, reference = errors.per_class[k]["squared"], errors.per_class[k]["reference"]
+        if native.both_update(rows, invariance.T, errors.identity, spread.total, spread.count, moments.mean,
+                              moments.m2, moments.count, squared.total, squared.count, reference.mean, reference.m2,
+                              reference.count):
+            continue
+        if block == 0:  # the kernel does not take this chunk (it takes all of a chunk's blocks or none)
+            return ()
+        _variance_update(chunk.compiled, rows, invariance.T, spread.total, spread.count, moments.mean, moments.m2,
+                         moments.count, scratch=chunk.scratch)
+        _invariance_error_update(chunk.compiled, rows, errors.T, errors.identity, squared.total, squared.count,
+                                 reference.mean, reference.m2, reference.count, scratch=chunk.scratch)
+    return ("invariance", "per_transformation")
 
 def _central_disk(unit_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Boolean [C, h, w]: positions whose centre lies within the disk inscribed in the feature map."""

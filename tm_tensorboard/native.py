@@ -8,7 +8,8 @@ samples read one strided stream per sample: ~10-25 GB/s on this project's CPU, w
 chunk could move at 60-130 GB/s. This kernel walks the units in tiles: each sample's rows of a tile are
 read once, in T sequential streams, for the spread, and stay in cache for the moments, which are merged
 into the states tile by tile. ``per_transformation``'s kernel reads each row once too, the untransformed
-rows of a tile staying in cache for all T differences (``benchmarks/bench_native.py``). The arithmetic is
+rows of a tile staying in cache for all T differences (``benchmarks/bench_native.py``); where a layer has both,
+one kernel does both tile by tile, the second reading the rows the first brought into cache. The arithmetic is
 the compiled path's: the spread two-pass within each sample in the activations' precision, the moments
 shifted by the chunk's first sample and accumulated in float64 (exact differences of float32 values),
 merged by Chan's formula, squared differences in the activations' precision summed in float64.
@@ -38,9 +39,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "move_back", "variance_replicates",
-           "enabled", "available",
-           "report_failure", "build_seconds"]
+__all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "both_update", "move_back",
+           "variance_replicates", "enabled", "available", "report_failure", "build_seconds"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
 TILE = 512  # most units per tile: b·T rows of 2 KB, in L2 for the moments' pass (bench_native.py)
@@ -102,51 +102,91 @@ static inline void fold_moments(const float* rows, int64_t stride, int64_t b, in
 }
 """
 
-_VARIANCE_SOURCE = _PRELUDE + r"""
+_TILES = _PRELUDE + r"""
+// Invariance's update of the units [u0, u0 + n) of x [b, T, U] (float32, contiguous): each sample's std over
+// transformations (T sequential streams over the tile) summed into spread (n doubles, a work buffer) and then
+// spread_total; per transformation, the moments over samples (the tile now in cache) merged into mean, m2.
+static inline void variance_tile(const float* x, double* spread, double* spread_total, double* mean, double* m2,
+                                 double n_a, int64_t b, int64_t T, int64_t U, int64_t u0, int64_t n) {
+  const int64_t TU = T * U, whole = n / NF * NF;
+  const float t_count = static_cast<float>(T), t_dof = static_cast<float>(T - 1);  // divided by, as torch does
+  for (int64_t u = 0; u < n; u++) spread[u] = 0.0;
+  for (int64_t i = 0; i < b; i++) {
+    const float* xi = x + i * TU + u0;
+    for (int64_t u = 0; u < whole; u += NF) {
+      VF s(0.0f);
+      for (int64_t t = 0; t < T; t++) s = s + VF::loadu(xi + t * U + u);
+      const VF mu = s / VF(t_count);
+      VF q(0.0f);
+      for (int64_t t = 0; t < T; t++) {
+        const VF d = VF::loadu(xi + t * U + u) - mu;
+        q = q + d * d;
+      }
+      const auto sd = at::vec::convert<double, 2, float, 1>((q / VF(t_dof)).sqrt());
+      (VD::loadu(spread + u) + sd[0]).store(spread + u);
+      (VD::loadu(spread + u + ND) + sd[1]).store(spread + u + ND);
+    }
+    for (int64_t u = whole; u < n; u++) {
+      float s = 0.0f;
+      for (int64_t t = 0; t < T; t++) s += xi[t * U + u];
+      const float mu = s / t_count;
+      float q = 0.0f;
+      for (int64_t t = 0; t < T; t++) { const float d = xi[t * U + u] - mu; q += d * d; }
+      spread[u] += static_cast<double>(std::sqrt(q / t_dof));
+    }
+  }
+  for (int64_t u = 0; u < n; u++) spread_total[u0 + u] += spread[u];
+  for (int64_t t = 0; t < T; t++) {
+    fold_moments(x + t * U + u0, TU, b, n, mean + t * U + u0, m2 + t * U + u0, n_a);
+  }
+}
+
+// per_transformation's update of the units [u0, u0 + n) of x [b, T, U]: the moments over samples of the
+// untransformed rows (transformation `identity`) merged into mean, m2 [U]; per transformation, the squared
+// differences from them summed over samples into squared_total [T, U] (the untransformed rows in cache).
+static inline void errors_tile(const float* x, double* squared_total, double* mean, double* m2, double n_a,
+                               int64_t b, int64_t T, int64_t U, int64_t identity, int64_t u0, int64_t n) {
+  const int64_t TU = T * U, whole = n / NF * NF;
+  const float* ref = x + identity * U + u0;  // sample i's untransformed row: ref + i * TU
+  fold_moments(ref, TU, b, n, mean + u0, m2 + u0, n_a);
+  for (int64_t t = 0; t < T; t++) {
+    const float* xt = x + t * U + u0;
+    double* st = squared_total + t * U + u0;
+    for (int64_t u = 0; u < whole; u += NF) {
+      VD a[2] = {VD(0.0), VD(0.0)};
+      for (int64_t i = 0; i < b; i++) {
+        const VF d = VF::loadu(xt + i * TU + u) - VF::loadu(ref + i * TU + u);
+        const auto d2 = at::vec::convert<double, 2, float, 1>(d * d);
+        a[0] = a[0] + d2[0];
+        a[1] = a[1] + d2[1];
+      }
+      (VD::loadu(st + u) + a[0]).store(st + u);
+      (VD::loadu(st + u + ND) + a[1]).store(st + u + ND);
+    }
+    for (int64_t u = whole; u < n; u++) {
+      double a = 0.0;
+      for (int64_t i = 0; i < b; i++) {
+        const float d = xt[i * TU + u] - ref[i * TU + u];
+        a += static_cast<double>(d * d);
+      }
+      st[u] += a;
+    }
+  }
+}
+"""
+
+_VARIANCE_SOURCE = _TILES + r"""
 // x [b, T, U] float32 (contiguous); states float64: spread_total [U], mean and m2 [T, U]; counts int64.
 extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_count, double* mean, double* m2,
                        int64_t* count, const int64_t b, const int64_t T, const int64_t U, const int64_t tile) {
   const double n_a = static_cast<double>(*count);
   const int64_t tiles = (U + tile - 1) / tile;
-  const int64_t TU = T * U;
-  const float t_count = static_cast<float>(T), t_dof = static_cast<float>(T - 1);  // divided by, as torch does
   #pragma omp parallel
   {
     alignas(64) double spread[1024];  // tile <= MAX_TILE
     #pragma omp for schedule(static)
     for (int64_t k = 0; k < tiles; k++) {
-      const int64_t u0 = k * tile, n = std::min(tile, U - u0), whole = n / NF * NF;
-      for (int64_t u = 0; u < n; u++) spread[u] = 0.0;
-      // Each sample's std over transformations: T sequential streams over the tile.
-      for (int64_t i = 0; i < b; i++) {
-        const float* xi = x + i * TU + u0;
-        for (int64_t u = 0; u < whole; u += NF) {
-          VF s(0.0f);
-          for (int64_t t = 0; t < T; t++) s = s + VF::loadu(xi + t * U + u);
-          const VF mu = s / VF(t_count);
-          VF q(0.0f);
-          for (int64_t t = 0; t < T; t++) {
-            const VF d = VF::loadu(xi + t * U + u) - mu;
-            q = q + d * d;
-          }
-          const auto sd = at::vec::convert<double, 2, float, 1>((q / VF(t_dof)).sqrt());
-          (VD::loadu(spread + u) + sd[0]).store(spread + u);
-          (VD::loadu(spread + u + ND) + sd[1]).store(spread + u + ND);
-        }
-        for (int64_t u = whole; u < n; u++) {
-          float s = 0.0f;
-          for (int64_t t = 0; t < T; t++) s += xi[t * U + u];
-          const float mu = s / t_count;
-          float q = 0.0f;
-          for (int64_t t = 0; t < T; t++) { const float d = xi[t * U + u] - mu; q += d * d; }
-          spread[u] += static_cast<double>(std::sqrt(q / t_dof));
-        }
-      }
-      for (int64_t u = 0; u < n; u++) spread_total[u0 + u] += spread[u];
-      // Per transformation, the moments over samples (the tile is in cache), merged into the states.
-      for (int64_t t = 0; t < T; t++) {
-        fold_moments(x + t * U + u0, TU, b, n, mean + t * U + u0, m2 + t * U + u0, n_a);
-      }
+      variance_tile(x, spread, spread_total, mean, m2, n_a, b, T, U, k * tile, std::min(tile, U - k * tile));
     }
   }
   *spread_count += b;
@@ -154,7 +194,7 @@ extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_cou
 }
 """
 
-_ERRORS_SOURCE = _PRELUDE + r"""
+_ERRORS_SOURCE = _TILES + r"""
 // x [b, T, U] float32 (contiguous), identity: the untransformed row; states float64: squared_total [T, U],
 // mean and m2 [U] (the untransformed activations' moments); counts int64.
 extern "C" void kernel(const float* x, double* squared_total, int64_t* squared_count, double* mean, double* m2,
@@ -162,40 +202,38 @@ extern "C" void kernel(const float* x, double* squared_total, int64_t* squared_c
                        const int64_t tile) {
   const double n_a = static_cast<double>(*count);
   const int64_t tiles = (U + tile - 1) / tile;
-  const int64_t TU = T * U;
   #pragma omp parallel for schedule(static)
   for (int64_t k = 0; k < tiles; k++) {
-    const int64_t u0 = k * tile, n = std::min(tile, U - u0), whole = n / NF * NF;
-    const float* ref = x + identity * U + u0;  // sample i's untransformed row: ref + i * TU
-    // The untransformed activations' moments over samples, shifted by the first sample's.
-    fold_moments(ref, TU, b, n, mean + u0, m2 + u0, n_a);
-    // Per transformation, the squared differences from the untransformed activations, summed over samples.
-    for (int64_t t = 0; t < T; t++) {
-      const float* xt = x + t * U + u0;
-      double* st = squared_total + t * U + u0;
-      for (int64_t u = 0; u < whole; u += NF) {
-        VD a[2] = {VD(0.0), VD(0.0)};
-        for (int64_t i = 0; i < b; i++) {
-          const VF d = VF::loadu(xt + i * TU + u) - VF::loadu(ref + i * TU + u);
-          const auto d2 = at::vec::convert<double, 2, float, 1>(d * d);
-          a[0] = a[0] + d2[0];
-          a[1] = a[1] + d2[1];
-        }
-        (VD::loadu(st + u) + a[0]).store(st + u);
-        (VD::loadu(st + u + ND) + a[1]).store(st + u + ND);
-      }
-      for (int64_t u = whole; u < n; u++) {
-        double a = 0.0;
-        for (int64_t i = 0; i < b; i++) {
-          const float d = xt[i * TU + u] - ref[i * TU + u];
-          a += static_cast<double>(d * d);
-        }
-        st[u] += a;
-      }
-    }
+    errors_tile(x, squared_total, mean, m2, n_a, b, T, U, identity, k * tile, std::min(tile, U - k * tile));
   }
   *squared_count += b;
   *count += b;
+}
+"""
+
+_BOTH_SOURCE = _TILES + r"""
+// Both updates of one chunk x [b, T, U], tile by tile: per_transformation's reads the rows invariance's
+// just brought into cache (the chunk is read from memory once, not twice). States as in the two kernels.
+extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_count, double* mean, double* m2,
+                       int64_t* count, double* squared_total, int64_t* squared_count, double* ref_mean,
+                       double* ref_m2, int64_t* ref_count, const int64_t b, const int64_t T, const int64_t U,
+                       const int64_t identity, const int64_t tile) {
+  const double n_a = static_cast<double>(*count), ref_n_a = static_cast<double>(*ref_count);
+  const int64_t tiles = (U + tile - 1) / tile;
+  #pragma omp parallel
+  {
+    alignas(64) double spread[1024];  // tile <= MAX_TILE
+    #pragma omp for schedule(static)
+    for (int64_t k = 0; k < tiles; k++) {
+      const int64_t u0 = k * tile, n = std::min(tile, U - u0);
+      variance_tile(x, spread, spread_total, mean, m2, n_a, b, T, U, u0, n);
+      errors_tile(x, squared_total, ref_mean, ref_m2, ref_n_a, b, T, U, identity, u0, n);
+    }
+  }
+  *spread_count += b;
+  *count += b;
+  *squared_count += b;
+  *ref_count += b;
 }
 """
 
@@ -337,12 +375,14 @@ class _Kernel:
 _STATE_ARGUMENTS = ["const float*", "double*", "int64_t*", "double*", "double*", "int64_t*"]
 _VARIANCE = _Kernel("invariance update", _VARIANCE_SOURCE, _STATE_ARGUMENTS + ["const int64_t"] * 4)
 _ERRORS = _Kernel("per-transformation update", _ERRORS_SOURCE, _STATE_ARGUMENTS + ["const int64_t"] * 5)
+_BOTH = _Kernel("invariance and per-transformation update", _BOTH_SOURCE,
+                _STATE_ARGUMENTS + _STATE_ARGUMENTS[1:] + ["const int64_t"] * 5)
 _WARP = _Kernel("inverse warp", _WARP_SOURCE,
                 ["const float*", "const int64_t*", "const float*", "float*", "float*"] + ["const int64_t"] * 6)
 _REPLICATES = _Kernel("error bars' replicates", _REPLICATES_SOURCE,
                       ["const double*", "const int64_t*", "const double*", "const double*", "const int64_t*",
                        "const int64_t*", "const double*", "double*"] + ["const int64_t"] * 3)
-_KERNELS = (_VARIANCE, _ERRORS, _WARP, _REPLICATES)
+_KERNELS = (_VARIANCE, _ERRORS, _BOTH, _WARP, _REPLICATES)
 
 
 def enabled() -> bool:
@@ -427,6 +467,23 @@ def errors_update(output: torch.Tensor, T: int, identity: int, squared_total: to
            _tile(units))
     return True
 
+
+def both_update(output: torch.Tensor, T: int, identity: int, spread_total: torch.Tensor, spread_count: torch.Tensor,
+                mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor, squared_total: torch.Tensor,
+                squared_count: torch.Tensor, reference_mean: torch.Tensor, reference_m2: torch.Tensor,
+                reference_count: torch.Tensor) -> bool:
+    """``variance_update`` and ``errors_update`` of one chunk in one pass (each tile read from memory once);
+    False (nothing done) where either does not apply."""
+    if (not _applies(output, T, (mean, m2, squared_total), (spread_total, reference_mean, reference_m2))
+            or not 0 <= identity < T):
+        return False
+    kernel = _BOTH.get()
+    if kernel is None:
+        return False
+    units = spread_total.numel()
+    kernel(output, spread_total, spread_count, mean, m2, count, squared_total, squared_count, reference_mean,
+           reference_m2, reference_count, output.numel() // (T * units), T, units, identity, _tile(units))
+    return True
 
 def move_back(maps: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
               buffer: Callable[[int], torch.Tensor]) -> bool:
