@@ -58,6 +58,35 @@ def test_equivariance_error_identity_action_equals_brute_force(probe, chunk):
             np.testing.assert_allclose(result.get("ee", layer, per=per), ee_reference(A[layer], 0, per), rtol=1e-4, atol=1e-9)
 
 
+class _ChannelMajor(actions.FeatureAction):
+    """The identity action under another class, with undo overridden (to itself): the equivariance error then
+    takes its channel-major path (maps moved back and laid out [C, h, w] again), as cyclic_shift does."""
+
+    def undo(self, y, transformations, compiled=False, scratch=None):
+        return super().undo(y, transformations, compiled, scratch)
+
+
+@pytest.mark.parametrize("disk", [False, True])
+def test_equivariance_error_pixel_major_equals_channel_major(disk):
+    """Non-square maps under interpolated rotations: the pixel-major path (the identity action) gives the
+    channel-major path's values and standard errors, per element and per channel, NaN outside the disk
+    where it has them, up to float summation order (units summed in another order of tiles and vectors)."""
+    model, images = small_cnn(), torch.rand(32, 3, 10, 14, generator=torch.Generator().manual_seed(3))
+    tset = T.rotations([0, 30, 60, 90], padding="zeros")
+    def run(action):
+        return tm.measure(model, images, tset, measures=("equivariance_error",), actions=action, batch_size=5,
+                          disk=disk, error_bars=2)
+
+    pixel_major, channel_major = run(actions.identity()), run(_ChannelMajor())
+    assert pixel_major.layers_of("ee") == channel_major.layers_of("ee") != []
+    for layer in pixel_major.layers_of("ee"):
+        for measure in ("ee", "ee_t"):
+            for per in ("element", "channel"):
+                np.testing.assert_allclose(pixel_major.get(measure, layer, per=per),
+                                           channel_major.get(measure, layer, per=per), rtol=1e-6, atol=1e-12)
+            np.testing.assert_allclose(pixel_major.stderr(measure, layer), channel_major.stderr(measure, layer),
+                                       rtol=1e-5, atol=1e-12)
+
 def cyclic_undo(k):
     def undo(fm, t):  # independent of the library: rotate back, then roll each group of k channels back by t
         back = torch.rot90(fm, -t, dims=(2, 3))

@@ -10,7 +10,7 @@ import torch
 import tm_tensorboard as tm
 from tm_tensorboard import native
 from tm_tensorboard import transforms as T
-from tm_tensorboard.layer_measures import _invariance_error_update, _variance_update
+from tm_tensorboard.layer_measures import _equivariance_error_update, _invariance_error_update, _variance_update
 from models import small_cnn
 
 CPU = torch.device("cpu")
@@ -183,6 +183,27 @@ def test_per_transformation_states_equal_the_compiled_graphs(batch):
     for a, b in zip(ours, graphs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-6, equal_nan=True)
 
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_equivariance_error_states_equal_the_compiled_graphs(batch):
+    """The equivariance error's fold (maps moved back against the untransformed features, two tensors)
+    gives the compiled graph's states; it declines features of another shape and touches nothing."""
+    g = torch.Generator().manual_seed(batch + 1)
+    T, identity, units = 8, 3, 2000
+    moved = torch.randn(3 * batch, T, units, generator=g) * torch.linspace(0.1, 10, units) + 2
+    features = moved + 0.1 * torch.randn(3 * batch, T, units, generator=g)
+    ours, graphs = _error_states(T, units), _error_states(T, units)
+    for i in range(3):
+        rows = slice(i * batch, (i + 1) * batch)
+        back, psi = moved[rows].reshape(batch * T, units), features[rows].reshape(batch * T, units)
+        assert native.moved_errors_update(back, psi, T, identity, *ours)
+        _equivariance_error_update._run_compiled((back, psi, T, identity, *graphs))
+    for a, b in zip(ours, graphs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-6)
+    states = _error_states(T, units)
+    assert not native.moved_errors_update(back, psi[:, :-1].contiguous(), T, identity, *states)
+    assert not native.moved_errors_update(back, psi.double(), T, identity, *states)
+    assert not any(s.any() for s in states)
 
 @pytest.mark.parametrize("T, units, identity", [(2, 5, 1), (4, 517, 2), (16, 1024 + 33, 0)])
 @pytest.mark.parametrize("sizes", [[1] * 5, [3, 4], [9]], ids=["ones", "uneven", "whole"])

@@ -347,7 +347,7 @@ def _fold_errors(moved, reference, squared_total, squared_count, mean, m2, count
     fold_moments(reference, mean, m2, count, scratch)
 
 
-@fused
+@fused(native=native.moved_errors_update)
 def _equivariance_error_update(back, psi, T, identity, squared_total, squared_count, mean, m2, count, scratch=None):
     """Squared differences of every moved-back transformed feature from the untransformed one, and the
     moments of the untransformed features."""
@@ -372,7 +372,12 @@ def _equivariance_error_compute(squared_total, squared_count, m2, count, keep, t
 class EquivarianceErrorMeasure(LayerMeasure):
     """E = mean over samples, transformations ≠ identity and positions of (ψ(φ(x)) − g⁻¹ψ(φ(g x)))²,
     normalized by 2 · the sample variance of ψ(φ(x)) (what two random samples would give); and E_t, the
-    same for each transformation g_t alone (``mse_t``: one row per transformation)."""
+    same for each transformation g_t alone (``mse_t``: one row per transformation).
+
+    Where g⁻¹ acts on positions only (every action but ``cyclic_shift``), the maps are moved back and
+    streamed pixel-major, as same-equivariance streams them (``warps.py``: laying them out channel-major
+    again took as long as the update on the reference case), with the identity's slot holding ψ(φ(x))
+    itself; the states hold the units in (h, w, C) order, put back in (C, h, w) order when finalized."""
 
     group = "equivariance_error"
     components = ("mse", "var2", "mse_t")
@@ -387,7 +392,9 @@ class EquivarianceErrorMeasure(LayerMeasure):
         self.keep = torch.tensor([t for t in range(self.T) if t != self.identity], device=device)
         self.transformed = (torch.arange(self.T, device=device) != self.identity).to(torch.float64)
         everywhere = torch.ones(self.unit_shape, dtype=torch.bool, device=device)
-        self.inside = (_central_disk(self.unit_shape, device) if options.disk else everywhere).reshape(-1)
+        inside = _central_disk(self.unit_shape, device) if options.disk else everywhere
+        self.pixel_major = type(self.action).undo is FeatureAction.undo
+        self.inside = (inside.permute(1, 2, 0) if self.pixel_major else inside).reshape(-1)  # the states' order
         self.masked = options.disk
 
     @staticmethod
@@ -402,6 +409,15 @@ class EquivarianceErrorMeasure(LayerMeasure):
 
     def update(self, phase, activation, chunk):
         psi = self.action.psi(activation)
+        if self.pixel_major:
+            moved = self._moved_back_pixel_major(psi, chunk)
+            for k, rows in chunk.rows(moved, DIFFERENCE_BLOCK):
+                squared, reference = self.per_class[k]["squared"], self.per_class[k]["reference"]
+                _invariance_error_update(
+                    chunk.compiled, rows, self.T, self.identity, squared.total, squared.count, reference.mean,
+                    reference.m2, reference.count, scratch=chunk.scratch,
+                )
+            return
         back = self.action.undo(psi, self.transformations, chunk.compiled, chunk.scratch)
         blocks = zip(chunk.rows(back, DIFFERENCE_BLOCK), chunk.rows(psi, DIFFERENCE_BLOCK))  # back: psi's shape
         for (k, back_rows), (_, psi_rows) in blocks:
@@ -411,12 +427,25 @@ class EquivarianceErrorMeasure(LayerMeasure):
                 reference.mean, reference.m2, reference.count, scratch=chunk.scratch,
             )
 
+    def _moved_back_pixel_major(self, psi: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        """ψ-maps [b·T, C, h, w] moved back, [b, T·h·w, C] pixel-major, the identity's maps ψ itself (moving
+        interpolated maps back by the identity rounds): the rows ``_invariance_error_update`` compares."""
+        moved = self.transformations.invert_features_pixel_major(psi, chunk.compiled, chunk.scratch)
+        channels, height, width = self.unit_shape
+        maps = psi.reshape(-1, self.T, channels, height * width)[:, self.identity]
+        moved.view(-1, self.T, height * width, channels)[:, self.identity].copy_(maps.transpose(1, 2))
+        return moved
+
     def compute_class(self, states, compiled):
         squared, reference = states["squared"], states["reference"]
-        return _equivariance_error_compute(
+        values = _equivariance_error_compute(
             compiled, squared.total, squared.count, reference.m2, reference.count, self.keep, self.transformed,
             self.inside,
         )
+        if not self.pixel_major:
+            return values
+        channels, height, width = self.unit_shape
+        return values.reshape(-1, height, width, channels).permute(0, 3, 1, 2).reshape(values.shape)
 
 
 @fused(native=native.errors_update)

@@ -1,6 +1,7 @@
 """Hand-written CPU kernels for the hottest per-chunk updates, compiled at run time by the C++ toolchain
-Inductor uses: invariance's (and same-equivariance's, on the maps moved back) and ``per_transformation``'s,
-same-equivariance's inverse warp, and the error bars' replicates of both variance groups.
+Inductor uses: invariance's (and same-equivariance's, on the maps moved back) and ``per_transformation``'s (and
+the equivariance error's, the same squared differences from maps moved back), same-equivariance's inverse
+warp, and the error bars' replicates of both variance groups.
 
 Inductor compiles invariance's update into two loop nests, one per reduction axis (the spread over
 transformations, the moments over samples), that each read the chunk from memory, and its reductions over
@@ -39,8 +40,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "both_update", "move_back",
-           "variance_replicates", "enabled", "available", "report_failure", "build_seconds"]
+__all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "moved_errors_update", "both_update",
+           "move_back", "variance_replicates", "enabled", "available", "report_failure", "build_seconds"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
 TILE = 512  # most units per tile: b·T rows of 2 KB, in L2 for the moments' pass (bench_native.py)
@@ -142,12 +143,13 @@ static inline void variance_tile(const float* x, double* spread, double* spread_
 }
 
 // per_transformation's update of the units [u0, u0 + n) of x [b, T, U]: the moments over samples of the
-// untransformed rows (transformation `identity`) merged into mean, m2 [U]; per transformation, the squared
-// differences from them summed over samples into squared_total [T, U] (the untransformed rows in cache).
-static inline void errors_tile(const float* x, double* squared_total, double* mean, double* m2, double n_a,
-                               int64_t b, int64_t T, int64_t U, int64_t identity, int64_t u0, int64_t n) {
+// untransformed rows (transformation `identity` of r [b, T, U]: x itself, or the equivariance error's
+// features before moving back) merged into mean, m2 [U]; per transformation, the squared differences of x
+// from them summed over samples into squared_total [T, U] (the untransformed rows in cache).
+static inline void errors_tile(const float* x, const float* r, double* squared_total, double* mean, double* m2,
+                               double n_a, int64_t b, int64_t T, int64_t U, int64_t identity, int64_t u0, int64_t n) {
   const int64_t TU = T * U, whole = n / NF * NF;
-  const float* ref = x + identity * U + u0;  // sample i's untransformed row: ref + i * TU
+  const float* ref = r + identity * U + u0;  // sample i's untransformed row: ref + i * TU
   fold_moments(ref, TU, b, n, mean + u0, m2 + u0, n_a);
   for (int64_t t = 0; t < T; t++) {
     const float* xt = x + t * U + u0;
@@ -195,16 +197,16 @@ extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_cou
 """
 
 _ERRORS_SOURCE = _TILES + r"""
-// x [b, T, U] float32 (contiguous), identity: the untransformed row; states float64: squared_total [T, U],
-// mean and m2 [U] (the untransformed activations' moments); counts int64.
-extern "C" void kernel(const float* x, double* squared_total, int64_t* squared_count, double* mean, double* m2,
-                       int64_t* count, const int64_t b, const int64_t T, const int64_t U, const int64_t identity,
-                       const int64_t tile) {
+// x and r [b, T, U] float32 (contiguous), identity: r's untransformed row; states float64: squared_total
+// [T, U], mean and m2 [U] (the untransformed rows' moments); counts int64.
+extern "C" void kernel(const float* x, const float* r, double* squared_total, int64_t* squared_count, double* mean,
+                       double* m2, int64_t* count, const int64_t b, const int64_t T, const int64_t U,
+                       const int64_t identity, const int64_t tile) {
   const double n_a = static_cast<double>(*count);
   const int64_t tiles = (U + tile - 1) / tile;
   #pragma omp parallel for schedule(static)
   for (int64_t k = 0; k < tiles; k++) {
-    errors_tile(x, squared_total, mean, m2, n_a, b, T, U, identity, k * tile, std::min(tile, U - k * tile));
+    errors_tile(x, r, squared_total, mean, m2, n_a, b, T, U, identity, k * tile, std::min(tile, U - k * tile));
   }
   *squared_count += b;
   *count += b;
@@ -227,7 +229,7 @@ extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_cou
     for (int64_t k = 0; k < tiles; k++) {
       const int64_t u0 = k * tile, n = std::min(tile, U - u0);
       variance_tile(x, spread, spread_total, mean, m2, n_a, b, T, U, u0, n);
-      errors_tile(x, squared_total, ref_mean, ref_m2, ref_n_a, b, T, U, identity, u0, n);
+      errors_tile(x, x, squared_total, ref_mean, ref_m2, ref_n_a, b, T, U, identity, u0, n);
     }
   }
   *spread_count += b;
@@ -374,7 +376,8 @@ class _Kernel:
 
 _STATE_ARGUMENTS = ["const float*", "double*", "int64_t*", "double*", "double*", "int64_t*"]
 _VARIANCE = _Kernel("invariance update", _VARIANCE_SOURCE, _STATE_ARGUMENTS + ["const int64_t"] * 4)
-_ERRORS = _Kernel("per-transformation update", _ERRORS_SOURCE, _STATE_ARGUMENTS + ["const int64_t"] * 5)
+_ERRORS = _Kernel("per-transformation and equivariance-error update", _ERRORS_SOURCE,
+                  _STATE_ARGUMENTS[:1] + _STATE_ARGUMENTS + ["const int64_t"] * 5)
 _BOTH = _Kernel("invariance and per-transformation update", _BOTH_SOURCE,
                 _STATE_ARGUMENTS + _STATE_ARGUMENTS[1:] + ["const int64_t"] * 5)
 _WARP = _Kernel("inverse warp", _WARP_SOURCE,
@@ -457,14 +460,32 @@ def errors_update(output: torch.Tensor, T: int, identity: int, squared_total: to
                   squared_count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor) -> bool:
     """Fold a chunk ``output`` [b·T, ...] into ``per_transformation``'s states like
     ``layer_measures._invariance_error_update``; False (nothing done) where the kernel does not apply."""
-    if not _applies(output, T, (squared_total,), (mean, m2)) or not 0 <= identity < T:
+    return _errors(output, output, T, identity, squared_total, squared_count, mean, m2, count)
+
+
+def moved_errors_update(moved: torch.Tensor, features: torch.Tensor, T: int, identity: int,
+                        squared_total: torch.Tensor, squared_count: torch.Tensor, mean: torch.Tensor,
+                        m2: torch.Tensor, count: torch.Tensor) -> bool:
+    """The equivariance error's fold (``layer_measures._equivariance_error_update``): the squared differences
+    of the maps moved back ``moved`` from the untransformed rows of ``features`` (both [b·T, ...]) and the
+    moments of those; False (nothing done) where the kernel does not apply."""
+    return features.shape == moved.shape and _errors(moved, features, T, identity, squared_total, squared_count,
+                                                      mean, m2, count)
+
+
+def _errors(output: torch.Tensor, reference: torch.Tensor, T: int, identity: int, squared_total: torch.Tensor,
+            squared_count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor) -> bool:
+    """The squared differences' kernel, the untransformed rows read from ``reference``."""
+    if not (_applies(output, T, (squared_total,), (mean, m2)) and 0 <= identity < T
+            and reference.device.type == "cpu" and reference.dtype == torch.float32 and reference.is_contiguous()
+            and not reference.requires_grad):
         return False
     kernel = _ERRORS.get()
     if kernel is None:
         return False
     units = mean.numel()
-    kernel(output, squared_total, squared_count, mean, m2, count, output.numel() // (T * units), T, units, identity,
-           _tile(units))
+    kernel(output, reference, squared_total, squared_count, mean, m2, count, output.numel() // (T * units), T, units,
+           identity, _tile(units))
     return True
 
 
