@@ -143,7 +143,7 @@ def equivariance_error(name: str, model: torch.nn.Module, samples: int, batch_si
 
     def run(measures, action=None):
         return lambda: tm.measure(model, probe, tset, measures=measures, batch_size=batch_size, compile=True,
-                                  error_bars=False, actions=action)
+                                  error_bars=False, actions=action, dedupe_batchnorm=False)  # (the same layers)
 
     def floor():
         with torch.no_grad():
