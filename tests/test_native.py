@@ -423,3 +423,34 @@ def test_replicates_decline_what_they_do_not_apply_to():
                                    "no shards": (arguments[:5] + [[]] * 5, out[:0])}.items():
         assert not native.variance_replicates(*values, target), name
         assert not target.any(), name
+
+
+@pytest.mark.parametrize("counts", [[3, 4, 1, 5, 2], [16] * 8, [0, 9]], ids=["uneven", "eight", "empty shard"])
+def test_replicates_with_the_merge_equal_merge_into_then_the_replicates(counts):
+    """``merge=True``: the whole probe's states made from the shards' in the same pass are shards.merge_into's
+    (float64: to 1e-13, counts exactly), and the replicates then those of the states merged apart."""
+    from tm_tensorboard.shards import merge_into
+    from tm_tensorboard.statistics import SampleMoments, SampleSum
+
+    arguments = _replicate_arguments(counts)
+    for whole in arguments[:5]:
+        whole.zero_()  # as finalizing finds them: every sample went to a shard
+    apart = [a.clone() if isinstance(a, torch.Tensor) else a for a in arguments]
+
+    def state(kind, tensors, count):  # a state holding these tensors (their storage) and count
+        made = kind(tuple(tensors[0].shape), torch.device("cpu"))
+        for name, tensor in zip(made._names, tensors):
+            setattr(made, name, tensor)
+        made.count = count
+        return made
+
+    spread, moments = state(SampleSum, apart[0:1], apart[1]), state(SampleMoments, apart[2:4], apart[4])
+    merge_into(spread, [state(SampleSum, [t], c) for t, c in zip(*apart[5:7])], compiled=True)
+    merge_into(moments, [state(SampleMoments, [m, q], c) for m, q, c in zip(*apart[7:10])], compiled=True)
+    outs = [torch.full((len(counts), 2, 301), -7.0, dtype=torch.float64) for _ in range(2)]
+    assert native.variance_replicates(*arguments, outs[0], merge=True)
+    assert native.variance_replicates(*apart, outs[1])
+    assert arguments[1].item() == arguments[4].item() == sum(counts) == apart[4].item() == apart[1].item()
+    for ours, theirs in zip([arguments[i] for i in (0, 2, 3)], [apart[i] for i in (0, 2, 3)]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=1e-300)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-300, equal_nan=True)

@@ -25,7 +25,8 @@ whole probe without each shard: compiled, the states were turned into the replic
 each shard's computed by another (0.28 s on ResNet18Style with the default measures, in a profile); one
 graph for all shards read the whole probe's states once per shard at ~10 GB/s (0.27 s). The kernel takes a
 tile of units through every transformation and shard with the whole probe's rows in cache, summing each
-replicate's square roots there (0.12 s).
+replicate's square roots there (0.12 s). Finalizing compiled, it also merges the shards into the whole
+probe's states, row by row, just before it reads them (the merge was a pass of its own over the same states).
 
 They run on CPU where the compiled updates run (``compile``), for float32 activations and float64 states;
 anything else, a GPU included, runs the compiled graphs. A toolchain that cannot build them warns once and
@@ -288,11 +289,26 @@ constexpr int64_t TILE = 512;  // units per tile: the K sums of square roots (K 
 
 // The whole probe's invariance states (spread_total [U], mean and m2 [T, U], counts) and K shards' (table:
 // per shard the addresses of its spread_total, spread_count, mean, m2, count); out [K, 2, U] := TV and SV
-// without each shard (shards.moments_without, shards.sum_without, layer_measures._variance_values).
-extern "C" void kernel(const double* spread_total, const int64_t* spread_count, const double* mean, const double* m2,
-                       const int64_t* count, const int64_t* table, const double* rounding, double* out,
-                       const int64_t K, const int64_t T, const int64_t U) {
-  const double n = static_cast<double>(*count), r = *rounding;
+// without each shard (shards.moments_without, shards.sum_without, layer_measures._variance_values). With
+// `merge`, each row of the whole probe's states is first made from the shards' (shards.merge_into: Chan's
+// merge, shard after shard), which are then read again from cache, not memory.
+extern "C" void kernel(double* spread_total, int64_t* spread_count, double* mean, double* m2, int64_t* count,
+                       const int64_t* table, const double* rounding, double* out, const int64_t K, const int64_t T,
+                       const int64_t U, const int64_t merge) {
+  auto shard_count = [&](int64_t k, int64_t field) { return *reinterpret_cast<const int64_t*>(table[5 * k + field]); };
+  std::vector<double> w_mean(K), w_m2(K);  // the merge's weights of each shard: n_b / n, n_a · n_b / n
+  int64_t samples = *count, spread_samples = *spread_count;
+  if (merge) {
+    for (int64_t k = 0; k < K; k++) {
+      const double n_a = static_cast<double>(samples), n_b = static_cast<double>(shard_count(k, 4));
+      const double n_ab = std::max(n_a + n_b, 1.0);
+      w_mean[k] = n_b / n_ab;
+      w_m2[k] = n_a * n_b / n_ab;
+      samples += shard_count(k, 4);
+      spread_samples += shard_count(k, 1);
+    }
+  }
+  const double n = static_cast<double>(samples), r = *rounding;
   const int64_t tiles = (U + TILE - 1) / TILE;
   #pragma omp parallel
   {
@@ -303,49 +319,68 @@ extern "C" void kernel(const double* spread_total, const int64_t* spread_count, 
     const int64_t u0 = tile * TILE, width = std::min(TILE, U - u0), whole = width / ND * ND;
     for (int64_t i = 0; i < K * TILE; i++) roots[i] = 0.0;
     for (int64_t t = 0; t < T; t++) {
-      const double* mu = mean + t * U + u0;
-      const double* q = m2 + t * U + u0;
+      double* mu = mean + t * U + u0;
+      double* q = m2 + t * U + u0;
+      for (int64_t k = 0; merge && k < K; k++) {
+        const double* mu_k = reinterpret_cast<const double*>(table[5 * k + 2]) + t * U + u0;
+        const double* q_k = reinterpret_cast<const double*>(table[5 * k + 3]) + t * U + u0;
+        for (int64_t u = 0; u < whole; u += ND) {
+          const VD m = VD::loadu(mu + u), delta = VD::loadu(mu_k + u) - m;
+          (m + delta * VD(w_mean[k])).store(mu + u);
+          (VD::loadu(q + u) + (VD::loadu(q_k + u) + delta * delta * VD(w_m2[k]))).store(q + u);
+        }
+        for (int64_t u = whole; u < width; u++) {
+          const double delta = mu_k[u] - mu[u];
+          mu[u] += delta * w_mean[k];
+          q[u] += q_k[u] + delta * delta * w_m2[k];
+        }
+      }
       for (int64_t k = 0; k < K; k++) {
-        const int64_t samples_k = *reinterpret_cast<const int64_t*>(table[5 * k + 4]);
+        const int64_t samples_k = shard_count(k, 4);
         const double n_k = static_cast<double>(samples_k), n_r = n - n_k;
-        const double w_mean = n_k / std::max(n_r, 1.0), keep = n_r > 0 ? 1.0 : 0.0;
-        const double w_m2 = n_k * n_r / std::max(n, 1.0);
-        const double dof = static_cast<double>(std::max<int64_t>(*count - samples_k - 1, 0));
+        const double w_mean_r = n_k / std::max(n_r, 1.0), keep = n_r > 0 ? 1.0 : 0.0;
+        const double w_m2_r = n_k * n_r / std::max(n, 1.0);
+        const double dof = static_cast<double>(std::max<int64_t>(samples - samples_k - 1, 0));
         const double* mu_k = reinterpret_cast<const double*>(table[5 * k + 2]) + t * U + u0;
         const double* q_k = reinterpret_cast<const double*>(table[5 * k + 3]) + t * U + u0;
         double* acc = roots + k * TILE;
         for (int64_t u = 0; u < whole; u += ND) {
           const VD m = VD::loadu(mu + u), qq = VD::loadu(q + u), mk = VD::loadu(mu_k + u);
-          const VD rest_mean = (m + (m - mk) * VD(w_mean)) * VD(keep);
+          const VD rest_mean = (m + (m - mk) * VD(w_mean_r)) * VD(keep);
           const VD delta = mk - rest_mean;
-          const VD rest = qq - VD::loadu(q_k + u) - delta * delta * VD(w_m2);
+          const VD rest = qq - VD::loadu(q_k + u) - delta * delta * VD(w_m2_r);
           const VD kept = VD::blendv(rest, VD(0.0), rest <= qq * VD(r));  // NaN stays (the comparison is false)
           (VD::loadu(acc + u) + (kept / VD(dof)).sqrt()).store(acc + u);
         }
         for (int64_t u = whole; u < width; u++) {
-          const double rest_mean = (mu[u] + (mu[u] - mu_k[u]) * w_mean) * keep;
+          const double rest_mean = (mu[u] + (mu[u] - mu_k[u]) * w_mean_r) * keep;
           const double delta = mu_k[u] - rest_mean;
-          double rest = q[u] - q_k[u] - delta * delta * w_m2;
+          double rest = q[u] - q_k[u] - delta * delta * w_m2_r;
           if (rest <= q[u] * r) rest = 0.0;
           acc[u] += std::sqrt(rest / dof);
         }
       }
     }
+    for (int64_t k = 0; merge && k < K; k++) {
+      const double* total_k = reinterpret_cast<const double*>(table[5 * k]);
+      for (int64_t u = u0; u < u0 + width; u++) spread_total[u] += total_k[u];
+    }
     for (int64_t k = 0; k < K; k++) {
       const double* total_k = reinterpret_cast<const double*>(table[5 * k]);
-      const int64_t spread_count_k = *reinterpret_cast<const int64_t*>(table[5 * k + 1]);
-      const double samples = static_cast<double>(*spread_count - spread_count_k);
+      const double rest_samples = static_cast<double>(spread_samples - shard_count(k, 1));
       double* tv = out + (2 * k) * U + u0;
       double* sv = out + (2 * k + 1) * U + u0;
       for (int64_t u = 0; u < width; u++) {
         double rest = spread_total[u0 + u] - total_k[u0 + u];
         if (std::abs(rest) <= std::abs(spread_total[u0 + u]) * r) rest = 0.0;
-        tv[u] = rest / samples;
+        tv[u] = rest / rest_samples;
         sv[u] = roots[k * TILE + u] / static_cast<double>(T);
       }
     }
   }
   }
+  *count = samples;
+  *spread_count = spread_samples;
 }
 """
 
@@ -383,8 +418,7 @@ _BOTH = _Kernel("invariance and per-transformation update", _BOTH_SOURCE,
 _WARP = _Kernel("inverse warp", _WARP_SOURCE,
                 ["const float*", "const int64_t*", "const float*", "float*", "float*"] + ["const int64_t"] * 6)
 _REPLICATES = _Kernel("error bars' replicates", _REPLICATES_SOURCE,
-                      ["const double*", "const int64_t*", "const double*", "const double*", "const int64_t*",
-                       "const int64_t*", "const double*", "double*"] + ["const int64_t"] * 3)
+                      _STATE_ARGUMENTS[1:] + ["const int64_t*", "const double*", "double*"] + ["const int64_t"] * 4)
 _KERNELS = (_VARIANCE, _ERRORS, _BOTH, _WARP, _REPLICATES)
 
 
@@ -534,10 +568,11 @@ def move_back(maps: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor, 
 def variance_replicates(spread_total: torch.Tensor, spread_count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
                         count: torch.Tensor, shard_totals: list[torch.Tensor], shard_spread_counts: list[torch.Tensor],
                         shard_means: list[torch.Tensor], shard_m2s: list[torch.Tensor],
-                        shard_counts: list[torch.Tensor], out: torch.Tensor) -> bool:
+                        shard_counts: list[torch.Tensor], out: torch.Tensor, merge: bool = False) -> bool:
     """``layer_measures._variance_replicates``: ``out`` [K, 2, units] := TV and SV of the whole probe without
     each of its K shards, in one pass over the shards' states (each tile of units' rests summed in cache);
-    False where it does not apply (float64 contiguous CPU states)."""
+    ``merge``: the whole probe's states are made from the shards' first, in the same pass (``shards.merge_into``
+    into them as they are). False (nothing done) where it does not apply (float64 contiguous CPU states)."""
     states = [spread_total, mean, m2, *shard_totals, *shard_means, *shard_m2s, out]
     counts = [spread_count, count, *shard_spread_counts, *shard_counts]
     K = len(shard_totals)
@@ -558,5 +593,5 @@ def variance_replicates(spread_total: torch.Tensor, spread_count: torch.Tensor, 
     table = torch.tensor([s.data_ptr() for shard in zip(shard_totals, shard_spread_counts, shard_means, shard_m2s,
                                                           shard_counts) for s in shard], dtype=torch.int64)
     rounding = torch.tensor([ROUNDING * torch.finfo(torch.float64).eps], dtype=torch.float64)
-    kernel(spread_total, spread_count, mean, m2, count, table, rounding, out, K, T, units)
+    kernel(spread_total, spread_count, mean, m2, count, table, rounding, out, K, T, units, int(merge))
     return True
