@@ -540,6 +540,7 @@ def update_together(measures: dict[str, LayerMeasure], phase: str, activation: t
                                  reference.mean, reference.m2, reference.count, scratch=chunk.scratch)
     return ("invariance", "per_transformation")
 
+
 def _central_disk(unit_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Boolean [C, h, w]: positions whose centre lies within the disk inscribed in the feature map."""
     channels, h, w = unit_shape
