@@ -87,6 +87,29 @@ def test_equivariance_error_pixel_major_equals_channel_major(disk):
             np.testing.assert_allclose(pixel_major.stderr(measure, layer), channel_major.stderr(measure, layer),
                                        rtol=1e-5, atol=1e-12)
 
+def test_same_equivariance_and_the_equivariance_error_move_the_maps_back_once(probe, monkeypatch):
+    """Measured together, same-equivariance first, the maps are moved back once per spatial layer and chunk
+    for both; each group's numbers are what it measures alone, in either order."""
+    model, tset = small_cnn(), T.rotations([0, 30, 60], padding="zeros")
+    calls = []
+    moved_back = T.TransformationSet.invert_features_pixel_major
+    monkeypatch.setattr(T.TransformationSet, "invert_features_pixel_major",
+                        lambda self, *a, **k: calls.append(1) or moved_back(self, *a, **k))
+    def run(*groups):
+        calls.clear()
+        return tm.measure(model, probe, tset, measures=groups, batch_size=4, error_bars=False), len(calls)
+
+    (both, moves), (reversed_, reversed_moves) = run("same_equivariance", "equivariance_error"), \
+        run("equivariance_error", "same_equivariance")
+    (same, same_moves), (errors, _) = run("same_equivariance"), run("equivariance_error")
+    assert moves == same_moves == len(both.layers_of("nvse")) * math.ceil(N / 4) > 0
+    assert reversed_moves == 2 * moves  # (the equivariance error first writes its identity's slot: no sharing)
+    for result in (both, reversed_):
+        for layer in both.layers_of("nvse"):
+            np.testing.assert_array_equal(result.get("nvse", layer), same.get("nvse", layer))
+            np.testing.assert_array_equal(result.get("ee_t", layer, per="element"),
+                                          errors.get("ee_t", layer, per="element"))
+
 def cyclic_undo(k):
     def undo(fm, t):  # independent of the library: rotate back, then roll each group of k channels back by t
         back = torch.rot90(fm, -t, dims=(2, 3))

@@ -258,6 +258,7 @@ class _Observer:
 
     def update(self, phase: str, activation: torch.Tensor, chunk: Chunk) -> None:
         self.compiled = chunk.compiled  # finalize the way the chunks went
+        chunk.moved_back = None  # (another layer's)
         together = update_together(self.measures, phase, activation, chunk)
         for group, m in self.measures.items():
             if phase in m.phases and group not in together:

@@ -77,6 +77,9 @@ class Chunk:
     scratch: Scratch = field(default_factory=Scratch)  # shared work buffer of the eager updates
     compiled: bool = False  # run the fused updates compiled
     image_size: tuple[int, int] | None = None  # (H, W) of the probe's images (the Lie translations' pixels)
+    # The layer's maps and their moved-back rows (pixel-major) as same-equivariance made them, for the
+    # equivariance error of the same maps after it (one warp for both); reset for every layer.
+    moved_back: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def rows(self, values: torch.Tensor, block: int = SAMPLE_BLOCK):
         """(class index, a block of the chunk's samples of that class) pairs of values [b·T, ...] or
@@ -350,7 +353,10 @@ class SameEquivarianceMeasure(VarianceMeasure):
         return info.map_shape
 
     def values(self, activation, chunk):
-        return self.transformations.invert_features_pixel_major(self.maps(activation), chunk.compiled, chunk.scratch)
+        maps = self.maps(activation)
+        moved = self.transformations.invert_features_pixel_major(maps, chunk.compiled, chunk.scratch)
+        chunk.moved_back = (maps, moved)
+        return moved
 
     def _in_layer_order(self, values):
         if not self.pixel_major:
@@ -453,8 +459,13 @@ class EquivarianceErrorMeasure(LayerMeasure):
 
     def _moved_back_pixel_major(self, psi: torch.Tensor, chunk: Chunk) -> torch.Tensor:
         """ψ-maps [b·T, C, h, w] moved back, [b, T·h·w, C] pixel-major, the identity's maps ψ itself (moving
-        interpolated maps back by the identity rounds): the rows ``_invariance_error_update`` compares."""
-        moved = self.transformations.invert_features_pixel_major(psi, chunk.compiled, chunk.scratch)
+        interpolated maps back by the identity rounds): the rows ``_invariance_error_update`` compares. The
+        same maps same-equivariance just moved back (the identity action) are taken as they are."""
+        shared, chunk.moved_back = chunk.moved_back, None  # (its identity's slot is overwritten below)
+        if shared is not None and shared[0] is psi:
+            moved = shared[1]
+        else:
+            moved = self.transformations.invert_features_pixel_major(psi, chunk.compiled, chunk.scratch)
         channels, height, width = self.unit_shape
         maps = psi.reshape(-1, self.T, channels, height * width)[:, self.identity]
         moved.view(-1, self.T, height * width, channels)[:, self.identity].copy_(maps.transpose(1, 2))
