@@ -258,11 +258,13 @@ class _Observer:
 
     def update(self, phase: str, activation: torch.Tensor, chunk: Chunk) -> None:
         self.compiled = chunk.compiled  # finalize the way the chunks went
-        chunk.moved_back = None  # (another layer's)
-        together = update_together(self.measures, phase, activation, chunk)
-        for group, m in self.measures.items():
-            if phase in m.phases and group not in together:
-                m.update(phase, activation, chunk)
+        try:
+            together = update_together(self.measures, phase, activation, chunk)
+            for group, m in self.measures.items():
+                if phase in m.phases and group not in together:
+                    m.update(phase, activation, chunk)
+        finally:
+            chunk.moved_back = None  # this layer's moved maps (and its activation) are not kept past its update
 
     def sharded(self, phase: str) -> list:
         """The measures this phase updates that have error bars (closed at the end of each shard)."""

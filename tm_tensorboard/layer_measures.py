@@ -78,7 +78,7 @@ class Chunk:
     compiled: bool = False  # run the fused updates compiled
     image_size: tuple[int, int] | None = None  # (H, W) of the probe's images (the Lie translations' pixels)
     # The layer's maps and their moved-back rows (pixel-major) as same-equivariance made them, for the
-    # equivariance error of the same maps after it (one warp for both); reset for every layer.
+    # equivariance error of the same maps after it (one warp for both); cleared after every layer's update.
     moved_back: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def rows(self, values: torch.Tensor, block: int = SAMPLE_BLOCK):
