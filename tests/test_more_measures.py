@@ -87,6 +87,7 @@ def test_equivariance_error_pixel_major_equals_channel_major(disk):
             np.testing.assert_allclose(pixel_major.stderr(measure, layer), channel_major.stderr(measure, layer),
                                        rtol=1e-5, atol=1e-12)
 
+
 def test_same_equivariance_and_the_equivariance_error_move_the_maps_back_once(probe, monkeypatch):
     """Measured together, same-equivariance first, the maps are moved back once per spatial layer and chunk
     for both; each group's numbers are what it measures alone, in either order."""
@@ -109,6 +110,7 @@ def test_same_equivariance_and_the_equivariance_error_move_the_maps_back_once(pr
             np.testing.assert_array_equal(result.get("nvse", layer), same.get("nvse", layer))
             np.testing.assert_array_equal(result.get("ee_t", layer, per="element"),
                                           errors.get("ee_t", layer, per="element"))
+
 
 def cyclic_undo(k):
     def undo(fm, t):  # independent of the library: rotate back, then roll each group of k channels back by t

@@ -205,6 +205,7 @@ def test_equivariance_error_states_equal_the_compiled_graphs(batch):
     assert not native.moved_errors_update(back, psi.double(), T, identity, *states)
     assert not any(s.any() for s in states)
 
+
 @pytest.mark.parametrize("T, units, identity", [(2, 5, 1), (4, 517, 2), (16, 1024 + 33, 0)])
 @pytest.mark.parametrize("sizes", [[1] * 5, [3, 4], [9]], ids=["ones", "uneven", "whole"])
 def test_both_updates_at_once_equal_each_kernel_alone(T, units, identity, sizes):
@@ -266,6 +267,7 @@ def test_a_layer_with_both_groups_is_updated_once_per_chunk_with_the_numbers_of_
             for layer in both.layers:
                 np.testing.assert_array_equal(both.get(measure, layer), result.get(measure, layer))
                 np.testing.assert_array_equal(both.stderr(measure, layer), result.stderr(measure, layer))
+
 
 def test_measure_with_the_kernel_equals_the_compiled_graphs(monkeypatch):
     """End to end, invariance, same-equivariance (whose moved-back maps its kernel folds too) and

@@ -540,6 +540,7 @@ def both_update(output: torch.Tensor, T: int, identity: int, spread_total: torch
            reference_m2, reference_count, output.numel() // (T * units), T, units, identity, _tile(units))
     return True
 
+
 def move_back(maps: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
               buffer: Callable[[int], torch.Tensor]) -> bool:
     """Maps [b·T, C, h, w] moved back by their taps (``warps.tap_table``: sources [T·h·w, k] into a sample's
