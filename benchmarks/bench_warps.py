@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 import tm_tensorboard as tm
-from bench_engine import Net, warm_allocator
+from bench_engine import Net, interleaved, warm_allocator
 from provenance import environment
 from tm_tensorboard import layer_measures, native
 from tm_tensorboard.examples.models import ResNet18Style
@@ -179,12 +179,7 @@ def equivariance_error(name: str, model: torch.nn.Module, samples: int, batch_si
     ways["default_and_ee"](), ways["default_and_ee_apart"]()
     difference = max(float(np.abs(new.get("ee", layer) - old.get("ee", layer)).max()
                            / np.abs(old.get("ee", layer)).max()) for layer in old.layers_of("ee"))
-    times: dict[str, list[float]] = {way: [] for way in ways}
-    for _ in range(reps):
-        for way, fn in ways.items():
-            start = time.perf_counter()
-            fn()
-            times[way].append(time.perf_counter() - start)
+    times = interleaved(ways, reps)
     medians = {way: statistics.median(values) for way, values in times.items()}
     figures = {"case": name, "batch_size": batch_size, "samples": samples, "runs_s": times, "median_s": medians,
                **{f"{way}_over_floor": medians[way] / medians["floor"] for way in ways},

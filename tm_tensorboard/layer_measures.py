@@ -359,10 +359,13 @@ class SameEquivarianceMeasure(VarianceMeasure):
         return moved
 
     def _in_layer_order(self, values):
-        if not self.pixel_major:
-            return values
-        channels, height, width = self.unit_shape
-        return values.reshape(-1, height, width, channels).permute(0, 3, 1, 2).reshape(values.shape)
+        return _channels_first(values, self.unit_shape) if self.pixel_major else values
+
+
+def _channels_first(values: torch.Tensor, unit_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Per-unit values [..., h·w·C] of maps streamed pixel-major, in the layer's (C, h, w) order."""
+    channels, height, width = unit_shape
+    return values.reshape(-1, height, width, channels).permute(0, 3, 1, 2).reshape(values.shape)
 
 
 def _fold_errors(moved, reference, squared_total, squared_count, mean, m2, count, scratch):
@@ -440,13 +443,7 @@ class EquivarianceErrorMeasure(LayerMeasure):
     def update(self, phase, activation, chunk):
         psi = self.action.psi(activation)
         if self.pixel_major:
-            moved = self._moved_back_pixel_major(psi, chunk)
-            for k, rows in chunk.rows(moved, DIFFERENCE_BLOCK):
-                squared, reference = self.per_class[k]["squared"], self.per_class[k]["reference"]
-                _invariance_error_update(
-                    chunk.compiled, rows, self.T, self.identity, squared.total, squared.count, reference.mean,
-                    reference.m2, reference.count, scratch=chunk.scratch,
-                )
+            _fold_differences_from_identity(self, self._moved_back_pixel_major(psi, chunk), chunk)
             return
         back = self.action.undo(psi, self.transformations, chunk.compiled, chunk.scratch)
         blocks = zip(chunk.rows(back, DIFFERENCE_BLOCK), chunk.rows(psi, DIFFERENCE_BLOCK))  # back: psi's shape
@@ -477,10 +474,7 @@ class EquivarianceErrorMeasure(LayerMeasure):
             compiled, squared.total, squared.count, reference.m2, reference.count, self.keep, self.transformed,
             self.inside,
         )
-        if not self.pixel_major:
-            return values
-        channels, height, width = self.unit_shape
-        return values.reshape(-1, height, width, channels).permute(0, 3, 1, 2).reshape(values.shape)
+        return _channels_first(values, self.unit_shape) if self.pixel_major else values
 
 
 @fused(native=native.errors_update)
@@ -514,16 +508,22 @@ class InvarianceErrorMeasure(LayerMeasure):
         return {"squared": SampleSum((self.T, self.units), device), "reference": SampleMoments((self.units,), device)}
 
     def update(self, phase, activation, chunk):
-        for k, rows in chunk.rows(activation, DIFFERENCE_BLOCK):
-            squared, reference = self.per_class[k]["squared"], self.per_class[k]["reference"]
-            _invariance_error_update(
-                chunk.compiled, rows, self.T, self.identity, squared.total, squared.count, reference.mean,
-                reference.m2, reference.count, scratch=chunk.scratch,
-            )
+        _fold_differences_from_identity(self, activation, chunk)
 
     def compute_class(self, states, compiled):
         squared, reference = states["squared"], states["reference"]
         return _invariance_error_compute(compiled, squared.total, squared.count, reference.m2, reference.count)
+
+
+def _fold_differences_from_identity(measure: LayerMeasure, values: torch.Tensor, chunk: Chunk) -> None:
+    """Fold rows [b·T, ...] into ``measure``'s "squared" and "reference" states (per_transformation's, or the
+    equivariance error's on maps moved back), each row against its sample's row of ``measure.identity``."""
+    for k, rows in chunk.rows(values, DIFFERENCE_BLOCK):
+        squared, reference = measure.per_class[k]["squared"], measure.per_class[k]["reference"]
+        _invariance_error_update(
+            chunk.compiled, rows, measure.T, measure.identity, squared.total, squared.count, reference.mean,
+            reference.m2, reference.count, scratch=chunk.scratch,
+        )
 
 
 def update_together(measures: dict[str, LayerMeasure], phase: str, activation: torch.Tensor,
