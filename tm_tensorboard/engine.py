@@ -255,12 +255,16 @@ class _Observer:
                 g: build_measure(g, info, transformations, num_classes, device, options)
                 for g in groups if GROUPS[g].applies(info)
             }
+        # the equivariance error last: it takes the maps same-equivariance moved back (``Chunk.moved_back``),
+        # whichever order the groups were asked in
+        self._update_order = sorted(self.measures, key=lambda group: group == "equivariance_error")
 
     def update(self, phase: str, activation: torch.Tensor, chunk: Chunk) -> None:
         self.compiled = chunk.compiled  # finalize the way the chunks went
         try:
             together = update_together(self.measures, phase, activation, chunk)
-            for group, m in self.measures.items():
+            for group in self._update_order:
+                m = self.measures[group]
                 if phase in m.phases and group not in together:
                     m.update(phase, activation, chunk)
         finally:
