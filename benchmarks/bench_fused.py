@@ -27,6 +27,12 @@
    a chunk (so native.py's CPU kernel is off here). Compiled (graphs compiled ahead of time, called
    directly), in the same process through Dynamo's frame evaluation (where compiling ahead of time is
    unavailable) and eager; and one call of the invariance update on a 2-sample chunk each of the three ways.
+5. A fresh process's measure() with the defaults (``--parts fresh``): a new Python process per run imports
+   the package, measures the two cases of item 2 three times at the default batch_size 16 (``compile=None``:
+   compiled only where that pays), then times the forward floor. Either the CPU kernels run without
+   compiling (``fused.NATIVE``: built on this machine by an earlier process, loaded from their record) or,
+   with ``TM_TENSORBOARD_NATIVE=0``, eagerly, which is what ``compile=None`` ran where compiling did not
+   pay before the record existed. Runs alternate between the two, medians of ``--reps``.
 
 The allocator: glibc returns freed memory to the system until a large block (> 32 MiB) has once been
 freed, after which it keeps it; a training process has long done that, a fresh benchmark process has
@@ -65,7 +71,7 @@ THREADS = 2
 INVARIANCE = ("invariance",)
 DEFAULT = ("invariance", "same_equivariance")
 TARGETS = {"ops_invariance": 8, "ops_default": 16, "invariance_over_floor": 1.5, "default_over_floor": 2.0}
-PARTS = ("compile", "ops", "speed", "host", "dynamo")
+PARTS = ("compile", "ops", "speed", "host", "dynamo", "fresh")
 
 
 @contextlib.contextmanager
@@ -295,6 +301,70 @@ def compile_times(cache: Path) -> dict:
     return out
 
 
+_FRESH_CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    started = time.perf_counter()
+    sys.path.insert(0, {benchmarks!r})
+    import numpy as np
+    import torch
+    block = np.ones(64 << 20, dtype=np.uint8); del block  # the allocator as in training (see bench_fused.py)
+    torch.set_num_threads({threads})
+    import tm_tensorboard as tm
+    from tm_tensorboard import fused
+    from bench_fused import forward_floor, speed_cases
+    model, probe = speed_cases()[{case!r}]
+    tset = tm.transforms.rotations({T})
+    imported = time.perf_counter() - started
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        tm.measure(model, probe, tset, measures={measures!r}, dedupe_batchnorm=False)
+        seconds.append(time.perf_counter() - start)
+    floor = forward_floor(model, [tset.apply(chunk) for chunk in probe.split(16)])
+    floor()  # (its first run pages the heap in)
+    start = time.perf_counter()
+    floor()
+    print(json.dumps({{"imported_s": imported, "measure_s": seconds, "floor_s": time.perf_counter() - start,
+                      "compiled_s": fused.compiled_seconds()}}))
+    """
+)
+
+
+def fresh_process_measure(reps: int) -> dict:
+    """measure() with its defaults in new processes: the CPU kernels loaded from their record against eager."""
+    import warnings
+
+    for kernel in native._KERNELS:  # built (or loaded) here, so that the children find them recorded
+        if kernel.get() is None:
+            warnings.warn(f"the {kernel.name} kernel could not be built: {kernel.failed}")
+    modes = {"stored_kernels": "1", "eager": "0"}
+    runs: dict[str, list] = {}
+    for _ in range(reps):
+        for case in ("reference", "ResNet18Style_w0.25_32px"):
+            for label, measures in (("invariance", INVARIANCE), ("default", DEFAULT)):
+                for mode, native_env in modes.items():
+                    script = _FRESH_CHILD.format(benchmarks=str(Path(__file__).resolve().parent), threads=THREADS,
+                                                 case=case, T=T, measures=measures)
+                    environment = {**os.environ, native.ENVIRONMENT_VARIABLE: native_env}
+                    environment.pop("TM_TENSORBOARD_COMPILE", None)
+                    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True,
+                                          text=True, env=environment, timeout=1800)
+                    if done.returncode != 0:
+                        raise RuntimeError(done.stderr)
+                    runs.setdefault(f"{case}/{label}/{mode}", []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+    out: dict[str, Any] = {"batch_size": 16, "runs": runs}
+    for key, values in runs.items():
+        first = statistics.median(v["measure_s"][0] for v in values)
+        later = statistics.median(s for v in values for s in v["measure_s"][1:])
+        floor = statistics.median(v["floor_s"] for v in values)
+        out[key] = {"first_s": first, "later_s": later, "floor_s": floor, "first_over_floor": first / floor,
+                    "later_over_floor": later / floor, "compiled_s": max(v["compiled_s"] for v in values),
+                    "imported_s": statistics.median(v["imported_s"] for v in values)}
+        print(key, json.dumps({k: round(v, 3) for k, v in out[key].items()}), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -331,6 +401,8 @@ def main() -> None:
               "per invariance update call:", json.dumps({k: round(v) for k, v in figures["host"]["us_per_invariance_update_call"].items()}), flush=True)
     if "dynamo" in args.parts:
         figures["ahead_of_time_against_dynamo"] = ahead_of_time_against_dynamo(args.reps)
+    if "fresh" in args.parts:
+        figures["fresh_process"] = fresh_process_measure(min(args.reps, 3))
     if "speed" not in args.parts:
         print(json.dumps(figures, indent=1))
         if not args.no_save:

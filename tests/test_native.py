@@ -3,6 +3,12 @@ reference from the same float32 values for any chunking, the compiled graphs' nu
 NaN, and a clean refusal (nothing touched) wherever they do not apply."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -456,3 +462,125 @@ def test_replicates_with_the_merge_equal_merge_into_then_the_replicates(counts):
     for ours, theirs in zip([arguments[i] for i in (0, 2, 3)], [apart[i] for i in (0, 2, 3)]):
         torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=1e-300)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-300, equal_nan=True)
+
+
+_LATER_PROCESS = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch
+    sys.path.insert(0, {tests!r})
+    from tm_tensorboard import fused, native
+    stored = native.stored()
+    x = torch.arange(4 * 3 * 37, dtype=torch.float32).reshape(12, 37).sin()
+    states = [torch.zeros(37, dtype=torch.float64), torch.zeros((), dtype=torch.int64),
+              torch.zeros(3, 37, dtype=torch.float64), torch.zeros(3, 37, dtype=torch.float64),
+              torch.zeros((), dtype=torch.int64)]
+    folded = native.variance_update(x, 3, *states)
+    import tm_tensorboard as tm
+    from tm_tensorboard import transforms as T
+    from models import small_cnn
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = tm.measure(small_cnn(), torch.rand(8, 3, 12, 12), T.rotations(4, padding="zeros"),
+                            measures=("invariance", "same_equivariance"), error_bars=False)
+    print(json.dumps({{"stored": stored, "folded": folded, "states": [s.tolist() for s in states],
+                       "inductor": sorted(m for m in sys.modules if m.startswith("torch._inductor")),
+                       "compiled_seconds": fused.compiled_seconds(), "build_seconds": native.build_seconds(),
+                       "nvse": [result.get("nvse", layer).tolist() for layer in result.layers_of("nvse")]}}))
+    """
+)
+
+
+def test_a_later_process_loads_the_kernels_built_here_without_inductor():
+    """Building a kernel records where its library is; a later process on this machine loads every kernel from
+    there without importing Inductor (its ~1.6 s: its import, the CPU's instructions probed), computes the
+    same states bit for bit, and a small measure() (compile=None) runs them without compiling anything."""
+    for kernel in native._KERNELS:
+        assert kernel.get() is not None, kernel.failed
+        library = native._STORE.library(kernel)
+        assert library is not None and os.path.samefile(library, kernel.get().__self__.__file__)
+    x = torch.arange(4 * 3 * 37, dtype=torch.float32).reshape(12, 37).sin()
+    states = _states(3, 37)
+    assert native.variance_update(x, 3, *states)
+    environment = {**os.environ, native.ENVIRONMENT_VARIABLE: "1"}
+    environment.pop("TM_TENSORBOARD_COMPILE", None)
+    done = subprocess.run([sys.executable, "-c", _LATER_PROCESS.format(tests=os.path.dirname(__file__))],
+                          capture_output=True, text=True, env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["stored"] and out["folded"]
+    assert out["inductor"] == [] and out["compiled_seconds"] == out["build_seconds"] == 0
+    for ours, theirs in zip(states, out["states"]):
+        np.testing.assert_array_equal(ours.numpy(), np.array(theirs))
+    torch.manual_seed(0)
+    expected = tm.measure(small_cnn(), torch.rand(8, 3, 12, 12), T.rotations(4, padding="zeros"),
+                          measures=("invariance", "same_equivariance"), error_bars=False, compile=True)
+    assert len(out["nvse"]) == len(expected.layers_of("nvse")) > 0
+    for values, layer in zip(out["nvse"], expected.layers_of("nvse")):
+        np.testing.assert_allclose(np.array(values), expected.get("nvse", layer), rtol=1e-6, atol=1e-9)
+
+
+def test_a_missing_or_foreign_record_loads_nothing(tmp_path, monkeypatch):
+    """A record whose library is gone, or is not one, leaves the kernel unstored (built through Inductor when
+    asked for); a record of the right library loads it."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    built = native._VARIANCE.get()
+    assert built is not None
+
+    def fresh() -> native._Kernel:
+        return native._Kernel(native._VARIANCE.name, native._VARIANCE.source, native._VARIANCE.arguments)
+
+    kernel = fresh()
+    record = native._STORE.path(kernel)
+    assert record.parent == tmp_path / "tm_tensorboard" and not kernel.stored()
+    record.parent.mkdir(parents=True)
+    record.write_text(str(tmp_path / "gone.so"))
+    assert not fresh().stored()
+    (tmp_path / "garbage.so").write_bytes(b"not a library")
+    record.write_text(str(tmp_path / "garbage.so"))
+    assert not fresh().stored()
+    record.write_text(built.__self__.__file__)
+    kernel = fresh()
+    assert kernel.stored()
+    x, ours, theirs = torch.rand(8, 21), _states(4, 21), _states(4, 21)
+    kernel.get()(x, *ours, 2, 4, 21, 64)
+    built(x, *theirs, 2, 4, 21, 64)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+def test_measure_runs_the_stored_kernels_where_compiling_does_not_pay(monkeypatch):
+    """compile=None where compiling would not pay, the kernels built: the kernels run and no graph is compiled
+    or loaded (``fused.NATIVE``), with the compiled measurement's numbers (eager's where no kernel applies);
+    TM_TENSORBOARD_NATIVE=0 measures eagerly."""
+    from tm_tensorboard import engine, fused
+
+    for kernel in native._KERNELS:
+        assert kernel.get() is not None
+    model, images = small_cnn(), torch.rand(48, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    tset = T.rotations(8, padding="zeros")
+    groups = ("invariance", "same_equivariance", "per_transformation", "equivariance_error")
+    run = lambda compile: tm.measure(model, images, tset, measures=groups, batch_size=5, compile=compile,  # noqa: E731
+                                     error_bars=3)
+    compiled, eager = run(True), run(False)
+    monkeypatch.setattr(engine, "compile_pays", lambda values, measurements=1: False)
+    assert engine.automatic_kernels(10**12) is fused.NATIVE
+    graphs, calls = [], {}
+    monkeypatch.setattr(fused.FusedFunction, "_run_compiled", lambda self, args: graphs.append(self.__name__))
+    for kernel in native._KERNELS:
+        call = kernel.get()
+        monkeypatch.setattr(kernel, "_call", lambda *a, call=call, name=kernel.name: calls.update(
+            {name: calls.get(name, 0) + 1}) or call(*a))
+    ours = run(None)
+    assert graphs == []
+    assert set(calls) == {"invariance and per-transformation update", "inverse warp", "error bars' replicates",
+                          "invariance update", "per-transformation and equivariance-error update"}
+    for measure in ("nvi", "nvse", "ie_t", "ee_t"):
+        for layer in ours.layers_of(measure):
+            np.testing.assert_allclose(ours.get(measure, layer), compiled.get(measure, layer), rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(ours.get(measure, layer), eager.get(measure, layer), rtol=1e-4, atol=1e-7)
+            np.testing.assert_allclose(ours.stderr(measure, layer), compiled.stderr(measure, layer), rtol=1e-5,
+                                       atol=1e-9)
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0")
+    assert engine.automatic_kernels(10**12) is False

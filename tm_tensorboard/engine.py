@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import nn
 
-from . import distributed, fused, heap, lie, memory
+from . import distributed, fused, heap, lie, memory, native
 from .actions import FeatureAction, identity
 from .capture import (
     AffineBatchNorms,
@@ -70,6 +70,15 @@ def compile_pays(values: int, measurements: int = 1) -> bool:
     if not fused.compile_available():
         return False
     return fused.compiled_seconds() > 0 or values * measurements >= COMPILE_WHEN_VALUES
+
+
+def automatic_kernels(values: int, measurements: int = 1) -> bool | str:
+    """``compile=None``'s choice: compiled (True) where that pays (``compile_pays``), else the CPU kernels where
+    an earlier process built them on this machine (``fused.NATIVE``: they load in a millisecond, nothing is
+    compiled; eager where they do not apply), else eager (False)."""
+    if compile_pays(values, measurements):
+        return True
+    return fused.NATIVE if native.stored() else False
 
 
 def check_model_and_transformations(model: Any, transformations: Any) -> None:
@@ -761,7 +770,7 @@ class Measurement:
             return stream(compiled)
         layers = {info.name: info for info in self.discover(probe)}
         if compiled is None and self.compile is None:
-            compiled = compile_pays(self.values_per_measurement(list(layers.values()), len(probe)))
+            compiled = automatic_kernels(self.values_per_measurement(list(layers.values()), len(probe)))
         modules, noise_floor = self.modules, self.noise_floor
         done: dict[str, _Finalized] = {}
         accuracy = None
@@ -783,7 +792,7 @@ class Measurement:
         return the seconds compiling took (0 when eager, or already compiled in this process). Later
         measurements reuse the kernels for every chunk size and layer. With error bars, one sample per shard:
         finalizing K shards is its own kernels (their number of shards is part of them)."""
-        if self.compile is False or not fused.compile_available():
+        if self.compile is False or self.compile is fused.NATIVE or not fused.compile_available():
             return 0.0
         before = fused.compiled_seconds()
         count = self.shards(probe, self.classes(probe))
@@ -797,13 +806,14 @@ class Measurement:
         heap.release_freed_memory()  # the warm-up's states: a whole measurement's, for two samples
         return fused.compiled_seconds() - before
 
-    def _compiled(self, probe_size: int, observers: dict[str, "_Observer"]) -> bool:
-        """Whether to run the fused updates compiled, once the layers are known (after the first chunk)."""
+    def _compiled(self, probe_size: int, observers: dict[str, "_Observer"]) -> bool | str:
+        """How to run the fused updates (True, False or ``fused.NATIVE``: ``automatic_kernels``), once the
+        layers are known (after the first chunk)."""
         if self.compile is not None:
             return self.compile
         if not observers:  # the first chunk: layer sizes unknown yet
-            return compile_pays(0)
-        return compile_pays(probe_size * sum(m.units * m.T for o in observers.values() for m in o.measures.values()))
+            return automatic_kernels(0)
+        return automatic_kernels(probe_size * sum(m.units * m.T for o in observers.values() for m in o.measures.values()))
 
     def values_per_measurement(self, layers: Sequence[LayerInfo], probe_size: int) -> int:
         """Activation values the statistics fold in per measurement (an estimate before measuring)."""
@@ -999,7 +1009,7 @@ class Measurement:
                     hi = min(lo + self.batch_size, end)
                     x = images[lo:hi].to(device, work, non_blocking=True)
                     use_compiled = compiled if compiled is not None else self._compiled(n, observers)
-                    use_compiled = use_compiled and device.type != "meta"  # shapes only: nothing to run compiled
+                    use_compiled = use_compiled if device.type != "meta" else False  # shapes only: nothing to run
                     chunk = Chunk(hi - lo, self._groups(labels, lo, hi, class_index, device), scratch, use_compiled,
                                   tuple(x.shape[-2:]) if x.dim() == 4 else None)
                     batch = transformations.apply(x)

@@ -8,7 +8,9 @@ every layer of a given rank and every chunk size. The graphs are compiled ahead 
 directly (no Dynamo frame evaluation per call: the host's time, not the launches, is what a chunk of
 small kernels waits on), and stored on disk for later processes.
 
-Compiling costs seconds once per process, so it is used when it pays (``engine.compile_pays``). A
+Compiling costs seconds once per process, so it is used when it pays (``engine.compile_pays``); where it
+does not, ``NATIVE`` runs ``native``'s CPU kernels where they apply and were built on this machine before
+(loading them costs no compiling), and the eager functions elsewhere. A
 compiler that is missing or fails warns once and the eager path takes over for the rest of the process:
 a measurement never fails because of the compiler, and both paths give the same numbers up to float
 rounding.
@@ -32,9 +34,12 @@ import torch
 from . import native
 
 __all__ = ["FusedFunction", "fused", "compiling", "call_settings", "compile_available", "compiled_seconds",
-           "mode_from_environment"]
+           "mode_from_environment", "NATIVE"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_COMPILE"
+# ``compiled`` of a fused call: True (the CPU kernels, else the compiled graphs), False (eager), or this: the
+# CPU kernels where they apply, else eager (no graph compiled or loaded)
+NATIVE = "native"
 
 
 class _Compiler:
@@ -113,21 +118,21 @@ def compiling() -> Iterator[None]:
             _ACTIVE.inside = False
 
 
-def call_settings(compiled: bool) -> contextlib.AbstractContextManager:
+def call_settings(compiled: bool | str) -> contextlib.AbstractContextManager:
     """What a layer's hook enters around its measure groups' fused calls: nothing when they run eagerly or
     by graphs compiled ahead of time (compiling one enters the settings itself), else, for Dynamo's calls,
     the compiler settings, once for all of them."""
-    return compiling() if compiled and _AHEAD.failed is not None else contextlib.nullcontext()
+    return compiling() if compiled is True and _AHEAD.failed is not None else contextlib.nullcontext()
 
 
 class FusedFunction:
     """A function of tensors and sizes, ``fn(*args, scratch=...)``: a per-chunk update that mutates its
     state tensors in place, or a finalization that returns a tensor.
 
-    ``f(compiled, *args, scratch=scratch)``: when ``compiled``, a hand-written ``native`` kernel where one
-    takes the arguments (it returns False where it does not apply: ``native.py``), else (and the compiler
-    works) a graph compiled ahead of time whose guards the arguments pass (or, where that is unavailable,
-    Dynamo's compiled region), else the eager function with its scratch buffer.
+    ``f(compiled, *args, scratch=scratch)``: when ``compiled`` (True or ``NATIVE``), a hand-written ``native``
+    kernel where one takes the arguments (it returns False where it does not apply: ``native.py``), else
+    (``compiled`` True and the compiler works) a graph compiled ahead of time whose guards the arguments pass
+    (or, where that is unavailable, Dynamo's compiled region), else the eager function with its scratch buffer.
     """
 
     def __init__(self, fn: Callable, native: Callable[..., bool] | None = None):
@@ -138,10 +143,10 @@ class FusedFunction:
         self._compiled: Callable | None = None
         self._ahead: dict[tuple, list] = {}  # per kind of arguments, the graphs compiled ahead of time for it
 
-    def __call__(self, compiled: bool, *args, scratch=None):
+    def __call__(self, compiled: bool | str, *args, scratch=None):
         if compiled and self.native is not None and self.native(*args):
             return None
-        if compiled and compile_available():
+        if compiled is True and compile_available():
             try:
                 out = self._run_compiled(args)
                 native.report_failure()  # a native kernel that failed to build where Inductor's code builds

@@ -75,7 +75,7 @@ class Chunk:
     size: int
     groups: list[tuple[int, torch.Tensor | None]]  # (class state index, row indices on the device or None)
     scratch: Scratch = field(default_factory=Scratch)  # shared work buffer of the eager updates
-    compiled: bool = False  # run the fused updates compiled
+    compiled: bool | str = False  # run the fused updates compiled (True), eagerly (False) or fused.NATIVE
     image_size: tuple[int, int] | None = None  # (H, W) of the probe's images (the Lie translations' pixels)
     # The layer's maps and their moved-back rows (pixel-major) as same-equivariance made them, for the
     # equivariance error of the same maps after it (one warp for both); cleared after every layer's update.

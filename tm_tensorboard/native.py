@@ -31,18 +31,32 @@ probe's states, row by row, just before it reads them (the merge was a pass of i
 They run on CPU where the compiled updates run (``compile``), for float32 activations and float64 states;
 anything else, a GPU included, runs the compiled graphs. A toolchain that cannot build them warns once and
 the compiled graphs take over; ``TM_TENSORBOARD_NATIVE=0`` turns them off.
+
+Built once per machine: Inductor's code cache keeps each library, and this module records where (``_Store``),
+so that a later process loads it in well under a millisecond, where going through Inductor's cache costs
+~1.6 s a process (importing Inductor, probing the CPU's vector instructions by compiling and loading test
+programs). Loaded that cheaply, the kernels also serve measurements too small to repay compiling the graphs
+(``fused.NATIVE``: the kernels where they apply, eager elsewhere).
 """
 from __future__ import annotations
 
+import getpass
+import hashlib
+import importlib.util
 import os
+import platform
+import re
+import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 __all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "moved_errors_update", "both_update",
-           "move_back", "variance_replicates", "enabled", "available", "report_failure", "build_seconds"]
+           "move_back", "variance_replicates", "enabled", "available", "stored", "report_failure", "build_seconds"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
 TILE = 512  # most units per tile: b·T rows of 2 KB, in L2 for the moments' pass (bench_native.py)
@@ -385,23 +399,120 @@ extern "C" void kernel(double* spread_total, int64_t* spread_count, double* mean
 """
 
 
+class _Store:
+    """Where earlier processes on this machine found each kernel's library in Inductor's code cache: one small
+    file per kernel under ``<Inductor's cache directory>/tm_tensorboard``, named by a digest of the kernel's
+    source, torch's and Python's versions and the CPU (Inductor builds with ``-march=native``), holding the
+    library's path. Best effort: a missing, stale or unreadable record loads through Inductor instead."""
+
+    def __init__(self):
+        self._machine: str | None = None
+
+    @staticmethod
+    def directory() -> Path:
+        """Inductor's cache directory (``torch._inductor.runtime.cache_dir_utils.cache_dir``'s rule, without
+        importing Inductor: a directory that differs only means a record not found)."""
+        configured = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        if configured is None:
+            try:
+                user = getpass.getuser()
+            except (KeyError, ModuleNotFoundError, OSError):
+                user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+            configured = os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+        return Path(os.path.abspath(configured)) / "tm_tensorboard"
+
+    def machine(self) -> str:
+        """The CPU: its architecture, the vector instructions torch uses, and its model and flags (Linux)."""
+        if self._machine is None:
+            described = [platform.machine(), torch.backends.cpu.get_cpu_capability()]
+            try:
+                with open("/proc/cpuinfo") as cpuinfo:
+                    described += sorted({line.strip() for line in cpuinfo
+                                         if line.startswith(("model name", "flags", "Features", "CPU part"))})
+            except OSError:
+                pass
+            self._machine = "\n".join(described)
+        return self._machine
+
+    def path(self, kernel: "_Kernel") -> Path:
+        key = "\0".join([kernel.source, *kernel.arguments, torch.__version__, sys.implementation.cache_tag,
+                         self.machine()])
+        return self.directory() / f"native-{hashlib.sha256(key.encode()).hexdigest()[:32]}.library"
+
+    def library(self, kernel: "_Kernel") -> str | None:
+        """The recorded library of ``kernel``, if it is still there."""
+        try:
+            library = self.path(kernel).read_text().strip()
+        except OSError:
+            return None
+        return library if os.path.isfile(library) else None
+
+    def load(self, kernel: "_Kernel") -> Callable | None:
+        """``kernel``'s entry point from its recorded library, loaded as Inductor loads it; None if unrecorded."""
+        library = self.library(kernel)
+        if library is None:
+            return None
+        try:
+            # what the library's bindings read a tensor's data pointer through (Inductor sets it the same way)
+            os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = str(
+                torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr)
+            name = f"tm_tensorboard_native_{Path(library).stem.split('.')[0]}.kernel"  # its PyInit_kernel
+            module = sys.modules.get(name)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(name, library)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                sys.modules[name] = module
+            return module.kernel
+        except Exception:  # a library of another build after all: Inductor's cache loads or rebuilds it
+            return None
+
+    def record(self, kernel: "_Kernel", call: Callable) -> None:
+        """Note where Inductor put ``kernel``'s library (written to a temporary file, then renamed)."""
+        try:
+            library = os.path.abspath(call.__self__.__file__)
+            path = self.path(kernel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(library)
+            os.replace(temporary, path)
+        except Exception:  # a read-only cache directory, a binding without a file: loaded through Inductor again
+            pass
+
+
+_STORE = _Store()
+
+
 class _Kernel:
-    """One kernel, built on first use (Inductor's code cache keeps the library on disk for later processes)."""
+    """One kernel, built on first use (Inductor's code cache keeps the library on disk, ``_Store`` where)."""
 
     def __init__(self, name: str, source: str, arguments: list[str]):
         self.name, self.source, self.arguments = name, source, arguments
         self.failed: str | None = None  # why it was given up in this process, once it was
         self.reported = False  # the failure warned of (once Inductor's own compiling is known to work)
-        self.seconds = 0.0  # spent building (or loading) it
+        self.seconds = 0.0  # spent building it, or loading it through Inductor
         self._call: Callable | None = None
+        self._looked_up = False  # whether its recorded library was tried
+
+    def stored(self) -> bool:
+        """Whether it is at hand without compiling: loaded in this process, or loaded now from the library an
+        earlier process recorded (tried once)."""
+        if self._call is None and self.failed is None and not self._looked_up:
+            self._looked_up = True
+            self._call = _STORE.load(self)
+        return self._call is not None
 
     def get(self) -> Callable | None:
+        if self._call is None and self.failed is None and not self._looked_up:
+            self._looked_up = True
+            self._call = _STORE.load(self)
         if self._call is None and self.failed is None:
             start = time.perf_counter()
             try:
                 from torch._inductor.codecache import CppPythonBindingsCodeCache
 
                 self._call = CppPythonBindingsCodeCache.load_pybinding(self.arguments, self.source)
+                _STORE.record(self, self._call)
             except Exception as error:  # no compiler, an older torch: the compiled graphs serve
                 message = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 self.failed = f"{type(error).__name__}: {message}"
@@ -433,6 +544,11 @@ def enabled() -> bool:
 def available() -> bool:
     """False once building a kernel failed in this process."""
     return all(kernel.failed is None for kernel in _KERNELS)
+
+
+def stored() -> bool:
+    """Whether every kernel is at hand without compiling (allowed, and loaded or built on this machine before)."""
+    return enabled() and all(kernel.stored() for kernel in _KERNELS)
 
 
 def report_failure() -> None:

@@ -315,11 +315,12 @@ class TransformationSet(Sequence[Transformation]):
         if not self.is_spatial:
             return y
         _, _, (kind, _) = self._rows_and_plan(y, inverse=True)
-        if kind == "gather" or not (compiled and fused.compile_available()):
+        if kind == "gather" or not compiled or (compiled is True and not fused.compile_available()):
             return self._warp(y, inverse=True)
         scratch = Scratch() if scratch is None else scratch
         n, channels, height, width = y.shape
-        self._moved_rows(y, scratch)
+        if self._moved_rows(y, scratch, compiled) is None:
+            return self._warp(y, inverse=True)
         moved = scratch.get("moved", (n, height * width, channels), y.dtype, y.device)  # what it wrote, per row
         out = scratch.get("channel major", (n, channels, height, width), y.dtype, y.device)
         warps.channel_major(compiled, moved, out, scratch=scratch)
@@ -328,15 +329,18 @@ class TransformationSet(Sequence[Transformation]):
     def invert_features_pixel_major(self, y: torch.Tensor, compiled: bool = False,
                                     scratch: Scratch | None = None) -> torch.Tensor:
         """``invert_features(y)`` laid out pixel-major, [b, T·h·w, C] (``pixel_major``): moved there by the
-        compiled taps when ``compiled``, which is where they are fast."""
+        taps when ``compiled`` (the CPU kernel, or the compiled graphs when True), which is where they are fast."""
         scratch = Scratch() if scratch is None else scratch
-        if self.is_spatial and compiled and fused.compile_available():
-            return self._moved_rows(y, scratch)
+        if self.is_spatial and (compiled is fused.NATIVE or (compiled and fused.compile_available())):
+            moved = self._moved_rows(y, scratch, compiled)
+            if moved is not None:
+                return moved
         return self.pixel_major(self.invert_features(y), compiled, scratch)
 
-    def _moved_rows(self, y: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    def _moved_rows(self, y: torch.Tensor, scratch: Scratch, compiled: bool | str = True) -> torch.Tensor | None:
         """The maps y [b·T, C, h, w] moved back by their taps, pixel-major [b, T·h·w, C]: in one pass by the
-        CPU kernel where it applies (``native.move_back``), else by the compiled layout change and gather."""
+        CPU kernel where it applies (``native.move_back``), else by the compiled layout change and gather
+        (``compiled`` True; else None)."""
         n, channels, height, width = y.shape
         sources, weights = self.inverse_taps(height, width, y.device, y.dtype)
         out = scratch.get("moved", (self._samples(n), len(self) * height * width, channels), y.dtype, y.device)
@@ -345,6 +349,8 @@ class TransformationSet(Sequence[Transformation]):
 
         if native.move_back(y, sources, weights, out, buffer):
             return out
+        if compiled is not True:
+            return None
         warps.gather_taps(True, self.pixel_major(y, True, scratch), sources, weights, out, scratch=scratch)
         return out
 
