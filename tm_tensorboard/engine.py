@@ -135,7 +135,8 @@ def measure(
     central disk only. ``alpha``: ANOVA level (Bonferroni-corrected over each layer's units). ``compile``: run
     the statistics as kernels fused by ``torch.compile`` (True), eagerly (False), or (None) compiled when the
     measurement is large enough to repay the seconds compiling costs once per process, or the kernels are
-    already compiled.
+    already compiled; else, on CPU, by the hand-written kernels (``native.py``) where an earlier process
+    built them on this machine (they load in a millisecond), eagerly where those do not apply.
     ``error_bars``: split the probe into this many interleaved shards (True: DEFAULT_SHARDS, at least
     MIN_SHARD_SAMPLES samples each; False: none) for jackknife standard errors (``result.stderr``) at no
     extra forward, for K more sets of states in memory (``shards.py``). None (the default): DEFAULT_SHARDS
@@ -789,7 +790,8 @@ class Measurement:
 
     def warm_up(self, probe: Probe) -> float:
         """Compile the fused updates this measurement needs, on a few probe samples (results discarded), and
-        return the seconds compiling took (0 when eager, or already compiled in this process). Later
+        return the seconds compiling took (0 when eager or running the stored CPU kernels, or already compiled
+        in this process). Later
         measurements reuse the kernels for every chunk size and layer. With error bars, one sample per shard:
         finalizing K shards is its own kernels (their number of shards is part of them)."""
         if self.compile is False or self.compile is fused.NATIVE or not fused.compile_available():

@@ -128,8 +128,9 @@ class Monitor:
     Invariance tab does not need them), which halves the log size. Layer means are over each layer's live
     units; ``means_include_dead=True`` counts units without any variance too (tmeasures' layer means).
     ``compile`` is measure()'s: by default the statistics run as kernels fused by ``torch.compile`` when
-    that pays over ten measurements, and are compiled here, once per process (``compile_seconds``); the
-    eager kernels give the same numbers. ``error_bars`` is measure()'s too (by default on where they fit): with
+    that pays over ten measurements, and are compiled here, once per process (``compile_seconds``), else by
+    the CPU kernels an earlier process built on this machine, else eagerly; all give the same numbers up to
+    float rounding. ``error_bars`` is measure()'s too (by default on where they fit): with
     them, each layer mean is logged with its jackknife standard error over interleaved shards of the probe. ``state_dtype``, ``memory_budget`` and
     ``dedupe_batchnorm`` are measure()'s (by default an eval-mode BatchNorm that only rescales another
     observed layer's output is left out where that is exact; False measures it): a budget too small for a
