@@ -584,3 +584,26 @@ def test_measure_runs_the_stored_kernels_where_compiling_does_not_pay(monkeypatc
                                        atol=1e-9)
     monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0")
     assert engine.automatic_kernels(10**12) is False
+
+
+def test_the_build_kernels_command_builds_them_once_for_later_processes(tmp_path):
+    """``tm-tensorboard build-kernels`` on a machine without them (an empty Inductor cache) builds and records
+    every kernel; a later process finds them all stored. Turned off or without a compiler it says why, exit 1."""
+    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+                   native.ENVIRONMENT_VARIABLE: "1"}
+
+    def run(*arguments: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *arguments], capture_output=True, text=True,
+                              env={**environment, **env}, timeout=600)
+
+    off = run("-m", "tm_tensorboard.cli", "build-kernels", **{native.ENVIRONMENT_VARIABLE: "0"})
+    assert off.returncode == 1 and "TM_TENSORBOARD_NATIVE=0" in off.stderr
+    broken = run("-m", "tm_tensorboard.cli", "build-kernels", CXX=str(tmp_path / "no-such-c++"))
+    assert broken.returncode == 1 and "invariance update kernel could not be built" in broken.stderr
+    done = run("-m", "tm_tensorboard.cli", "build-kernels")
+    assert done.returncode == 0, done.stderr
+    assert "built the CPU kernels" in done.stdout and str(tmp_path / "inductor" / "tm_tensorboard") in done.stdout
+    assert len(list((tmp_path / "inductor" / "tm_tensorboard").glob("native-*.library"))) == len(native._KERNELS)
+    later = run("-c", "from tm_tensorboard import native; import sys; print(native.stored(), "
+                "any(m.startswith('torch._inductor') for m in sys.modules))")
+    assert later.returncode == 0 and later.stdout.split() == ["True", "False"], later.stderr

@@ -1,5 +1,6 @@
 """The tm-tensorboard command: "demo" trains the demo runs and opens TensorBoard, "measure" measures saved
-checkpoints into a logdir, "export" writes a logdir's measures as CSV or JSON."""
+checkpoints into a logdir, "export" writes a logdir's measures as CSV or JSON, "build-kernels" builds the CPU
+kernels once for this machine."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,27 @@ def _export(args: argparse.Namespace) -> int:
     return export(args.logdir, fmt=args.format, output=args.output, namespace=args.namespace, units=args.units)
 
 
+def _build_kernels(args: argparse.Namespace) -> int:
+    import time
+
+    from . import native
+
+    if not native.enabled():
+        print(f"tm-tensorboard build-kernels: {native.ENVIRONMENT_VARIABLE}=0 turns the CPU kernels off",
+              file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    failed = [kernel for kernel in native.build_all() if kernel.failed is not None]
+    for kernel in failed:
+        print(f"tm-tensorboard build-kernels: the {kernel.name} kernel could not be built: {kernel.failed}",
+              file=sys.stderr)
+    if failed:
+        return 1
+    print(f"built the CPU kernels in {time.perf_counter() - start:.1f} s (recorded under "
+          f"{native.record_directory()}): measure() runs them without compiling from now on", flush=True)
+    return 0
+
+
 def _add_demo(commands) -> None:
     demo = commands.add_parser(
         "demo",
@@ -94,12 +116,25 @@ def _add_export(commands) -> None:
     export.set_defaults(run=_export)
 
 
+def _add_build_kernels(commands) -> None:
+    build = commands.add_parser(
+        "build-kernels",
+        help="build the hand-written CPU kernels once for this machine (~10 s; then measure() runs them)",
+        description="Build the CPU kernels of the measures' updates with the C++ toolchain torch.compile uses "
+        "and record where they are, so that every later measure() on this machine loads them in a millisecond "
+        "instead of running the eager statistics where compiling would not pay (a Monitor or compile=True "
+        "builds them too).",
+    )
+    build.set_defaults(run=_build_kernels)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tm-tensorboard", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_demo(commands)
     _add_measure(commands)
     _add_export(commands)
+    _add_build_kernels(commands)
     return parser
 
 

@@ -815,7 +815,8 @@ class Measurement:
             return self.compile
         if not observers:  # the first chunk: layer sizes unknown yet
             return automatic_kernels(0)
-        return automatic_kernels(probe_size * sum(m.units * m.T for o in observers.values() for m in o.measures.values()))
+        values = probe_size * sum(m.units * m.T for o in observers.values() for m in o.measures.values())
+        return automatic_kernels(values)
 
     def values_per_measurement(self, layers: Sequence[LayerInfo], probe_size: int) -> int:
         """Activation values the statistics fold in per measurement (an estimate before measuring)."""

@@ -56,7 +56,8 @@ from typing import Callable
 import torch
 
 __all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "moved_errors_update", "both_update",
-           "move_back", "variance_replicates", "enabled", "available", "stored", "report_failure", "build_seconds"]
+           "move_back", "variance_replicates", "enabled", "available", "stored", "build_all", "record_directory",
+           "report_failure", "build_seconds"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
 TILE = 512  # most units per tile: b·T rows of 2 KB, in L2 for the moments' pass (bench_native.py)
@@ -544,6 +545,18 @@ def enabled() -> bool:
 def available() -> bool:
     """False once building a kernel failed in this process."""
     return all(kernel.failed is None for kernel in _KERNELS)
+
+
+def build_all() -> tuple["_Kernel", ...]:
+    """Every kernel, built (or loaded) now: ``tm-tensorboard build-kernels``. Their ``failed`` says why not."""
+    for kernel in _KERNELS:
+        kernel.get()
+    return _KERNELS
+
+
+def record_directory() -> Path:
+    """Where the kernels' libraries are recorded for later processes."""
+    return _Store.directory()
 
 
 def stored() -> bool:
