@@ -791,9 +791,8 @@ class Measurement:
     def warm_up(self, probe: Probe) -> float:
         """Compile the fused updates this measurement needs, on a few probe samples (results discarded), and
         return the seconds compiling took (0 when eager or running the stored CPU kernels, or already compiled
-        in this process). Later
-        measurements reuse the kernels for every chunk size and layer. With error bars, one sample per shard:
-        finalizing K shards is its own kernels (their number of shards is part of them)."""
+        in this process). Later measurements reuse the kernels for every chunk size and layer. With error bars,
+        one sample per shard: finalizing K shards is its own kernels (their number of shards is part of them)."""
         if self.compile is False or self.compile is fused.NATIVE or not fused.compile_available():
             return 0.0
         before = fused.compiled_seconds()

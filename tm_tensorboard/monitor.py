@@ -214,7 +214,7 @@ class Monitor:
         if self._measurement.compile is None:  # decide now: compiling pays over the many measurements to come
             values = self._measurement.values_per_measurement(self.layers, len(samples))
             self._measurement.compile = automatic_kernels(values, MEASUREMENTS_EXPECTED)
-        self.compile_seconds = self._measurement.warm_up(self._probe)  # 0 if already compiled or eager
+        self.compile_seconds = self._measurement.warm_up(self._probe)  # 0 if already compiled, eager or the CPU kernels
         if self.compile_seconds:
             _LOG.info("tm_tensorboard: compiled the measurement kernels in %.1f s", self.compile_seconds)
         self._closed = False
