@@ -33,6 +33,10 @@
    compiling (``fused.NATIVE``: built on this machine by an earlier process, loaded from their record) or,
    with ``TM_TENSORBOARD_NATIVE=0``, eagerly, which is what ``compile=None`` ran where compiling did not
    pay before the record existed. Runs alternate between the two, medians of ``--reps``.
+6. The CPU kernels alone against compiling (``--parts native``): in one process, the two cases of item 2 at
+   batch_size 4 and 16, invariance and the default measures with error bars as by default, ``compile=True``
+   (the kernels, the compiled graphs for the rest) against what ``compile=None`` runs where compiling does
+   not pay (``fused.NATIVE``: the kernels, eager code for the rest), interleaved, medians of ``--reps``.
 
 The allocator: glibc returns freed memory to the system until a large block (> 32 MiB) has once been
 freed, after which it keeps it; a training process has long done that, a fresh benchmark process has
@@ -71,7 +75,7 @@ THREADS = 2
 INVARIANCE = ("invariance",)
 DEFAULT = ("invariance", "same_equivariance")
 TARGETS = {"ops_invariance": 8, "ops_default": 16, "invariance_over_floor": 1.5, "default_over_floor": 2.0}
-PARTS = ("compile", "ops", "speed", "host", "dynamo", "fresh")
+PARTS = ("compile", "ops", "speed", "host", "dynamo", "fresh", "native")
 
 
 @contextlib.contextmanager
@@ -365,6 +369,45 @@ def fresh_process_measure(reps: int) -> dict:
     return out
 
 
+def native_against_compiled(reps: int) -> dict:
+    """measure() with the CPU kernels and the compiled graphs against the CPU kernels and eager code."""
+    from tm_tensorboard import engine
+
+    def run(model, probe, tset, measures, batch_size, mode) -> None:
+        pays = engine.compile_pays
+        if mode == "native":  # what compile=None runs where compiling does not pay
+            engine.compile_pays = lambda values, measurements=1: False
+        try:
+            tm.measure(model, probe, tset, measures=measures, batch_size=batch_size,
+                       compile=True if mode == "compiled" else None, dedupe_batchnorm=False)
+        finally:
+            engine.compile_pays = pays
+
+    tset = tm.transforms.rotations(T)
+    methods: dict[str, Callable[[], Any]] = {}
+    for case, (model, probe) in speed_cases().items():
+        for batch_size in (4, 16):
+            methods[f"{case}/floor_b{batch_size}"] = forward_floor(
+                model, [tset.apply(chunk) for chunk in probe.split(batch_size)])
+            for label, measures in (("invariance", INVARIANCE), ("default", DEFAULT)):
+                for mode in ("compiled", "native"):
+                    methods[f"{case}/{label}_b{batch_size}/{mode}"] = (
+                        lambda m=model, p=probe, ms=measures, b=batch_size, mo=mode: run(m, p, tset, ms, b, mo))
+    for method in methods.values():
+        method()
+    wall = interleaved(methods, reps)
+    median = {m: statistics.median(ts) for m, ts in wall.items()}
+    out: dict[str, Any] = {"median_s": median, "all_s": wall}
+    for method, seconds in median.items():
+        if "/floor" not in method:
+            case, rest = method.split("/", 1)
+            batch_size = rest.split("_b")[1].split("/")[0]
+            out.setdefault("over_floor", {})[method] = seconds / median[f"{case}/floor_b{batch_size}"]
+    for method, ratio in out["over_floor"].items():
+        print(method, round(median[method], 3), f"{ratio:.2f}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -401,6 +444,8 @@ def main() -> None:
               "per invariance update call:", json.dumps({k: round(v) for k, v in figures["host"]["us_per_invariance_update_call"].items()}), flush=True)
     if "dynamo" in args.parts:
         figures["ahead_of_time_against_dynamo"] = ahead_of_time_against_dynamo(args.reps)
+    if "native" in args.parts:
+        figures["native_against_compiled"] = native_against_compiled(args.reps)
     if "fresh" in args.parts:
         figures["fresh_process"] = fresh_process_measure(min(args.reps, 3))
     if "speed" not in args.parts:
