@@ -607,3 +607,32 @@ def test_the_build_kernels_command_builds_them_once_for_later_processes(tmp_path
     later = run("-c", "from tm_tensorboard import native; import sys; print(native.stored(), "
                 "any(m.startswith('torch._inductor') for m in sys.modules))")
     assert later.returncode == 0 and later.stdout.split() == ["True", "False"], later.stderr
+
+
+def test_where_the_kernels_do_all_the_work_they_replace_compiling(monkeypatch, tmp_path):
+    """compile=None where compiling would pay: the CPU kernels (no graph) for the groups they serve on CPU with
+    float64 states at every position, also in a Monitor, which builds them when made; the compiled graphs
+    for anything else (another group, float32 states, sampled positions)."""
+    from tm_tensorboard import engine, fused
+    from tm_tensorboard.engine import Measurement
+
+    monkeypatch.setattr(engine, "compile_pays", lambda values, measurements=1: True)
+    cpu = torch.device("cpu")
+    tset = T.rotations(4, padding="zeros")
+    assert Measurement(small_cnn(), tset, measures=("invariance", "same_equivariance", "per_transformation",
+                                                    "equivariance_error")).native_covered(cpu)
+    for keywords in ({"measures": ("invariance", "goodfellow")}, {"state_dtype": torch.float32},
+                     {"positions": 4}):
+        assert not Measurement(small_cnn(), tset, **keywords).native_covered(cpu), keywords
+    assert not Measurement(small_cnn(), tset).native_covered(torch.device("meta"))
+    assert engine.automatic_kernels(0, native_covered=True) is fused.NATIVE
+    assert engine.automatic_kernels(0, native_covered=False) is True
+    graphs = []
+    monkeypatch.setattr(fused.FusedFunction, "_run_compiled", lambda self, args: graphs.append(self.__name__))
+    images = torch.rand(32, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    monitor = tm.Monitor(small_cnn(), images, tset, logdir=tmp_path, measures=("invariance", "same_equivariance"))
+    with monitor:
+        assert monitor._measurement.compile is fused.NATIVE and monitor.compile_seconds >= 0
+        assert all(kernel.stored() for kernel in native._KERNELS)
+        result = monitor.step(0, force=True)
+    assert graphs == [] and result.layers_of("nvse")

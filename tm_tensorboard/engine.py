@@ -72,10 +72,19 @@ def compile_pays(values: int, measurements: int = 1) -> bool:
     return fused.compiled_seconds() > 0 or values * measurements >= COMPILE_WHEN_VALUES
 
 
-def automatic_kernels(values: int, measurements: int = 1) -> bool | str:
-    """``compile=None``'s choice: compiled (True) where that pays (``compile_pays``), else the CPU kernels where
-    an earlier process built them on this machine (``fused.NATIVE``: they load in a millisecond, nothing is
-    compiled; eager where they do not apply), else eager (False)."""
+# The groups whose per-chunk work native.py's CPU kernels do all of (on CPU, float64 states, every position)
+NATIVE_GROUPS = frozenset({"invariance", "same_equivariance", "per_transformation", "equivariance_error"})
+
+
+def automatic_kernels(values: int, measurements: int = 1, native_covered: bool = False) -> bool | str:
+    """``compile=None``'s choice. Where the CPU kernels do all of a measurement's per-chunk work
+    (``native_covered``), they replace compiling (``fused.NATIVE``: eager code for the rest): as fast as with
+    the compiled graphs (``benchmarks/bench_fused.py --parts native``), and built in ~10 s once per machine,
+    then loaded in a millisecond, where the graphs take 25-50 s to compile cold and ~2 s in every process
+    after. So: the kernels when they are built or building them pays (``compile_pays``), else eager.
+    Elsewhere: compiled (True) where that pays, else the kernels where built, else eager (False)."""
+    if native_covered and native.enabled() and native.available():
+        return fused.NATIVE if native.stored() or compile_pays(values, measurements) else False
     if compile_pays(values, measurements):
         return True
     return fused.NATIVE if native.stored() else False
@@ -771,7 +780,8 @@ class Measurement:
             return stream(compiled)
         layers = {info.name: info for info in self.discover(probe)}
         if compiled is None and self.compile is None:
-            compiled = automatic_kernels(self.values_per_measurement(list(layers.values()), len(probe)))
+            compiled = automatic_kernels(self.values_per_measurement(list(layers.values()), len(probe)),
+                                         native_covered=self.native_covered(self.device(probe)))
         modules, noise_floor = self.modules, self.noise_floor
         done: dict[str, _Finalized] = {}
         accuracy = None
@@ -793,7 +803,12 @@ class Measurement:
         return the seconds compiling took (0 when eager or running the stored CPU kernels, or already compiled
         in this process). Later measurements reuse the kernels for every chunk size and layer. With error bars,
         one sample per shard: finalizing K shards is its own kernels (their number of shards is part of them)."""
-        if self.compile is False or self.compile is fused.NATIVE or not fused.compile_available():
+        if self.compile is fused.NATIVE:  # nothing to compile: the CPU kernels built (or loaded) now
+            before = native.build_seconds()
+            native.build_all()
+            native.report_failure("the eager kernels")
+            return native.build_seconds() - before
+        if self.compile is False or not fused.compile_available():
             return 0.0
         before = fused.compiled_seconds()
         count = self.shards(probe, self.classes(probe))
@@ -807,15 +822,21 @@ class Measurement:
         heap.release_freed_memory()  # the warm-up's states: a whole measurement's, for two samples
         return fused.compiled_seconds() - before
 
-    def _compiled(self, probe_size: int, observers: dict[str, "_Observer"]) -> bool | str:
+    def native_covered(self, device: torch.device) -> bool:
+        """Whether native.py's CPU kernels do all of this measurement's per-chunk work on ``device``."""
+        return (device.type == "cpu" and self.options.state_dtype == torch.float64 and self.positions is None
+                and set(self.groups) <= NATIVE_GROUPS)
+
+    def _compiled(self, probe_size: int, observers: dict[str, "_Observer"], device: torch.device) -> bool | str:
         """How to run the fused updates (True, False or ``fused.NATIVE``: ``automatic_kernels``), once the
         layers are known (after the first chunk)."""
         if self.compile is not None:
             return self.compile
+        covered = self.native_covered(device)
         if not observers:  # the first chunk: layer sizes unknown yet
-            return automatic_kernels(0)
+            return automatic_kernels(0, native_covered=covered)
         values = probe_size * sum(m.units * m.T for o in observers.values() for m in o.measures.values())
-        return automatic_kernels(values)
+        return automatic_kernels(values, native_covered=covered)
 
     def values_per_measurement(self, layers: Sequence[LayerInfo], probe_size: int) -> int:
         """Activation values the statistics fold in per measurement (an estimate before measuring)."""
@@ -1010,7 +1031,7 @@ class Measurement:
                 for lo in range(start, end, self.batch_size):
                     hi = min(lo + self.batch_size, end)
                     x = images[lo:hi].to(device, work, non_blocking=True)
-                    use_compiled = compiled if compiled is not None else self._compiled(n, observers)
+                    use_compiled = compiled if compiled is not None else self._compiled(n, observers, device)
                     use_compiled = use_compiled if device.type != "meta" else False  # shapes only: nothing to run
                     chunk = Chunk(hi - lo, self._groups(labels, lo, hi, class_index, device), scratch, use_compiled,
                                   tuple(x.shape[-2:]) if x.dim() == 4 else None)

@@ -146,6 +146,8 @@ class FusedFunction:
     def __call__(self, compiled: bool | str, *args, scratch=None):
         if compiled and self.native is not None and self.native(*args):
             return None
+        if compiled is NATIVE and self.native is not None:
+            native.report_failure("the eager kernels")  # one that failed to build (no graph here says so)
         if compiled is True and compile_available():
             try:
                 out = self._run_compiled(args)

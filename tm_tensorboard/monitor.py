@@ -213,7 +213,8 @@ class Monitor:
         self.layers: list[LayerInfo] = self._measurement.discover(self._probe)  # (with the positions fit chose)
         if self._measurement.compile is None:  # decide now: compiling pays over the many measurements to come
             values = self._measurement.values_per_measurement(self.layers, len(samples))
-            self._measurement.compile = automatic_kernels(values, MEASUREMENTS_EXPECTED)
+            covered = self._measurement.native_covered(self._measurement.device(self._probe))
+            self._measurement.compile = automatic_kernels(values, MEASUREMENTS_EXPECTED, native_covered=covered)
         self.compile_seconds = self._measurement.warm_up(self._probe)  # 0 if already compiled, eager or the CPU kernels
         if self.compile_seconds:
             _LOG.info("tm_tensorboard: compiled the measurement kernels in %.1f s", self.compile_seconds)

@@ -564,15 +564,16 @@ def stored() -> bool:
     return enabled() and all(kernel.stored() for kernel in _KERNELS)
 
 
-def report_failure() -> None:
+def report_failure(instead: str = "the compiled kernels") -> None:
     """Warn once of each kernel that could not be built: called after a compiled graph ran, so that a
-    missing compiler (which fails both) warns once, of the compiled kernels (``fused.py``)."""
+    missing compiler (which fails both) warns once, of the compiled kernels (``fused.py``); or where the
+    kernels run without the graphs (``fused.NATIVE``), saying that ``instead`` runs."""
     for kernel in _KERNELS:
         if kernel.failed is not None and not kernel.reported:
             kernel.reported = True
             warnings.warn(
-                f"tm_tensorboard: the CPU kernel of the {kernel.name} could not be built, so the compiled "
-                f"kernels run instead (same numbers, slower): {kernel.failed}",
+                f"tm_tensorboard: the CPU kernel of the {kernel.name} could not be built, so {instead} run "
+                f"instead (same numbers, slower): {kernel.failed}",
                 RuntimeWarning,
                 stacklevel=4,
             )
