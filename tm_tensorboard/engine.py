@@ -142,10 +142,12 @@ def measure(
     error's feature action, one for all layers or {glob pattern: action}; ``actions.patch_grid`` also gives
     token outputs [tokens, D] the feature maps of same-equivariance. ``disk``: equivariance error inside the
     central disk only. ``alpha``: ANOVA level (Bonferroni-corrected over each layer's units). ``compile``: run
-    the statistics as kernels fused by ``torch.compile`` (True), eagerly (False), or (None) compiled when the
-    measurement is large enough to repay the seconds compiling costs once per process, or the kernels are
-    already compiled; else, on CPU, by the hand-written kernels (``native.py``) where an earlier process
-    built them on this machine (they load in a millisecond), eagerly where those do not apply.
+    the statistics as kernels fused by ``torch.compile`` (True), eagerly (False), or (None) decided here: on
+    CPU, where the hand-written kernels (``native.py``) do all the per-chunk work (the four groups of
+    NATIVE_GROUPS, float64 states, every position), by them and eager code for the rest when they are built on
+    this machine (a later process loads them in a millisecond) or building them pays; elsewhere compiled when
+    the measurement is large enough to repay the seconds compiling costs once per process, or the kernels are
+    already compiled, else by the hand-written kernels where built, else eagerly (``automatic_kernels``).
     ``error_bars``: split the probe into this many interleaved shards (True: DEFAULT_SHARDS, at least
     MIN_SHARD_SAMPLES samples each; False: none) for jackknife standard errors (``result.stderr``) at no
     extra forward, for K more sets of states in memory (``shards.py``). None (the default): DEFAULT_SHARDS

@@ -127,10 +127,11 @@ class Monitor:
     10,000. ``unit_tensors=False`` leaves out the per-layer unit vectors written for other tools (the
     Invariance tab does not need them), which halves the log size. Layer means are over each layer's live
     units; ``means_include_dead=True`` counts units without any variance too (tmeasures' layer means).
-    ``compile`` is measure()'s: by default the statistics run as kernels fused by ``torch.compile`` when
-    that pays over ten measurements, and are compiled here, once per process (``compile_seconds``), else by
-    the CPU kernels an earlier process built on this machine, else eagerly; all give the same numbers up to
-    float rounding. ``error_bars`` is measure()'s too (by default on where they fit): with
+    ``compile`` is measure()'s: by default, where preparing kernels pays over ten measurements, they are
+    prepared here (``compile_seconds``): on CPU the hand-written kernels where they do all the per-chunk
+    work (built once per machine), else the statistics fused by ``torch.compile`` (once per process);
+    otherwise the hand-written kernels where built, else eager code. All give the same numbers up to float
+    rounding. ``error_bars`` is measure()'s too (by default on where they fit): with
     them, each layer mean is logged with its jackknife standard error over interleaved shards of the probe. ``state_dtype``, ``memory_budget`` and
     ``dedupe_batchnorm`` are measure()'s (by default an eval-mode BatchNorm that only rescales another
     observed layer's output is left out where that is exact; False measures it): a budget too small for a
