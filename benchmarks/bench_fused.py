@@ -34,7 +34,8 @@
    with ``TM_TENSORBOARD_NATIVE=0``, eagerly, which is what ``compile=None`` ran where compiling did not
    pay before the record existed. Runs alternate between the two, medians of ``--reps``.
 6. The CPU kernels alone against compiling (``--parts native``): in one process, the two cases of item 2 at
-   batch_size 4 and 16, invariance and the default measures with error bars as by default, ``compile=True``
+   batch_size 4 and 16, invariance and the default measures, each also with the per-transformation errors
+   and with the equivariance error, error bars as by default, ``compile=True``
    (the kernels, the compiled graphs for the rest) against what ``compile=None`` runs where compiling does
    not pay (``fused.NATIVE``: the kernels, eager code for the rest), interleaved, medians of ``--reps``.
 
@@ -389,7 +390,9 @@ def native_against_compiled(reps: int) -> dict:
         for batch_size in (4, 16):
             methods[f"{case}/floor_b{batch_size}"] = forward_floor(
                 model, [tset.apply(chunk) for chunk in probe.split(batch_size)])
-            for label, measures in (("invariance", INVARIANCE), ("default", DEFAULT)):
+            for label, measures in (("invariance", INVARIANCE), ("default", DEFAULT),
+                                    ("invariance_per_transformation", INVARIANCE + ("per_transformation",)),
+                                    ("default_equivariance_error", DEFAULT + ("equivariance_error",))):
                 for mode in ("compiled", "native"):
                     methods[f"{case}/{label}_b{batch_size}/{mode}"] = (
                         lambda m=model, p=probe, ms=measures, b=batch_size, mo=mode: run(m, p, tset, ms, b, mo))

@@ -73,7 +73,9 @@ def compile_pays(values: int, measurements: int = 1) -> bool:
 
 
 # The groups whose per-chunk work native.py's CPU kernels do all of (on CPU, float64 states, every position)
-NATIVE_GROUPS = frozenset({"invariance", "same_equivariance", "per_transformation", "equivariance_error"})
+# and whose measurements are as fast without the compiled graphs (bench_fused.py --parts native; not
+# per_transformation, whose error bars' finalizing runs 5-10 % slower eagerly)
+NATIVE_GROUPS = frozenset({"invariance", "same_equivariance", "equivariance_error"})
 
 
 def automatic_kernels(values: int, measurements: int = 1, native_covered: bool = False) -> bool | str:
@@ -143,7 +145,7 @@ def measure(
     token outputs [tokens, D] the feature maps of same-equivariance. ``disk``: equivariance error inside the
     central disk only. ``alpha``: ANOVA level (Bonferroni-corrected over each layer's units). ``compile``: run
     the statistics as kernels fused by ``torch.compile`` (True), eagerly (False), or (None) decided here: on
-    CPU, where the hand-written kernels (``native.py``) do all the per-chunk work (the four groups of
+    CPU, where the hand-written kernels (``native.py``) do all the per-chunk work (the groups of
     NATIVE_GROUPS, float64 states, every position), by them and eager code for the rest when they are built on
     this machine (a later process loads them in a millisecond) or building them pays; elsewhere compiled when
     the measurement is large enough to repay the seconds compiling costs once per process, or the kernels are

@@ -8,9 +8,11 @@ every layer of a given rank and every chunk size. The graphs are compiled ahead 
 directly (no Dynamo frame evaluation per call: the host's time, not the launches, is what a chunk of
 small kernels waits on), and stored on disk for later processes.
 
-Compiling costs seconds once per process, so it is used when it pays (``engine.compile_pays``); where it
-does not, ``NATIVE`` runs ``native``'s CPU kernels where they apply and were built on this machine before
-(loading them costs no compiling), and the eager functions elsewhere. A
+Compiling costs seconds once per process, so it is used when it pays (``engine.compile_pays``). ``NATIVE``
+runs ``native``'s CPU kernels where they apply and the eager functions elsewhere, no graph: what
+``compile=None`` runs on CPU where those kernels do all the per-chunk work (as fast as with the graphs
+besides them, and built once per machine), and elsewhere where compiling does not pay and they were built
+(``engine.automatic_kernels``). A
 compiler that is missing or fails warns once and the eager path takes over for the rest of the process:
 a measurement never fails because of the compiler, and both paths give the same numbers up to float
 rounding.

@@ -35,8 +35,8 @@ the compiled graphs take over; ``TM_TENSORBOARD_NATIVE=0`` turns them off.
 Built once per machine: Inductor's code cache keeps each library, and this module records where (``_Store``),
 so that a later process loads it in well under a millisecond, where going through Inductor's cache costs
 ~1.6 s a process (importing Inductor, probing the CPU's vector instructions by compiling and loading test
-programs). Loaded that cheaply, the kernels also serve measurements too small to repay compiling the graphs
-(``fused.NATIVE``: the kernels where they apply, eager elsewhere).
+programs). Loaded that cheaply, they serve without any compiled graph (``fused.NATIVE``: the kernels where
+they apply, eager elsewhere; ``engine.automatic_kernels`` says when).
 """
 from __future__ import annotations
 
