@@ -357,7 +357,8 @@ def fresh_process_measure(reps: int) -> dict:
                                           text=True, env=environment, timeout=1800)
                     if done.returncode != 0:
                         raise RuntimeError(done.stderr)
-                    runs.setdefault(f"{case}/{label}/{mode}", []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    figures = json.loads(done.stdout.strip().splitlines()[-1])
+                    runs.setdefault(f"{case}/{label}/{mode}", []).append(figures)
     out: dict[str, Any] = {"batch_size": 16, "runs": runs}
     for key, values in runs.items():
         first = statistics.median(v["measure_s"][0] for v in values)
