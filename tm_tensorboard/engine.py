@@ -784,8 +784,8 @@ class Measurement:
             return stream(compiled)
         layers = {info.name: info for info in self.discover(probe)}
         if compiled is None and self.compile is None:
-            compiled = automatic_kernels(self.values_per_measurement(list(layers.values()), len(probe)),
-                                         native_covered=self.native_covered(self.device(probe)))
+            compiled = self.choose_kernels(self.values_per_measurement(list(layers.values()), len(probe)),
+                                           self.device(probe))
         modules, noise_floor = self.modules, self.noise_floor
         done: dict[str, _Finalized] = {}
         accuracy = None
@@ -831,16 +831,19 @@ class Measurement:
         return (device.type == "cpu" and self.options.state_dtype == torch.float64 and self.positions is None
                 and set(self.groups) <= NATIVE_GROUPS)
 
+    def choose_kernels(self, values: int, device: torch.device, measurements: int = 1) -> bool | str:
+        """``automatic_kernels`` for ``measurements`` of this measurement's groups on ``device``."""
+        return automatic_kernels(values, measurements, native_covered=self.native_covered(device))
+
     def _compiled(self, probe_size: int, observers: dict[str, "_Observer"], device: torch.device) -> bool | str:
         """How to run the fused updates (True, False or ``fused.NATIVE``: ``automatic_kernels``), once the
         layers are known (after the first chunk)."""
         if self.compile is not None:
             return self.compile
-        covered = self.native_covered(device)
         if not observers:  # the first chunk: layer sizes unknown yet
-            return automatic_kernels(0, native_covered=covered)
+            return self.choose_kernels(0, device)
         values = probe_size * sum(m.units * m.T for o in observers.values() for m in o.measures.values())
-        return automatic_kernels(values, native_covered=covered)
+        return self.choose_kernels(values, device)
 
     def values_per_measurement(self, layers: Sequence[LayerInfo], probe_size: int) -> int:
         """Activation values the statistics fold in per measurement (an estimate before measuring)."""

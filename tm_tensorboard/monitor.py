@@ -21,7 +21,7 @@ from torch import nn
 from . import distributed, metadata
 from .background_writer import BackgroundWriter, close_at_exit
 from .capture import LayerInfo, LayerSelector
-from .engine import Actions, Measurement, automatic_kernels
+from .engine import Actions, Measurement
 from .preserve import preserved_rng_state
 from .probe import as_probe
 from .result import MeasureResult
@@ -214,8 +214,8 @@ class Monitor:
         self.layers: list[LayerInfo] = self._measurement.discover(self._probe)  # (with the positions fit chose)
         if self._measurement.compile is None:  # decide now: compiling pays over the many measurements to come
             values = self._measurement.values_per_measurement(self.layers, len(samples))
-            covered = self._measurement.native_covered(self._measurement.device(self._probe))
-            self._measurement.compile = automatic_kernels(values, MEASUREMENTS_EXPECTED, native_covered=covered)
+            self._measurement.compile = self._measurement.choose_kernels(
+                values, self._measurement.device(self._probe), MEASUREMENTS_EXPECTED)
         self.compile_seconds = self._measurement.warm_up(self._probe)  # 0 if already compiled, eager or the CPU kernels
         if self.compile_seconds:
             _LOG.info("tm_tensorboard: compiled the measurement kernels in %.1f s", self.compile_seconds)

@@ -504,10 +504,7 @@ class _Kernel:
         return self._call is not None
 
     def get(self) -> Callable | None:
-        if self._call is None and self.failed is None and not self._looked_up:
-            self._looked_up = True
-            self._call = _STORE.load(self)
-        if self._call is None and self.failed is None:
+        if not self.stored() and self.failed is None:
             start = time.perf_counter()
             try:
                 from torch._inductor.codecache import CppPythonBindingsCodeCache

@@ -337,7 +337,7 @@ class TransformationSet(Sequence[Transformation]):
                 return moved
         return self.pixel_major(self.invert_features(y), compiled, scratch)
 
-    def _moved_rows(self, y: torch.Tensor, scratch: Scratch, compiled: bool | str = True) -> torch.Tensor | None:
+    def _moved_rows(self, y: torch.Tensor, scratch: Scratch, compiled: bool | str) -> torch.Tensor | None:
         """The maps y [b·T, C, h, w] moved back by their taps, pixel-major [b, T·h·w, C]: in one pass by the
         CPU kernel where it applies (``native.move_back``), else by the compiled layout change and gather
         (``compiled`` True; else None)."""
