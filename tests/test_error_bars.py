@@ -13,7 +13,9 @@ from tm_tensorboard import engine
 from tm_tensorboard import transforms as T
 from tm_tensorboard.examples.models import VisionTransformer
 from tm_tensorboard.measures import SPECS
-from tm_tensorboard.shards import DEFAULT_SHARDS, MIN_SHARD_SAMPLES, interleave, shard_count, standard_error
+from tm_tensorboard.shards import (DEFAULT_SHARDS, MIN_SHARD_SAMPLES, interleave, leave_out, moments_without,
+                                  shard_count, standard_error, sum_without)
+from tm_tensorboard.statistics import SampleMoments, SampleSum
 from logs import rows
 from models import small_cnn
 from test_plugin_routes import client_for, get_json
@@ -103,6 +105,45 @@ def test_token_layers_and_the_disk_reduce_per_channel_as_the_result_does():
     for layer in result.layers_of("ee"):
         expected = standard_error(np.array([a.get("ee", layer) for a in alone]))
         np.testing.assert_allclose(result.stderr("ee", layer, per="channel"), expected, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "graph"])
+def test_leaving_a_shard_out_in_place_is_the_rest_of_the_probe_bit_for_bit(compiled):
+    """``leave_out`` turns each shard's state into the probe's without it in place: exactly what
+    ``moments_without`` / ``sum_without`` compute, NaN, ±inf, a rest within rounding of 0 (made 0) and a
+    shard that is the whole probe included."""
+    g = torch.Generator().manual_seed(0)
+    units, counts = 300, [16, 16, 96]  # the last shard holds every sample: nothing is left without it
+    cpu = torch.device("cpu")
+    moments, sums = SampleMoments((2, units), cpu), SampleSum((units,), cpu)
+    moments.mean.copy_(torch.randn(2, units, dtype=torch.float64, generator=g))
+    moments.m2.copy_(torch.rand(2, units, dtype=torch.float64, generator=g) * 50)
+    sums.total.copy_(torch.rand(units, dtype=torch.float64, generator=g) * 50)
+    moments.count.fill_(96)
+    sums.count.fill_(96)
+    moments.m2[0, :3], moments.mean[1, 3], sums.total[:2] = float("nan"), float("inf"), float("nan")
+    shard_moments, shard_sums = [], []
+    for n in counts:
+        m, t = SampleMoments((2, units), cpu), SampleSum((units,), cpu)
+        m.mean.copy_(moments.mean + 0.1 * torch.randn(2, units, dtype=torch.float64, generator=g))
+        m.m2.copy_(moments.m2 * torch.rand(2, units, dtype=torch.float64, generator=g) / 3)
+        t.total.copy_(sums.total * torch.rand(units, dtype=torch.float64, generator=g) / 3)
+        m.count.fill_(n)
+        t.count.fill_(n)
+        shard_moments.append(m)
+        shard_sums.append(t)
+    shard_moments[0].m2[0, 5], shard_moments[0].mean[0, 5] = moments.m2[0, 5], moments.mean[0, 5]  # rest: 0
+    shard_sums[0].total[5] = sums.total[5] * (1 - 1e-15)  # a rest within rounding of 0
+    shard_sums[1].total[6] = float("-inf")
+    expected = [(moments_without(moments.mean, moments.m2, moments.count, m.mean, m.m2, m.count),
+                 sum_without(sums.total, sums.count, t.total, t.count)) for m, t in zip(shard_moments, shard_sums)]
+    leave_out(moments, shard_moments, compiled)
+    leave_out(sums, shard_sums, compiled)
+    for (rest_moments, rest_sum), m, t in zip(expected, shard_moments, shard_sums):
+        for ours, theirs in zip((m.mean, m.m2, m.count, t.total, t.count), (*rest_moments, *rest_sum)):
+            assert torch.equal(ours.isnan(), theirs.isnan())
+            assert torch.equal(torch.nan_to_num(ours, nan=0.0), torch.nan_to_num(theirs, nan=0.0))
+    assert shard_moments[0].m2[0, 5] == 0 and shard_sums[0].total[5] == 0 and shard_moments[2].count == 0
 
 
 def test_the_jackknife_of_a_mean_is_the_spread_of_the_shard_means_over_root_k():

@@ -142,18 +142,28 @@ def sum_without(total: torch.Tensor, count: torch.Tensor, shard_total: torch.Ten
 
 @fused
 def _leave_out_moments(mean, m2, count, shard_means, shard_m2s, shard_counts, scratch=None):
-    """Each shard's (mean, M2, count) := the total's without it (``moments_without``)."""
+    """Each shard's (mean, M2, count) := the total's without it (``moments_without``'s arithmetic, in place:
+    run eagerly, half the temporaries, the threshold once)."""
+    threshold = m2 * (ROUNDING * torch.finfo(m2.dtype).eps)
+    n = count.to(mean.dtype)
     for shard_mean, shard_m2, shard_count in zip(shard_means, shard_m2s, shard_counts):
-        rest_mean, rest_m2, rest_count = moments_without(mean, m2, count, shard_mean, shard_m2, shard_count)
-        shard_m2.copy_(rest_m2)
+        n_k = shard_count.to(mean.dtype)
+        n_r = n - n_k
+        rest_mean = torch.sub(mean, shard_mean).mul_(n_k / n_r.clamp_min(1)).add_(mean).mul_(n_r > 0)
+        delta = shard_mean.sub_(rest_mean)  # the shard's mean is the rest's from here on (below)
+        shard_m2.neg_().add_(m2).sub_(delta.square_().mul_(n_k * n_r / n.clamp_min(1)))
+        shard_m2.masked_fill_(shard_m2 <= threshold, 0.0)  # NaN stays
         shard_mean.copy_(rest_mean)
-        shard_count.copy_(rest_count)
+        shard_count.sub_(count).neg_()
 
 
 @fused
 def _leave_out_sums(total, count, shard_totals, shard_counts, scratch=None):
-    """Each shard's sum over samples := the total's without it (``sum_without``)."""
+    """Each shard's sum over samples := the total's without it (``sum_without``), in place: run eagerly,
+    5 ops a shard, the threshold once, where ``sum_without`` took 7 and a copy (−(shard − total) is total − shard
+    exactly)."""
+    threshold = total.abs() * (ROUNDING * torch.finfo(total.dtype).eps)
     for shard_total, shard_count in zip(shard_totals, shard_counts):
-        rest, rest_count = sum_without(total, count, shard_total, shard_count)
-        shard_total.copy_(rest)
-        shard_count.copy_(rest_count)
+        rest = shard_total.sub_(total).neg_()
+        rest.masked_fill_(rest.abs() <= threshold, 0.0)  # NaN stays (the comparison is false)
+        shard_count.sub_(count).neg_()
