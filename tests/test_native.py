@@ -464,6 +464,73 @@ def test_replicates_with_the_merge_equal_merge_into_then_the_replicates(counts):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-300, equal_nan=True)
 
 
+def _errors_shards(counts: list[int], T: int = 6, units: int = 517) -> tuple[list, list[list[torch.Tensor]]]:
+    """per_transformation's zero states of the whole probe (squared total, count, the untransformed rows'
+    mean, m2, count) as finalizing finds them, and K shards' with ``counts`` samples: NaN, ±inf, a unit that
+    varied in one shard only (rest 0 within rounding)."""
+    g = torch.Generator().manual_seed(len(counts) * units)
+    f64 = torch.float64
+    shards = [[torch.rand(T, units, generator=g, dtype=f64) * n, torch.tensor(n),
+               torch.randn(units, generator=g, dtype=f64), torch.rand(units, generator=g, dtype=f64) * n,
+               torch.tensor(n)] for n in counts]
+    shards[0][0][1, 3], shards[0][3][4] = float("nan"), float("nan")
+    shards[-1][0][2, 5], shards[0][2][6] = float("inf"), float("-inf")
+    for shard in shards[1:]:
+        shard[0][:, 7], shard[3][7] = 0.0, 0.0  # unit 7 varied in the first shard only
+        shard[2][7] = shards[0][2][7]
+    whole = [torch.zeros(T, units, dtype=f64), torch.tensor(0), torch.zeros(units, dtype=f64),
+             torch.zeros(units, dtype=f64), torch.tensor(0)]
+    return whole, shards
+
+
+@pytest.mark.parametrize("counts", [[3, 4, 1, 5, 2], [16] * 8, [0, 9], [9, 0, 0]],
+                         ids=["uneven", "eight", "empty shard", "one shard holds all"])
+def test_per_transformation_replicates_equal_the_merge_the_leave_out_and_the_values(counts):
+    """native.errors_replicates: the whole probe's states merged from the shards' in the same pass are
+    shards.merge_into's, and each replicate is what the leave-out then the measure's values give, eagerly and
+    through the compiled graphs (float64 throughout: to 1e-12; NaN and inf where theirs are)."""
+    from tm_tensorboard.layer_measures import _invariance_error_compute
+    from tm_tensorboard.shards import _leave_out_moments, _leave_out_sums, _merge_moments, _merge_sums
+
+    whole, shards = _errors_shards(counts)
+    T, units = whole[0].shape
+    out = torch.full((len(counts), T + 1, units), -7.0, dtype=torch.float64)
+    expected = []
+    for compiled in (False, True):
+        total, apart = [w.clone() for w in whole], [[t.clone() for t in shard] for shard in shards]
+        column = [[shard[i] for shard in apart] for i in range(5)]
+        _merge_sums(compiled, total[0], total[1], column[0], column[1])
+        _merge_moments(compiled, *total[2:], *column[2:])
+        merged = [t.clone() for t in total]
+        _leave_out_sums(compiled, total[0], total[1], column[0], column[1])
+        _leave_out_moments(compiled, *total[2:], *column[2:])
+        expected.append((merged, torch.stack([_invariance_error_compute(compiled, sq, n_sq, m2, n)
+                                              for sq, n_sq, _, m2, n in apart])))
+    assert native.errors_replicates(*whole, *[[shard[i] for shard in shards] for i in range(5)], out, merge=True)
+    for merged, values in expected:
+        for ours, theirs in zip(whole, merged):
+            torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=1e-300, equal_nan=True)
+        torch.testing.assert_close(out, values, rtol=1e-12, atol=1e-300, equal_nan=True)
+        assert torch.equal(out.isinf(), values.isinf()) and torch.equal(out.isnan(), values.isnan())
+    assert whole[1].item() == whole[4].item() == sum(counts)
+    assert out.isnan().any()  # (an infinite rest is within rounding of the infinite total: 0, as in sum_without)
+    if sum(counts) > counts[0]:
+        assert (out[0, :T, 7] == 0).all()  # without the first shard, unit 7 never varied
+
+
+def test_per_transformation_replicates_decline_what_they_do_not_apply_to():
+    whole, shards = _errors_shards([3, 4])
+    columns = [[shard[i] for shard in shards] for i in range(5)]
+    T, units = whole[0].shape
+    out = torch.zeros(2, T + 1, units, dtype=torch.float64)
+    float32 = [whole[0].float()] + whole[1:]
+    for name, (states, shard_states, target) in {
+            "float32 squares": (float32, columns, out), "an out of another shape": (whole, columns, out[:, :T]),
+            "no shards": (whole, [[]] * 5, out[:0])}.items():
+        assert not native.errors_replicates(*states, *shard_states, target, merge=True), name
+        assert not target.any() and not whole[0].any() and whole[1] == 0, name
+
+
 _LATER_PROCESS = textwrap.dedent(
     """
     import json, sys, warnings
@@ -551,7 +618,7 @@ def test_a_missing_or_foreign_record_loads_nothing(tmp_path, monkeypatch):
 
 
 def test_measure_runs_the_stored_kernels_where_compiling_does_not_pay(monkeypatch):
-    """compile=None where compiling would not pay, the kernels built: the kernels run and no graph is compiled
+    """compile=None where compiling would not pay, the kernels built: every kernel runs and no graph is compiled
     or loaded (``fused.NATIVE``), with the compiled measurement's numbers (eager's where no kernel applies);
     TM_TENSORBOARD_NATIVE=0 measures eagerly."""
     from tm_tensorboard import engine, fused
@@ -575,7 +642,8 @@ def test_measure_runs_the_stored_kernels_where_compiling_does_not_pay(monkeypatc
     ours = run(None)
     assert graphs == []
     assert set(calls) == {"invariance and per-transformation update", "inverse warp", "error bars' replicates",
-                          "invariance update", "per-transformation and equivariance-error update"}
+                          "invariance update", "per-transformation and equivariance-error update",
+                          "per-transformation error bars' replicates"}
     for measure in ("nvi", "nvse", "ie_t", "ee_t"):
         for layer in ours.layers_of(measure):
             np.testing.assert_allclose(ours.get(measure, layer), compiled.get(measure, layer), rtol=1e-6, atol=1e-9)
@@ -619,9 +687,9 @@ def test_where_the_kernels_do_all_the_work_they_replace_compiling(monkeypatch, t
     monkeypatch.setattr(engine, "compile_pays", lambda values, measurements=1: True)
     cpu = torch.device("cpu")
     tset = T.rotations(4, padding="zeros")
-    assert Measurement(small_cnn(), tset, measures=("invariance", "same_equivariance",
-                                                    "equivariance_error")).native_covered(cpu)
-    for keywords in ({"measures": ("invariance", "goodfellow")}, {"measures": ("invariance", "per_transformation")},
+    assert Measurement(small_cnn(), tset, measures=("invariance", "same_equivariance", "equivariance_error",
+                                                    "per_transformation")).native_covered(cpu)
+    for keywords in ({"measures": ("invariance", "goodfellow")}, {"measures": ("per_transformation", "anova")},
                      {"state_dtype": torch.float32}, {"positions": 4}):
         assert not Measurement(small_cnn(), tset, **keywords).native_covered(cpu), keywords
     assert not Measurement(small_cnn(), tset).native_covered(torch.device("meta"))
@@ -631,10 +699,11 @@ def test_where_the_kernels_do_all_the_work_they_replace_compiling(monkeypatch, t
     monkeypatch.setattr(fused.FusedFunction, "_run_compiled", lambda self, args: graphs.append(self.__name__))
     images = torch.rand(32, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     built = native.build_seconds()
-    monitor = tm.Monitor(small_cnn(), images, tset, logdir=tmp_path, measures=("invariance", "same_equivariance"))
+    monitor = tm.Monitor(small_cnn(), images, tset, logdir=tmp_path,
+                         measures=("invariance", "same_equivariance", "per_transformation"))
     with monitor:
         assert monitor._measurement.compile is fused.NATIVE
         assert monitor.compile_seconds == pytest.approx(native.build_seconds() - built)  # building, not compiling
         assert all(kernel.stored() for kernel in native._KERNELS)
         result = monitor.step(0, force=True)
-    assert graphs == [] and result.layers_of("nvse")
+    assert graphs == [] and result.layers_of("nvse") and result.layers_of("ie_t")

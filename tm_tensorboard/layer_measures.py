@@ -107,6 +107,7 @@ class LayerMeasure:
     needs_identity = False  # compares with the untransformed input: the set must hold the identity
     shardable = True  # error bars: finalized per shard of the probe (one pass, nothing read on the host)
     masked = False  # components are NaN by definition at excluded positions
+    _merged_replicates: list[torch.Tensor | None] | None = None  # each class's, where a kernel took them merging
 
     def __init__(self, info: LayerInfo, transformations: TransformationSet, num_classes: int,
                  device: torch.device, options: MeasureOptions):
@@ -152,11 +153,17 @@ class LayerMeasure:
         raise NotImplementedError
 
     def final_states(self, compiled: bool = False) -> list[dict[str, StreamingState]]:
-        """Per class, the states of the whole probe (with shards: all of them merged, once)."""
+        """Per class, the states of the whole probe (with shards: all of them merged, once; ``compiled``, by
+        the measure's replicates' kernel where it has one that applies, which takes the class's replicates from
+        the rows it merged while they are in cache: ``_merge_and_replicate``)."""
         if self.shard_states and not self._combined:
+            self._merged_replicates = []
             for k, total in enumerate(self.per_class):  # every shard closed, so per_class holds zeros: it becomes the total
-                for name, state in total.items():
-                    merge_into(state, [shard[k][name] for shard in self.shard_states], compiled)
+                values = self._merge_and_replicate(k, total) if compiled else None
+                if values is None:
+                    for name, state in total.items():
+                        merge_into(state, [shard[k][name] for shard in self.shard_states], compiled)
+                self._merged_replicates.append(values)
             self._combined = True
         return self.per_class
 
@@ -209,13 +216,23 @@ class LayerMeasure:
         return channel_means(values, self.unit_shape, axis, self.masked)
 
     def _replicate_values(self, compiled: bool) -> torch.Tensor:
-        """Per unit, in the layer's order, the replicates' components: [K, classes, components, units]. Each
-        shard's states become its replicate's in place (the whole probe's minus the shard's)."""
+        """Per unit, in the layer's order, the replicates' components: [K, classes, components, units]."""
         totals = self.final_states(compiled)
-        for k, total in enumerate(totals):
-            for name, state in total.items():
-                leave_out(state, [shard[k][name] for shard in self.shard_states], compiled)
-        return torch.stack([self._compute(shard, compiled) for shard in self.shard_states])
+        merged, self._merged_replicates = self._merged_replicates or [None] * len(totals), None
+        return torch.stack([values if values is not None else self._class_replicates(k, total, compiled)
+                            for k, (values, total) in enumerate(zip(merged, totals))], dim=1)
+
+    def _merge_and_replicate(self, k: int, total: dict[str, StreamingState]) -> torch.Tensor | None:
+        """Class k's replicates [K, components, units] by a CPU kernel that merges the shards' states into
+        ``total`` in the same pass; None (nothing done) where the measure has none or it does not apply."""
+        return None
+
+    def _class_replicates(self, k: int, total: dict[str, StreamingState], compiled: bool) -> torch.Tensor:
+        """Class k's replicates [K, components, units] from the whole probe's states ``total``: each shard's
+        states become its replicate's in place (the whole probe's minus the shard's)."""
+        for name, state in total.items():
+            leave_out(state, [shard[k][name] for shard in self.shard_states], compiled)
+        return torch.stack([self.compute_class(shard[k], compiled) for shard in self.shard_states])
 
     def nonfinite(self) -> torch.Tensor:
         """The sum of the states' absolute values, [1] on the device in the states' dtype, read with the
@@ -263,7 +280,6 @@ class VarianceMeasure(LayerMeasure):
 
     group = "invariance"
     components = ("tv", "sv")
-    _merged_replicates: list[torch.Tensor] | None = None  # each class's, when the shards were merged with them
 
     def make_states(self, device):
         # spread: the sum over samples of each one's std over transformations
@@ -289,47 +305,34 @@ class VarianceMeasure(LayerMeasure):
         """Per-unit values [..., units] in the states' order of units, in the layer's."""
         return values
 
-    def final_states(self, compiled=False):
-        """As ``LayerMeasure.final_states``; compiled on CPU, the shards are merged by the replicates' kernel,
-        which takes each class's replicates from the rows it merged while they are in cache (``replicates``
-        then returns those): the shards' states read once for both (the merge, the replicates and the rest
-        of finalizing took 0.11 s a measurement on the reference case with the default measures at
-        batch_size=16, against a ~1 s forward floor)."""
-        if self.shard_states and not self._combined and compiled:
-            self._merged_replicates = [self._class_replicates(k, total, compiled, merge=True)
-                                       for k, total in enumerate(self.per_class)]
-            self._combined = True
-        return super().final_states(compiled)
+    def _merge_and_replicate(self, k, total):
+        """The replicates' CPU kernel: the shards' states read once for the merge and the replicates (the
+        merge, the replicates and the rest of finalizing took 0.11 s a measurement on the reference case with
+        the default measures at batch_size=16, against a ~1 s forward floor)."""
+        values, arguments = self._replicates_arguments(k, total)
+        return values if native.variance_replicates(*arguments, merge=True) else None
 
-    def _class_replicates(self, k: int, total: dict[str, StreamingState], compiled: bool,
-                          merge: bool = False) -> torch.Tensor:
-        """Class k's K replicates [K, 2, units] in the states' order, in one fused call from the whole probe's
-        and the shards' states; ``merge``: the shards merged into the whole probe's states first (by the
-        kernel in the same pass, else by ``merge_into``)."""
+    def _class_replicates(self, k, total, compiled):
+        """In one fused call from the whole probe's and the shards' states (the shards' states are not turned
+        into the replicates' first, nor each computed on its own: on ResNet18Style with the default measures
+        the finalizing took 0.46 s of a 0.6 s forward floor, most of it one call per shard and state)."""
+        values, arguments = self._replicates_arguments(k, total)
+        _variance_replicates(compiled, *arguments)
+        return values
+
+    def _replicates_arguments(self, k: int, total: dict[str, StreamingState]) -> tuple[torch.Tensor, tuple]:
+        """Class k's replicates [K, 2, units] to fill (in the states' order of units) and the arguments of
+        the calls that fill them: the whole probe's states ``total``, the shards', the replicates."""
         spread, moments = total["spread"], total["moments"]
         shards = [shard[k] for shard in self.shard_states]
         values = moments.mean.new_empty((len(shards), 2, self.units))
-        arguments = (spread.total, spread.count, moments.mean, moments.m2, moments.count,
-                     [s["spread"].total for s in shards], [s["spread"].count for s in shards],
-                     [s["moments"].mean for s in shards], [s["moments"].m2 for s in shards],
-                     [s["moments"].count for s in shards], values)
-        if merge and not native.variance_replicates(*arguments, merge=True):
-            for name, state in total.items():
-                merge_into(state, [shard[name] for shard in shards], compiled)
-            merge = False
-        if not merge:
-            _variance_replicates(compiled, *arguments)
-        return values
+        return values, (spread.total, spread.count, moments.mean, moments.m2, moments.count,
+                        [s["spread"].total for s in shards], [s["spread"].count for s in shards],
+                        [s["moments"].mean for s in shards], [s["moments"].m2 for s in shards],
+                        [s["moments"].count for s in shards], values)
 
     def _replicate_values(self, compiled):
-        """As ``LayerMeasure._replicate_values``, each class's K replicates in one fused call from the whole
-        probe's and the shards' states (the shards' states are not turned into the replicates' first, nor
-        each computed on its own: on ResNet18Style with the default measures the finalizing took 0.46 s of a
-        0.6 s forward floor, most of it one call per shard and state)."""
-        merged, self._merged_replicates = self._merged_replicates, None
-        out = [merged[k] if merged else self._class_replicates(k, total, compiled)
-               for k, total in enumerate(self.final_states(compiled))]
-        return torch.stack([self._in_layer_order(values) for values in out], dim=1)  # [K, classes, 2, units]
+        return self._in_layer_order(super()._replicate_values(compiled))  # [K, classes, 2, units]
 
 
 class SameEquivarianceMeasure(VarianceMeasure):
@@ -513,6 +516,19 @@ class InvarianceErrorMeasure(LayerMeasure):
     def compute_class(self, states, compiled):
         squared, reference = states["squared"], states["reference"]
         return _invariance_error_compute(compiled, squared.total, squared.count, reference.m2, reference.count)
+
+    def _merge_and_replicate(self, k, total):
+        """The replicates' CPU kernel (``native.errors_replicates``): the shards' states read once for the merge
+        and the replicates, where eagerly the merge, the leave-out and each shard's values were a pass each."""
+        squared, reference = total["squared"], total["reference"]
+        shards = [shard[k] for shard in self.shard_states]
+        values = reference.mean.new_empty((len(shards), self.T + 1, self.units))
+        done = native.errors_replicates(
+            squared.total, squared.count, reference.mean, reference.m2, reference.count,
+            [s["squared"].total for s in shards], [s["squared"].count for s in shards],
+            [s["reference"].mean for s in shards], [s["reference"].m2 for s in shards],
+            [s["reference"].count for s in shards], values, merge=True)
+        return values if done else None
 
 
 def _fold_differences_from_identity(measure: LayerMeasure, values: torch.Tensor, chunk: Chunk) -> None:

@@ -1,7 +1,7 @@
 """Hand-written CPU kernels for the hottest per-chunk updates, compiled at run time by the C++ toolchain
 Inductor uses: invariance's (and same-equivariance's, on the maps moved back) and ``per_transformation``'s (and
 the equivariance error's, the same squared differences from maps moved back), same-equivariance's inverse
-warp, and the error bars' replicates of both variance groups.
+warp, and the error bars' replicates of both variance groups and of ``per_transformation``.
 
 Inductor compiles invariance's update into two loop nests, one per reduction axis (the spread over
 transformations, the moments over samples), that each read the chunk from memory, and its reductions over
@@ -27,6 +27,10 @@ graph for all shards read the whole probe's states once per shard at ~10 GB/s (0
 tile of units through every transformation and shard with the whole probe's rows in cache, summing each
 replicate's square roots there (0.12 s). Finalizing compiled, it also merges the shards into the whole
 probe's states, row by row, just before it reads them (the merge was a pass of its own over the same states).
+``per_transformation``'s replicates (the mean squared difference of each transformation and twice the
+untransformed rows' variance, without each shard) are made the same way: merged, left out and divided in one
+pass over each tile, where eagerly the merge, the leave-out and each shard's values were a pass (or several)
+each.
 
 They run on CPU where the compiled updates run (``compile``), for float32 activations and float64 states;
 anything else, a GPU included, runs the compiled graphs. A toolchain that cannot build them warns once and
@@ -56,8 +60,8 @@ from typing import Callable
 import torch
 
 __all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "moved_errors_update", "both_update",
-           "move_back", "variance_replicates", "enabled", "available", "stored", "build_all", "record_directory",
-           "report_failure", "build_seconds"]
+           "move_back", "variance_replicates", "errors_replicates", "enabled", "available", "stored", "build_all",
+           "record_directory", "report_failure", "build_seconds"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
 TILE = 512  # most units per tile: b·T rows of 2 KB, in L2 for the moments' pass (bench_native.py)
@@ -299,7 +303,69 @@ extern "C" void kernel(const float* x, const int64_t* sources, const float* weig
 """
 
 
-_REPLICATES_SOURCE = _PRELUDE + r"""
+_SHARDS = _PRELUDE + r"""
+// A replicates' kernel's K shards: per shard, `table` holds the addresses of its five states (a sum over
+// samples and its count, a mean, an m2 and their count, in that order).
+struct Shards {
+  const int64_t* table;
+  int64_t K;
+  const double* state(int64_t k, int64_t field) const { return reinterpret_cast<const double*>(table[5 * k + field]); }
+  int64_t count(int64_t k, int64_t field) const { return *reinterpret_cast<const int64_t*>(table[5 * k + field]); }
+};
+
+// With `merge`: the weights of Chan's merge of each shard into the whole probe's moments, shard after shard
+// (n_b / n and n_a · n_b / n, as shards.merge_into), and the whole probe's counts after it (the moments', the
+// sum's); without, its counts as they are.
+struct Merge {
+  std::vector<double> w_mean, w_m2;
+  int64_t samples, sum_samples;
+  Merge(const Shards& shards, bool merge, int64_t samples, int64_t sum_samples)
+      : w_mean(shards.K), w_m2(shards.K), samples(samples), sum_samples(sum_samples) {
+    for (int64_t k = 0; merge && k < shards.K; k++) {
+      const double n_a = static_cast<double>(this->samples), n_b = static_cast<double>(shards.count(k, 4));
+      const double n_ab = std::max(n_a + n_b, 1.0);
+      w_mean[k] = n_b / n_ab;
+      w_m2[k] = n_a * n_b / n_ab;
+      this->samples += shards.count(k, 4);
+      this->sum_samples += shards.count(k, 1);
+    }
+  }
+  // one unit of shard k's moments merged into the whole probe's
+  void unit(int64_t k, double& mu, double& q, double mu_k, double q_k) const {
+    const double delta = mu_k - mu;
+    mu += delta * w_mean[k];
+    q += q_k + delta * delta * w_m2[k];
+  }
+};
+
+// The whole probe's moments without a shard (shards.moments_without) of `samples_k` of its `samples`: the
+// weights of the rest's mean and M2, and its degrees of freedom.
+struct Rest {
+  double w_mean, keep, w_m2, dof;
+  Rest(int64_t samples, int64_t samples_k) {
+    const double n = static_cast<double>(samples), n_k = static_cast<double>(samples_k), n_r = n - n_k;
+    w_mean = n_k / std::max(n_r, 1.0);
+    keep = n_r > 0 ? 1.0 : 0.0;
+    w_m2 = n_k * n_r / std::max(n, 1.0);
+    dof = static_cast<double>(std::max<int64_t>(samples - samples_k - 1, 0));
+  }
+  // the rest's M2 at one unit: 0 within `r` of the whole probe's (NaN stays: the comparison is false)
+  double m2(double mu, double q, double mu_k, double q_k, double r) const {
+    const double rest_mean = (mu + (mu - mu_k) * w_mean) * keep;
+    const double delta = mu_k - rest_mean;
+    const double rest = q - q_k - delta * delta * w_m2;
+    return rest <= q * r ? 0.0 : rest;
+  }
+};
+
+// A sum over samples without a shard (shards.sum_without): 0 within `r` of the whole probe's.
+static inline double sum_without(double total, double total_k, double r) {
+  const double rest = total - total_k;
+  return std::abs(rest) <= std::abs(total) * r ? 0.0 : rest;
+}
+"""
+
+_REPLICATES_SOURCE = _SHARDS + r"""
 constexpr int64_t TILE = 512;  // units per tile: the K sums of square roots (K · 4 KB) and rows of 4 KB
 
 // The whole probe's invariance states (spread_total [U], mean and m2 [T, U], counts) and K shards' (table:
@@ -310,20 +376,9 @@ constexpr int64_t TILE = 512;  // units per tile: the K sums of square roots (K 
 extern "C" void kernel(double* spread_total, int64_t* spread_count, double* mean, double* m2, int64_t* count,
                        const int64_t* table, const double* rounding, double* out, const int64_t K, const int64_t T,
                        const int64_t U, const int64_t merge) {
-  auto shard_count = [&](int64_t k, int64_t field) { return *reinterpret_cast<const int64_t*>(table[5 * k + field]); };
-  std::vector<double> w_mean(K), w_m2(K);  // the merge's weights of each shard: n_b / n, n_a · n_b / n
-  int64_t samples = *count, spread_samples = *spread_count;
-  if (merge) {
-    for (int64_t k = 0; k < K; k++) {
-      const double n_a = static_cast<double>(samples), n_b = static_cast<double>(shard_count(k, 4));
-      const double n_ab = std::max(n_a + n_b, 1.0);
-      w_mean[k] = n_b / n_ab;
-      w_m2[k] = n_a * n_b / n_ab;
-      samples += shard_count(k, 4);
-      spread_samples += shard_count(k, 1);
-    }
-  }
-  const double n = static_cast<double>(samples), r = *rounding;
+  const Shards shards{table, K};
+  const Merge merged(shards, merge, *count, *spread_count);
+  const double r = *rounding;
   const int64_t tiles = (U + TILE - 1) / TILE;
   #pragma omp parallel
   {
@@ -337,65 +392,103 @@ extern "C" void kernel(double* spread_total, int64_t* spread_count, double* mean
       double* mu = mean + t * U + u0;
       double* q = m2 + t * U + u0;
       for (int64_t k = 0; merge && k < K; k++) {
-        const double* mu_k = reinterpret_cast<const double*>(table[5 * k + 2]) + t * U + u0;
-        const double* q_k = reinterpret_cast<const double*>(table[5 * k + 3]) + t * U + u0;
+        const double* mu_k = shards.state(k, 2) + t * U + u0;
+        const double* q_k = shards.state(k, 3) + t * U + u0;
         for (int64_t u = 0; u < whole; u += ND) {
           const VD m = VD::loadu(mu + u), delta = VD::loadu(mu_k + u) - m;
-          (m + delta * VD(w_mean[k])).store(mu + u);
-          (VD::loadu(q + u) + (VD::loadu(q_k + u) + delta * delta * VD(w_m2[k]))).store(q + u);
+          (m + delta * VD(merged.w_mean[k])).store(mu + u);
+          (VD::loadu(q + u) + (VD::loadu(q_k + u) + delta * delta * VD(merged.w_m2[k]))).store(q + u);
         }
-        for (int64_t u = whole; u < width; u++) {
-          const double delta = mu_k[u] - mu[u];
-          mu[u] += delta * w_mean[k];
-          q[u] += q_k[u] + delta * delta * w_m2[k];
-        }
+        for (int64_t u = whole; u < width; u++) merged.unit(k, mu[u], q[u], mu_k[u], q_k[u]);
       }
       for (int64_t k = 0; k < K; k++) {
-        const int64_t samples_k = shard_count(k, 4);
-        const double n_k = static_cast<double>(samples_k), n_r = n - n_k;
-        const double w_mean_r = n_k / std::max(n_r, 1.0), keep = n_r > 0 ? 1.0 : 0.0;
-        const double w_m2_r = n_k * n_r / std::max(n, 1.0);
-        const double dof = static_cast<double>(std::max<int64_t>(samples - samples_k - 1, 0));
-        const double* mu_k = reinterpret_cast<const double*>(table[5 * k + 2]) + t * U + u0;
-        const double* q_k = reinterpret_cast<const double*>(table[5 * k + 3]) + t * U + u0;
+        const Rest rest(merged.samples, shards.count(k, 4));
+        const double* mu_k = shards.state(k, 2) + t * U + u0;
+        const double* q_k = shards.state(k, 3) + t * U + u0;
         double* acc = roots + k * TILE;
         for (int64_t u = 0; u < whole; u += ND) {
           const VD m = VD::loadu(mu + u), qq = VD::loadu(q + u), mk = VD::loadu(mu_k + u);
-          const VD rest_mean = (m + (m - mk) * VD(w_mean_r)) * VD(keep);
+          const VD rest_mean = (m + (m - mk) * VD(rest.w_mean)) * VD(rest.keep);
           const VD delta = mk - rest_mean;
-          const VD rest = qq - VD::loadu(q_k + u) - delta * delta * VD(w_m2_r);
-          const VD kept = VD::blendv(rest, VD(0.0), rest <= qq * VD(r));  // NaN stays (the comparison is false)
-          (VD::loadu(acc + u) + (kept / VD(dof)).sqrt()).store(acc + u);
+          const VD m2_r = qq - VD::loadu(q_k + u) - delta * delta * VD(rest.w_m2);
+          const VD kept = VD::blendv(m2_r, VD(0.0), m2_r <= qq * VD(r));  // NaN stays (the comparison is false)
+          (VD::loadu(acc + u) + (kept / VD(rest.dof)).sqrt()).store(acc + u);
         }
         for (int64_t u = whole; u < width; u++) {
-          const double rest_mean = (mu[u] + (mu[u] - mu_k[u]) * w_mean_r) * keep;
-          const double delta = mu_k[u] - rest_mean;
-          double rest = q[u] - q_k[u] - delta * delta * w_m2_r;
-          if (rest <= q[u] * r) rest = 0.0;
-          acc[u] += std::sqrt(rest / dof);
+          acc[u] += std::sqrt(rest.m2(mu[u], q[u], mu_k[u], q_k[u], r) / rest.dof);
         }
       }
     }
     for (int64_t k = 0; merge && k < K; k++) {
-      const double* total_k = reinterpret_cast<const double*>(table[5 * k]);
+      const double* total_k = shards.state(k, 0);
       for (int64_t u = u0; u < u0 + width; u++) spread_total[u] += total_k[u];
     }
     for (int64_t k = 0; k < K; k++) {
-      const double* total_k = reinterpret_cast<const double*>(table[5 * k]);
-      const double rest_samples = static_cast<double>(spread_samples - shard_count(k, 1));
+      const double* total_k = shards.state(k, 0);
+      const double rest_samples = static_cast<double>(merged.sum_samples - shards.count(k, 1));
       double* tv = out + (2 * k) * U + u0;
       double* sv = out + (2 * k + 1) * U + u0;
       for (int64_t u = 0; u < width; u++) {
-        double rest = spread_total[u0 + u] - total_k[u0 + u];
-        if (std::abs(rest) <= std::abs(spread_total[u0 + u]) * r) rest = 0.0;
-        tv[u] = rest / rest_samples;
+        tv[u] = sum_without(spread_total[u0 + u], total_k[u0 + u], r) / rest_samples;
         sv[u] = roots[k * TILE + u] / static_cast<double>(T);
       }
     }
   }
   }
-  *count = samples;
-  *spread_count = spread_samples;
+  *count = merged.samples;
+  *spread_count = merged.sum_samples;
+}
+"""
+
+_ERRORS_REPLICATES_SOURCE = _SHARDS + r"""
+constexpr int64_t TILE = 512;  // units per tile: the whole probe's rows of it stay in cache for all K shards
+
+// per_transformation's states of the whole probe (squared_total [T, U], squared_count; the untransformed
+// rows' mean and m2 [U], count) and K shards' (table: per shard the addresses of its squared_total,
+// squared_count, mean, m2, count); out [K, T + 1, U] := per shard k, of the probe without it, the mean squared
+// difference of each transformation (T rows) and twice the untransformed rows' sample variance
+// (layer_measures._invariance_error_compute of shards.sum_without and shards.moments_without). With `merge`,
+// each row of the whole probe's states is first made from the shards' (shards.merge_into, shard after shard).
+extern "C" void kernel(double* squared_total, int64_t* squared_count, double* mean, double* m2, int64_t* count,
+                       const int64_t* table, const double* rounding, double* out, const int64_t K, const int64_t T,
+                       const int64_t U, const int64_t merge) {
+  const Shards shards{table, K};
+  const Merge merged(shards, merge, *count, *squared_count);
+  const double r = *rounding;
+  const int64_t tiles = (U + TILE - 1) / TILE;
+  #pragma omp parallel for schedule(static)
+  for (int64_t tile = 0; tile < tiles; tile++) {
+    const int64_t u0 = tile * TILE, width = std::min(TILE, U - u0);
+    double* mu = mean + u0;
+    double* q = m2 + u0;
+    for (int64_t k = 0; merge && k < K; k++) {
+      const double* mu_k = shards.state(k, 2) + u0;
+      const double* q_k = shards.state(k, 3) + u0;
+      for (int64_t u = 0; u < width; u++) merged.unit(k, mu[u], q[u], mu_k[u], q_k[u]);
+    }
+    for (int64_t k = 0; k < K; k++) {
+      const Rest rest(merged.samples, shards.count(k, 4));
+      const double* mu_k = shards.state(k, 2) + u0;
+      const double* q_k = shards.state(k, 3) + u0;
+      double* var2 = out + (k * (T + 1) + T) * U + u0;
+      for (int64_t u = 0; u < width; u++) var2[u] = 2.0 * (rest.m2(mu[u], q[u], mu_k[u], q_k[u], r) / rest.dof);
+    }
+    for (int64_t t = 0; t < T; t++) {
+      double* total = squared_total + t * U + u0;
+      for (int64_t k = 0; merge && k < K; k++) {
+        const double* total_k = shards.state(k, 0) + t * U + u0;
+        for (int64_t u = 0; u < width; u++) total[u] += total_k[u];
+      }
+      for (int64_t k = 0; k < K; k++) {
+        const double* total_k = shards.state(k, 0) + t * U + u0;
+        const double rest_samples = static_cast<double>(merged.sum_samples - shards.count(k, 1));
+        double* mse = out + (k * (T + 1) + t) * U + u0;
+        for (int64_t u = 0; u < width; u++) mse[u] = sum_without(total[u], total_k[u], r) / rest_samples;
+      }
+    }
+  }
+  *count = merged.samples;
+  *squared_count = merged.sum_samples;
 }
 """
 
@@ -526,9 +619,11 @@ _BOTH = _Kernel("invariance and per-transformation update", _BOTH_SOURCE,
                 _STATE_ARGUMENTS + _STATE_ARGUMENTS[1:] + ["const int64_t"] * 5)
 _WARP = _Kernel("inverse warp", _WARP_SOURCE,
                 ["const float*", "const int64_t*", "const float*", "float*", "float*"] + ["const int64_t"] * 6)
-_REPLICATES = _Kernel("error bars' replicates", _REPLICATES_SOURCE,
-                      _STATE_ARGUMENTS[1:] + ["const int64_t*", "const double*", "double*"] + ["const int64_t"] * 4)
-_KERNELS = (_VARIANCE, _ERRORS, _BOTH, _WARP, _REPLICATES)
+_REPLICATES_ARGUMENTS = _STATE_ARGUMENTS[1:] + ["const int64_t*", "const double*", "double*"] + ["const int64_t"] * 4
+_REPLICATES = _Kernel("error bars' replicates", _REPLICATES_SOURCE, _REPLICATES_ARGUMENTS)
+_ERRORS_REPLICATES = _Kernel("per-transformation error bars' replicates", _ERRORS_REPLICATES_SOURCE,
+                             _REPLICATES_ARGUMENTS)
+_KERNELS = (_VARIANCE, _ERRORS, _BOTH, _WARP, _REPLICATES, _ERRORS_REPLICATES)
 
 
 def enabled() -> bool:
@@ -701,25 +796,54 @@ def variance_replicates(spread_total: torch.Tensor, spread_count: torch.Tensor, 
     each of its K shards, in one pass over the shards' states (each tile of units' rests summed in cache);
     ``merge``: the whole probe's states are made from the shards' first, in the same pass (``shards.merge_into``
     into them as they are). False (nothing done) where it does not apply (float64 contiguous CPU states)."""
-    states = [spread_total, mean, m2, *shard_totals, *shard_means, *shard_m2s, out]
-    counts = [spread_count, count, *shard_spread_counts, *shard_counts]
     K = len(shard_totals)
-    if not (K >= 1 and mean.dim() == 2 and enabled()
-            and all(s.device.type == "cpu" and s.dtype == torch.float64 and s.is_contiguous() for s in states)
-            and all(c.device.type == "cpu" and c.dtype == torch.int64 and c.numel() == 1 for c in counts)):
+    if not (K >= 1 and mean.dim() == 2):
         return False
     T, units = mean.shape
     if not (spread_total.numel() == units and out.shape == (K, 2, units) and m2.shape == mean.shape
             and all(s.numel() == units for s in shard_totals)
             and all(s.shape == mean.shape for s in (*shard_means, *shard_m2s))):
         return False
-    kernel = _REPLICATES.get()
-    if kernel is None:
+    return _replicates(_REPLICATES, (spread_total, spread_count, mean, m2, count),
+                       (shard_totals, shard_spread_counts, shard_means, shard_m2s, shard_counts), out, T, units, merge)
+
+
+def errors_replicates(squared_total: torch.Tensor, squared_count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+                      count: torch.Tensor, shard_totals: list[torch.Tensor], shard_squared_counts: list[torch.Tensor],
+                      shard_means: list[torch.Tensor], shard_m2s: list[torch.Tensor], shard_counts: list[torch.Tensor],
+                      out: torch.Tensor, merge: bool = False) -> bool:
+    """``per_transformation``'s replicates: ``out`` [K, T + 1, units] := the mean squared difference of each
+    transformation and twice the untransformed rows' variance of the whole probe without each of its K shards,
+    in one pass over the shards' states; ``merge``: the whole probe's states are made from the shards' first, in
+    the same pass. False (nothing done) where it does not apply (float64 contiguous CPU states)."""
+    K = len(shard_totals)
+    if not (K >= 1 and squared_total.dim() == 2):
+        return False
+    T, units = squared_total.shape
+    if not (mean.numel() == units and m2.numel() == units and out.shape == (K, T + 1, units)
+            and all(s.shape == squared_total.shape for s in shard_totals)
+            and all(s.numel() == units for s in (*shard_means, *shard_m2s))):
+        return False
+    return _replicates(_ERRORS_REPLICATES, (squared_total, squared_count, mean, m2, count),
+                       (shard_totals, shard_squared_counts, shard_means, shard_m2s, shard_counts), out, T, units, merge)
+
+
+def _replicates(kernel: _Kernel, whole: tuple[torch.Tensor, ...], shards: tuple[list[torch.Tensor], ...],
+                out: torch.Tensor, T: int, units: int, merge: bool) -> bool:
+    """Call a replicates' kernel on the whole probe's five states (a sum over samples, its count, a mean, an
+    m2, their count) and the K shards' (a list per state) where they are what it takes: float64 contiguous
+    CPU states, int64 counts. False (nothing done) where not."""
+    states = [whole[0], whole[2], whole[3], *shards[0], *shards[2], *shards[3], out]
+    counts = [whole[1], whole[4], *shards[1], *shards[4]]
+    if not (enabled() and all(s.device.type == "cpu" and s.dtype == torch.float64 and s.is_contiguous() for s in states)
+            and all(c.device.type == "cpu" and c.dtype == torch.int64 and c.numel() == 1 for c in counts)):
+        return False
+    call = kernel.get()
+    if call is None:
         return False
     from .shards import ROUNDING  # (shards imports fused, which imports this module)
 
-    table = torch.tensor([s.data_ptr() for shard in zip(shard_totals, shard_spread_counts, shard_means, shard_m2s,
-                                                          shard_counts) for s in shard], dtype=torch.int64)
+    table = torch.tensor([s.data_ptr() for shard in zip(*shards) for s in shard], dtype=torch.int64)
     rounding = torch.tensor([ROUNDING * torch.finfo(torch.float64).eps], dtype=torch.float64)
-    kernel(spread_total, spread_count, mean, m2, count, table, rounding, out, K, T, units, int(merge))
+    call(*whole, table, rounding, out, len(shards[0]), T, units, int(merge))
     return True
