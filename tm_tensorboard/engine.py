@@ -73,9 +73,8 @@ def compile_pays(values: int, measurements: int = 1) -> bool:
 
 
 # The groups whose per-chunk work native.py's CPU kernels do all of (on CPU, float64 states, every position)
-# and whose measurements are as fast without the compiled graphs (bench_fused.py --parts native; not
-# per_transformation, whose error bars' finalizing runs 5-10 % slower eagerly)
-NATIVE_GROUPS = frozenset({"invariance", "same_equivariance", "equivariance_error"})
+# and whose measurements are as fast without the compiled graphs (bench_fused.py --parts native)
+NATIVE_GROUPS = frozenset({"invariance", "same_equivariance", "equivariance_error", "per_transformation"})
 
 
 def automatic_kernels(values: int, measurements: int = 1, native_covered: bool = False) -> bool | str:
