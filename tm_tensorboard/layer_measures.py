@@ -244,8 +244,9 @@ class LayerMeasure:
 
 
 def _variance_values(spread_total, spread_count, m2, count):
-    """[TV, SV]: the mean over samples of their spread; the mean over transformations of the std over samples."""
-    return torch.stack([mean_of_sum(spread_total, spread_count), unbiased_var(m2, count).sqrt().mean(dim=0)])
+    """[TV, SV]: the mean over samples of their spread; the mean over transformations of the std over samples
+    (the root taken in place: eagerly one [T, units] temporary, not two)."""
+    return torch.stack([mean_of_sum(spread_total, spread_count), unbiased_var(m2, count).sqrt_().mean(dim=0)])
 
 
 @fused
