@@ -10,6 +10,7 @@ import tm_tensorboard as tm
 from tm_tensorboard.engine import Measurement
 from tm_tensorboard.kept_states import MIN_BYTES, KeptStates
 from tm_tensorboard.probe import as_probe
+from tm_tensorboard.shards import MIN_SHARD_SAMPLES
 from tm_tensorboard.examples.models import SimpleCNN
 
 MEASURES = ("invariance", "same_equivariance", "per_transformation")
@@ -67,7 +68,7 @@ def test_blocks_the_last_measurement_did_not_use_are_let_go():
     measurement = session(model)
     measurement.run(as_probe(images))
     large = measurement.kept_states.kept_bytes
-    measurement.run(as_probe(torch.nn.functional.interpolate(images, size=16)))  # smaller maps: other states
+    measurement.run(as_probe(torch.nn.functional.interpolate(images, size=24)))  # smaller maps: other states
     assert 0 < measurement.kept_states.kept_bytes < large / 2  # (blocks of equal size are served again)
 
 
@@ -97,3 +98,29 @@ def test_small_states_and_other_devices_are_not_kept():
         meta = kept.zeros((1 << 20,), torch.float64, "meta")
     assert small.abs().sum() == 0 and meta.device.type == "meta"
     assert kept.allocated == 0 and kept.kept_bytes == 0
+
+
+def test_error_bars_take_k_sets_of_states_where_the_kernels_finalize(monkeypatch):
+    """With K shards, the whole probe's states take shard 0's memory where the replicates' CPU kernel
+    finalizes (K sets of states in all), and come as one more set where it does not (the eager path): the
+    bytes a session allocates for one layer's invariance, counted block by block, and the same numbers."""
+    monkeypatch.setenv("TM_TENSORBOARD_NATIVE", "1")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1)).eval()  # 8 × 32 × 32 = 8192 units
+    K, T, units = 4, 16, 8192
+    probe = as_probe(torch.rand(K * MIN_SHARD_SAMPLES, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    moments, one_set = T * units * 8, (2 * T + 1) * units * 8  # a 1 MiB mean or m2; a set with the spread
+    results, allocated = {}, {}
+    for compile in (True, False):
+        measurement = Measurement(model, tm.transforms.rotations(T), measures=("invariance",), batch_size=8,
+                                  error_bars=K, compile=compile)
+        results[compile] = measurement.run(probe)
+        allocated[compile] = measurement.kept_states.kept_bytes
+    # the first shard's mean and m2, the later shards' sets in one block (the spread's 64 kB alone is not kept)
+    assert allocated[True] == 2 * moments + (K - 1) * one_set
+    assert allocated[False] == allocated[True] + 2 * moments  # the whole probe's mean and m2, made at the end
+    layer = results[True].layers[0]
+    for measure in ("nvi", "tvi", "svi"):
+        np.testing.assert_allclose(results[True].stderr(measure, layer), results[False].stderr(measure, layer),
+                                   rtol=1e-6)  # (the compiled and eager chunk moments differ at float32 rounding)
+        np.testing.assert_allclose(results[True].get(measure, layer), results[False].get(measure, layer), rtol=1e-6)

@@ -531,6 +531,32 @@ def test_per_transformation_replicates_decline_what_they_do_not_apply_to():
         assert not target.any() and not whole[0].any() and whole[1] == 0, name
 
 
+
+@pytest.mark.parametrize("kernel", ["variance", "errors"])
+@pytest.mark.parametrize("counts", [[3, 4, 1, 5, 2], [0, 9], [9, 0, 0]], ids=["uneven", "empty first", "first holds all"])
+def test_replicates_merged_into_shard_zeros_own_states_are_those_merged_apart(kernel, counts):
+    """``merge=True`` with the whole probe's states being shard 0's (as finalizing passes them: K sets, not
+    K + 1): the same replicates and merged states, bit for bit, as into separate zero states; what shard 0's
+    held is not read as a whole probe's (its count is not where the merge starts)."""
+    if kernel == "variance":
+        arguments = _replicate_arguments(counts)
+        whole, shards = arguments[:5], [[arguments[5 + i][k] for i in range(5)] for k in range(len(counts))]
+        for tensor in whole:
+            tensor.zero_()
+        call, components = native.variance_replicates, 2
+    else:
+        whole, shards = _errors_shards(counts)
+        call, components = native.errors_replicates, whole[0].shape[0] + 1
+    units = whole[2].shape[-1]
+    apart = [[t.clone() for t in shard] for shard in shards]
+    outs = [torch.full((len(counts), components, units), -7.0, dtype=torch.float64) for _ in range(2)]
+    assert call(*whole, *[[shard[i] for shard in apart] for i in range(5)], outs[0], merge=True)
+    assert call(*shards[0], *[[shard[i] for shard in shards] for i in range(5)], outs[1], merge=True)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0, equal_nan=True)
+    for ours, theirs in zip(shards[0], whole):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    assert shards[0][1].item() == shards[0][4].item() == sum(counts)
+
 _LATER_PROCESS = textwrap.dedent(
     """
     import json, sys, warnings

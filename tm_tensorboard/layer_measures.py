@@ -153,17 +153,21 @@ class LayerMeasure:
         raise NotImplementedError
 
     def final_states(self, compiled: bool = False) -> list[dict[str, StreamingState]]:
-        """Per class, the states of the whole probe (with shards: all of them merged, once; ``compiled``, by
-        the measure's replicates' kernel where it has one that applies, which takes the class's replicates from
-        the rows it merged while they are in cache: ``_merge_and_replicate``)."""
+        """Per class, the states of the whole probe (with shards: all of them merged, once). ``compiled``, by the
+        measure's replicates' kernel where it has one that applies: it merges them into shard 0's states, which
+        it has read for that shard's replicate by then, and takes the class's replicates from the rows it
+        merged while they are in cache (``_merge_and_replicate``); elsewhere into new zero states."""
         if self.shard_states and not self._combined:
-            self._merged_replicates = []
-            for k, total in enumerate(self.per_class):  # every shard closed, so per_class holds zeros: it becomes the total
-                values = self._merge_and_replicate(k, total) if compiled else None
+            self._merged_replicates, totals = [], []
+            for k, first in enumerate(self.shard_states[0]):
+                values = self._merge_and_replicate(k, first) if compiled else None
                 if values is None:
-                    for name, state in total.items():
+                    first = self.new_states()  # (shard 0's states stay: the replicates leave each shard out)
+                    for name, state in first.items():
                         merge_into(state, [shard[k][name] for shard in self.shard_states], compiled)
+                totals.append(first)
                 self._merged_replicates.append(values)
+            self.per_class = totals
             self._combined = True
         return self.per_class
 
@@ -177,19 +181,21 @@ class LayerMeasure:
         return values[0].unsqueeze(0) if len(values) == 1 else torch.stack(values)
 
     def reserve_shards(self, shards: int) -> None:
-        """Allocate now the states of a probe streamed in ``shards`` shards (the later shards' and the
-        totals'), so that nothing is allocated between chunks: states allocated at a shard's end take the
-        memory the activations were recycling, which then comes fresh from the system, page fault by page
-        fault, every chunk after (measured on the reference case at batch_size=4: 0.3 M page faults, +20 %
-        time). One block for all of them: big ones are mapped apart from the heap the activations use."""
-        if self._reserved or self.shard_states:
+        """Allocate now the states of the shards to come after the first (which streams into ``per_class``),
+        so that nothing is allocated between chunks: states allocated at a shard's end take the memory the
+        activations were recycling, which then comes fresh from the system, page fault by page fault, every
+        chunk after (measured on the reference case at batch_size=4: 0.3 M page faults, +20 % time). One block
+        for all of them: big ones are mapped apart from the heap the activations use. K sets in all: the whole
+        probe's take shard 0's memory where a kernel finalizes (``final_states``), else come at the end."""
+        if self._reserved or self.shard_states or shards < 2:
             return
         first = next(iter(self.per_class[0].values())).tensors()[0]
         size = sum(state.numel() for states in self.per_class for state in states.values())
-        block, offset = kept_states.zeros((shards * size,), first.dtype, first.device), 0
-        counts = iter(torch.zeros(shards * len(self.per_class) * len(self.per_class[0]), dtype=torch.int64,
+        later = shards - 1
+        block, offset = kept_states.zeros((later * size,), first.dtype, first.device), 0
+        counts = iter(torch.zeros(later * len(self.per_class) * len(self.per_class[0]), dtype=torch.int64,
                                   device=first.device).unbind())
-        for _ in range(shards):
+        for _ in range(later):
             shard = []
             for states in self.per_class:
                 carved = {}
@@ -199,9 +205,10 @@ class LayerMeasure:
             self._reserved.append(shard)
 
     def close_shard(self) -> None:
-        """End a shard of the probe: keep its states apart for the jackknife and start the next shard's."""
+        """End a shard of the probe: keep its states apart for the jackknife and start the next shard's (after
+        the last, none: ``final_states`` makes the whole probe's)."""
         self.shard_states.append(self.per_class)
-        self.per_class = self._reserved.pop()  # (reserve_shards: before the stream's first chunk)
+        self.per_class = self._reserved.pop() if self._reserved else []  # (reserve_shards: before the first chunk)
 
     def replicates(self, compiled: bool = False) -> torch.Tensor | None:
         """The delete-a-shard jackknife replicates, [K, classes, components, channels] float64 on the device:
@@ -224,7 +231,8 @@ class LayerMeasure:
 
     def _merge_and_replicate(self, k: int, total: dict[str, StreamingState]) -> torch.Tensor | None:
         """Class k's replicates [K, components, units] by a CPU kernel that merges the shards' states into
-        ``total`` in the same pass; None (nothing done) where the measure has none or it does not apply."""
+        ``total`` (shard 0's, read by then) in the same pass; None (nothing done: shard 0's states as they were)
+        where the measure has none or it does not apply."""
         return None
 
     def _class_replicates(self, k: int, total: dict[str, StreamingState], compiled: bool) -> torch.Tensor:

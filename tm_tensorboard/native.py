@@ -314,13 +314,13 @@ struct Shards {
 };
 
 // With `merge`: the weights of Chan's merge of each shard into the whole probe's moments, shard after shard
-// (n_b / n and n_a · n_b / n, as shards.merge_into), and the whole probe's counts after it (the moments', the
-// sum's); without, its counts as they are.
+// from none (n_b / n and n_a · n_b / n, as shards.merge_into into zero states), and the whole probe's counts
+// after it (the moments', the sum's); without, its counts as they are.
 struct Merge {
   std::vector<double> w_mean, w_m2;
   int64_t samples, sum_samples;
   Merge(const Shards& shards, bool merge, int64_t samples, int64_t sum_samples)
-      : w_mean(shards.K), w_m2(shards.K), samples(samples), sum_samples(sum_samples) {
+      : w_mean(shards.K), w_m2(shards.K), samples(merge ? 0 : samples), sum_samples(merge ? 0 : sum_samples) {
     for (int64_t k = 0; merge && k < shards.K; k++) {
       const double n_a = static_cast<double>(this->samples), n_b = static_cast<double>(shards.count(k, 4));
       const double n_ab = std::max(n_a + n_b, 1.0);
@@ -372,7 +372,8 @@ constexpr int64_t TILE = 512;  // units per tile: the K sums of square roots (K 
 // per shard the addresses of its spread_total, spread_count, mean, m2, count); out [K, 2, U] := TV and SV
 // without each shard (shards.moments_without, shards.sum_without, layer_measures._variance_values). With
 // `merge`, each row of the whole probe's states is first made from the shards' (shards.merge_into: Chan's
-// merge, shard after shard), which are then read again from cache, not memory.
+// merge, shard after shard, from none) in a row of the thread's, the shards' rows then read again from cache,
+// and stored after them: the whole probe's states may be shard 0's (what they held is not read).
 extern "C" void kernel(double* spread_total, int64_t* spread_count, double* mean, double* m2, int64_t* count,
                        const int64_t* table, const double* rounding, double* out, const int64_t K, const int64_t T,
                        const int64_t U, const int64_t merge) {
@@ -382,15 +383,16 @@ extern "C" void kernel(double* spread_total, int64_t* spread_count, double* mean
   const int64_t tiles = (U + TILE - 1) / TILE;
   #pragma omp parallel
   {
-  std::vector<double> sums(K * TILE);
+  std::vector<double> sums(K * TILE), rows(3 * TILE);
   double* roots = sums.data();
   #pragma omp for schedule(static)
   for (int64_t tile = 0; tile < tiles; tile++) {
     const int64_t u0 = tile * TILE, width = std::min(TILE, U - u0), whole = width / ND * ND;
     for (int64_t i = 0; i < K * TILE; i++) roots[i] = 0.0;
     for (int64_t t = 0; t < T; t++) {
-      double* mu = mean + t * U + u0;
-      double* q = m2 + t * U + u0;
+      double* mu = merge ? rows.data() : mean + t * U + u0;
+      double* q = merge ? rows.data() + TILE : m2 + t * U + u0;
+      for (int64_t u = 0; merge && u < width; u++) mu[u] = q[u] = 0.0;
       for (int64_t k = 0; merge && k < K; k++) {
         const double* mu_k = shards.state(k, 2) + t * U + u0;
         const double* q_k = shards.state(k, 3) + t * U + u0;
@@ -418,21 +420,28 @@ extern "C" void kernel(double* spread_total, int64_t* spread_count, double* mean
           acc[u] += std::sqrt(rest.m2(mu[u], q[u], mu_k[u], q_k[u], r) / rest.dof);
         }
       }
+      for (int64_t u = 0; merge && u < width; u++) {
+        mean[t * U + u0 + u] = mu[u];
+        m2[t * U + u0 + u] = q[u];
+      }
     }
+    double* total = merge ? rows.data() + 2 * TILE : spread_total + u0;
+    for (int64_t u = 0; merge && u < width; u++) total[u] = 0.0;
     for (int64_t k = 0; merge && k < K; k++) {
-      const double* total_k = shards.state(k, 0);
-      for (int64_t u = u0; u < u0 + width; u++) spread_total[u] += total_k[u];
+      const double* total_k = shards.state(k, 0) + u0;
+      for (int64_t u = 0; u < width; u++) total[u] += total_k[u];
     }
     for (int64_t k = 0; k < K; k++) {
-      const double* total_k = shards.state(k, 0);
+      const double* total_k = shards.state(k, 0) + u0;
       const double rest_samples = static_cast<double>(merged.sum_samples - shards.count(k, 1));
       double* tv = out + (2 * k) * U + u0;
       double* sv = out + (2 * k + 1) * U + u0;
       for (int64_t u = 0; u < width; u++) {
-        tv[u] = sum_without(spread_total[u0 + u], total_k[u0 + u], r) / rest_samples;
+        tv[u] = sum_without(total[u], total_k[u], r) / rest_samples;
         sv[u] = roots[k * TILE + u] / static_cast<double>(T);
       }
     }
+    for (int64_t u = 0; merge && u < width; u++) spread_total[u0 + u] = total[u];
   }
   }
   *count = merged.samples;
@@ -448,7 +457,9 @@ constexpr int64_t TILE = 512;  // units per tile: the whole probe's rows of it s
 // squared_count, mean, m2, count); out [K, T + 1, U] := per shard k, of the probe without it, the mean squared
 // difference of each transformation (T rows) and twice the untransformed rows' sample variance
 // (layer_measures._invariance_error_compute of shards.sum_without and shards.moments_without). With `merge`,
-// each row of the whole probe's states is first made from the shards' (shards.merge_into, shard after shard).
+// each row of the whole probe's states is first made from the shards' (shards.merge_into, shard after shard,
+// from none) in a row of the thread's and stored after the shards' rows are read again: the whole probe's
+// states may be shard 0's.
 extern "C" void kernel(double* squared_total, int64_t* squared_count, double* mean, double* m2, int64_t* count,
                        const int64_t* table, const double* rounding, double* out, const int64_t K, const int64_t T,
                        const int64_t U, const int64_t merge) {
@@ -456,11 +467,15 @@ extern "C" void kernel(double* squared_total, int64_t* squared_count, double* me
   const Merge merged(shards, merge, *count, *squared_count);
   const double r = *rounding;
   const int64_t tiles = (U + TILE - 1) / TILE;
-  #pragma omp parallel for schedule(static)
+  #pragma omp parallel
+  {
+  std::vector<double> rows(2 * TILE);
+  #pragma omp for schedule(static)
   for (int64_t tile = 0; tile < tiles; tile++) {
     const int64_t u0 = tile * TILE, width = std::min(TILE, U - u0);
-    double* mu = mean + u0;
-    double* q = m2 + u0;
+    double* mu = merge ? rows.data() : mean + u0;
+    double* q = merge ? rows.data() + TILE : m2 + u0;
+    for (int64_t u = 0; merge && u < width; u++) mu[u] = q[u] = 0.0;
     for (int64_t k = 0; merge && k < K; k++) {
       const double* mu_k = shards.state(k, 2) + u0;
       const double* q_k = shards.state(k, 3) + u0;
@@ -473,8 +488,13 @@ extern "C" void kernel(double* squared_total, int64_t* squared_count, double* me
       double* var2 = out + (k * (T + 1) + T) * U + u0;
       for (int64_t u = 0; u < width; u++) var2[u] = 2.0 * (rest.m2(mu[u], q[u], mu_k[u], q_k[u], r) / rest.dof);
     }
+    for (int64_t u = 0; merge && u < width; u++) {
+      mean[u0 + u] = mu[u];
+      m2[u0 + u] = q[u];
+    }
     for (int64_t t = 0; t < T; t++) {
-      double* total = squared_total + t * U + u0;
+      double* total = merge ? rows.data() : squared_total + t * U + u0;
+      for (int64_t u = 0; merge && u < width; u++) total[u] = 0.0;
       for (int64_t k = 0; merge && k < K; k++) {
         const double* total_k = shards.state(k, 0) + t * U + u0;
         for (int64_t u = 0; u < width; u++) total[u] += total_k[u];
@@ -485,7 +505,9 @@ extern "C" void kernel(double* squared_total, int64_t* squared_count, double* me
         double* mse = out + (k * (T + 1) + t) * U + u0;
         for (int64_t u = 0; u < width; u++) mse[u] = sum_without(total[u], total_k[u], r) / rest_samples;
       }
+      for (int64_t u = 0; merge && u < width; u++) squared_total[t * U + u0 + u] = total[u];
     }
+  }
   }
   *count = merged.samples;
   *squared_count = merged.sum_samples;
@@ -795,7 +817,8 @@ def variance_replicates(spread_total: torch.Tensor, spread_count: torch.Tensor, 
     """``layer_measures._variance_replicates``: ``out`` [K, 2, units] := TV and SV of the whole probe without
     each of its K shards, in one pass over the shards' states (each tile of units' rests summed in cache);
     ``merge``: the whole probe's states are made from the shards' first, in the same pass (``shards.merge_into``
-    into them as they are). False (nothing done) where it does not apply (float64 contiguous CPU states)."""
+    into zero states: what they held is not read, so they may be shard 0's, overwritten once its replicate is
+    taken). False (nothing done) where it does not apply (float64 contiguous CPU states)."""
     K = len(shard_totals)
     if not (K >= 1 and mean.dim() == 2):
         return False
@@ -815,7 +838,8 @@ def errors_replicates(squared_total: torch.Tensor, squared_count: torch.Tensor, 
     """``per_transformation``'s replicates: ``out`` [K, T + 1, units] := the mean squared difference of each
     transformation and twice the untransformed rows' variance of the whole probe without each of its K shards,
     in one pass over the shards' states; ``merge``: the whole probe's states are made from the shards' first, in
-    the same pass. False (nothing done) where it does not apply (float64 contiguous CPU states)."""
+    the same pass (as ``variance_replicates``: they may be shard 0's). False (nothing done) where it does not
+    apply (float64 contiguous CPU states)."""
     K = len(shard_totals)
     if not (K >= 1 and squared_total.dim() == 2):
         return False

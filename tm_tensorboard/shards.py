@@ -14,7 +14,9 @@ measures are non-linear in the samples (SV is a standard deviation, NV a ratio, 
 units), and a replicate of (K − 1)/K of the probe behaves like the whole probe where a shard of N/K samples
 does not: a sparse ReLU channel that fires in a few samples is dead (0 / 0) in some shards, never in a
 replicate. On the example SimpleCNN random groups reported 0.3 to 17 times the spread over independent
-probes on ReLU layers (benchmarks/README.md). The price is memory: K + 1 sets of states instead of one.
+probes on ReLU layers (benchmarks/README.md). The price is memory: K sets of states instead of one while
+streaming, and the whole probe's merged from them at the end (into shard 0's memory where the replicates'
+CPU kernels finalize, else one more set).
 """
 from __future__ import annotations
 
