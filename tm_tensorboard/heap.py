@@ -14,10 +14,15 @@ is not in the budget's plan.
 
 The measurement's streaming states are another matter: allocated once, kept to the end, then freed. They
 are allocated by glibc's own rules (``mapped_apart``): above 32 MB mapped apart unless free heap memory
-holds them, and so given back to the system when freed, as before. (Measured: the resident set after a
+holds them, and so given back to the system when freed, as before; smaller blocks (a layer's shards' states
+under 32 MB) come from the heap and stay there free after the measurement, unless at its top, where the next
+measurement, or anything else the process allocates, finds them. (Measured: the resident set after a
 measurement 612 MB against 538 MB before on the reference case at batch_size=16, 1.06 against 0.99 GB on
-ResNet18Style; the peak the same.) A session measured again (a Monitor) keeps them for its next
-measurement instead (``kept_states.py``).
+ResNet18Style; the peak the same. With error bars in K sets instead of K + 1, ResNet18Style(0.25)'s
+per-layer blocks fell under 32 MB: after a one-off measurement with the default measures at batch_size=16
+the resident set is 1.8 GB above its start instead of 0.9-1.6 GB, and the next one pages its states in no
+more: 1.4-1.7 s against 1.8-2.1 s, a /tmp timing.) A session measured again (a Monitor) keeps them for its
+next measurement instead (``kept_states.py``).
 
 Setting a threshold stops glibc adjusting both of them to the process, for the rest of the process; so
 both are set to where glibc's own adjustment ends (mmap threshold 32 MB, trim threshold 64 MB on 64-bit
