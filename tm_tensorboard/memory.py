@@ -208,7 +208,7 @@ class MemoryReport:
     def _setting(self) -> str:
         dtype = str(self.state_dtype).removeprefix("torch.")
         classes = f"{self.classes} classes" if self.classes > 1 else "1 class"
-        shards = f", error bars ({self.shards + 1} sets of states)" if self.shards > 1 else ""
+        shards = f", error bars (at most {self.shards + 1} sets of states)" if self.shards > 1 else ""
         sampled = [layer.positions for layer in self.layers if layer.positions is not None]
         positions = f"; positions={max(sampled)} on {len(sampled)} layers" if sampled else ""
         return f"{dtype} states; {', '.join(self.groups)}; {self.T} transformations; {classes}{shards}{positions}"
