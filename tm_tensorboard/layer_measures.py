@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from . import kept_states, native
+from . import heap, kept_states, native
 from .actions import FeatureAction, identity
 from .capture import LayerInfo
 from .f_distribution import f_critical_value
@@ -162,7 +162,8 @@ class LayerMeasure:
             for k, first in enumerate(self.shard_states[0]):
                 values = self._merge_and_replicate(k, first) if compiled else None
                 if values is None:
-                    first = self.new_states()  # (shard 0's states stay: the replicates leave each shard out)
+                    with heap.mapped_apart():  # (as the shards' own: given back to the system when freed)
+                        first = self.new_states()  # (shard 0's states stay: the replicates leave each shard out)
                     for name, state in first.items():
                         merge_into(state, [shard[k][name] for shard in self.shard_states], compiled)
                 totals.append(first)
