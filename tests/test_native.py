@@ -533,7 +533,8 @@ def test_per_transformation_replicates_decline_what_they_do_not_apply_to():
 
 
 @pytest.mark.parametrize("kernel", ["variance", "errors"])
-@pytest.mark.parametrize("counts", [[3, 4, 1, 5, 2], [0, 9], [9, 0, 0]], ids=["uneven", "empty first", "first holds all"])
+@pytest.mark.parametrize("counts", [[3, 4, 1, 5, 2], [0, 9], [9, 0, 0]],
+                         ids=["uneven", "empty first", "first holds all"])
 def test_replicates_merged_into_shard_zeros_own_states_are_those_merged_apart(kernel, counts):
     """``merge=True`` with the whole probe's states being shard 0's (as finalizing passes them: K sets, not
     K + 1): the same replicates and merged states, bit for bit, as into separate zero states; what shard 0's

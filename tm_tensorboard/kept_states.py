@@ -4,10 +4,11 @@ A Monitor measures the same layers every ``every`` steps, and every measurement 
 states. On CPU they came fresh from the operating system each time, page by page: on this project's
 2-core VM 0.2-1.2 s per GB, and with error bars (K + 1 sets when that was measured; K now where the CPU
 kernels finalize) that is ~1 GB on the reference case with the default measures, +1.1 s a measurement
-(``benchmarks/README.md``, "Roofline"). ``KeptStates`` serves a session's measurement the blocks its previous measurement used, zeroed in place (resident memory: a
-memset), and holds them in between: what a Monitor holds between steps is its last measurement's states,
-and blocks that measurement did not use again are let go. A GPU needs none of this: PyTorch's caching
-allocator already keeps freed blocks, where training can use them too.
+(``benchmarks/README.md``, "Roofline"). ``KeptStates`` serves a session's measurement the blocks its
+previous measurement used, zeroed in place (resident memory: a memset), and holds them in between: what a
+Monitor holds between steps is its last measurement's states, and blocks that measurement did not use
+again are let go. A GPU needs none of this: PyTorch's caching allocator already keeps freed blocks, where
+training can use them too.
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ are a mean and an M2 per transformation and element plus one spread total per el
 per measure group that applies (same-equivariance: the same again on feature-map layers), K + 1 times
 that for the groups with error bars when the probe is split into K shards (``shards.py``: every shard's
 states are kept for the jackknife, and the whole probe's made from them at the end; where the replicates'
-CPU kernels finalize, into shard 0's memory: K times, so the estimate is their bound); with ``positions=``, elements = channels × the positions kept per
-channel on the layers sampled (``positions.py``).
+CPU kernels finalize, into shard 0's memory: K times, so the estimate is their bound); with ``positions=``,
+elements = channels × the positions kept per channel on the layers sampled (``positions.py``).
 An ImageNet ResNet-50 at 224 px has 158 leaf layers of 32.0 M output elements per image:
 8.5 GB for invariance at T = 16, 16.9 GB with same-equivariance, in float64 states (11.1 GB with the
 default BatchNorm dedupe, 105 layers).
