@@ -236,6 +236,14 @@ class LayerMeasure:
         where the measure has none or it does not apply."""
         return None
 
+    def _sum_and_moments(self, k: int, total: dict[str, StreamingState], sums: str, moments: str) -> tuple:
+        """The states a replicates' kernel or fused function takes: the whole probe's (``total``) sum state
+        ``sums`` and moments state ``moments`` (a sum over samples, its count, a mean, an m2, their count),
+        then the same five of class k's shards, each as a list over the shards."""
+        whole, *shards = [(s[sums].total, s[sums].count, s[moments].mean, s[moments].m2, s[moments].count)
+                          for s in [total] + [shard[k] for shard in self.shard_states]]
+        return (*whole, *[list(column) for column in zip(*shards)])
+
     def _class_replicates(self, k: int, total: dict[str, StreamingState], compiled: bool) -> torch.Tensor:
         """Class k's replicates [K, components, units] from the whole probe's states ``total``: each shard's
         states become its replicate's in place (the whole probe's minus the shard's)."""
@@ -333,13 +341,8 @@ class VarianceMeasure(LayerMeasure):
     def _replicates_arguments(self, k: int, total: dict[str, StreamingState]) -> tuple[torch.Tensor, tuple]:
         """Class k's replicates [K, 2, units] to fill (in the states' order of units) and the arguments of
         the calls that fill them: the whole probe's states ``total``, the shards', the replicates."""
-        spread, moments = total["spread"], total["moments"]
-        shards = [shard[k] for shard in self.shard_states]
-        values = moments.mean.new_empty((len(shards), 2, self.units))
-        return values, (spread.total, spread.count, moments.mean, moments.m2, moments.count,
-                        [s["spread"].total for s in shards], [s["spread"].count for s in shards],
-                        [s["moments"].mean for s in shards], [s["moments"].m2 for s in shards],
-                        [s["moments"].count for s in shards], values)
+        values = total["moments"].mean.new_empty((len(self.shard_states), 2, self.units))
+        return values, (*self._sum_and_moments(k, total, "spread", "moments"), values)
 
     def _replicate_values(self, compiled):
         return self._in_layer_order(super()._replicate_values(compiled))  # [K, classes, 2, units]
@@ -530,14 +533,8 @@ class InvarianceErrorMeasure(LayerMeasure):
     def _merge_and_replicate(self, k, total):
         """The replicates' CPU kernel (``native.errors_replicates``): the shards' states read once for the merge
         and the replicates, where eagerly the merge, the leave-out and each shard's values were a pass each."""
-        squared, reference = total["squared"], total["reference"]
-        shards = [shard[k] for shard in self.shard_states]
-        values = reference.mean.new_empty((len(shards), self.T + 1, self.units))
-        done = native.errors_replicates(
-            squared.total, squared.count, reference.mean, reference.m2, reference.count,
-            [s["squared"].total for s in shards], [s["squared"].count for s in shards],
-            [s["reference"].mean for s in shards], [s["reference"].m2 for s in shards],
-            [s["reference"].count for s in shards], values, merge=True)
+        values = total["reference"].mean.new_empty((len(self.shard_states), self.T + 1, self.units))
+        done = native.errors_replicates(*self._sum_and_moments(k, total, "squared", "reference"), values, merge=True)
         return values if done else None
 
 
