@@ -159,14 +159,14 @@ class LayerMeasure:
         merged while they are in cache (``_merge_and_replicate``); elsewhere into new zero states."""
         if self.shard_states and not self._combined:
             self._merged_replicates, totals = [], []
-            for k, first in enumerate(self.shard_states[0]):
-                values = self._merge_and_replicate(k, first) if compiled else None
+            for k, total in enumerate(self.shard_states[0]):
+                values = self._merge_and_replicate(k, total) if compiled else None
                 if values is None:
                     with heap.mapped_apart():  # (as the shards' own: given back to the system when freed)
-                        first = self.new_states()  # (shard 0's states stay: the replicates leave each shard out)
-                    for name, state in first.items():
+                        total = self.new_states()  # (shard 0's states stay: the replicates leave each shard out)
+                    for name, state in total.items():
                         merge_into(state, [shard[k][name] for shard in self.shard_states], compiled)
-                totals.append(first)
+                totals.append(total)
                 self._merged_replicates.append(values)
             self.per_class = totals
             self._combined = True
@@ -188,7 +188,7 @@ class LayerMeasure:
         chunk after (measured on the reference case at batch_size=4: 0.3 M page faults, +20 % time). One block
         for all of them: big ones are mapped apart from the heap the activations use. K sets in all: the whole
         probe's take shard 0's memory where a kernel finalizes (``final_states``), else come at the end."""
-        if self._reserved or self.shard_states or shards < 2:
+        if self._reserved or self.shard_states:
             return
         first = next(iter(self.per_class[0].values())).tensors()[0]
         size = sum(state.numel() for states in self.per_class for state in states.values())
