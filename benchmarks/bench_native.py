@@ -6,7 +6,8 @@
    units, invariance's at b = 4 and 16, per_transformation's at 4 and 8 (its sample blocks on CPU), by the
    compiled graph and by the kernel (and the kernel with other largest tiles,
    ``native.TILE``: ``--tiles``; a small layer gets smaller ones, two per thread); enough layers cycled that
-   the states and chunks leave the caches, as in a measurement.
+   the states and chunks leave the caches, as in a measurement. The kernel also into states of no samples
+   (a shard's first chunk: the moments and squared sums written without being read) against merging.
    The traffic an update must move (the chunk read once, the states read and written) over its time: the
    effective bandwidth, against this machine's (bench_roofline.py).
 2. ``measure()`` with the kernels (all of native.py's: the updates', the inverse warp's, the error bars'
@@ -90,9 +91,19 @@ def update_alone(kind: str, batch: int, units: int, tiles: list[int], reps: int)
                 native.TILE = previous
         return update
 
+    def holding(samples: int) -> Callable:
+        """The kernel into states holding ``samples`` samples (0: a shard's first chunk, written unread)."""
+        def update(x, s):
+            s[1].fill_(samples)
+            s[4].fill_(samples)
+            assert kernel_update(x, s)
+        return update
+
     us = {"graph": timed(graph)}
     for tile in tiles:
         us[f"kernel_tile{tile}"] = timed(kernel(tile))
+    us["kernel_first_chunk"] = timed(holding(0))  # both with the counts set: the same two small calls more
+    us["kernel_merging"] = timed(holding(batch))
     traffic = chunk_bytes + 2 * state_bytes
     return {"update": kind, "batch": batch, "units": units, "layers_cycled": layers, "us": us,
             "graph_over_kernel": us["graph"] / us[f"kernel_tile{native.TILE}"],

@@ -235,6 +235,35 @@ def test_both_updates_at_once_equal_each_kernel_alone(T, units, identity, sizes)
     assert together[5][:, 3].isnan().any() and torch.isfinite(together[5][:, 2]).all()
 
 
+@pytest.mark.parametrize("kernel", ["variance", "errors", "both"])
+def test_states_of_no_samples_yet_are_written_not_read(kernel):
+    """The first chunk into a state writes its moments and squared sums without reading them (no traffic for
+    states that hold nothing yet): states filled with NaN at count 0 end bit-equal to zero states, over a
+    first chunk and a second one that merges, with NaN and inf activations."""
+    T, units, identity = 4, 517, 1
+    values = torch.randn(7, T, units, generator=torch.Generator().manual_seed(3)) * 3 + 1
+    values[1, 2, 5] = float("nan")
+    values[5, 0, 6] = float("inf")
+    runs = []
+    for garbage in (False, True):
+        states = _states(T, units) + _error_states(T, units)
+        if garbage:  # every state a kernel writes from its first chunk: the moments, the squared sums
+            for i in (2, 3, 5, 7, 8):
+                states[i].fill_(float("nan"))
+        for chunk in (values[:3], values[3:]):
+            chunk = chunk.reshape(-1, units).contiguous()
+            if kernel == "variance":
+                assert native.variance_update(chunk, T, *states[:5])
+            elif kernel == "errors":
+                assert native.errors_update(chunk, T, identity, *states[5:])
+            else:
+                assert native.both_update(chunk, T, identity, *states)
+        runs.append(states if kernel == "both" else states[:5] if kernel == "variance" else states[5:])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert torch.isfinite(runs[1][2 if kernel != "errors" else 0]).float().mean() > 0.99
+
+
 def test_both_at_once_decline_what_either_does_not_take_and_touch_nothing():
     x = torch.randn(8, 6)
     cases = {"float64 activations": (x.double(), 4, 0), "identity out of range": (x, 4, 4),

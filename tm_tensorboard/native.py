@@ -13,7 +13,8 @@ rows of a tile staying in cache for all T differences (``benchmarks/bench_native
 one kernel does both tile by tile, the second reading the rows the first brought into cache. The arithmetic is
 the compiled path's: the spread two-pass within each sample in the activations' precision, the moments
 shifted by the chunk's first sample and accumulated in float64 (exact differences of float32 values),
-merged by Chan's formula, squared differences in the activations' precision summed in float64.
+merged by Chan's formula, squared differences in the activations' precision summed in float64. States of no
+samples yet (with error bars, every shard's first chunk) are written without being read.
 
 The inverse warp (``warps.py``) compiles to two passes over the chunk: maps laid out pixel-major, then
 each output row gathered from its taps' rows. Its kernel lays one map at a time out pixel-major in a
@@ -81,10 +82,13 @@ constexpr int64_t ND = VD::size();
 
 // Fold b samples of n units (rows `stride` floats apart, in cache) into float64 mean and m2 of n_a samples:
 // deviations from the first sample as float64 differences, the chunk's moments merged by Chan's formula.
+// A state of no samples yet is written, not read: what the merge into zeros gives (but for the sign of a
+// zero mean), without reading the states (with error bars the first chunk of every shard is such a chunk).
 static inline void fold_moments(const float* rows, int64_t stride, int64_t b, int64_t n, double* mean,
                                 double* m2, double n_a) {
   const double w = static_cast<double>(b) / (n_a + static_cast<double>(b));  // the chunk's share of the merge
   const double nw = n_a * w;
+  const bool fresh = n_a == 0.0;
   const int64_t whole = n / NF * NF;
   for (int64_t u = 0; u < whole; u += NF) {
     const auto z = at::vec::convert<double, 2, float, 1>(VF::loadu(rows + u));  // the shift: sample 0
@@ -101,6 +105,11 @@ static inline void fold_moments(const float* rows, int64_t stride, int64_t b, in
       double* mp = mean + u + h * ND;
       double* qp = m2 + u + h * ND;
       const VD chunk_mean = s[h] / VD(static_cast<double>(b));
+      if (fresh) {
+        (q[h] - s[h] * chunk_mean).store(qp);
+        (z[h] + chunk_mean).store(mp);
+        continue;
+      }
       const VD old = VD::loadu(mp);
       const VD delta = (old - z[h]) - chunk_mean;
       (VD::loadu(qp) + (q[h] - s[h] * chunk_mean) + delta * delta * VD(nw)).store(qp);
@@ -116,6 +125,11 @@ static inline void fold_moments(const float* rows, int64_t stride, int64_t b, in
       q += e * e;
     }
     const double chunk_mean = s / static_cast<double>(b);
+    if (fresh) {
+      m2[u] = q - s * chunk_mean;
+      mean[u] = z + chunk_mean;
+      continue;
+    }
     const double delta = (mean[u] - z) - chunk_mean;
     m2[u] += (q - s * chunk_mean) + delta * delta * nw;
     mean[u] -= delta * w;
@@ -165,9 +179,11 @@ static inline void variance_tile(const float* x, double* spread, double* spread_
 // per_transformation's update of the units [u0, u0 + n) of x [b, T, U]: the moments over samples of the
 // untransformed rows (transformation `identity` of r [b, T, U]: x itself, or the equivariance error's
 // features before moving back) merged into mean, m2 [U]; per transformation, the squared differences of x
-// from them summed over samples into squared_total [T, U] (the untransformed rows in cache).
-static inline void errors_tile(const float* x, const float* r, double* squared_total, double* mean, double* m2,
-                               double n_a, int64_t b, int64_t T, int64_t U, int64_t identity, int64_t u0, int64_t n) {
+// from them summed over samples into squared_total [T, U] (the untransformed rows in cache; written, not
+// read, while it sums no samples yet: `fresh_sums`).
+static inline void errors_tile(const float* x, const float* r, double* squared_total, bool fresh_sums, double* mean,
+                               double* m2, double n_a, int64_t b, int64_t T, int64_t U, int64_t identity, int64_t u0,
+                               int64_t n) {
   const int64_t TU = T * U, whole = n / NF * NF;
   const float* ref = r + identity * U + u0;  // sample i's untransformed row: ref + i * TU
   fold_moments(ref, TU, b, n, mean + u0, m2 + u0, n_a);
@@ -182,6 +198,11 @@ static inline void errors_tile(const float* x, const float* r, double* squared_t
         a[0] = a[0] + d2[0];
         a[1] = a[1] + d2[1];
       }
+      if (fresh_sums) {
+        a[0].store(st + u);
+        a[1].store(st + u + ND);
+        continue;
+      }
       (VD::loadu(st + u) + a[0]).store(st + u);
       (VD::loadu(st + u + ND) + a[1]).store(st + u + ND);
     }
@@ -191,7 +212,7 @@ static inline void errors_tile(const float* x, const float* r, double* squared_t
         const float d = xt[i * TU + u] - ref[i * TU + u];
         a += static_cast<double>(d * d);
       }
-      st[u] += a;
+      st[u] = fresh_sums ? a : st[u] + a;
     }
   }
 }
@@ -223,10 +244,12 @@ extern "C" void kernel(const float* x, const float* r, double* squared_total, in
                        double* m2, int64_t* count, const int64_t b, const int64_t T, const int64_t U,
                        const int64_t identity, const int64_t tile) {
   const double n_a = static_cast<double>(*count);
+  const bool fresh_sums = *squared_count == 0;
   const int64_t tiles = (U + tile - 1) / tile;
   #pragma omp parallel for schedule(static)
   for (int64_t k = 0; k < tiles; k++) {
-    errors_tile(x, r, squared_total, mean, m2, n_a, b, T, U, identity, k * tile, std::min(tile, U - k * tile));
+    errors_tile(x, r, squared_total, fresh_sums, mean, m2, n_a, b, T, U, identity, k * tile,
+                std::min(tile, U - k * tile));
   }
   *squared_count += b;
   *count += b;
@@ -241,6 +264,7 @@ extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_cou
                        double* ref_m2, int64_t* ref_count, const int64_t b, const int64_t T, const int64_t U,
                        const int64_t identity, const int64_t tile) {
   const double n_a = static_cast<double>(*count), ref_n_a = static_cast<double>(*ref_count);
+  const bool fresh_sums = *squared_count == 0;
   const int64_t tiles = (U + tile - 1) / tile;
   #pragma omp parallel
   {
@@ -249,7 +273,7 @@ extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_cou
     for (int64_t k = 0; k < tiles; k++) {
       const int64_t u0 = k * tile, n = std::min(tile, U - u0);
       variance_tile(x, spread, spread_total, mean, m2, n_a, b, T, U, u0, n);
-      errors_tile(x, x, squared_total, ref_mean, ref_m2, ref_n_a, b, T, U, identity, u0, n);
+      errors_tile(x, x, squared_total, fresh_sums, ref_mean, ref_m2, ref_n_a, b, T, U, identity, u0, n);
     }
   }
   *spread_count += b;
