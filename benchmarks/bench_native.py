@@ -104,10 +104,12 @@ def update_alone(kind: str, batch: int, units: int, tiles: list[int], reps: int)
         us[f"kernel_tile{tile}"] = timed(kernel(tile))
     us["kernel_first_chunk"] = timed(holding(0))  # both with the counts set: the same two small calls more
     us["kernel_merging"] = timed(holding(batch))
-    traffic = chunk_bytes + 2 * state_bytes
+    traffic = {k: chunk_bytes + 2 * state_bytes for k in us}
+    spread_bytes = units * 8 if kind == "invariance" else 0  # the one state a first chunk still reads
+    traffic["kernel_first_chunk"] = chunk_bytes + state_bytes + spread_bytes  # (the rest written, not read)
     return {"update": kind, "batch": batch, "units": units, "layers_cycled": layers, "us": us,
             "graph_over_kernel": us["graph"] / us[f"kernel_tile{native.TILE}"],
-            "effective_GBps": {k: traffic / (v * 1e-6) / 1e9 for k, v in us.items()}}
+            "effective_GBps": {k: traffic[k] / (v * 1e-6) / 1e9 for k, v in us.items()}}
 
 
 def measure_with_and_without(reps: int) -> dict:
