@@ -26,7 +26,8 @@
    per layer and chunk (hooks, calling each compiled graph): on a GPU that time, not the kernels, bounds
    a chunk (so native.py's CPU kernel is off here). Compiled (graphs compiled ahead of time, called
    directly), in the same process through Dynamo's frame evaluation (where compiling ahead of time is
-   unavailable) and eager; and one call of the invariance update on a 2-sample chunk each of the three ways.
+   unavailable) and eager, and with the CPU kernels as a CPU runs it (``cpu_kernels``); and one call of the
+   invariance update on a 2-sample chunk each of the first three ways.
 5. A fresh process's measure() with the defaults (``--parts fresh``): a new Python process per run imports
    the package, measures the two cases of item 2 three times at the default batch_size 16 (``compile=None``:
    compiled only where that pays), then times the forward floor. Either the CPU kernels run without
@@ -80,11 +81,11 @@ PARTS = ("compile", "ops", "speed", "host", "dynamo", "fresh", "native")
 
 
 @contextlib.contextmanager
-def graphs_only() -> Iterator[None]:
+def graphs_only(kernels: bool = False) -> Iterator[None]:
     """Compiled updates as a GPU runs them: the compiled graphs, without the CPU kernel of native.py (the
-    ops a GPU would launch, the host's time per call of a graph)."""
+    ops a GPU would launch, the host's time per call of a graph); ``kernels``: the CPU kernels after all."""
     before = os.environ.get(native.ENVIRONMENT_VARIABLE)
-    os.environ[native.ENVIRONMENT_VARIABLE] = "0"
+    os.environ[native.ENVIRONMENT_VARIABLE] = "1" if kernels else "0"
     try:
         yield
     finally:
@@ -155,9 +156,9 @@ def host_per_layer_chunk(reps: int) -> dict:
     probe, tset, batch_size = torch.rand(64, 4, 6, 6), tm.transforms.rotations(4), 2
     images = [tset.apply(chunk) for chunk in probe.split(batch_size)]
 
-    def measure(measures, compile: bool, dynamo: bool = False) -> Callable[[], None]:
+    def measure(measures, compile: bool, dynamo: bool = False, kernels: bool = False) -> Callable[[], None]:
         def run() -> None:
-            with through_dynamo(dynamo):
+            with through_dynamo(dynamo), graphs_only(kernels):
                 tm.measure(model, probe, tset, measures=measures, batch_size=batch_size, compile=compile,
                            error_bars=False, dedupe_batchnorm=False)
         return run
@@ -167,6 +168,7 @@ def host_per_layer_chunk(reps: int) -> dict:
         methods[f"{label}_compiled"] = measure(measures, True)
         methods[f"{label}_compiled_through_dynamo"] = measure(measures, True, dynamo=True)
         methods[f"{label}_eager"] = measure(measures, False)
+        methods[f"{label}_cpu_kernels"] = measure(measures, True, kernels=True)  # what a CPU runs
     for run in methods.values():
         run()
     median = {m: statistics.median(ts) for m, ts in interleaved(methods, reps).items()}
