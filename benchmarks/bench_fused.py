@@ -81,11 +81,11 @@ PARTS = ("compile", "ops", "speed", "host", "dynamo", "fresh", "native")
 
 
 @contextlib.contextmanager
-def graphs_only(kernels: bool = False) -> Iterator[None]:
-    """Compiled updates as a GPU runs them: the compiled graphs, without the CPU kernel of native.py (the
-    ops a GPU would launch, the host's time per call of a graph); ``kernels``: the CPU kernels after all."""
+def cpu_kernels(on: bool) -> Iterator[None]:
+    """``on``: native.py's CPU kernels where they apply, as a CPU runs a measurement; off: the compiled
+    graphs as a GPU runs them (the ops a GPU would launch, the host's time per call of a graph)."""
     before = os.environ.get(native.ENVIRONMENT_VARIABLE)
-    os.environ[native.ENVIRONMENT_VARIABLE] = "1" if kernels else "0"
+    os.environ[native.ENVIRONMENT_VARIABLE] = "1" if on else "0"
     try:
         yield
     finally:
@@ -158,7 +158,7 @@ def host_per_layer_chunk(reps: int) -> dict:
 
     def measure(measures, compile: bool, dynamo: bool = False, kernels: bool = False) -> Callable[[], None]:
         def run() -> None:
-            with through_dynamo(dynamo), graphs_only(kernels):
+            with through_dynamo(dynamo), cpu_kernels(kernels):
                 tm.measure(model, probe, tset, measures=measures, batch_size=batch_size, compile=compile,
                            error_bars=False, dedupe_batchnorm=False)
         return run
@@ -433,7 +433,7 @@ def main() -> None:
 
     models = {"SimpleCNN": lambda: SimpleCNN(3, 10), "ResNet18Style_w0.25": lambda: ResNet18Style(3, 10, width=0.25)}
     if "ops" in args.parts:  # the chunk path (error bars off, as the targets were set), and with error bars
-        with graphs_only():
+        with cpu_kernels(False):
             figures["ops"] = {
             f"{name}/{'+'.join(measures)}/{'compiled' if compile else 'eager'}{'/error_bars' if bars else ''}":
                     ops_per_layer_per_chunk(make, measures, compile, bars)
@@ -444,7 +444,7 @@ def main() -> None:
         for key, value in figures["ops"].items():
             print(f"ops per layer per chunk {key}: {value['per_layer_per_chunk']:.2f}", flush=True)
     if "host" in args.parts:
-        with graphs_only():
+        with cpu_kernels(False):
             figures["host"] = host_per_layer_chunk(max(args.reps, 7))
         print("host µs per layer and chunk:", json.dumps({k: round(v) for k, v in figures["host"]["us_per_layer_chunk"].items()}),
               "per invariance update call:", json.dumps({k: round(v) for k, v in figures["host"]["us_per_invariance_update_call"].items()}), flush=True)
