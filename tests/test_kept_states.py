@@ -179,35 +179,30 @@ def test_one_off_measurements_keep_nothing_under_a_memory_budget():
     assert (pool.allocated, pool.reused) == (allocated, reused)
 
 
-@pytest.mark.skipif(kept_states._madvise() is None, reason="pages lazily freed: Linux only")
-def test_the_process_pool_keeps_the_last_measurements_blocks_lazily_free_and_lets_the_rest_go():
-    pool = OneOffStates(min_bytes=MIN_BYTES)
+def test_blocks_no_measurement_used_since_are_let_go_least_recently_used_first():
+    pool = OneOffStates(unused_bytes=3 * MIN_BYTES, min_bytes=MIN_BYTES)
 
     def measurement(*megabytes):
         with pool.serving():
             for m in megabytes:
-                kept_states.zeros((m * MIN_BYTES // 8,), torch.float64, "cpu").fill_(1.0)  # (resident)
+                kept_states.zeros((m * MIN_BYTES // 8,), torch.float64, "cpu")
 
-    before = lazily_free_bytes()
     measurement(1, 2)
-    measurement(2, 1)
-    assert (pool.reused, pool.allocated) == (2, 2)
-    measurement(1)  # 2 unused: let go
-    assert sorted(pool._free) == [(MIN_BYTES // 8, torch.float64)]
-    assert lazily_free_bytes() - before >= 0.9 * MIN_BYTES
-    measurement(3, 1, 2)  # another size first: the 1 MB block kept goes, none is served again
-    assert (pool.reused, pool.allocated) == (3, 5)  # (1 MB served in the third; 3, 1, 2 allocated now)
+    measurement(3)  # 1 and 2 unused: 3 MB, within the bound
     assert sorted(pool._free) == [(m * MIN_BYTES // 8, torch.float64) for m in (1, 2, 3)]
+    measurement(4)  # unused: 3 (newest) then 1 and 2: 1 and 2 go
+    assert sorted(pool._free) == [(m * MIN_BYTES // 8, torch.float64) for m in (3, 4)]
+    measurement(3)  # served again; 4 unused, over the bound alone: it goes
+    assert pool.reused == 1 and pool.kept_bytes == 3 * MIN_BYTES
     measurement()
-    assert pool.kept_bytes == 0
-    small = OneOffStates()  # by default only what glibc would map apart (32 MB and more)
-    with small.serving():
-        kept_states.zeros((MIN_BYTES // 8,), torch.float64, "cpu")
-    assert small.allocated == 0 and small.kept_bytes == 0
+    assert pool.kept_bytes == 3 * MIN_BYTES
+    measurement(1)
+    measurement(2)  # unused: 1 (newer) then 3: 3 goes
+    assert sorted(pool._free) == [(m * MIN_BYTES // 8, torch.float64) for m in (1, 2)]
 
 
 def test_a_pool_serving_one_measurement_gives_another_threads_states_of_their_own():
-    pool = OneOffStates(min_bytes=MIN_BYTES)
+    pool = OneOffStates(unused_bytes=0, min_bytes=MIN_BYTES)
     started, done = threading.Event(), threading.Event()
     theirs = []
 

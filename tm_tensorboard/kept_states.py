@@ -14,14 +14,12 @@ One-off ``measure()`` calls share the process's ``OneOffStates``: the blocks of 
 (those glibc unmaps when freed; smaller ones stay free in its heap for the next call) are kept after it returns,
 marked lazily free (Linux's ``madvise(MADV_FREE)``: the system takes such pages back when it runs short of
 memory, without writing them anywhere; until then they stay mapped, and writing them again costs no page
-fault), and the next call zeroes and reuses those of the sizes it needs (0.04 s per GB here, against 0.2-1.45 s
-per GB for fresh pages) until it asks for a state the last call did not: then it lets them all go. (So a
-call like the last pages none of them in; another costs what it cost before.) ``TM_TENSORBOARD_KEEP_STATES=0`` keeps
-nothing.
+fault), and a later call whose states have the same sizes zeroes and reuses them (0.04 s per GB here,
+against 0.2-1.45 s per GB for fresh pages). Blocks no call used since are let go least recently used
+first once they exceed a quarter of the machine's memory; ``TM_TENSORBOARD_KEEP_STATES=0`` keeps nothing.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import contextvars
 import ctypes
@@ -117,24 +115,19 @@ class KeptStates:
 
 
 class OneOffStates(KeptStates):
-    """The process's blocks for one-off measurements: the last one's, lazily freed. Only blocks of
+    """The process's blocks for one-off measurements: each one's kept after it, lazily freed; blocks no
+    measurement used since let go, least recently used first, beyond ``unused_bytes``. Only blocks of
     ``min_bytes`` or more, by default those glibc maps apart while measuring and unmaps when they are freed
     (``heap.MMAP_THRESHOLD``, 32 MB): the smaller ones stay free in the C heap after a measurement, where the
     next one finds them, and so do the process's forwards in between (kept here instead, they left the heap
     to be grown anew by the next forwards: 20-33 k page faults, +0.3-0.4 s on 0.47 s for ResNet18Style(0.25)
-    at b16 right after its measurement). Blocks the last measurement did not use are let go, as a session's,
-    and all those kept as soon as a state of 1 MB or more the last measurement did not ask for is (another
-    model or other measures; its small states tell it too, which the heap serves): on this VM, memory held
-    makes what the process allocates next come from pages the host must back anew, where memory just freed
-    is taken again at once (1 GB allocated in 0.8-2.9 s with 2 GB held lazily free, 0.17 s without;
-    ResNet18Style(0.25)'s default measures right after the reference case's 5.5-5.9 s with its blocks held
-    to the end, 2.3-2.6 s without)."""
+    at b16 right after its measurement)."""
 
-    def __init__(self, min_bytes: int = heap.MMAP_THRESHOLD):
+    def __init__(self, unused_bytes: int, min_bytes: int = heap.MMAP_THRESHOLD):
         super().__init__()
+        self.unused_bytes = unused_bytes
         self.min_bytes = min_bytes
-        self._asked: list[tuple[int, torch.dtype]] = []  # the states of 1 MB or more this measurement asked for
-        self._expected: collections.Counter = collections.Counter()  # and the last one, not asked for again yet
+        self._recency: list[torch.Tensor] = []  # the blocks held, least recently used first
 
     @staticmethod
     def _new_block(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -142,21 +135,20 @@ class OneOffStates(KeptStates):
         memory = mmap.mmap(-1, numel * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         return torch.frombuffer(memory, dtype=dtype, count=numel)
 
-    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        numel = math.prod(shape)
-        if torch.device(device).type == "cpu" and numel * dtype.itemsize >= MIN_BYTES:
-            self._asked.append((numel, dtype))
-            if self._expected[(numel, dtype)] > 0:
-                self._expected[(numel, dtype)] -= 1
-            else:  # not what the last measurement asked for: another one, which its blocks would not serve
-                self._free = {}
-        return super().zeros(shape, dtype, device)
-
     def _keep(self, used: list[torch.Tensor]) -> None:
-        super()._keep(used)
+        leased = {id(block) for block in used}
+        kept, total = [], 0
+        for block in reversed([block for block in self._recency if id(block) not in leased]):
+            total += block.numel() * block.element_size()
+            if total > self.unused_bytes:
+                break
+            kept.append(block)
         for block in used:
             _lazily_free(block)
-        self._expected, self._asked = collections.Counter(self._asked), []
+        self._recency = kept[::-1] + used
+        self._free = {}
+        for block in self._recency:
+            self._free.setdefault((block.numel(), block.dtype), []).append(block)
 
 
 @functools.lru_cache(maxsize=1)
@@ -196,7 +188,8 @@ def _process_pool() -> OneOffStates | None:
     """The process's pool, where pages can be marked lazily free (a probe on one page), else None."""
     if _madvise() is None or not _lazily_free(OneOffStates._new_block(2 * os.sysconf("SC_PAGE_SIZE"), torch.uint8)):
         return None
-    return OneOffStates()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return OneOffStates(unused_bytes=memory // 4)
 
 
 def one_off() -> KeptStates:
