@@ -11,7 +11,7 @@ import torch
 
 import tm_tensorboard as tm
 from tm_tensorboard.engine import Measurement
-from tm_tensorboard import heap, kept_states
+from tm_tensorboard import kept_states
 from tm_tensorboard.kept_states import MIN_BYTES, KeptStates, OneOffStates
 from tm_tensorboard.probe import as_probe
 from tm_tensorboard.shards import MIN_SHARD_SAMPLES
@@ -138,29 +138,21 @@ def lazily_free_bytes() -> int:
 
 
 def one_off(model, images, **keywords):
-    return tm.measure(model, images, tm.transforms.rotations(4), measures=("invariance",), batch_size=8,
-                      error_bars=2, compile=False, **keywords)
-
-
-def wide_model_and_probe():
-    """A layer of 524,288 units at 128 px: with two shards, its second shard's invariance states are one block
-    of 9 × 524,288 float64 = 36 MB, over glibc's 32 MB mmap threshold (the smaller ones stay in its heap)."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU()).eval()
-    return model, torch.rand(32, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    return tm.measure(model, images, tm.transforms.rotations(4), measures=MEASURES, batch_size=8, error_bars=2,
+                      compile=False, **keywords)
 
 
 @pytest.mark.skipif(not isinstance(kept_states.one_off(), OneOffStates), reason="pages lazily freed: Linux only")
 def test_one_off_measurements_reuse_the_previous_ones_state_memory_kept_lazily_free(monkeypatch):
-    model, images = wide_model_and_probe()
+    model, images = model_and_probe()
     pool = kept_states.one_off()
-    assert kept_states.one_off() is pool and pool.min_bytes == heap.MMAP_THRESHOLD  # the process's, for every call
+    assert kept_states.one_off() is pool  # the process's, for every one-off call
     first = arrays(one_off(model, images))
     allocated, reused = pool.allocated, pool.reused
-    assert pool.kept_bytes >= 2 * 9 * 524288 * 8  # the two layers' second shards
+    assert pool.kept_bytes >= 3 * MIN_BYTES
     assert lazily_free_bytes() >= 0.9 * pool.kept_bytes  # held, but the system may take it back
     second = one_off(model, images)
-    assert pool.allocated == allocated and pool.reused - reused >= 2  # every block served again, none new
+    assert pool.allocated == allocated and pool.reused - reused >= 3  # every block served again, none new
     assert_same(arrays(second), first)
     monkeypatch.setenv(kept_states.ENVIRONMENT_VARIABLE, "0")
     assert not isinstance(kept_states.one_off(), OneOffStates)
@@ -172,7 +164,7 @@ def test_one_off_measurements_reuse_the_previous_ones_state_memory_kept_lazily_f
 
 
 def test_one_off_measurements_keep_nothing_under_a_memory_budget():
-    model, images = wide_model_and_probe()
+    model, images = model_and_probe()
     pool = kept_states.one_off()
     allocated, reused = pool.allocated, pool.reused
     one_off(model, images, memory_budget="8GB")
@@ -180,7 +172,7 @@ def test_one_off_measurements_keep_nothing_under_a_memory_budget():
 
 
 def test_blocks_no_measurement_used_since_are_let_go_least_recently_used_first():
-    pool = OneOffStates(unused_bytes=3 * MIN_BYTES, min_bytes=MIN_BYTES)
+    pool = OneOffStates(unused_bytes=3 * MIN_BYTES)
 
     def measurement(*megabytes):
         with pool.serving():
@@ -202,7 +194,7 @@ def test_blocks_no_measurement_used_since_are_let_go_least_recently_used_first()
 
 
 def test_a_pool_serving_one_measurement_gives_another_threads_states_of_their_own():
-    pool = OneOffStates(unused_bytes=0, min_bytes=MIN_BYTES)
+    pool = OneOffStates(unused_bytes=0)
     started, done = threading.Event(), threading.Event()
     theirs = []
 

@@ -10,8 +10,7 @@ Monitor holds between steps is its last measurement's states, and blocks that me
 again are let go. A GPU needs none of this: PyTorch's caching allocator already keeps freed blocks, where
 training can use them too.
 
-One-off ``measure()`` calls share the process's ``OneOffStates``: the blocks of 32 MB or more each used
-(those glibc unmaps when freed; smaller ones stay free in its heap for the next call) are kept after it returns,
+One-off ``measure()`` calls share the process's ``OneOffStates``: what each used is kept after it returns,
 marked lazily free (Linux's ``madvise(MADV_FREE)``: the system takes such pages back when it runs short of
 memory, without writing them anywhere; until then they stay mapped, and writing them again costs no page
 fault), and a later call whose states have the same sizes zeroes and reuses them (0.04 s per GB here,
@@ -25,15 +24,12 @@ import contextvars
 import ctypes
 import functools
 import math
-import mmap
 import os
 import platform
 import threading
 from typing import Iterator
 
 import torch
-
-from . import heap
 
 __all__ = ["KeptStates", "OneOffStates", "one_off", "zeros", "MIN_BYTES", "ENVIRONMENT_VARIABLE"]
 
@@ -59,7 +55,6 @@ class KeptStates:
         self._leased: list[torch.Tensor] = []
         self._lock = threading.Lock()
         self._busy = False  # serving a measurement (another thread's measurement then gets fresh states)
-        self.min_bytes = MIN_BYTES  # smaller blocks come from the C heap, not kept
         self.reused = 0  # blocks served again, and blocks allocated anew (for tests and benchmarks)
         self.allocated = 0
 
@@ -88,10 +83,6 @@ class KeptStates:
             with self._lock:
                 self._busy = False
 
-    @staticmethod
-    def _new_block(numel: int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.zeros(numel, dtype=dtype)
-
     def _keep(self, used: list[torch.Tensor]) -> None:
         """After a measurement: keep the blocks it ``used``, let the rest go."""
         self._free = {}
@@ -101,14 +92,14 @@ class KeptStates:
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         """A zero tensor of ``shape``: a kept block of its size on CPU, else a new one (kept from now on)."""
         numel = math.prod(shape)
-        if torch.device(device).type != "cpu" or numel * dtype.itemsize < self.min_bytes:
+        if torch.device(device).type != "cpu" or numel * dtype.itemsize < MIN_BYTES:
             return torch.zeros(shape, dtype=dtype, device=device)
         free = self._free.get((numel, dtype))
         if free:
             block = free.pop().zero_()
             self.reused += 1
         else:
-            block = self._new_block(numel, dtype)
+            block = torch.zeros(numel, dtype=dtype, device=device)
             self.allocated += 1
         self._leased.append(block)
         return block.view(shape)
@@ -116,24 +107,12 @@ class KeptStates:
 
 class OneOffStates(KeptStates):
     """The process's blocks for one-off measurements: each one's kept after it, lazily freed; blocks no
-    measurement used since let go, least recently used first, beyond ``unused_bytes``. Only blocks of
-    ``min_bytes`` or more, by default those glibc maps apart while measuring and unmaps when they are freed
-    (``heap.MMAP_THRESHOLD``, 32 MB): the smaller ones stay free in the C heap after a measurement, where the
-    next one finds them, and so do the process's forwards in between (kept here instead, they left the heap
-    to be grown anew by the next forwards: 20-33 k page faults, +0.3-0.4 s on 0.47 s for ResNet18Style(0.25)
-    at b16 right after its measurement)."""
+    measurement used since let go, least recently used first, beyond ``unused_bytes``."""
 
-    def __init__(self, unused_bytes: int, min_bytes: int = heap.MMAP_THRESHOLD):
+    def __init__(self, unused_bytes: int):
         super().__init__()
         self.unused_bytes = unused_bytes
-        self.min_bytes = min_bytes
         self._recency: list[torch.Tensor] = []  # the blocks held, least recently used first
-
-    @staticmethod
-    def _new_block(numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A block mapped apart (zero pages until written), whatever the allocator's settings."""
-        memory = mmap.mmap(-1, numel * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        return torch.frombuffer(memory, dtype=dtype, count=numel)
 
     def _keep(self, used: list[torch.Tensor]) -> None:
         leased = {id(block) for block in used}
@@ -186,7 +165,8 @@ def _enabled() -> bool:
 @functools.lru_cache(maxsize=1)
 def _process_pool() -> OneOffStates | None:
     """The process's pool, where pages can be marked lazily free (a probe on one page), else None."""
-    if _madvise() is None or not _lazily_free(OneOffStates._new_block(2 * os.sysconf("SC_PAGE_SIZE"), torch.uint8)):
+    probe = torch.zeros(2 * os.sysconf("SC_PAGE_SIZE") // 8, dtype=torch.float64)
+    if _madvise() is None or not _lazily_free(probe):
         return None
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return OneOffStates(unused_bytes=memory // 4)
