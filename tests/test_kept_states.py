@@ -1,18 +1,14 @@
 """A session's measurements on CPU reuse the memory of the previous one's streaming states: the same
 numbers bit for bit, nothing allocated anew, results already returned untouched, nothing kept under a
-memory budget; one-off measurements reuse the process's, kept lazily freed in between (``kept_states.py``)."""
+memory budget (``kept_states.py``)."""
 from __future__ import annotations
 
-import threading
-
 import numpy as np
-import pytest
 import torch
 
 import tm_tensorboard as tm
 from tm_tensorboard.engine import Measurement
-from tm_tensorboard import kept_states
-from tm_tensorboard.kept_states import MIN_BYTES, KeptStates, OneOffStates
+from tm_tensorboard.kept_states import MIN_BYTES, KeptStates
 from tm_tensorboard.probe import as_probe
 from tm_tensorboard.shards import MIN_SHARD_SAMPLES
 from tm_tensorboard.examples.models import SimpleCNN
@@ -128,89 +124,3 @@ def test_error_bars_take_k_sets_of_states_where_the_kernels_finalize(monkeypatch
         np.testing.assert_allclose(results[True].stderr(measure, layer), results[False].stderr(measure, layer),
                                    rtol=1e-6)  # (the compiled and eager chunk moments differ at float32 rounding)
         np.testing.assert_allclose(results[True].get(measure, layer), results[False].get(measure, layer), rtol=1e-6)
-
-
-def lazily_free_bytes() -> int:
-    """This process's pages marked lazily free and not yet taken back (Linux's smaps_rollup)."""
-    with open("/proc/self/smaps_rollup") as rollup:
-        line = next(line for line in rollup if line.startswith("LazyFree:"))
-    return int(line.split()[1]) * 1024
-
-
-def one_off(model, images, **keywords):
-    return tm.measure(model, images, tm.transforms.rotations(4), measures=MEASURES, batch_size=8, error_bars=2,
-                      compile=False, **keywords)
-
-
-@pytest.mark.skipif(not isinstance(kept_states.one_off(), OneOffStates), reason="pages lazily freed: Linux only")
-def test_one_off_measurements_reuse_the_previous_ones_state_memory_kept_lazily_free(monkeypatch):
-    model, images = model_and_probe()
-    pool = kept_states.one_off()
-    assert kept_states.one_off() is pool  # the process's, for every one-off call
-    first = arrays(one_off(model, images))
-    allocated, reused = pool.allocated, pool.reused
-    assert pool.kept_bytes >= 3 * MIN_BYTES
-    assert lazily_free_bytes() >= 0.9 * pool.kept_bytes  # held, but the system may take it back
-    second = one_off(model, images)
-    assert pool.allocated == allocated and pool.reused - reused >= 3  # every block served again, none new
-    assert_same(arrays(second), first)
-    monkeypatch.setenv(kept_states.ENVIRONMENT_VARIABLE, "0")
-    assert not isinstance(kept_states.one_off(), OneOffStates)
-    assert_same(arrays(one_off(model, images)), first)  # states of its own, given back: the same numbers
-    assert pool.allocated == allocated
-    monkeypatch.setenv(kept_states.ENVIRONMENT_VARIABLE, "maybe")
-    with pytest.raises(ValueError, match=kept_states.ENVIRONMENT_VARIABLE):
-        kept_states.one_off()
-
-
-def test_one_off_measurements_keep_nothing_under_a_memory_budget():
-    model, images = model_and_probe()
-    pool = kept_states.one_off()
-    allocated, reused = pool.allocated, pool.reused
-    one_off(model, images, memory_budget="8GB")
-    assert (pool.allocated, pool.reused) == (allocated, reused)
-
-
-def test_blocks_no_measurement_used_since_are_let_go_least_recently_used_first():
-    pool = OneOffStates(unused_bytes=3 * MIN_BYTES)
-
-    def measurement(*megabytes):
-        with pool.serving():
-            for m in megabytes:
-                kept_states.zeros((m * MIN_BYTES // 8,), torch.float64, "cpu")
-
-    measurement(1, 2)
-    measurement(3)  # 1 and 2 unused: 3 MB, within the bound
-    assert sorted(pool._free) == [(m * MIN_BYTES // 8, torch.float64) for m in (1, 2, 3)]
-    measurement(4)  # unused: 3 (newest) then 1 and 2: 1 and 2 go
-    assert sorted(pool._free) == [(m * MIN_BYTES // 8, torch.float64) for m in (3, 4)]
-    measurement(3)  # served again; 4 unused, over the bound alone: it goes
-    assert pool.reused == 1 and pool.kept_bytes == 3 * MIN_BYTES
-    measurement()
-    assert pool.kept_bytes == 3 * MIN_BYTES
-    measurement(1)
-    measurement(2)  # unused: 1 (newer) then 3: 3 goes
-    assert sorted(pool._free) == [(m * MIN_BYTES // 8, torch.float64) for m in (1, 2)]
-
-
-def test_a_pool_serving_one_measurement_gives_another_threads_states_of_their_own():
-    pool = OneOffStates(unused_bytes=0)
-    started, done = threading.Event(), threading.Event()
-    theirs = []
-
-    def other():
-        started.wait()
-        with pool.serving():
-            theirs.append(kept_states.zeros((MIN_BYTES // 8,), torch.float64, "cpu"))
-        done.set()
-
-    thread = threading.Thread(target=other)
-    thread.start()
-    with pool.serving():
-        mine = kept_states.zeros((MIN_BYTES // 8,), torch.float64, "cpu")
-        started.set()
-        done.wait(30)
-    thread.join()
-    held = pool._free[(MIN_BYTES // 8, torch.float64)]
-    assert pool.allocated == 1 and len(held) == 1 and held[0].data_ptr() == mine.data_ptr()
-    assert theirs and theirs[0].data_ptr() != mine.data_ptr()

@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import nn
 
-from . import distributed, fused, heap, kept_states, lie, memory, native
+from . import distributed, fused, heap, lie, memory, native
 from .actions import FeatureAction, identity
 from .capture import (
     AffineBatchNorms,
@@ -197,7 +197,6 @@ def measure(
     with preserved_rng_state():  # reading a shuffling DataLoader draws random numbers
         samples = as_probe(probe, labels=labels, num_samples=num_samples)
     session.use_labels(samples)
-    session.kept_states = kept_states.one_off()  # what one-off calls keep for the next (``kept_states.py``)
     return session.run(samples)
 
 
