@@ -105,14 +105,15 @@ static inline void fold_moments(const float* rows, int64_t stride, int64_t b, in
       double* mp = mean + u + h * ND;
       double* qp = m2 + u + h * ND;
       const VD chunk_mean = s[h] / VD(static_cast<double>(b));
+      const VD chunk_m2 = q[h] - s[h] * chunk_mean;
       if (fresh) {
-        (q[h] - s[h] * chunk_mean).store(qp);
+        chunk_m2.store(qp);
         (z[h] + chunk_mean).store(mp);
         continue;
       }
       const VD old = VD::loadu(mp);
       const VD delta = (old - z[h]) - chunk_mean;
-      (VD::loadu(qp) + (q[h] - s[h] * chunk_mean) + delta * delta * VD(nw)).store(qp);
+      (VD::loadu(qp) + chunk_m2 + delta * delta * VD(nw)).store(qp);
       (old - delta * VD(w)).store(mp);
     }
   }
@@ -124,14 +125,14 @@ static inline void fold_moments(const float* rows, int64_t stride, int64_t b, in
       s += e;
       q += e * e;
     }
-    const double chunk_mean = s / static_cast<double>(b);
+    const double chunk_mean = s / static_cast<double>(b), chunk_m2 = q - s * chunk_mean;
     if (fresh) {
-      m2[u] = q - s * chunk_mean;
+      m2[u] = chunk_m2;
       mean[u] = z + chunk_mean;
       continue;
     }
     const double delta = (mean[u] - z) - chunk_mean;
-    m2[u] += (q - s * chunk_mean) + delta * delta * nw;
+    m2[u] += chunk_m2 + delta * delta * nw;
     mean[u] -= delta * w;
   }
 }
@@ -198,13 +199,8 @@ static inline void errors_tile(const float* x, const float* r, double* squared_t
         a[0] = a[0] + d2[0];
         a[1] = a[1] + d2[1];
       }
-      if (fresh_sums) {
-        a[0].store(st + u);
-        a[1].store(st + u + ND);
-        continue;
-      }
-      (VD::loadu(st + u) + a[0]).store(st + u);
-      (VD::loadu(st + u + ND) + a[1]).store(st + u + ND);
+      (fresh_sums ? a[0] : VD::loadu(st + u) + a[0]).store(st + u);
+      (fresh_sums ? a[1] : VD::loadu(st + u + ND) + a[1]).store(st + u + ND);
     }
     for (int64_t u = whole; u < n; u++) {
       double a = 0.0;
