@@ -9,10 +9,12 @@
 2. The small example model (SimpleCNN, width 0.5, 1×32×32 glyphs) trained with Adam, batch 64: training
    time of the same loop without and with the two Monitor lines (every=100, probe 256, rotations(16),
    batch_size 16; invariance + same-equivariance + accuracy, and invariance + accuracy), interleaved in
-   one run, and the forward floor of one measurement (the probe's N·T transformed images through the
-   model at 256 per forward, eval, no autograd): what each measurement costs the loop (writing
-   included) as a multiple of that floor. Making the first Monitor compiles the fused statistics: its
-   time, the compile time and the first measurement are recorded apart.
+   one run (alternating which of the two loops runs first), and the forward floor of one measurement (the
+   probe's N·T transformed images through the model at 256 per forward, eval, no autograd, the heap kept
+   as a measurement keeps it; median of 3 warm passes): what each measurement costs the loop (writing
+   included) as a multiple of that floor, from the medians of the loops and from each repeat's pair of
+   loops (``*_paired``). Making the first Monitor compiles the fused statistics: its time, the compile
+   time and the first measurement are recorded apart.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import tm_tensorboard as tm
+from tm_tensorboard import heap
 from tm_tensorboard.engine import Measurement
 from tm_tensorboard.probe import as_probe
 from provenance import save_results, source_version
@@ -109,16 +112,23 @@ def train(steps: int, monitor_dir: Path | None, data: tuple, probe: tuple, measu
     return out
 
 
-def forward_floor(model: torch.nn.Module, probe: torch.Tensor) -> float:
-    """Seconds to forward the probe's N·T transformed images, BATCH·T per forward (eval, no autograd)."""
+def forward_floor(model: torch.nn.Module, probe: torch.Tensor, passes: int = 3) -> float:
+    """Seconds to forward the probe's N·T transformed images, BATCH·T per forward (eval, no autograd), with
+    the C heap as a measurement sets it (``heap.freed_memory_kept``, as ``bench_fused.py``'s floor): one
+    pass untimed, then the median of ``passes``. A single cold pass page-faulted its activations in anew
+    and took 0.36-0.72 s for the same model in one invocation (stop 40), which made the ratio swing."""
     tset = tm.transforms.rotations(T_ROT)
     batches = [tset.apply(chunk) for chunk in probe.split(BATCH)]
     model.eval()
-    start = time.perf_counter()
-    with torch.no_grad():
-        for batch in batches:
-            model(batch)
-    return time.perf_counter() - start
+    times = []
+    with torch.no_grad(), heap.freed_memory_kept():
+        for timed in range(passes + 1):
+            start = time.perf_counter()
+            for batch in batches:
+                model(batch)
+            if timed:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def training_overhead(steps: int, repeats: int, measures: tuple[str, ...]) -> dict:
@@ -133,15 +143,19 @@ def training_overhead(steps: int, repeats: int, measures: tuple[str, ...]) -> di
     with tempfile.TemporaryDirectory() as tmp:
         first = train(EVERY, Path(tmp) / "warm", data, test, measures)  # compiles; its one measurement is the first
         train(20, None, data, test, measures)
-        for r in range(repeats):
-            runs["without"].append(train(steps, None, data, test, measures))
-            runs["with"].append(train(steps, Path(tmp) / f"run{r}", data, test, measures))
+        for r in range(repeats):  # the two loops in alternating order: neither always runs first
+            for monitored in ((False, True) if r % 2 == 0 else (True, False)):
+                key, logdir = ("with", Path(tmp) / f"run{r}") if monitored else ("without", None)
+                runs[key].append(train(steps, logdir, data, test, measures))
             runs["floor"].append(forward_floor(runs["with"][-1]["model"], test[0]))
     plain = statistics.median(r["seconds"] for r in runs["without"])
     monitored = statistics.median(r["seconds"] for r in runs["with"])
     floor = statistics.median(runs["floor"])
     measurements = steps // EVERY
     per_measurement = (monitored - plain) / measurements
+    # each repeat's own difference (its two loops ran back to back): less exposed to drift between repeats
+    paired = statistics.median((w["seconds"] - wo["seconds"]) / measurements
+                               for w, wo in zip(runs["with"], runs["without"]))
     step_seconds = [s for r in runs["with"] for s in r["measured_step_seconds"]]
     return {
         "measures": list(measures),
@@ -157,6 +171,8 @@ def training_overhead(steps: int, repeats: int, measures: tuple[str, ...]) -> di
         "seconds_per_measurement": per_measurement,
         "forward_floor_seconds": floor,
         "measurement_over_floor": per_measurement / floor,
+        "seconds_per_measurement_paired": paired,
+        "measurement_over_floor_paired": paired / floor,
         "monitor_step_seconds_median": statistics.median(step_seconds),
         "monitor_step_over_floor": statistics.median(step_seconds) / floor,
         "overhead_fraction": monitored / plain - 1,
@@ -174,7 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "monitor.json"))
     parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(2)
     block = np.ones(64 << 20, dtype=np.uint8)  # the allocator as in a training process (bench_fused.py)
