@@ -1,6 +1,7 @@
 """The CPU kernels of native.py (invariance's and per_transformation's updates) against the compiled graphs.
 
-    python benchmarks/bench_native.py            # ~5 min on an idle 2-core machine
+    python benchmarks/bench_native.py                  # ~5 min on an idle 2-core machine
+    python benchmarks/bench_native.py --updates-only   # part 1 alone
 
 1. The update alone: one [b·T, U] float32 chunk folded into float64 states, T = 16, U from 512 to 65,536
    units, invariance's at b = 4 and 16, per_transformation's at 4 and 8 (its sample blocks on CPU), by the
@@ -9,7 +10,9 @@
    the states and chunks leave the caches, as in a measurement. The kernel also into states of no samples
    (a shard's first chunk: the moments and squared sums written without being read) against merging.
    The traffic an update must move (the chunk read once, the states read and written) over its time: the
-   effective bandwidth, against this machine's (bench_roofline.py).
+   effective bandwidth, against this machine's (bench_roofline.py); and invariance's kernel against the
+   same traffic moved with one addition a value, tile by tile (``traffic_only``): what its arithmetic
+   adds where it does not overlap the memory traffic.
 2. ``measure()`` with the kernels (all of native.py's: the updates', the inverse warp's, the error bars'
    replicates') and without them (TM_TENSORBOARD_NATIVE=0: the compiled graphs), interleaved
    with the forward-only floor in one run, on bench_fused's two cases (the reference case, N = 256, and
@@ -51,6 +54,53 @@ def _error_states(units: int) -> list[torch.Tensor]:
     f64 = torch.float64
     return [torch.zeros(T, units, dtype=f64), torch.zeros((), dtype=torch.int64), torch.zeros(units, dtype=f64),
             torch.zeros(units, dtype=f64), torch.zeros((), dtype=torch.int64)]
+
+
+# The bytes invariance's update cannot avoid moving, with as little arithmetic as reading needs: each tile's
+# rows read row by row (one addition a value, kept so that the reads stay), then its states' rows read and
+# written (one addition each). What the kernel takes over this is what its arithmetic costs where it does
+# not overlap the memory traffic.
+_TRAFFIC_SOURCE = r"""
+extern "C" void kernel(const float* x, double* mean, double* m2, float* sink, const int64_t b, const int64_t T,
+                       const int64_t U, const int64_t tile) {
+  const int64_t tiles = (U + tile - 1) / tile, TU = T * U;
+  #pragma omp parallel
+  {
+    VF total(0.0f);
+    #pragma omp for schedule(static)
+    for (int64_t k = 0; k < tiles; k++) {
+      const int64_t u0 = k * tile, n = std::min(tile, U - u0);
+      for (int64_t i = 0; i < b; i++) {
+        for (int64_t t = 0; t < T; t++) {
+          const float* row = x + i * TU + t * U + u0;
+          for (int64_t u = 0; u + NF <= n; u += NF) total = total + VF::loadu(row + u);
+        }
+      }
+      for (int64_t t = 0; t < T; t++) {
+        double* mp = mean + t * U + u0;
+        double* qp = m2 + t * U + u0;
+        for (int64_t u = 0; u + ND <= n; u += ND) {
+          (VD::loadu(mp + u) + VD(1.0)).store(mp + u);
+          (VD::loadu(qp + u) + VD(1.0)).store(qp + u);
+        }
+      }
+    }
+    float lanes[NF];
+    total.store(lanes);
+    sink[omp_get_thread_num() % 64] = lanes[0];
+  }
+}
+"""
+_TRAFFIC = native._Kernel("traffic floor", native._PRELUDE + _TRAFFIC_SOURCE,
+                          ["const float*", "double*", "double*", "float*"] + ["const int64_t"] * 4)
+
+
+def traffic_only(x: torch.Tensor, states: list[torch.Tensor], sink: torch.Tensor) -> None:
+    """``_TRAFFIC_SOURCE`` on invariance's chunk ``x`` [b·T, U] and states, in native.TILE-unit tiles."""
+    units = states[0].numel()
+    call = _TRAFFIC.get()
+    assert call is not None, _TRAFFIC.failed
+    call(x, states[2], states[3], sink, x.shape[0] // T, T, units, native.TILE)
 
 
 # per update kind: its states, the compiled graph (never the kernel), the kernel, the states' bytes
@@ -104,11 +154,16 @@ def update_alone(kind: str, batch: int, units: int, tiles: list[int], reps: int)
         us[f"kernel_tile{tile}"] = timed(kernel(tile))
     us["kernel_first_chunk"] = timed(holding(0))  # both with the counts set: the same two small calls more
     us["kernel_merging"] = timed(holding(batch))
+    if kind == "invariance":
+        sink = torch.zeros(64)
+        us["traffic_only"] = timed(lambda x, s: traffic_only(x, s, sink))
     traffic = {k: chunk_bytes + 2 * state_bytes for k in us}
     spread_bytes = units * 8 if kind == "invariance" else 0  # the one state a first chunk still reads
     traffic["kernel_first_chunk"] = chunk_bytes + state_bytes + spread_bytes  # (the rest written, not read)
+    kernel_us = us[f"kernel_tile{native.TILE}"]
     return {"update": kind, "batch": batch, "units": units, "layers_cycled": layers, "us": us,
-            "graph_over_kernel": us["graph"] / us[f"kernel_tile{native.TILE}"],
+            "graph_over_kernel": us["graph"] / kernel_us,
+            "kernel_over_traffic_only": kernel_us / us["traffic_only"] if "traffic_only" in us else None,
             "effective_GBps": {k: traffic[k] / (v * 1e-6) / 1e9 for k, v in us.items()}}
 
 
@@ -147,6 +202,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tiles", type=int, nargs="+", default=[128, 256, native.TILE, 1024])
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--updates-only", action="store_true", help="part 1 only (~2 min)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     warm_allocator()
@@ -162,7 +218,8 @@ def main() -> None:
                 print(f"{kind} b{batch} U{units}: " + ", ".join(f"{k} {v:.0f} µs" for k, v in row["us"].items()),
                       flush=True)
     figures["update_alone"] = updates
-    figures["measure"] = measure_with_and_without(args.reps)
+    if not args.updates_only:
+        figures["measure"] = measure_with_and_without(args.reps)
     figures["seconds"] = time.perf_counter() - started
     save_results(figures, args.output)
 
