@@ -116,7 +116,7 @@ def forward_floor(model: torch.nn.Module, probe: torch.Tensor, passes: int = 3) 
     """Seconds to forward the probe's N·T transformed images, BATCH·T per forward (eval, no autograd), with
     the C heap as a measurement sets it (``heap.freed_memory_kept``, as ``bench_fused.py``'s floor): one
     pass untimed, then the median of ``passes``. A single cold pass with glibc's own settings took 0.42-0.72 s
-    within one invocation and 0.36-0.38 s in two others for the same model (stop 40): the ratio swung."""
+    within one invocation and 0.36-0.39 s in two others for the same model (stop 40): the ratio swung."""
     tset = tm.transforms.rotations(T_ROT)
     batches = [tset.apply(chunk) for chunk in probe.split(BATCH)]
     model.eval()
