@@ -161,6 +161,8 @@ def update_alone(kind: str, batch: int, units: int, tiles: list[int], reps: int)
     traffic = {k: chunk_bytes + 2 * state_bytes for k in us}
     spread_bytes = units * 8 if kind == "invariance" else 0  # the one state a first chunk still reads
     traffic["kernel_first_chunk"] = chunk_bytes + state_bytes + spread_bytes  # (the rest written, not read)
+    if "traffic_only" in us:  # the moments' states only: it leaves the spread's sums alone
+        traffic["traffic_only"] = chunk_bytes + 2 * (state_bytes - spread_bytes)
     kernel_us = us[f"kernel_tile{native.TILE}"]
     return {"update": kind, "batch": batch, "units": units, "layers_cycled": layers, "us": us,
             "graph_over_kernel": us["graph"] / kernel_us,
