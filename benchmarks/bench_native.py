@@ -4,7 +4,7 @@
     python benchmarks/bench_native.py --updates-only   # part 1 alone
 
 1. The update alone: one [b·T, U] float32 chunk folded into float64 states, T = 16, U from 512 to 65,536
-   units, invariance's at b = 4 and 16, per_transformation's at 4 and 8 (its sample blocks on CPU), by the
+   units (``--units``, ``--kinds``), invariance's at b = 4 and 16, per_transformation's at 4 and 8 (its sample blocks on CPU), by the
    compiled graph and by the kernel (and the kernel with other largest tiles,
    ``native.TILE``: ``--tiles``; a small layer gets smaller ones, two per thread); enough layers cycled that
    the states and chunks leave the caches, as in a measurement. The kernel also into states of no samples
@@ -206,6 +206,10 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, nargs="+", default=[128, 256, native.TILE, 1024])
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--updates-only", action="store_true", help="part 1 only (~2 min)")
+    parser.add_argument("--units", type=int, nargs="+", default=[512, 4096, 16384, 65536],
+                        help="layer sizes of part 1 (e.g. 16384 16400: a row stride off a multiple of 4 KB)")
+    parser.add_argument("--kinds", nargs="+", choices=("invariance", "per_transformation"),
+                        default=["invariance", "per_transformation"], help="updates of part 1")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     warm_allocator()
@@ -214,8 +218,10 @@ def main() -> None:
                                "tile": native.TILE}
     updates = []
     for kind, batches in (("invariance", (4, 16)), ("per_transformation", (4, 8))):  # (8: DIFFERENCE_BLOCK)
+        if kind not in args.kinds:
+            continue
         for batch in batches:
-            for units in (512, 4096, 16384, 65536):
+            for units in args.units:
                 updates.append(update_alone(kind, batch, units, sorted(set(args.tiles)), args.reps))
                 row = updates[-1]
                 print(f"{kind} b{batch} U{units}: " + ", ".join(f"{k} {v:.0f} µs" for k, v in row["us"].items()),
