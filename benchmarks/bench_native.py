@@ -4,8 +4,8 @@
     python benchmarks/bench_native.py --updates-only   # part 1 alone
 
 1. The update alone: one [b·T, U] float32 chunk folded into float64 states, T = 16, U from 512 to 65,536
-   units (``--units``, ``--kinds``), invariance's at b = 4 and 16, per_transformation's at 4 and 8 (its sample blocks on CPU), by the
-   compiled graph and by the kernel (and the kernel with other largest tiles,
+   units (``--units``), invariance's at b = 4 and 16, per_transformation's at 4 and 8 (its sample blocks on
+   CPU; ``--kinds``), by the compiled graph and by the kernel (and the kernel with other largest tiles,
    ``native.TILE``: ``--tiles``; a small layer gets smaller ones, two per thread); enough layers cycled that
    the states and chunks leave the caches, as in a measurement. The kernel also into states of no samples
    (a shard's first chunk: the moments and squared sums written without being read) against merging.
