@@ -208,8 +208,8 @@ def main() -> None:
     parser.add_argument("--updates-only", action="store_true", help="part 1 only (~2 min)")
     parser.add_argument("--units", type=int, nargs="+", default=[512, 4096, 16384, 65536],
                         help="layer sizes of part 1 (e.g. 16384 16400: a row stride off a multiple of 4 KB)")
-    parser.add_argument("--kinds", nargs="+", choices=("invariance", "per_transformation"),
-                        default=["invariance", "per_transformation"], help="updates of part 1")
+    parser.add_argument("--kinds", nargs="+", choices=tuple(UPDATES), default=list(UPDATES),
+                        help="updates of part 1")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     warm_allocator()
