@@ -12,8 +12,7 @@ rotations, the default measures (invariance + same-equivariance), ``batch_size=4
   then passes); what it chose is recorded;
 - width 0.25 with exact states: ``state_dtype=torch.float64``, every position.
 - (``--cases "width 0.25, exact float64 states, no budget"``) the same without ``memory_budget=``: the heap
-  then keeps blocks above 32 MB through the whole measurement (``tm_tensorboard/heap.py``; under a budget,
-  until the resident set nears it).
+  then keeps blocks above 32 MB while measuring (``tm_tensorboard/heap.py``), which a budget does not allow.
 
 Every run is a fresh process: its peak memory is the growth of its resident set (``ru_maxrss``) over what
 the model and the probe took before it. A measurement run makes the ``tm.Monitor``'s preparation first
@@ -55,7 +54,7 @@ T = 16
 CASES = {
     "width 1, automatic choice": dict(width=1.0, keywords=dict(positions="auto")),
     "width 0.25, exact float64 states": dict(width=0.25, keywords=dict(state_dtype="float64")),
-    # (not by default) without memory_budget=: no resident-set check on the heap's large blocks (heap.py)
+    # (not by default) without memory_budget=, whose heap keeps blocks above 32 MB while measuring (heap.py)
     "width 0.25, exact float64 states, no budget": dict(width=0.25, keywords=dict(state_dtype="float64"), budget=None),
 }
 DEFAULT_CASES = ("width 1, automatic choice", "width 0.25, exact float64 states")

@@ -731,9 +731,8 @@ class Measurement:
         same merged result.
         """
         on_cpu = self.device(probe).type == "cpu"
-        # the C heap keeps what chunks free (heap.py); under a budget until the resident set outgrows the plan
-        limit = None if self.memory_budget is None else lambda: self._planned_peak(probe, classes)
-        kept = heap.freed_memory_kept(growth_limit=limit) if on_cpu else contextlib.nullcontext(heap.no_check)
+        # the C heap keeps what chunks free (heap.py), under a budget until the resident set nears it
+        kept = heap.freed_memory_kept(growth_limit=self.memory_budget) if on_cpu else contextlib.nullcontext(heap.no_check)
         with kept as self._check_heap, self._keeping_states(on_cpu):
             try:
                 if distributed.process_group() is not None:
@@ -745,12 +744,6 @@ class Measurement:
                 return self.finalize(observers, accuracy, len(probe), classes)
             finally:
                 self._check_heap = heap.no_check
-
-    def _planned_peak(self, probe: Probe, classes: list[int] | None) -> int:
-        """Under ``memory_budget``: the memory a pass over ``probe`` is planned to take, the estimate of one
-        pass over every layer or, over several passes, the budget."""
-        classes = classes if classes is not None else self.classes(probe)
-        return min(self.memory_budget, self.estimate_memory(probe, classes).total_bytes)
 
     def _keeping_states(self, on_cpu: bool) -> contextlib.AbstractContextManager:
         """The states of a measurement on CPU come from the previous one's memory and are kept for the next

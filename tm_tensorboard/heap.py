@@ -10,8 +10,7 @@ of the Monitor's example model, ``tests/test_heap.py``; a measurement at batch_s
 and serves every block from the heap (glibc's mmap count limit set to 0: no threshold above 32 MB can be
 set), so the heap grows to what one chunk needs and no further; after it, glibc's own settings again.
 Under a memory budget the heap serves blocks above 32 MB too, until the process's resident set has grown
-since the measurement began by the memory the plan estimated (at most the budget) less the largest
-activation (checked before every layer's update):
+since the measurement began by the budget less the largest activation (checked before every layer's update):
 then the heap gives its free memory back and blocks above 32 MB are mapped apart for the rest, as glibc
 would; after the measurement the heap gives its free memory back, so nothing outside the plan stays held.
 (Before, a budget always mapped them apart: a 205 MB activation freed into the heap had taken ResNet-50 at
@@ -87,13 +86,13 @@ def _enabled() -> bool:
 
 _LOCK = threading.Lock()
 _DEPTH = [0]  # measurements running (the thresholds are the process's, not a thread's)
-_BOUNDED = [0]  # of them, those under a memory budget whose resident set neared it
+_BOUNDED = [0]  # of them, those under a memory budget
 _APART = [0]  # allocations inside mapped_apart, in any thread
 
 
 def _set_mmap_max(libc: ctypes.CDLL) -> None:
-    """Blocks above 32 MB come from the heap while measurements run, unless one under a memory budget neared
-    it or one is allocating its states."""
+    """Blocks above 32 MB come from the heap while measurements run, unless one is under a memory budget or
+    allocating its states."""
     libc.mallopt(_M_MMAP_MAX, 0 if _DEPTH[0] and not _BOUNDED[0] and not _APART[0] else MMAP_MAX)
 
 
@@ -108,22 +107,17 @@ def resident_bytes() -> int:
 
 class _GrowthCheck:
     """Called before each layer's update under a memory budget with the bytes of that layer's activation:
-    once the resident set has grown since the check was made by more than ``limit()`` (asked at the first
-    call) less the largest of them (what the forward may add before the next check), the heap gives its free
-    memory back and blocks above 32 MB are mapped apart for the rest of the measurement."""
+    once the resident set has grown since the check was made by more than ``limit`` less the largest of them
+    (what the forward may add before the next check), the heap gives its free memory back and blocks above
+    32 MB are mapped apart for the rest of the measurement."""
 
-    def __init__(self, libc: ctypes.CDLL, limit: Callable[[], int]):
-        self.libc, self._limit, self.limit, self.margin, self.tripped = libc, limit, None, 0, False
+    def __init__(self, libc: ctypes.CDLL, limit: int):
+        self.libc, self.limit, self.margin, self.tripped = libc, limit, 0, False
         self.start = resident_bytes()
 
     def __call__(self, activation_bytes: int = 0) -> None:
-        if self.tripped or self.limit == -1:  # (-1: being asked; limit() may forward the model, as discovery)
-            return
-        if self.limit is None:
-            self.limit = -1
-            self.limit = self._limit()
         self.margin = max(self.margin, activation_bytes)
-        if resident_bytes() - self.start <= self.limit - self.margin:
+        if self.tripped or resident_bytes() - self.start <= self.limit - self.margin:
             return
         with _LOCK:
             self.tripped = True
@@ -137,34 +131,34 @@ def no_check(activation_bytes: int = 0) -> None:
 
 
 @contextlib.contextmanager
-def freed_memory_kept(growth_limit: Callable[[], int] | None = None) -> Iterator[Callable[[int], None]]:
-    """While inside: the C heap keeps the memory freed at its top (up to 2 GB) instead of giving it back, and
-    serves blocks above 32 MB too (none mapped apart but inside ``mapped_apart``); on leaving the last one,
-    glibc's own 64 MB trim threshold and mapped blocks above 32 MB again. Re-entrant; nothing where not
-    glibc. Yields the check to call before each layer's update with that layer's activation bytes.
+def freed_memory_kept(large_blocks: bool = True, growth_limit: int | None = None) -> Iterator[Callable[[int], None]]:
+    """While inside: the C heap keeps the memory freed at its top (up to 2 GB) instead of giving it back,
+    and, with ``large_blocks``, serves blocks above 32 MB too (none mapped apart but inside
+    ``mapped_apart``); on leaving the last one, glibc's own 64 MB trim threshold and mapped blocks above
+    32 MB again. Re-entrant; nothing where not glibc. Yields the check to call before each layer's update.
 
-    ``growth_limit`` (a measurement under a memory budget: a function giving bytes, asked at the first check):
-    large blocks come from the heap only until the check finds the resident set grown since entering by more
-    than that less the largest activation it was given; then they are mapped apart again (large blocks freed into the heap are memory the process holds
-    beside the budget's plan: 2 GB over a 4 GB budget once, ResNet-50 at width 1 with 205 MB activations).
-    On leaving, the heap's free memory is given back."""
+    ``growth_limit`` (bytes; a measurement under a memory budget): large blocks are served from the heap only
+    until the check finds the resident set grown since entering by more than that less the largest activation
+    it was given, as ``large_blocks=False`` after (large blocks freed into the heap are memory the process holds beside the budget's plan: 2 GB over
+    it once at ResNet-50 width 1, 205 MB activations); on leaving, the heap's free memory is given back."""
     libc = _libc() if _enabled() else None
     if libc is None:
         yield no_check
         return
-    check = None if growth_limit is None else _GrowthCheck(libc, growth_limit)
+    check = _GrowthCheck(libc, growth_limit) if large_blocks and growth_limit is not None else None
     with _LOCK:
         if _DEPTH[0] == 0:
             libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
             libc.mallopt(_M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)
         _DEPTH[0] += 1
+        _BOUNDED[0] += not large_blocks
         _set_mmap_max(libc)
     try:
         yield check or no_check
     finally:
         with _LOCK:
             _DEPTH[0] -= 1
-            _BOUNDED[0] -= check is not None and check.tripped
+            _BOUNDED[0] -= not large_blocks or (check is not None and check.tripped)
             _set_mmap_max(libc)
             if _DEPTH[0] == 0:
                 libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
