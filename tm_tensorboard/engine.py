@@ -435,7 +435,6 @@ class Measurement:
         self._passes_warned = False  # the warning about several passes is given once
         self._fits = False  # set once the model ran on a probe batch
         self._padding_checked = False  # the border-padding warning is given once
-        self._check_heap: Callable[[int], None] = heap.no_check  # called before each layer's update (run())
 
     @staticmethod
     def _dedupe_refusal(layers: LayerSelector, measures: Sequence[str], transformations: TransformationSet) -> str | None:
@@ -731,19 +730,15 @@ class Measurement:
         same merged result.
         """
         on_cpu = self.device(probe).type == "cpu"
-        # the C heap keeps what chunks free (heap.py), under a budget until the resident set nears it
-        kept = heap.freed_memory_kept(growth_limit=self.memory_budget) if on_cpu else contextlib.nullcontext(heap.no_check)
-        with kept as self._check_heap, self._keeping_states(on_cpu):
-            try:
-                if distributed.process_group() is not None:
-                    return self._run_distributed(probe, classes)
-                self.check_probe(probe)
-                classes = classes if classes is not None else self.classes(probe)
-                probe, shards = self.interleaved(probe, classes)
-                observers, accuracy = self._stream_planned(probe, classes, shards=shards)
-                return self.finalize(observers, accuracy, len(probe), classes)
-            finally:
-                self._check_heap = heap.no_check
+        kept = heap.freed_memory_kept(large_blocks=self.memory_budget is None)  # see heap.py
+        with kept if on_cpu else contextlib.nullcontext(), self._keeping_states(on_cpu):
+            if distributed.process_group() is not None:
+                return self._run_distributed(probe, classes)
+            self.check_probe(probe)
+            classes = classes if classes is not None else self.classes(probe)
+            probe, shards = self.interleaved(probe, classes)
+            observers, accuracy = self._stream_planned(probe, classes, shards=shards)
+            return self.finalize(observers, accuracy, len(probe), classes)
 
     def _keeping_states(self, on_cpu: bool) -> contextlib.AbstractContextManager:
         """The states of a measurement on CPU come from the previous one's memory and are kept for the next
@@ -983,7 +978,6 @@ class Measurement:
         skipped: set[str] = set()
         chunk: Chunk | None = None
         scratch = Scratch()
-        check_heap = self._check_heap
 
         def on_output(name: str, module: nn.Module | None, output: object) -> None:
             if name in skipped:
@@ -1019,7 +1013,6 @@ class Measurement:
                     raise LayerMeasureError(f"layer {name!r}: {error}") from error
             else:
                 output = output_tensor(output)
-            check_heap(output.numel() * max(output.element_size(), 4))
             activation = output.detach() if output.requires_grad else output  # (no_grad: it never does)
             if activation.dtype not in (torch.float32, torch.float64):
                 activation = activation.float()

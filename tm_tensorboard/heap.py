@@ -9,12 +9,8 @@ of the Monitor's example model, ``tests/test_heap.py``; a measurement at batch_s
 ``benchmarks/bench_heap.py``). ``freed_memory_kept`` raises the trim threshold while a measurement runs
 and serves every block from the heap (glibc's mmap count limit set to 0: no threshold above 32 MB can be
 set), so the heap grows to what one chunk needs and no further; after it, glibc's own settings again.
-Under a memory budget the heap serves blocks above 32 MB too, until the process's resident set has grown
-since the measurement began by the budget less the largest activation (checked before every layer's update):
-then the heap gives its free memory back and blocks above 32 MB are mapped apart for the rest, as glibc
-would; after the measurement the heap gives its free memory back, so nothing outside the plan stays held.
-(Before, a budget always mapped them apart: a 205 MB activation freed into the heap had taken ResNet-50 at
-width 1 to 5.3 GB under a 4 GB budget once; the check bounds that.)
+Under a memory budget, blocks above 32 MB are still mapped apart: what the heap would hold free of them
+is not in the budget's plan.
 
 The measurement's streaming states are another matter: allocated once, kept to the end, then freed. They
 are allocated by glibc's own rules (``mapped_apart``): above 32 MB mapped apart unless free heap memory
@@ -43,10 +39,9 @@ import functools
 import os
 import platform
 import threading
-from typing import Callable, Iterator
+from typing import Iterator
 
-__all__ = ["freed_memory_kept", "mapped_apart", "release_freed_memory", "resident_bytes", "no_check",
-           "ENVIRONMENT_VARIABLE"]
+__all__ = ["freed_memory_kept", "mapped_apart", "release_freed_memory", "ENVIRONMENT_VARIABLE"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_KEEP_FREED_MEMORY"
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # mallopt's parameters (malloc.h)
@@ -96,56 +91,20 @@ def _set_mmap_max(libc: ctypes.CDLL) -> None:
     libc.mallopt(_M_MMAP_MAX, 0 if _DEPTH[0] and not _BOUNDED[0] and not _APART[0] else MMAP_MAX)
 
 
-def resident_bytes() -> int:
-    """This process's resident set (``/proc/self/statm``; 0 where there is none)."""
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-class _GrowthCheck:
-    """Called before each layer's update under a memory budget with the bytes of that layer's activation:
-    once the resident set has grown since the check was made by more than ``limit`` less the largest of them
-    (what the forward may add before the next check), the heap gives its free memory back and blocks above
-    32 MB are mapped apart for the rest of the measurement."""
-
-    def __init__(self, libc: ctypes.CDLL, limit: int):
-        self.libc, self.limit, self.margin, self.tripped = libc, limit, 0, False
-        self.start = resident_bytes()
-
-    def __call__(self, activation_bytes: int = 0) -> None:
-        self.margin = max(self.margin, activation_bytes)
-        if self.tripped or resident_bytes() - self.start <= self.limit - self.margin:
-            return
-        with _LOCK:
-            self.tripped = True
-            _BOUNDED[0] += 1
-            _set_mmap_max(self.libc)
-        self.libc.malloc_trim(0)
-
-
-def no_check(activation_bytes: int = 0) -> None:
-    """Nothing to check: no budget, or glibc's allocator left alone."""
-
-
 @contextlib.contextmanager
-def freed_memory_kept(large_blocks: bool = True, growth_limit: int | None = None) -> Iterator[Callable[[int], None]]:
+def freed_memory_kept(large_blocks: bool = True) -> Iterator[None]:
     """While inside: the C heap keeps the memory freed at its top (up to 2 GB) instead of giving it back,
     and, with ``large_blocks``, serves blocks above 32 MB too (none mapped apart but inside
     ``mapped_apart``); on leaving the last one, glibc's own 64 MB trim threshold and mapped blocks above
-    32 MB again. Re-entrant; nothing where not glibc. Yields the check to call before each layer's update.
+    32 MB again. Re-entrant; nothing where not glibc.
 
-    ``growth_limit`` (bytes; a measurement under a memory budget): large blocks are served from the heap only
-    until the check finds the resident set grown since entering by more than that less the largest activation
-    it was given, as ``large_blocks=False`` after (large blocks freed into the heap are memory the process holds beside the budget's plan: 2 GB over
-    it once at ResNet-50 width 1, 205 MB activations); on leaving, the heap's free memory is given back."""
+    ``large_blocks=False`` is for a measurement under a memory budget: large blocks freed into the heap stay
+    there as free memory the process holds, and where they are hundreds of MB (ResNet-50 at 224 px, width
+    1, 64 images per forward) that was 2 GB over the peak the budget planned (5.3 GB for 4 GB)."""
     libc = _libc() if _enabled() else None
     if libc is None:
-        yield no_check
+        yield
         return
-    check = _GrowthCheck(libc, growth_limit) if large_blocks and growth_limit is not None else None
     with _LOCK:
         if _DEPTH[0] == 0:
             libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
@@ -154,16 +113,14 @@ def freed_memory_kept(large_blocks: bool = True, growth_limit: int | None = None
         _BOUNDED[0] += not large_blocks
         _set_mmap_max(libc)
     try:
-        yield check or no_check
+        yield
     finally:
         with _LOCK:
             _DEPTH[0] -= 1
-            _BOUNDED[0] -= not large_blocks or (check is not None and check.tripped)
+            _BOUNDED[0] -= not large_blocks
             _set_mmap_max(libc)
             if _DEPTH[0] == 0:
                 libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-        if check is not None:
-            libc.malloc_trim(0)
 
 
 @contextlib.contextmanager
