@@ -31,7 +31,9 @@ credit it with the allocator's state; that ratio is recorded too (``ratio_to_fre
 page-fault counts of every timed part. How much of both is the allocator: run it again with glibc keeping
 freed memory (README, "CPU: glibc's allocator and page faults"), e.g.
 ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=17179869184 python
-benchmarks/bench_resnet50.py --output benchmarks/results/resnet50_tunables.json``.
+benchmarks/bench_resnet50.py --output benchmarks/results/resnet50_tunables.json``, or with jemalloc
+(Debian's ``libjemalloc2``): ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python
+benchmarks/bench_resnet50.py`` (recorded as ``ld_preload``).
 """
 from __future__ import annotations
 
@@ -160,7 +162,8 @@ def main() -> None:
 
     figures: dict = {"environment": environment(), "samples": args.samples, "T": T, "batch_size": args.batch_size,
                      "memory_budget": args.budget, "repeats": args.repeats, "cases": {},
-                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}  # inherited by every run
+                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # inherited by every run
+                     "ld_preload": os.environ.get("LD_PRELOAD")}  # another allocator, e.g. jemalloc's
     for case in args.cases:
         floors, runs = [], []
         for _ in range(args.repeats):
