@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import nn
 
-from . import distributed, fused, heap, lie, memory, native
+from . import block_pool, distributed, fused, heap, lie, memory, native
 from .actions import FeatureAction, identity
 from .capture import (
     AffineBatchNorms,
@@ -433,6 +433,7 @@ class Measurement:
             isinstance(module, nn.modules.batchnorm._BatchNorm) for _, module in self.modules)
         self._layers: tuple[tuple, list[LayerInfo]] | None = None  # (probe sample shape, dtype), discovered layers
         self._passes_warned = False  # the warning about several passes is given once
+        self._working_bytes: int | None = None  # one chunk's working memory as planned (``passes``), under a budget
         self._fits = False  # set once the model ran on a probe batch
         self._padding_checked = False  # the border-padding warning is given once
 
@@ -708,6 +709,7 @@ class Measurement:
         if self.memory_budget is None:
             return None
         report = self.estimate_memory(probe, classes)
+        self._working_bytes = report.working_bytes
         passes = report.passes()
         if len(passes) > 1 and not self._passes_warned:
             self._passes_warned = True
@@ -779,8 +781,21 @@ class Measurement:
         activations in the same chunks with the same kernels (compiled or not is decided for the whole
         measurement), so the results equal one pass's exactly."""
         passes = self.passes(probe, classes)
-        if passes is None or len(passes) == 1:
-            return stream(compiled)
+        with self._pooled(probe):
+            if passes is None or len(passes) == 1:
+                return stream(compiled)
+            return self._each_pass(probe, passes, compiled, stream)
+
+    def _pooled(self, probe: Probe) -> contextlib.AbstractContextManager:
+        """Under a memory budget on CPU, the chunks' blocks above 32 MB kept for the next chunk, within the plan's
+        working memory of one chunk (``block_pool.py``; without a budget the heap keeps them: ``heap.py``)."""
+        if self.memory_budget is None or self.device(probe).type != "cpu" or self._working_bytes is None:
+            return contextlib.nullcontext()
+        return block_pool.serving(self._working_bytes)
+
+    def _each_pass(self, probe: Probe, passes: list[list[str]], compiled: bool | None,
+                   stream: Callable[[bool | None], tuple]):
+        """``_in_passes`` over more than one pass."""
         layers = {info.name: info for info in self.discover(probe)}
         if compiled is None and self.compile is None:
             compiled = self.choose_kernels(self.values_per_measurement(list(layers.values()), len(probe)),
@@ -806,13 +821,14 @@ class Measurement:
         return the seconds compiling took (0 when eager or running the stored CPU kernels, or already compiled
         in this process). Later measurements reuse the kernels for every chunk size and layer. With error bars,
         one sample per shard: finalizing K shards is its own kernels (their number of shards is part of them)."""
+        pool = block_pool.build() if self.memory_budget is not None and self.device(probe).type == "cpu" else 0.0
         if self.compile is fused.NATIVE:  # nothing to compile: the CPU kernels built (or loaded) now
             before = native.build_seconds()
             native.build_all()
             native.report_failure("the eager kernels")
-            return native.build_seconds() - before
+            return native.build_seconds() - before + pool
         if self.compile is False or not fused.compile_available():
-            return 0.0
+            return pool
         before = fused.compiled_seconds()
         count = self.shards(probe, self.classes(probe))
         with warnings.catch_warnings():
@@ -823,7 +839,7 @@ class Measurement:
             with self._keeping_states(self.device(probe).type == "cpu"):  # (the first measurement reuses them)
                 self.finalize(*self._stream_planned(sample, None, True, shards=shards), len(sample), None)
         heap.release_freed_memory()  # the warm-up's states: a whole measurement's, for two samples
-        return fused.compiled_seconds() - before
+        return fused.compiled_seconds() - before + pool
 
     def native_covered(self, device: torch.device) -> bool:
         """Whether native.py's CPU kernels do all of this measurement's per-chunk work on ``device``."""

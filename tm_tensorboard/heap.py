@@ -41,7 +41,7 @@ import platform
 import threading
 from typing import Iterator
 
-__all__ = ["freed_memory_kept", "mapped_apart", "release_freed_memory", "ENVIRONMENT_VARIABLE"]
+__all__ = ["freed_memory_kept", "mapped_apart", "release_freed_memory", "keeping_enabled", "ENVIRONMENT_VARIABLE"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_KEEP_FREED_MEMORY"
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # mallopt's parameters (malloc.h)
@@ -72,11 +72,16 @@ def _user_configured() -> bool:
     return "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(v in os.environ for v in _USER_SETTINGS)
 
 
-def _enabled() -> bool:
+def keeping_enabled() -> bool:
+    """Whether TM_TENSORBOARD_KEEP_FREED_MEMORY allows keeping freed memory while measuring (unset or 1: yes)."""
     value = os.environ.get(ENVIRONMENT_VARIABLE, "1").strip().lower()
     if value not in ("1", "true", "0", "false"):
         raise ValueError(f"{ENVIRONMENT_VARIABLE}={value!r}: use 1 (keep freed memory while measuring) or 0")
-    return value in ("1", "true") and not _user_configured()
+    return value in ("1", "true")
+
+
+def _enabled() -> bool:
+    return keeping_enabled() and not _user_configured()
 
 
 _LOCK = threading.Lock()
@@ -127,8 +132,17 @@ def freed_memory_kept(large_blocks: bool = True) -> Iterator[None]:
 def mapped_apart() -> Iterator[None]:
     """Blocks allocated inside (a measurement's states: kept to its end, then freed) come by glibc's own
     rules: above 32 MB mapped apart unless free heap memory holds them, so that freeing them gives them
-    back to the system at once instead of leaving them free in the heap after the measurement. Nothing
-    outside a measurement."""
+    back to the system at once instead of leaving them free in the heap after the measurement; not from
+    ``block_pool`` either, which serves a chunk's working memory under a budget. Nothing outside a
+    measurement."""
+    from . import block_pool  # (which builds on this module)
+
+    with block_pool.bypassed(), _by_glibc_rules():
+        yield
+
+
+@contextlib.contextmanager
+def _by_glibc_rules() -> Iterator[None]:
     libc = _libc()
     if libc is None:
         yield
