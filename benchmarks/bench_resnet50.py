@@ -78,7 +78,7 @@ def timed(run: Callable[[], Any]) -> tuple[float, int, Any]:
 def child(case: str, kind: str, samples: int, batch_size: int, budget: str) -> dict:
     """One run in this process: the floor or the measurement of ``case``."""
     import tm_tensorboard as tm
-    from tm_tensorboard import heap
+    from tm_tensorboard import block_pool, heap
     from tm_tensorboard.engine import Measurement
     from tm_tensorboard.examples.models import ResNet50
     from tm_tensorboard.probe import as_probe
@@ -129,6 +129,7 @@ def child(case: str, kind: str, samples: int, batch_size: int, budget: str) -> d
             estimated_state_bytes=report.state_bytes,
             estimated_working_bytes=report.working_bytes,
             warnings=[str(w.message) for w in caught if "memory" in str(w.message)],  # what fitting the budget did
+            block_pool=block_pool.statistics(),  # blocks above 32 MB under a budget: reused, mapped, peak mapped
         )
     out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     if kind == "measure":  # the floor again, in this process: its heap as the measurement left it
@@ -196,6 +197,7 @@ def main() -> None:
             "chosen": {k: runs[-1][k] for k in ("layers", "passes", "state_dtype", "positions", "sampled_layers",
                                                 "error_bars", "estimated_state_bytes", "estimated_working_bytes")},
             "warnings": runs[-1]["warnings"],
+            "block_pool": [r.get("block_pool") for r in runs],
         }
     save_results(figures, args.output)
 
