@@ -35,7 +35,7 @@ import torch
 
 from . import heap, native
 
-__all__ = ["serving", "bypassed", "available", "statistics", "build", "THRESHOLD"]
+__all__ = ["serving", "bypassed", "statistics", "build", "kernels", "THRESHOLD"]
 
 THRESHOLD = heap.MMAP_THRESHOLD  # the blocks glibc maps apart (32 MB on 64-bit Linux)
 
@@ -216,9 +216,9 @@ def build() -> float:
     return _KERNEL.seconds - before
 
 
-def available() -> bool:
-    """Whether the pool is built (or loadable) and allowed here."""
-    return _call(0) is not None
+def kernels() -> tuple[native._Kernel, ...]:
+    """The pool's library, as ``native.build_all`` gives the kernels (none where it does not apply)."""
+    return (_KERNEL,) if os.name == "posix" and heap.keeping_enabled() else ()
 
 
 def statistics() -> dict[str, int]:

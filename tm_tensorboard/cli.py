@@ -53,14 +53,15 @@ def _export(args: argparse.Namespace) -> int:
 def _build_kernels(args: argparse.Namespace) -> int:
     import time
 
-    from . import native
+    from . import block_pool, native
 
     if not native.enabled():
         print(f"tm-tensorboard build-kernels: {native.ENVIRONMENT_VARIABLE}=0 turns the CPU kernels off",
               file=sys.stderr)
         return 1
     start = time.perf_counter()
-    failed = [kernel for kernel in native.build_all() if kernel.failed is not None]
+    block_pool.build()  # (where a memory budget is set: blocks above 32 MB kept between chunks)
+    failed = [kernel for kernel in (*native.build_all(), *block_pool.kernels()) if kernel.failed is not None]
     for kernel in failed:
         print(f"tm-tensorboard build-kernels: the {kernel.name} kernel could not be built: {kernel.failed}",
               file=sys.stderr)

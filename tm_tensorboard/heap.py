@@ -9,8 +9,9 @@ of the Monitor's example model, ``tests/test_heap.py``; a measurement at batch_s
 ``benchmarks/bench_heap.py``). ``freed_memory_kept`` raises the trim threshold while a measurement runs
 and serves every block from the heap (glibc's mmap count limit set to 0: no threshold above 32 MB can be
 set), so the heap grows to what one chunk needs and no further; after it, glibc's own settings again.
-Under a memory budget, blocks above 32 MB are still mapped apart: what the heap would hold free of them
-is not in the budget's plan.
+Under a memory budget, blocks above 32 MB do not come from the heap: what it would hold free of them is
+not in the budget's plan, and glibc bounds it by nothing. ``block_pool.py`` keeps them instead, within the
+plan's working memory (glibc maps them apart where the pool is not available).
 
 The measurement's streaming states are another matter: allocated once, kept to the end, then freed. They
 are allocated by glibc's own rules (``mapped_apart``): above 32 MB mapped apart unless free heap memory
@@ -105,7 +106,8 @@ def freed_memory_kept(large_blocks: bool = True) -> Iterator[None]:
 
     ``large_blocks=False`` is for a measurement under a memory budget: large blocks freed into the heap stay
     there as free memory the process holds, and where they are hundreds of MB (ResNet-50 at 224 px, width
-    1, 64 images per forward) that was 2 GB over the peak the budget planned (5.3 GB for 4 GB)."""
+    1, 64 images per forward) that was 2 GB over the peak the budget planned (5.3 GB for 4 GB); a measurement
+    under a budget keeps them in ``block_pool`` instead."""
     libc = _libc() if _enabled() else None
     if libc is None:
         yield
