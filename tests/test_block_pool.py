@@ -172,3 +172,26 @@ def test_switched_off_it_serves_nothing(monkeypatch):
     with block_pool.serving(2**30) as served:
         assert served is False
     assert block_pool.statistics() == {}
+
+
+@posix
+def test_without_a_compiler_it_warns_once_and_serves_nothing(tmp_path):
+    """Where the pool cannot be built (no C++ compiler, nothing recorded), serving yields False and warns once,
+    naming why: large blocks are then mapped apart by glibc as before."""
+    out = _child(
+        """
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            served = []
+            for _ in range(2):
+                with block_pool.serving(2**30) as s:
+                    served.append(s)
+                    block(48)
+        print(json.dumps({"served": served, "warnings": [str(w.message) for w in caught], "counters": counters()}))
+        """,
+        CXX=str(tmp_path / "no-such-c++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+    )
+    assert out["served"] == [False, False] and out["counters"] == {}
+    assert len(out["warnings"]) == 1 and "is not available" in out["warnings"][0], out["warnings"]
+    assert "CppCompileError" in out["warnings"][0] or "no-such-c++" in out["warnings"][0], out["warnings"]
