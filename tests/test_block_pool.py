@@ -104,6 +104,29 @@ def test_freed_blocks_are_reused_within_the_cap():
 
 
 @posix
+def test_a_kept_block_serves_requests_of_half_its_size_or_more():
+    """A request takes the smallest kept block that holds it if that is at most twice its size: an 80 MB block
+    serves 44 MB, not 36 MB (then mapped anew)."""
+    out = _child(
+        """
+        with block_pool.serving(2**30):
+            big = block(80)
+            del big
+            start = counters()
+            small = block(36)  # 80 > 2 × 36: a new block
+            after_small = counters()
+            del small
+            medium = block(44)  # the 80 MB block (the 36 MB one is too small)
+            after_medium = counters()
+        print(json.dumps({"start": start, "small": after_small, "medium": after_medium}))
+        """
+    )
+    assert out["small"]["maps"] == out["start"]["maps"] + 1 and out["small"]["reuses"] == out["start"]["reuses"]
+    assert out["medium"]["maps"] == out["small"]["maps"] and out["medium"]["reuses"] == out["small"]["reuses"] + 1
+    assert out["medium"]["kept_bytes"] == 36 * 2**20  # the 80 MB block in use by the 44 MB request
+
+
+@posix
 def test_forwards_served_by_the_pool_are_unchanged():
     """A model's forwards (convolutions: their scratch memory comes and goes through the allocator's raw
     interface too) give the same outputs served by the pool as without it, and page-fault far less."""

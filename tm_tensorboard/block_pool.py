@@ -3,16 +3,17 @@
 Without a budget the C heap serves every block and keeps what a chunk frees for the next (``heap.py``).
 Under a budget it cannot: glibc sets no bound on what it keeps, and keeping blocks above 32 MB took an
 ImageNet ResNet-50 at width 1 to 5.3 GB for a 4 GB budget (and a check of the resident set that trimmed
-the heap still let one run of three reach 4.35-4.47 GB: benchmarks/README.md, stop 42). So glibc maps them
-apart, and each chunk page-faults its activations in anew: ~45 M page faults, 70 of the 100 s that
-measurement took. This pool is torch's CPU allocator while it serves: blocks of at least 32 MB are mapped
-by it, and once freed, kept for the next request of the same size (up to 1/8 larger), so a chunk's
-activations reuse the previous chunk's pages; never more than ``cap`` bytes mapped in all, in use or kept,
-but for blocks in use at once (those are the measurement's and are never refused): a new block that would
-pass the cap unmaps kept ones first, a block freed past it is unmapped. The cap is the plan's working
-memory of one chunk (``memory.working_bytes``), which the budget already counts. Smaller blocks, and all
-blocks while it does not serve (or inside ``heap.mapped_apart``: a measurement's states, kept to its end),
-go to the allocator it wraps, as before.
+the heap still let one run of three reach 4.35-4.47 GB: benchmarks/README.md, stop 42). Mapped apart by
+glibc instead, a chunk's activations were page-faulted in anew at every chunk: 44.5 M page faults and
+100 s for that measurement, 48 s with this pool (stop 43). The pool is torch's CPU allocator while it
+serves: blocks of at least 32 MB are mapped by it and, once freed, kept for the next request they can
+hold (the smallest kept block of at least the size asked, if at most twice that), so a chunk's activations
+reuse the previous chunk's pages; never more than ``cap`` bytes mapped in all, in use or kept, but for
+blocks in use at once (those are the measurement's and are never refused): a new block that would pass
+the cap unmaps kept ones first, a block freed past it is unmapped. The cap is the plan's working memory
+of one chunk (``memory.working_bytes``), which the budget already counts. Smaller blocks, and all blocks
+while it does not serve (or inside ``heap.mapped_apart``: a measurement's states, kept to its end), go to
+the allocator it wraps, as before.
 
 Built like native.py's kernels (Inductor's C++ toolchain, once per machine); installed as torch's CPU
 allocator the first time it serves and left installed (it only passes allocations on while not serving:
@@ -64,7 +65,7 @@ class BlockPool final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto fit = kept_.lower_bound(size);
-      if (fit != kept_.end() && fit->first - size <= size / 8) {  // a kept block of this size: its pages reused
+      if (fit != kept_.end() && fit->first <= 2 * size) {  // the smallest kept block that holds it, at most twice
         p = fit->second;
         kept_bytes_ -= fit->first;
         kept_.erase(fit);
