@@ -30,7 +30,7 @@ import functools
 import os
 import threading
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -187,15 +187,17 @@ _CAPS: list[int] = []  # the caps of the measurements served now (the pool's cap
 _WARNED = [False]
 
 
-def _call(op: int, a: int = 0, b: int = 0) -> list[int] | None:
-    """The pool's entry point, building or loading it on first use; None where it is not available."""
+def _loaded() -> Callable | None:
+    """The pool's entry point, built or loaded on first use; None where it is not available or turned off."""
     if os.name != "posix" or not heap.keeping_enabled():
         return None
     if _KERNEL._call is None:
         _global_c10()
-    call = _KERNEL.get()
-    if call is None:
-        return None
+    return _KERNEL.get()
+
+
+def _invoke(call: Callable, op: int, a: int = 0, b: int = 0) -> list[int]:
+    """Operation ``op`` of the pool (see its entry point), and its counters after it."""
     out = torch.zeros(7, dtype=torch.int64)
     call(op, a, b, out)
     return out.tolist()
@@ -213,7 +215,7 @@ def _global_c10() -> None:
 def build() -> float:
     """Build (or load) the pool now, as a budgeted measurement's warm-up does; the seconds it took."""
     before = _KERNEL.seconds
-    _call(0)
+    _loaded()
     return _KERNEL.seconds - before
 
 
@@ -225,9 +227,9 @@ def kernels() -> tuple[native._Kernel, ...]:
 def statistics() -> dict[str, int]:
     """The pool's counters (bytes mapped and kept now, the peak mapped since it last started serving,
     reuses, maps, unmaps, and whether it is torch's CPU allocator); empty where it is not available."""
-    values = _call(0)
+    call = _loaded()
     names = ("held_bytes", "kept_bytes", "peak_bytes", "reuses", "maps", "unmaps", "installed")
-    return {} if values is None else dict(zip(names, values))
+    return {} if call is None else dict(zip(names, _invoke(call, 0)))
 
 
 @contextlib.contextmanager
@@ -235,10 +237,11 @@ def serving(cap: int) -> Iterator[bool]:
     """Blocks of at least THRESHOLD bytes come from the pool, with at most ``cap`` bytes mapped (plus what
     other measurements served at once asked for) but for blocks in use at once; on leaving the last one,
     what it kept is unmapped. Yields whether the pool serves (else: a warning, once, and glibc's rules)."""
+    cap = max(int(cap), 0)
     with _LOCK:
-        _CAPS.append(max(int(cap), 0))
-        values = _call(1, sum(_CAPS), THRESHOLD)
-        served = values is not None and values[6] == 1
+        call = _loaded()
+        _CAPS.append(cap)
+        served = call is not None and _invoke(call, 1, sum(_CAPS), THRESHOLD)[6] == 1
         if not served:
             _CAPS.pop()
     if not served:
@@ -248,8 +251,11 @@ def serving(cap: int) -> Iterator[bool]:
     finally:
         if served:
             with _LOCK:
-                _CAPS.remove(max(int(cap), 0))
-                _call(1, sum(_CAPS), THRESHOLD) if _CAPS else _call(2)
+                _CAPS.remove(cap)
+                if _CAPS:
+                    _invoke(call, 1, sum(_CAPS), THRESHOLD)
+                else:
+                    _invoke(call, 2)
 
 
 def _warn() -> None:
@@ -266,11 +272,12 @@ def _warn() -> None:
 def bypassed() -> Iterator[None]:
     """Blocks allocated inside come from the wrapped allocator even while the pool serves (``heap.mapped_apart``:
     a measurement's states, kept to its end, are not the chunks' working memory the cap is for)."""
-    if _KERNEL._call is None:  # (not loaded: it serves nothing, nothing to bypass)
+    call = _KERNEL._call
+    if call is None:  # (not loaded: it serves nothing, nothing to bypass)
         yield
         return
-    _call(3, 1)
+    _invoke(call, 3, 1)
     try:
         yield
     finally:
-        _call(3, -1)
+        _invoke(call, 3, -1)
