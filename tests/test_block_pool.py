@@ -162,7 +162,6 @@ def test_a_measurement_under_a_budget_is_served_and_exactly_the_same():
     second chunk on, the pool's peak within the plan's working memory), and every number equals the same
     measurement's with the pool off (TM_TENSORBOARD_KEEP_FREED_MEMORY=0: blocks mapped apart as before)."""
     body = """
-        import numpy as np
         import tm_tensorboard as tm
         from tm_tensorboard.engine import Measurement
         from tm_tensorboard.examples.models import SimpleCNN

@@ -187,9 +187,14 @@ _CAPS: list[int] = []  # the caps of the measurements served now (the pool's cap
 _WARNED = [False]
 
 
+def _applies() -> bool:
+    """Whether the pool may serve here: POSIX (``mmap``), and TM_TENSORBOARD_KEEP_FREED_MEMORY not 0."""
+    return os.name == "posix" and heap.keeping_enabled()
+
+
 def _loaded() -> Callable | None:
     """The pool's entry point, built or loaded on first use; None where it is not available or turned off."""
-    if os.name != "posix" or not heap.keeping_enabled():
+    if not _applies():
         return None
     if _KERNEL._call is None:
         _global_c10()
@@ -221,7 +226,7 @@ def build() -> float:
 
 def kernels() -> tuple[native._Kernel, ...]:
     """The pool's library, as ``native.build_all`` gives the kernels (none where it does not apply)."""
-    return (_KERNEL,) if os.name == "posix" and heap.keeping_enabled() else ()
+    return (_KERNEL,) if _applies() else ()
 
 
 def statistics() -> dict[str, int]:
@@ -259,7 +264,7 @@ def serving(cap: int) -> Iterator[bool]:
 
 
 def _warn() -> None:
-    if _WARNED[0] or os.name != "posix" or not heap.keeping_enabled():
+    if _WARNED[0] or not _applies():
         return
     _WARNED[0] = True
     why = _KERNEL.failed or "torch's CPU allocator is not its default one"

@@ -789,7 +789,7 @@ class Measurement:
     def _pooled(self, probe: Probe) -> contextlib.AbstractContextManager:
         """Under a memory budget on CPU, the chunks' blocks above 32 MB kept for the next chunk, within the plan's
         working memory of one chunk (``block_pool.py``; without a budget the heap keeps them: ``heap.py``)."""
-        if self.memory_budget is None or self.device(probe).type != "cpu" or self._working_bytes is None:
+        if self._working_bytes is None or self.device(probe).type != "cpu":  # (None: no budget)
             return contextlib.nullcontext()
         return block_pool.serving(self._working_bytes)
 
