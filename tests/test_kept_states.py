@@ -1,12 +1,13 @@
-"""A session's measurements on CPU reuse the memory of the previous one's streaming states: the same
-numbers bit for bit, nothing allocated anew, results already returned untouched, nothing kept under a
-memory budget (``kept_states.py``)."""
+"""A session's measurements on CPU reuse the memory of the previous one's streaming states, and measure()'s
+calls that of the calls before: the same numbers bit for bit, nothing allocated anew, results already
+returned untouched, nothing kept under a memory budget (``kept_states.py``)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 import tm_tensorboard as tm
+from tm_tensorboard import kept_states
 from tm_tensorboard.engine import Measurement
 from tm_tensorboard.kept_states import MIN_BYTES, KeptStates
 from tm_tensorboard.probe import as_probe
@@ -124,3 +125,70 @@ def test_error_bars_take_k_sets_of_states_where_the_kernels_finalize(monkeypatch
         np.testing.assert_allclose(results[True].stderr(measure, layer), results[False].stderr(measure, layer),
                                    rtol=1e-6)  # (the compiled and eager chunk moments differ at float32 rounding)
         np.testing.assert_allclose(results[True].get(measure, layer), results[False].get(measure, layer), rtol=1e-6)
+
+
+def one_off(model, images, **keywords):
+    return tm.measure(model, images, tm.transforms.rotations(4), measures=MEASURES, batch_size=8, compile=False,
+                      **{"error_bars": 2, **keywords})
+
+
+def test_one_off_measurements_reuse_the_previous_calls_state_memory(monkeypatch):
+    """measure() calls share the process's KeptStates: a second call allocates no state anew and gives the same
+    numbers bit for bit as a call that keeps nothing; release_memory() lets the blocks go."""
+    model, images = model_and_probe()
+    tm.release_memory()
+    shared = kept_states._ONE_OFF
+    first = arrays(one_off(model, images))
+    allocated, reused = shared.allocated, shared.reused
+    assert shared.kept_bytes >= 3 * MIN_BYTES
+    second = arrays(one_off(model, images))
+    assert shared.allocated == allocated and shared.reused > reused
+    assert_same(second, first)
+    monkeypatch.setenv("TM_TENSORBOARD_KEEP_FREED_MEMORY", "0")
+    kept = shared.kept_bytes
+    assert_same(arrays(one_off(model, images)), first)
+    assert shared.allocated == allocated and shared.kept_bytes == kept  # the switch: a KeptStates of its own
+    tm.release_memory()
+    assert shared.kept_bytes == 0
+
+
+def test_one_off_measurements_keep_earlier_calls_blocks_within_their_cap(monkeypatch):
+    """Calls of different configurations in turn (with and without error bars) each find their blocks again;
+    what is held never passes ONE_OFF_BYTES, the last call's blocks first."""
+    model, images = model_and_probe()
+    tm.release_memory()
+    shared = kept_states._ONE_OFF
+    one_off(model, images, error_bars=False)
+    plain = shared.kept_bytes
+    one_off(model, images)
+    both = shared.kept_bytes
+    assert both > plain
+    allocated = shared.allocated
+    one_off(model, images, error_bars=False)
+    one_off(model, images)
+    assert shared.allocated == allocated and shared.kept_bytes == both
+    monkeypatch.setattr(shared, "cap", plain)
+    one_off(model, images, error_bars=False)
+    assert shared.kept_bytes == plain  # the last call's blocks, nothing of the call before
+    tm.release_memory()
+
+
+def test_a_measurement_under_a_memory_budget_lets_go_of_what_one_off_calls_kept():
+    model, images = model_and_probe()
+    one_off(model, images)
+    assert kept_states._ONE_OFF.kept_bytes > 0
+    one_off(model, images, memory_budget="8GB")
+    assert kept_states._ONE_OFF.kept_bytes == 0
+
+
+def test_a_one_off_measurement_while_another_holds_the_kept_memory_uses_its_own():
+    model, images = model_and_probe()
+    tm.release_memory()
+    one_off(model, images)
+    shared = kept_states._ONE_OFF
+    allocated, kept = shared.allocated, shared.kept_bytes
+    with kept_states.one_off() as held:  # (as another thread's measurement would)
+        assert held is shared
+        one_off(model, images)
+    assert shared.allocated == allocated and shared.kept_bytes == kept
+    tm.release_memory()

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "measure": ("tm_tensorboard.engine", "measure"),
     "estimate_memory": ("tm_tensorboard.engine", "estimate_memory"),
+    "release_memory": ("tm_tensorboard.kept_states", "release"),
     "MeasureResult": ("tm_tensorboard.result", "MeasureResult"),
     "Monitor": ("tm_tensorboard.monitor", "Monitor"),
     "transforms": ("tm_tensorboard.transforms", None),
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import actions, testing, transforms
     from .checkpoints import measure_checkpoints
     from .engine import estimate_memory, measure
+    from .kept_states import release as release_memory
     from .reader import read
     from .monitor import Monitor
     from .result import MeasureResult

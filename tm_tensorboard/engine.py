@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import nn
 
-from . import block_pool, distributed, fused, heap, lie, memory, native
+from . import block_pool, distributed, fused, heap, kept_states, lie, memory, native
 from .actions import FeatureAction, identity
 from .capture import (
     AffineBatchNorms,
@@ -197,7 +197,9 @@ def measure(
     with preserved_rng_state():  # reading a shuffling DataLoader draws random numbers
         samples = as_probe(probe, labels=labels, num_samples=num_samples)
     session.use_labels(samples)
-    return session.run(samples)
+    with kept_states.one_off() as kept:  # the previous call's state memory, kept for the next (kept_states.py)
+        session.kept_states = kept
+        return session.run(samples)
 
 
 def estimate_memory(
@@ -744,9 +746,16 @@ class Measurement:
 
     def _keeping_states(self, on_cpu: bool) -> contextlib.AbstractContextManager:
         """The states of a measurement on CPU come from the previous one's memory and are kept for the next
-        (``kept_states.py``: a Monitor's measurements page nothing in after the first). Not under a memory
-        budget: there passes free their states for the next pass, and nothing is held between measurements."""
-        return self.kept_states.serving() if on_cpu and self.memory_budget is None else contextlib.nullcontext()
+        (``kept_states.py``: a Monitor's measurements page nothing in after the first, nor do measure()'s calls
+        after a process's first). Not under a memory budget: there passes free their states for the next pass,
+        nothing is held between measurements, and what one-off measurements kept is let go first."""
+        if not on_cpu:
+            return contextlib.nullcontext()
+        if self.memory_budget is None:
+            return self.kept_states.serving()
+        self.kept_states.let_go()
+        kept_states.let_go_one_off()
+        return contextlib.nullcontext()
 
     def interleaved(self, probe: Probe, classes: list[int] | None) -> tuple[Probe, list[tuple[int, int]] | None]:
         """The probe in error-bar shard order and each shard's range (None: no error bars for it)."""

@@ -9,19 +9,31 @@ previous measurement used, zeroed in place (resident memory: a memset), and hold
 Monitor holds between steps is its last measurement's states, and blocks that measurement did not use
 again are let go. A GPU needs none of this: PyTorch's caching allocator already keeps freed blocks, where
 training can use them too.
+
+One-off measurements (``measure()``) share one ``KeptStates`` per process (``one_off``): a call reuses the
+state memory of the calls before it, as a session's measurement does (a notebook measuring checkpoints, or
+models, in a loop; the first call of a process pages its states in, as before), the way PyTorch's caching
+allocator keeps freed blocks on a GPU. It holds at most ONE_OFF_BYTES between calls: the last call's blocks
+first, then those of calls before it that the last did not use. ``release`` (``tm.release_memory()``) lets
+them go, a measurement under a memory budget lets them go before it allocates, and
+TM_TENSORBOARD_KEEP_FREED_MEMORY=0 keeps none.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import math
+import threading
 from typing import Iterator
 
 import torch
 
-__all__ = ["KeptStates", "zeros", "MIN_BYTES"]
+from . import heap
+
+__all__ = ["KeptStates", "zeros", "one_off", "let_go_one_off", "release", "MIN_BYTES", "ONE_OFF_BYTES"]
 
 MIN_BYTES = 1 << 20  # smaller states come from the C heap as before: nothing to page in
+ONE_OFF_BYTES = 2 * 10**9  # the most one-off measurements keep between calls (the first blocks leased, up to it)
 _SERVING: contextvars.ContextVar["KeptStates | None"] = contextvars.ContextVar("kept_states", default=None)
 
 
@@ -34,9 +46,12 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
 
 
 class KeptStates:
-    """State blocks of a session's last measurement, handed out again (zeroed) by its next one."""
+    """State blocks of earlier measurements, handed out again (zeroed) by the next one: a session's last
+    measurement's (``cap`` None, ``keep_unused`` False), or up to ``cap`` bytes of them, the last one's first."""
 
-    def __init__(self):
+    def __init__(self, cap: int | None = None, keep_unused: bool = False):
+        self.cap = cap  # the most bytes held between measurements (None: no bound)
+        self.keep_unused = keep_unused  # also hold blocks the last measurement did not use (after those it did)
         self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
         self._leased: list[torch.Tensor] = []
         self.reused = 0  # blocks served again, and blocks allocated anew (for tests and benchmarks)
@@ -57,10 +72,17 @@ class KeptStates:
             yield
         finally:
             _SERVING.reset(token)
-            self._free = {}
-            for block in self._leased:
-                self._free.setdefault((block.numel(), block.dtype), []).append(block)
+            unused = [block for blocks in self._free.values() for block in blocks] if self.keep_unused else []
+            self._free, held = {}, 0
+            for block in self._leased + unused:
+                held += block.numel() * block.element_size()
+                if self.cap is None or held <= self.cap:
+                    self._free.setdefault((block.numel(), block.dtype), []).append(block)
             self._leased = []
+
+    def let_go(self) -> None:
+        """Hold nothing for the next measurement."""
+        self._free = {}
 
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         """A zero tensor of ``shape``: a kept block of its size on CPU, else a new one (kept from now on)."""
@@ -76,3 +98,37 @@ class KeptStates:
             self.allocated += 1
         self._leased.append(block)
         return block.view(shape)
+
+
+_ONE_OFF = KeptStates(cap=ONE_OFF_BYTES, keep_unused=True)
+_ONE_OFF_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_off() -> Iterator[KeptStates]:
+    """The ``KeptStates`` of a one-off measurement: the process's (the previous call's blocks), or a new one
+    while another thread's measurement holds it or TM_TENSORBOARD_KEEP_FREED_MEMORY is 0 (nothing kept)."""
+    if not heap.keeping_enabled() or not _ONE_OFF_LOCK.acquire(blocking=False):
+        yield KeptStates(cap=0)
+        return
+    try:
+        yield _ONE_OFF
+    finally:
+        _ONE_OFF_LOCK.release()
+
+
+def let_go_one_off() -> None:
+    """Let go of the state memory one-off measurements keep for the next, unless a measurement in another
+    thread (or this one: it lets go of its own) holds it now."""
+    if _ONE_OFF_LOCK.acquire(blocking=False):
+        try:
+            _ONE_OFF.let_go()
+        finally:
+            _ONE_OFF_LOCK.release()
+
+
+def release() -> None:
+    """``tm.release_memory()``: let go of the state memory one-off measurements keep for the next call
+    (``let_go_one_off``) and give the C heap's free pages back to the operating system."""
+    let_go_one_off()
+    heap.release_freed_memory()
