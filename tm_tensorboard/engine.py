@@ -173,7 +173,9 @@ def measure(
     and Goodfellow groups (``positions.py``). ``positions="auto"``: every position, or the largest K of
     AUTO_POSITIONS with which the states fit ``memory_budget`` in one pass.
     A ``torch.compile``d model is measured eagerly through its original module (as a DDP model through
-    its ``.module``); a half / bfloat16 model is given the transformed probe in its own dtype.
+    its ``.module``); a half / bfloat16 model is given the transformed probe in its own dtype. On CPU
+    without a budget the states' memory is kept for the next call, up to 2 GB (``kept_states.py``;
+    ``tm.release_memory()`` gives it back).
     """
     session = Measurement(
         model,
