@@ -24,6 +24,14 @@
    with the robust counterparts (the quartiles' spread / 1.349, the median reported error), which a few
    probes with an extreme layer mean (a channel that fires in a handful of samples) do not dominate.
 
+4. A process's first call (``--parts first_call``): measure() keeps its states' memory for its next call
+   (``kept_states.py``), so the cost part's one-off calls, which follow a call of the same variant, find
+   it there. Here each run is a new process that measures another model first (SimpleCNN(3, 10): the CPU
+   kernels loaded, the heap grown, none of the reference case's state blocks kept), then times one
+   measure() of the reference case at batch_size 16 (the default), ``compile=None`` (the default), with
+   and without error bars, invariance and the default measures, runs alternating, medians of ``--reps``
+   (3 at most): what error bars add where their states are paged in.
+
 ``--parts`` runs some of them; the others' figures already in the results file are kept.
 """
 from __future__ import annotations
@@ -31,6 +39,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -237,7 +247,47 @@ def calibration() -> dict:
     return out
 
 
-PARTS = {"cost": None, "probe_size": probe_size_study, "calibration": calibration}
+_FIRST_CALL_CHILD = """
+import json, sys, time
+sys.path.insert(0, {benchmarks!r})
+import numpy as np
+import torch
+block = np.ones(64 << 20, dtype=np.uint8); del block  # the allocator as in training (bench_fused.py)
+torch.set_num_threads({threads})
+import tm_tensorboard as tm
+from bench_engine import Net
+from tm_tensorboard.examples.models import SimpleCNN
+tset = tm.transforms.rotations(16)
+torch.manual_seed(0)
+tm.measure(SimpleCNN(3, 10).eval(), torch.rand(32, 3, 32, 32), tset, measures={measures!r}, error_bars={bars!r})
+model = Net().eval()
+probe = torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+start = time.perf_counter()
+tm.measure(model, probe, tset, measures={measures!r}, error_bars={bars!r})
+print(json.dumps({{"seconds": time.perf_counter() - start}}))
+"""
+
+
+def first_call(reps: int = 3) -> dict:
+    """A process's first measure() of the reference case, with and without error bars (item 4)."""
+    runs: dict[str, list[float]] = {}
+    for _ in range(min(reps, 3)):
+        for name, measures in (("invariance", ("invariance",)), ("default", DEFAULT)):
+            for label, bars in (("no_error_bars", False), ("error_bars", None)):
+                script = _FIRST_CALL_CHILD.format(benchmarks=str(Path(__file__).resolve().parent), threads=THREADS,
+                                                  measures=measures, bars=bars)
+                done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True,
+                                      timeout=1800, check=True)
+                runs.setdefault(f"b16_{name}_{label}", []).append(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+    out: dict = {"batch_size": 16, "runs": runs, "seconds": {k: statistics.median(v) for k, v in runs.items()}}
+    for name in ("invariance", "default"):
+        out[f"b16_{name}_error_bars_added"] = (out["seconds"][f"b16_{name}_error_bars"]
+                                               / out["seconds"][f"b16_{name}_no_error_bars"] - 1)
+    print(json.dumps(out, indent=1), flush=True)
+    return out
+
+
+PARTS = {"cost": None, "probe_size": probe_size_study, "calibration": calibration, "first_call": first_call}
 
 
 def main() -> None:
@@ -252,7 +302,7 @@ def main() -> None:
     figures = json.loads(output.read_text()) if output.exists() and len(args.parts) < len(PARTS) else {}
     figures["targets"] = TARGETS
     for part in args.parts:
-        result = cost(args.reps) if part == "cost" else PARTS[part]()
+        result = cost(args.reps) if part == "cost" else first_call(args.reps) if part == "first_call" else PARTS[part]()
         figures[part] = {"environment": environment(), **result}
     save_results(figures, args.output)
 
