@@ -23,7 +23,7 @@ ResNet18Style; the peak the same. With error bars in K sets instead of K + 1, Re
 per-layer blocks fell under 32 MB: after a one-off measurement with the default measures at batch_size=16
 the resident set is 1.8 GB above its start instead of 0.9-1.6 GB, and the next one pages its states in no
 more: 1.4-1.8 s against 1.8-2.3 s, a /tmp timing.) A session measured again (a Monitor) keeps them for its
-next measurement instead (``kept_states.py``).
+next measurement instead, and ``measure()`` for its next call (``kept_states.py``).
 
 Setting a threshold stops glibc adjusting both of them to the process, for the rest of the process; so
 both are set to where glibc's own adjustment ends (mmap threshold 32 MB, trim threshold 64 MB on 64-bit

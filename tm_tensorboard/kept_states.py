@@ -1,4 +1,4 @@
-"""The memory of a measurement's streaming states, kept for the same session's next measurement (CPU).
+"""The memory of a measurement's streaming states, kept for the next: the same session's, or measure()'s (CPU).
 
 A Monitor measures the same layers every ``every`` steps, and every measurement allocates the same
 states. On CPU they came fresh from the operating system each time, page by page: on this project's
