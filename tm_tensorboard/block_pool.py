@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import heap, native
+from . import caller, heap, native
 
 __all__ = ["serving", "bypassed", "statistics", "build", "kernels", "THRESHOLD"]
 
@@ -270,7 +270,7 @@ def _warn() -> None:
     why = _KERNEL.failed or "torch's CPU allocator is not its default one"
     warnings.warn(f"tm_tensorboard: the pool that keeps a measurement's blocks above 32 MB under a memory budget "
                   f"is not available, so they are page-faulted in anew at every chunk (same numbers, slower): {why}",
-                  RuntimeWarning, stacklevel=4)
+                  RuntimeWarning, stacklevel=caller.stacklevel())
 
 
 @contextlib.contextmanager

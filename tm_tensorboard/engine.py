@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import nn
 
-from . import block_pool, distributed, fused, heap, kept_states, lie, memory, native
+from . import block_pool, caller, distributed, fused, heap, kept_states, lie, memory, native
 from .actions import FeatureAction, identity
 from .capture import (
     AffineBatchNorms,
@@ -481,7 +481,7 @@ class Measurement:
                 'the probe\'s labels are unused: measures= has no "accuracy" and stratified=False; add "accuracy" '
                 "to measures= to log accuracy per transformation, or pass no labels",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=caller.stacklevel(),
             )
 
     @property
@@ -532,7 +532,7 @@ class Measurement:
                 "(e.g. tm.transforms.rotations(16, padding='zeros')), and noise_floor=True to see what "
                 "interpolation and padding alone do (layer 'input').",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=caller.stacklevel(),
             )
 
     def classes(self, probe: Probe) -> list[int] | None:
@@ -553,7 +553,7 @@ class Measurement:
             f"not measuring accuracy: the probe has labels, but the model returns {got}, not logits shaped "
             "[batch, classes] (pass measures= to choose the measures and silence this)",
             UserWarning,
-            stacklevel=2,
+            stacklevel=caller.stacklevel(),
         )
         self.measures = tuple(m for m in self.measures if m != "accuracy")
         self._accuracy_implied = False
@@ -662,7 +662,7 @@ class Measurement:
                 f"{memory.format_bytes(report.total_bytes)}{'' if fits else ', still more: in several passes'}; "
                 "pass state_dtype= and positions= explicitly to choose yourself",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=caller.stacklevel(),
             )
         return chosen
 
@@ -700,7 +700,7 @@ class Measurement:
                     f"{memory.format_bytes(extra)} more memory, {limit}; error_bars=True measures them anyway "
                     "(error_bars=False: none, and no warning)",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=caller.stacklevel(),
                 )
         return self._shards[key]
 
@@ -725,7 +725,7 @@ class Measurement:
                 f"{memory.format_bytes(self.memory_budget)} leaves them: measuring in {len(passes)} passes over the "
                 f"probe ({len(passes)} × the forwards{halve})",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=caller.stacklevel(),
             )
         return passes
 
@@ -1186,7 +1186,7 @@ class Measurement:
             if layers:
                 what = "inf" if layers is inf_layers else "NaN"
                 warnings.warn(f"{what} in the measures of layer(s) {', '.join(layers)}: {why}", RuntimeWarning,
-                              stacklevel=4)  # the caller of measure() / Monitor.step()
+                              stacklevel=caller.stacklevel())
         return MeasureResult(
             [o.info for o in observers.values()],
             self.transformations,

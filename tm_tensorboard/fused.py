@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import native
+from . import caller, native
 
 __all__ = ["FusedFunction", "fused", "compiling", "call_settings", "compile_available", "compiled_seconds",
            "mode_from_environment", "NATIVE"]
@@ -57,7 +57,7 @@ class _Compiler:
             "tm_tensorboard: torch.compile could not build the fused measurement kernels, so measuring goes "
             f"on with the eager kernels (same numbers, slower) for the rest of this process: {self.failed}",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=caller.stacklevel(),
         )
 
 

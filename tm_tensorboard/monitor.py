@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed, metadata
+from . import caller, distributed, metadata
 from .background_writer import BackgroundWriter, close_at_exit
 from .capture import LayerInfo, LayerSelector
 from .engine import Actions, Measurement
@@ -265,7 +265,7 @@ class Monitor:
                 f"tm_tensorboard: measuring at step {global_step} failed and was skipped "
                 f"(training continues; strict=True raises instead): {error!r}",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=caller.stacklevel(),
             )
             return None
         if self._writes:
@@ -284,7 +284,7 @@ class Monitor:
             f"tm_tensorboard: writing step {step} failed and the step is missing from the log "
             f"(training continues; strict=True raises instead): {error!r}",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=caller.stacklevel(),
         )
 
     def close(self) -> None:

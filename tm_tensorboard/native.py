@@ -60,6 +60,8 @@ from typing import Callable
 
 import torch
 
+from . import caller
+
 __all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "moved_errors_update", "both_update",
            "move_back", "variance_replicates", "errors_replicates", "enabled", "available", "stored", "build_all",
            "record_directory", "report_failure", "build_seconds"]
@@ -709,7 +711,7 @@ def report_failure(instead: str = "the compiled kernels") -> None:
                 f"tm_tensorboard: the CPU kernel of the {kernel.name} could not be built, so {instead} run "
                 f"instead (same numbers, slower): {kernel.failed}",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=caller.stacklevel(),
             )
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from . import caller
+
 __all__ = ["Probe", "as_probe", "DEFAULT_NUM_SAMPLES", "border_variation"]
 
 # Samples read from a Dataset / DataLoader when num_samples is not given. The measures are means over the
@@ -125,7 +127,7 @@ def as_probe(probe: Any, labels: Any = None, num_samples: int | None = None) -> 
             f"samples; using the first {limit} (pass num_samples= to choose: {limit} put the measures' standard "
             f"error at 1/{math.isqrt(limit)} of the spread between samples)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=caller.stacklevel(),
         )
     if labels is not None and pair_labels is not None:
         raise ValueError("labels were given twice: in the probe and as labels=; pass them once")

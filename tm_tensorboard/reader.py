@@ -28,7 +28,7 @@ from tensorboard.backend.event_processing import directory_loader, event_file_lo
 from tensorboard.compat import tf
 from tensorboard.util import tensor_util
 
-from . import metadata
+from . import caller, metadata
 
 __all__ = ["Series", "RunLog", "Logs", "read", "export", "COLUMNS", "UNIT_COLUMNS"]
 
@@ -315,7 +315,7 @@ class _RunReader:
         dead = self._by_layer(self.dead, bool) if self.units else None
         if self.skipped:
             warnings.warn(f"tm_tensorboard.read: run {name!r}: skipped {self.skipped} values that do not "
-                          "fit their description (a corrupted or interrupted write?)", RuntimeWarning, stacklevel=3)
+                          "fit their description (a corrupted or interrupted write?)", RuntimeWarning, stacklevel=caller.stacklevel())
         config = _plain(self.config) if self.config is not None else None
         return RunLog(name, config, means, dict(self.layer_index), accuracy, labels, units, dead, per_transformation)
 
