@@ -187,8 +187,29 @@ def test_a_one_off_measurement_while_another_holds_the_kept_memory_uses_its_own(
     one_off(model, images)
     shared = kept_states._ONE_OFF
     allocated, kept = shared.allocated, shared.kept_bytes
-    with kept_states.one_off() as held:  # (as another thread's measurement would)
+    with kept_states.one_off(model, tuple(images.shape[1:])) as held:  # (as another thread's measurement would)
         assert held is shared
         one_off(model, images)
     assert shared.allocated == allocated and shared.kept_bytes == kept
+    tm.release_memory()
+
+
+def test_a_one_off_measurement_of_another_model_or_sample_shape_lets_go_first():
+    """Blocks kept for one model are let go before another model's (or another sample shape's) states are
+    allocated, so that they cannot keep its allocations from reusing that memory."""
+    model, images = model_and_probe()
+    other, _ = model_and_probe()
+    tm.release_memory()
+    shared = kept_states._ONE_OFF
+    before = shared.allocated
+    one_off(model, images)
+    kept, blocks = shared.kept_bytes, shared.allocated - before
+    one_off(other, images)  # the same sizes, but another model: nothing reused
+    assert shared.allocated - before == 2 * blocks and shared.kept_bytes == kept
+    smaller = torch.nn.functional.interpolate(images, size=24)
+    one_off(other, smaller)  # another sample shape
+    assert 0 < shared.kept_bytes < kept
+    allocated = shared.allocated
+    one_off(other, smaller)  # the same model and shape again: every block reused
+    assert shared.allocated == allocated
     tm.release_memory()

@@ -174,8 +174,8 @@ def measure(
     AUTO_POSITIONS with which the states fit ``memory_budget`` in one pass.
     A ``torch.compile``d model is measured eagerly through its original module (as a DDP model through
     its ``.module``); a half / bfloat16 model is given the transformed probe in its own dtype. On CPU
-    without a budget the states' memory is kept for the next call, up to 2 GB (``kept_states.py``;
-    ``tm.release_memory()`` gives it back).
+    without a budget the states' memory is kept for the next call on the same model, up to 2 GB
+    (``kept_states.py``; ``tm.release_memory()`` gives it back).
     """
     session = Measurement(
         model,
@@ -199,7 +199,8 @@ def measure(
     with preserved_rng_state():  # reading a shuffling DataLoader draws random numbers
         samples = as_probe(probe, labels=labels, num_samples=num_samples)
     session.use_labels(samples)
-    with kept_states.one_off() as kept:  # the previous call's state memory, kept for the next (kept_states.py)
+    # the state memory of the calls before on this model, kept for the next (kept_states.py)
+    with kept_states.one_off(model, tuple(samples.images.shape[1:])) as kept:
         session.kept_states = kept
         return session.run(samples)
 

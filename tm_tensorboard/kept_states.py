@@ -10,13 +10,14 @@ Monitor holds between steps is its last measurement's states, and blocks that me
 again are let go. A GPU needs none of this: PyTorch's caching allocator already keeps freed blocks, where
 training can use them too.
 
-One-off measurements (``measure()``) share one ``KeptStates`` per process (``one_off``): a call reuses the
-state memory of the calls before it, as a session's measurement does (a notebook measuring checkpoints, or
-models, in a loop; the first call of a process pages its states in, as before), the way PyTorch's caching
-allocator keeps freed blocks on a GPU. It holds at most ONE_OFF_BYTES between calls: the last call's blocks
-first, then those of calls before it that the last did not use. ``release`` (``tm.release_memory()``) lets
-them go, a measurement under a memory budget lets them go before it allocates, and
-TM_TENSORBOARD_KEEP_FREED_MEMORY=0 keeps none.
+One-off measurements (``measure()``) share one ``KeptStates`` per process (``one_off``): a call on the same
+model object, on samples of the same shape, reuses the state memory of the calls before it, as a session's
+measurement does (a notebook measuring the same model again, checkpoints loaded into it in a loop; the
+first call pages its states in, as before), the way PyTorch's caching allocator keeps freed blocks on a GPU;
+a call on another model (or sample shape) lets them go first. It holds at most ONE_OFF_BYTES between calls:
+the last call's blocks first, then those of calls before it that the last did not use. ``release``
+(``tm.release_memory()``) lets them go, a measurement under a memory budget lets them go before it
+allocates, and TM_TENSORBOARD_KEEP_FREED_MEMORY=0 keeps none.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import contextlib
 import contextvars
 import math
 import threading
+import weakref
 from typing import Iterator
 
 import torch
@@ -102,16 +104,25 @@ class KeptStates:
 
 _ONE_OFF = KeptStates(cap=ONE_OFF_BYTES, keep_unused=True)
 _ONE_OFF_LOCK = threading.Lock()
+_ONE_OFF_FOR: list = [None, None]  # the model (a weak reference) and the sample shape its blocks were kept for
 
 
 @contextlib.contextmanager
-def one_off() -> Iterator[KeptStates]:
-    """The ``KeptStates`` of a one-off measurement: the process's (the previous call's blocks), or a new one
-    while another thread's measurement holds it or TM_TENSORBOARD_KEEP_FREED_MEMORY is 0 (nothing kept)."""
+def one_off(model: torch.nn.Module, sample_shape: tuple[int, ...]) -> Iterator[KeptStates]:
+    """The ``KeptStates`` of a one-off measurement of ``model`` on samples of ``sample_shape``: the process's,
+    with the blocks of the calls before it if they measured the same model object on samples of the same
+    shape, else emptied first (another model's blocks, kept, would only keep this call's allocations from
+    reusing that memory: on this project's VM every call of two models measured in turn then paged its
+    states in, 10-12 % slower than keeping nothing); a new one, keeping nothing, while another thread's
+    measurement holds it or TM_TENSORBOARD_KEEP_FREED_MEMORY is 0."""
     if not heap.keeping_enabled() or not _ONE_OFF_LOCK.acquire(blocking=False):
         yield KeptStates(cap=0)
         return
     try:
+        kept_for, shape = _ONE_OFF_FOR
+        if kept_for is None or kept_for() is not model or shape != tuple(sample_shape):
+            _ONE_OFF.let_go()
+            _ONE_OFF_FOR[:] = [weakref.ref(model), tuple(sample_shape)]
         yield _ONE_OFF
     finally:
         _ONE_OFF_LOCK.release()
