@@ -1,7 +1,7 @@
 """A session's measurements reusing the memory of the previous one's states (a Monitor's steps), and measure()
 calls reusing the calls' before them, against measure() calls whose states page in anew.
 
-    python benchmarks/bench_kept_states.py        # ~6 min on an idle 2-core machine
+    python benchmarks/bench_kept_states.py        # ~2 min on an idle 2-core machine
 
 DESIGN.md's reference case (13 layers, N = 256) and ResNet18Style(width=0.25) at 32 px (59 layers,
 N = 128, every layer), T = 16 rotations, ``batch_size=16``, compiled, with error bars as by default (8

@@ -113,7 +113,7 @@ def one_off(model: torch.nn.Module, sample_shape: tuple[int, ...]) -> Iterator[K
     with the blocks of the calls before it if they measured the same model object on samples of the same
     shape, else emptied first (another model's blocks, kept, would only keep this call's allocations from
     reusing that memory: on this project's VM every call of two models measured in turn then paged its
-    states in, 10-12 % slower than keeping nothing); a new one, keeping nothing, while another thread's
+    states in, 3-13 % slower than keeping nothing); a new one, keeping nothing, while another thread's
     measurement holds it or TM_TENSORBOARD_KEEP_FREED_MEMORY is 0."""
     if not heap.keeping_enabled() or not _ONE_OFF_LOCK.acquire(blocking=False):
         yield KeptStates(cap=0)
