@@ -39,6 +39,11 @@
    and with the equivariance error, error bars as by default, ``compile=True``
    (the kernels, the compiled graphs for the rest) against what ``compile=None`` runs where compiling does
    not pay (``fused.NATIVE``: the kernels, eager code for the rest), interleaved, medians of ``--reps``.
+7. Channels-last models (``--parts channels_last``): the two cases of item 2 with the model laid out channels-last
+   (``model.to(memory_format=torch.channels_last)``, as CPU and GPU performance guides advise for
+   convolutions) and as it is, at batch_size 4 and 16: each layout's forward floor and measure() of
+   invariance and of the default measures, error bars as by default, compiled (the CPU kernels where they
+   apply), interleaved, medians of ``--reps``.
 
 The allocator: glibc returns freed memory to the system until a large block (> 32 MiB) has once been
 freed, after which it keeps it; a training process has long done that, a fresh benchmark process has
@@ -77,7 +82,7 @@ THREADS = 2
 INVARIANCE = ("invariance",)
 DEFAULT = ("invariance", "same_equivariance")
 TARGETS = {"ops_invariance": 8, "ops_default": 16, "invariance_over_floor": 1.5, "default_over_floor": 2.0}
-PARTS = ("compile", "ops", "speed", "host", "dynamo", "fresh", "native")
+PARTS = ("compile", "ops", "speed", "host", "dynamo", "fresh", "native", "channels_last")
 
 
 @contextlib.contextmanager
@@ -414,6 +419,44 @@ def native_against_compiled(reps: int) -> dict:
     return out
 
 
+def channels_last_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int) -> dict:
+    """Floors and measure() of one model laid out channel-major ("contiguous") and channels-last."""
+    tset = tm.transforms.rotations(T)
+    layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+    def laid_out(layout: str, run: Callable[[], Any]) -> Callable[[], Any]:
+        def in_layout() -> Any:
+            model.to(memory_format=layouts[layout])
+            return run()
+        return in_layout
+
+    methods: dict[str, Callable[[], Any]] = {}
+    for batch_size in (4, 16):
+        images = [tset.apply(chunk) for chunk in probe.split(batch_size)]
+        for layout in layouts:
+            methods[f"{layout}/floor_b{batch_size}"] = laid_out(layout, forward_floor(model, images))
+            for label, measures in (("invariance", INVARIANCE), ("default", DEFAULT)):
+                methods[f"{layout}/{label}_b{batch_size}"] = laid_out(layout, lambda m=measures, b=batch_size: tm.measure(
+                    model, probe, tset, measures=m, batch_size=b, compile=True, dedupe_batchnorm=False))
+    for run in methods.values():
+        run()
+    load_before = os.getloadavg()
+    wall = interleaved(methods, reps, name)
+    model.to(memory_format=torch.contiguous_format)
+    median = {m: statistics.median(ts) for m, ts in wall.items()}
+    return {
+        "N": len(probe),
+        "median_s": median,
+        "all_s": wall,
+        "over_own_floor": {m: median[m] / median[f"{m.split('/')[0]}/floor_b{m.rsplit('_b', 1)[1]}"]
+                           for m in methods if "/floor" not in m},
+        "over_contiguous_floor": {m: median[m] / median[f"contiguous/floor_b{m.rsplit('_b', 1)[1]}"]
+                                  for m in methods if "/floor" not in m},
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -454,6 +497,11 @@ def main() -> None:
         figures["native_against_compiled"] = native_against_compiled(args.reps)
     if "fresh" in args.parts:
         figures["fresh_process"] = fresh_process_measure(min(args.reps, 3))
+    if "channels_last" in args.parts:
+        figures["channels_last"] = {case: channels_last_case(case, model, probe, args.reps)
+                                    for case, (model, probe) in speed_cases().items()}
+        for case, value in figures["channels_last"].items():
+            print(case, json.dumps({k: round(v, 3) for k, v in value["median_s"].items()}), flush=True)
     if "speed" not in args.parts:
         print(json.dumps(figures, indent=1))
         if not args.no_save:

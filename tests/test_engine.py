@@ -247,3 +247,70 @@ def test_float64_model_and_activations():
     model = small_cnn().double()
     result = tm.measure(model, torch.randn(6, 3, 8, 8, dtype=torch.float64), T.flips())
     assert result.get("nvi", "0").dtype == np.float64
+
+
+@pytest.mark.parametrize("error_bars", [False, 2])
+def test_a_channels_last_model_is_measured_where_its_maps_lie(error_bars):
+    """``model.to(memory_format=torch.channels_last)``: its maps lie [n, h, w, C] in memory. Invariance streams
+    them as they lie and same-equivariance moves them back from there: the brute force of that model, and the
+    numbers of the same model laid out channel-major up to the convolutions' rounding."""
+    torch.manual_seed(4)
+    probe = torch.randn(33, 3, 12, 12)
+    tset, layers = T.rot90(), ["0", "1", "2", "3", "5"]
+    channel_major = small_cnn()
+    model = small_cnn().to(memory_format=torch.channels_last)
+    measures = ("invariance", "same_equivariance", "per_transformation", "equivariance_error")
+    result = tm.measure(model, probe, tset, measures=measures, batch_size=5, error_bars=error_bars,
+                        dedupe_batchnorm=False)
+    A = _brute_force(model, probe, tset, layers)
+    A_back = _brute_force(model, probe, tset, layers, lambda feature_map, t: torch.rot90(feature_map, -t, dims=(2, 3)))
+    twin = tm.measure(channel_major, probe, tset, measures=measures, batch_size=5, error_bars=error_bars,
+                      dedupe_batchnorm=False)
+    for layer in layers:
+        ref, ref_back = ref_measures(A[layer]), ref_measures(A_back[layer])
+        for name, key in (("tvi", "tv"), ("svi", "sv"), ("nvi", "nv")):
+            np.testing.assert_allclose(result.get(name, layer, per="element"), ref[key], rtol=2e-5, atol=1e-7)
+            np.testing.assert_allclose(result.get(name[:2] + "se", layer, per="element"), ref_back[key], rtol=2e-5,
+                                       atol=1e-7)
+        for name in ("nvi", "nvse", "ie_t", "ee"):
+            np.testing.assert_allclose(result.get(name, layer, per="element"), twin.get(name, layer, per="element"),
+                                       rtol=1e-5, atol=1e-6, err_msg=f"{name} {layer}")
+            if error_bars:
+                np.testing.assert_allclose(result.stderr(name, layer), twin.stderr(name, layer), rtol=1e-4, atol=1e-6)
+
+
+def test_a_channels_last_model_s_maps_are_not_copied_channel_major_each_chunk(kernels):
+    """What a measurement of invariance and same-equivariance copies per chunk (``aten`` copies counted in a
+    dispatch mode, 12 chunks more against 12) is no more for a channels-last model than for its twin laid out
+    channel-major (its states are put in the layer's order once, when finalized)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if kernels == "graphs":
+        pytest.skip("in a dispatch mode the compiled graphs run as eager ops, which the eager run counts")
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(4)
+    probe, tset = torch.randn(48, 3, 12, 12), T.rotations(4)
+    per_chunk = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1))
+        model.to(memory_format=layout)
+        counts = []
+        for samples in (24, 48):
+            tm.measure(model, probe[:samples], tset, measures=("invariance", "same_equivariance"), batch_size=2,
+                       error_bars=False)
+            with Copies() as copies:
+                tm.measure(model, probe[:samples], tset, measures=("invariance", "same_equivariance"), batch_size=2,
+                           error_bars=False)
+            counts.append(copies.count)
+        per_chunk[layout] = (counts[1] - counts[0]) / 12
+    assert per_chunk[torch.channels_last] <= per_chunk[torch.contiguous_format], per_chunk

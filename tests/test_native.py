@@ -389,6 +389,22 @@ def test_moved_back_maps_equal_the_compiled_graphs_and_grid_sample(name, channel
     torch.testing.assert_close(ours[finite], eager[finite], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels, height, width", [(3, 8, 8), (16, 6, 5), (20, 9, 4), (33, 4, 4)])
+def test_maps_lying_channels_last_are_moved_back_from_where_they_lie(channels, height, width):
+    """A channels-last model's maps ([n, h, w, C] in memory): the values of the same maps laid out channel-major,
+    bit for bit, without the work buffer that lays each map out pixel-major."""
+    tset = _WARP_SETS["rotations(16) bilinear zeros"]
+    maps = torch.randn(2 * len(tset), channels, height, width, generator=torch.Generator().manual_seed(channels))
+    lying = maps.contiguous(memory_format=torch.channels_last)
+    assert not lying.is_contiguous()
+    sources, weights = tset.inverse_taps(height, width, CPU, maps.dtype)
+    out = torch.full((2, len(tset) * height * width, channels), -7.0)
+    asked = []
+    assert native.move_back(lying, sources, weights, out, lambda numel: asked.append(numel) or torch.empty(numel))
+    assert asked == []
+    torch.testing.assert_close(out, _moved(tset, maps, kernel=True), rtol=0, atol=0)
+
+
 def test_move_back_declines_what_it_does_not_apply_to_and_touches_nothing(monkeypatch):
     tset = T.rotations(4, padding="zeros")
     maps = torch.randn(8, 3, 5, 5)

@@ -107,6 +107,8 @@ class LayerMeasure:
     needs_identity = False  # compares with the untransformed input: the set must hold the identity
     shardable = True  # error bars: finalized per shard of the probe (one pass, nothing read on the host)
     masked = False  # components are NaN by definition at excluded positions
+    pixel_major = False  # the states hold a map's units in (h, w, C) order, put back in (C, h, w) when finalized
+    _order_chosen = False
     _merged_replicates: list[torch.Tensor | None] | None = None  # each class's, where a kernel took them merging
 
     def __init__(self, info: LayerInfo, transformations: TransformationSet, num_classes: int,
@@ -132,6 +134,20 @@ class LayerMeasure:
 
     def make_states(self, device: torch.device) -> dict[str, StreamingState]:
         raise NotImplementedError
+
+    def as_it_lies(self, activation: torch.Tensor) -> torch.Tensor:
+        """The activation [b·T, *units] in the states' order of units: maps that lie channels-last in memory (a
+        channels-last model's) as they lie, in (h, w, C) order, a view (laid out channel-major, every chunk
+        cost a copy of itself, and the compiled graphs failed on it); the first chunk chooses the order."""
+        if not self._order_chosen:
+            self.pixel_major, self._order_chosen = channels_last(activation), True
+        if self.pixel_major:
+            return activation.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        return activation
+
+    def _in_layer_order(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-unit values [..., units] in the states' order of units, in the layer's."""
+        return _channels_first(values, self.unit_shape) if self.pixel_major else values
 
     def new_states(self) -> dict[str, StreamingState]:
         """``make_states`` on this measure's device, in ``options.state_dtype``."""
@@ -305,7 +321,7 @@ class VarianceMeasure(LayerMeasure):
 
     def values(self, activation: torch.Tensor, chunk: Chunk) -> torch.Tensor:
         """What the states stream, [b·T, *units] in the states' order of units."""
-        return activation
+        return self.as_it_lies(activation)
 
     def update(self, phase, activation, chunk):
         for k, rows in chunk.rows(self.values(activation, chunk)):
@@ -318,10 +334,6 @@ class VarianceMeasure(LayerMeasure):
     def compute_class(self, states, compiled):
         spread, moments = states["spread"], states["moments"]
         return self._in_layer_order(_variance_compute(compiled, spread.total, spread.count, moments.m2, moments.count))
-
-    def _in_layer_order(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-unit values [..., units] in the states' order of units, in the layer's."""
-        return values
 
     def _merge_and_replicate(self, k, total):
         """The replicates' CPU kernel: the shards' states read once for the merge and the replicates (the
@@ -374,8 +386,11 @@ class SameEquivarianceMeasure(VarianceMeasure):
         chunk.moved_back = (maps, moved)
         return moved
 
-    def _in_layer_order(self, values):
-        return _channels_first(values, self.unit_shape) if self.pixel_major else values
+
+def channels_last(activation: torch.Tensor) -> bool:
+    """Whether maps [n, C, h, w] lie in memory as [n, h, w, C] (and not also channel-major: C or h·w of 1)."""
+    return (activation.dim() == 4 and not activation.is_contiguous()
+            and activation.is_contiguous(memory_format=torch.channels_last))
 
 
 def _channels_first(values: torch.Tensor, unit_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -480,8 +495,11 @@ class EquivarianceErrorMeasure(LayerMeasure):
         else:
             moved = self.transformations.invert_features_pixel_major(psi, chunk.compiled, chunk.scratch)
         channels, height, width = self.unit_shape
-        maps = psi.reshape(-1, self.T, channels, height * width)[:, self.identity]
-        moved.view(-1, self.T, height * width, channels)[:, self.identity].copy_(maps.transpose(1, 2))
+        if channels_last(psi):  # pixel-major where they lie
+            maps = psi.permute(0, 2, 3, 1).reshape(-1, self.T, height * width, channels)[:, self.identity]
+        else:
+            maps = psi.reshape(-1, self.T, channels, height * width)[:, self.identity].transpose(1, 2)
+        moved.view(-1, self.T, height * width, channels)[:, self.identity].copy_(maps)
         return moved
 
     def compute_class(self, states, compiled):
@@ -524,18 +542,19 @@ class InvarianceErrorMeasure(LayerMeasure):
         return {"squared": SampleSum((self.T, self.units), device), "reference": SampleMoments((self.units,), device)}
 
     def update(self, phase, activation, chunk):
-        _fold_differences_from_identity(self, activation, chunk)
+        _fold_differences_from_identity(self, self.as_it_lies(activation), chunk)
 
     def compute_class(self, states, compiled):
         squared, reference = states["squared"], states["reference"]
-        return _invariance_error_compute(compiled, squared.total, squared.count, reference.m2, reference.count)
+        return self._in_layer_order(
+            _invariance_error_compute(compiled, squared.total, squared.count, reference.m2, reference.count))
 
     def _merge_and_replicate(self, k, total):
         """The replicates' CPU kernel (``native.errors_replicates``): the shards' states read once for the merge
         and the replicates, where eagerly the merge, the leave-out and each shard's values were a pass each."""
         values = total["reference"].mean.new_empty((len(self.shard_states), self.T + 1, self.units))
         done = native.errors_replicates(*self._sum_and_moments(k, total, "squared", "reference"), values, merge=True)
-        return values if done else None
+        return self._in_layer_order(values) if done else None
 
 
 def _fold_differences_from_identity(measure: LayerMeasure, values: torch.Tensor, chunk: Chunk) -> None:
@@ -559,7 +578,10 @@ def update_together(measures: dict[str, LayerMeasure], phase: str, activation: t
     if (phase != TRANSFORMED or not chunk.compiled or type(invariance) is not VarianceMeasure
             or type(errors) is not InvarianceErrorMeasure):
         return ()
-    for block, (k, rows) in enumerate(chunk.rows(activation)):
+    laid_out, _ = invariance.as_it_lies(activation), errors.as_it_lies(activation)  # (each chooses on its first chunk)
+    if errors.pixel_major != invariance.pixel_major:
+        return ()
+    for block, (k, rows) in enumerate(chunk.rows(laid_out)):
         spread, moments = invariance.per_class[k]["spread"], invariance.per_class[k]["moments"]
         squared, reference = errors.per_class[k]["squared"], errors.per_class[k]["reference"]
         if native.both_update(rows, invariance.T, errors.identity, spread.total, spread.count, moments.mean,

@@ -283,20 +283,25 @@ extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_cou
 
 
 _WARP_SOURCE = _PRELUDE + r"""
-// x: maps [b·T, C, hw] float32 (map m is sample m / T's transformation m % T); taps [T·hw, k]: sources
-// into the T·hw pixel-major rows of a sample (transformation t's from row t·hw on) and float32 weights;
-// out [b, T·hw, C]. buffer: threads × hw·C floats, one map pixel-major per thread.
+// x: maps [b·T, C, hw] float32 (map m is sample m / T's transformation m % T), or with `channels_last` [b·T,
+// hw, C]; taps [T·hw, k]: sources into the T·hw pixel-major rows of a sample (transformation t's from row t·hw
+// on) and float32 weights; out [b, T·hw, C]. buffer: threads × hw·C floats, one map pixel-major per thread
+// (unused with `channels_last`: the maps are read where they lie).
 extern "C" void kernel(const float* x, const int64_t* sources, const float* weights, float* out, float* buffer,
                        const int64_t maps, const int64_t T, const int64_t C, const int64_t hw, const int64_t k,
-                       const int64_t threads) {
+                       const int64_t threads, const int64_t channels_last) {
   const int64_t whole = C / NF * NF;
   #pragma omp parallel num_threads(threads)
   {
-    float* rows = buffer + omp_get_thread_num() * hw * C;
+    float* laid_out = buffer + omp_get_thread_num() * hw * C;
     #pragma omp for schedule(static)
     for (int64_t m = 0; m < maps; m++) {
       const int64_t t = m % T;
-      at::vec::transpose_mxn<float>(x + m * C * hw, hw, rows, C, static_cast<int>(C), static_cast<int>(hw));
+      const float* rows = x + m * C * hw;
+      if (!channels_last) {
+        at::vec::transpose_mxn<float>(rows, hw, laid_out, C, static_cast<int>(C), static_cast<int>(hw));
+        rows = laid_out;
+      }
       const int64_t* src = sources + t * hw * k;
       const float* w = weights + t * hw * k;
       const int64_t first = t * hw;  // the sources count from the sample's first row: map t's from row t·hw on
@@ -662,7 +667,7 @@ _ERRORS = _Kernel("per-transformation and equivariance-error update", _ERRORS_SO
 _BOTH = _Kernel("invariance and per-transformation update", _BOTH_SOURCE,
                 _STATE_ARGUMENTS + _STATE_ARGUMENTS[1:] + ["const int64_t"] * 5)
 _WARP = _Kernel("inverse warp", _WARP_SOURCE,
-                ["const float*", "const int64_t*", "const float*", "float*", "float*"] + ["const int64_t"] * 6)
+                ["const float*", "const int64_t*", "const float*", "float*", "float*"] + ["const int64_t"] * 7)
 _REPLICATES_ARGUMENTS = _STATE_ARGUMENTS[1:] + ["const int64_t*", "const double*", "double*"] + ["const int64_t"] * 4
 _REPLICATES = _Kernel("error bars' replicates", _REPLICATES_SOURCE, _REPLICATES_ARGUMENTS)
 _ERRORS_REPLICATES = _Kernel("per-transformation error bars' replicates", _ERRORS_REPLICATES_SOURCE,
@@ -812,14 +817,17 @@ def move_back(maps: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor, 
     """Maps [b·T, C, h, w] moved back by their taps (``warps.tap_table``: sources [T·h·w, k] into a sample's
     T·h·w rows, weights) into ``out`` [b, T·h·w, C] pixel-major, as ``warps.pixel_major`` then
     ``warps.gather_taps`` do, in one pass: each map laid out pixel-major in cache (``buffer(numel)``: a
-    float32 work buffer the caller keeps), its taps gathered from there. False where it does not apply."""
+    float32 work buffer the caller keeps), its taps gathered from there; maps that lie channels-last in
+    memory are already pixel-major, and gathered from where they lie. False where it does not apply."""
     if maps.dim() != 4 or sources.dim() != 2 or not enabled():
         return False
     n, channels, height, width = maps.shape
     pixels = height * width
     T, k = sources.shape[0] // max(pixels, 1), sources.shape[1]
-    tensors = (maps, sources, weights, out)
-    if not (all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) and maps.dtype == torch.float32
+    tensors = (sources, weights, out)
+    channels_last = not maps.is_contiguous() and maps.is_contiguous(memory_format=torch.channels_last)
+    if not (all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) and maps.device.type == "cpu"
+            and (maps.is_contiguous() or channels_last) and maps.dtype == torch.float32
             and out.dtype == torch.float32 and weights.dtype == torch.float32 and sources.dtype == torch.int64
             and not maps.requires_grad and n > 0 and pixels > 0 and T > 0 and sources.shape[0] == T * pixels
             and n % T == 0 and weights.shape == sources.shape and out.numel() == maps.numel()):
@@ -828,7 +836,8 @@ def move_back(maps: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor, 
     if kernel is None:
         return False
     threads = max(1, min(torch.get_num_threads(), n))
-    kernel(maps, sources, weights, out, buffer(threads * pixels * channels), n, T, channels, pixels, k, threads)
+    work = out if channels_last else buffer(threads * pixels * channels)  # (the kernel reads no buffer then)
+    kernel(maps, sources, weights, out, work, n, T, channels, pixels, k, threads, int(channels_last))
     return True
 
 
