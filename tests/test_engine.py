@@ -279,10 +279,24 @@ def test_a_channels_last_model_is_measured_where_its_maps_lie(error_bars):
                 np.testing.assert_allclose(result.stderr(name, layer), twin.stderr(name, layer), rtol=1e-4, atol=1e-6)
 
 
+def test_goodfellow_and_anova_of_a_channels_last_model_are_its_channel_major_twin_s():
+    """Their states hold a channels-last layer's units in (h, w, C) order too (thresholds, firing rates, the
+    ANOVA's moments), put back when finalized."""
+    torch.manual_seed(5)
+    probe, tset = torch.randn(30, 3, 12, 12), T.rotations(4)
+    measures = ("goodfellow", "anova")
+    ours = tm.measure(small_cnn().to(memory_format=torch.channels_last), probe, tset, measures=measures, batch_size=4)
+    twin = tm.measure(small_cnn(), probe, tset, measures=measures, batch_size=4)
+    for layer in ("0", "1", "3"):
+        for name in ("gfl", "gfg", "anova_f", "anova"):
+            np.testing.assert_allclose(ours.get(name, layer, per="element"), twin.get(name, layer, per="element"),
+                                       rtol=1e-4, atol=1e-6, err_msg=f"{name} {layer}")
+
+
 def test_a_channels_last_model_s_maps_are_not_copied_channel_major_each_chunk(kernels):
-    """What a measurement of invariance and same-equivariance copies per chunk (``aten`` copies counted in a
-    dispatch mode, 12 chunks more against 12) is no more for a channels-last model than for its twin laid out
-    channel-major (its states are put in the layer's order once, when finalized)."""
+    """What a measurement copies per chunk (``aten`` copies counted in a dispatch mode, 12 chunks more against
+    12) is no more for a channels-last model than for its twin laid out channel-major (its states are put in
+    the layer's order once, when finalized)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     if kernels == "graphs":
@@ -300,17 +314,18 @@ def test_a_channels_last_model_s_maps_are_not_copied_channel_major_each_chunk(ke
 
     torch.manual_seed(4)
     probe, tset = torch.randn(48, 3, 12, 12), T.rotations(4)
+    measures = ("invariance", "same_equivariance", "per_transformation")  # the CPU kernels' groups: no graph
+    if kernels == "eager":
+        measures += ("goodfellow", "anova")
     per_chunk = {}
     for layout in (torch.contiguous_format, torch.channels_last):
         model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1))
         model.to(memory_format=layout)
         counts = []
         for samples in (24, 48):
-            tm.measure(model, probe[:samples], tset, measures=("invariance", "same_equivariance"), batch_size=2,
-                       error_bars=False)
+            tm.measure(model, probe[:samples], tset, measures=measures, batch_size=2, error_bars=False)
             with Copies() as copies:
-                tm.measure(model, probe[:samples], tset, measures=("invariance", "same_equivariance"), batch_size=2,
-                           error_bars=False)
+                tm.measure(model, probe[:samples], tset, measures=measures, batch_size=2, error_bars=False)
             counts.append(copies.count)
         per_chunk[layout] = (counts[1] - counts[0]) / 12
     assert per_chunk[torch.channels_last] <= per_chunk[torch.contiguous_format], per_chunk

@@ -741,7 +741,7 @@ class GoodfellowMeasure(LayerMeasure):
             ]
 
     def update(self, phase, activation, chunk):
-        for k, rows in chunk.rows(activation):
+        for k, rows in chunk.rows(self.as_it_lies(activation)):
             if phase == "thresholds":
                 moments = self.per_class[k]["moments"]
                 _moments_update(chunk.compiled, rows, moments.mean, moments.m2, moments.count, scratch=chunk.scratch)
@@ -751,7 +751,7 @@ class GoodfellowMeasure(LayerMeasure):
                 _firing_update(chunk.compiled, rows, T, self.thresholds[k], rate.total, rate.count, scratch=chunk.scratch)
 
     def compute_class(self, states, compiled):
-        return torch.stack([states["local"].mean(), states["global"].mean()])
+        return self._in_layer_order(torch.stack([states["local"].mean(), states["global"].mean()]))
 
 
 class AnovaMeasure(LayerMeasure):
@@ -766,7 +766,7 @@ class AnovaMeasure(LayerMeasure):
         return {"moments": SampleMoments((self.T, self.units), device)}
 
     def update(self, phase, activation, chunk):
-        for k, rows in chunk.rows(activation):
+        for k, rows in chunk.rows(self.as_it_lies(activation)):
             moments = self.per_class[k]["moments"]
             _moments_update(chunk.compiled, rows, moments.mean, moments.m2, moments.count, scratch=chunk.scratch)
 
@@ -786,7 +786,7 @@ class AnovaMeasure(LayerMeasure):
         # transformation alone sets the value.)
         f = torch.where((between == 0) & (within == 0), 0.0, f)
         critical = f_critical_value(self.options.alpha / self.units, T - 1, n * T - T) if n > 1 else math.inf
-        return torch.stack([f, (f > critical).double()])
+        return self._in_layer_order(torch.stack([f, (f > critical).double()]))
 
 
 GROUPS: dict[str, type[LayerMeasure]] = {
