@@ -138,7 +138,8 @@ class LayerMeasure:
     def as_it_lies(self, activation: torch.Tensor) -> torch.Tensor:
         """The activation [b·T, *units] in the states' order of units: maps that lie channels-last in memory (a
         channels-last model's) as they lie, in (h, w, C) order, a view (laid out channel-major, every chunk
-        cost a copy of itself, and the compiled graphs failed on it); the first chunk chooses the order."""
+        cost a copy of itself, and per_transformation's compiled graph failed on the maps as they lay); the
+        first chunk chooses the order, and every rank's model lies the same way (states merge unit by unit)."""
         if not self._order_chosen:
             self.pixel_major, self._order_chosen = channels_last(activation), True
         if self.pixel_major:
