@@ -279,16 +279,16 @@ def test_a_channels_last_model_is_measured_where_its_maps_lie(error_bars):
                 np.testing.assert_allclose(result.stderr(name, layer), twin.stderr(name, layer), rtol=1e-4, atol=1e-6)
 
 
-def test_goodfellow_and_anova_of_a_channels_last_model_are_its_channel_major_twin_s():
+def test_goodfellow_anova_and_lie_derivatives_of_a_channels_last_model_are_its_channel_major_twin_s():
     """Their states hold a channels-last layer's units in (h, w, C) order too (thresholds, firing rates, the
-    ANOVA's moments), put back when finalized."""
+    ANOVA's moments, the squared Lie derivatives), put back when finalized."""
     torch.manual_seed(5)
     probe, tset = torch.randn(30, 3, 12, 12), T.rotations(4)
-    measures = ("goodfellow", "anova")
+    measures = ("goodfellow", "anova", "lie_rotation", "lie_translation_x")
     ours = tm.measure(small_cnn().to(memory_format=torch.channels_last), probe, tset, measures=measures, batch_size=4)
     twin = tm.measure(small_cnn(), probe, tset, measures=measures, batch_size=4)
     for layer in ("0", "1", "3"):
-        for name in ("gfl", "gfg", "anova_f", "anova"):
+        for name in ("gfl", "gfg", "anova_f", "anova", "lie_rotation", "lie_translation_x"):
             np.testing.assert_allclose(ours.get(name, layer, per="element"), twin.get(name, layer, per="element"),
                                        rtol=1e-4, atol=1e-6, err_msg=f"{name} {layer}")
 

@@ -681,7 +681,8 @@ class LieDerivativeMeasure(LayerMeasure):
             weights = self.generator.weights(*self.unit_shape[-2:], chunk.image_size, self.interpolation,
                                              reference.device, reference.dtype)
             lie = _lie_values(chunk.compiled, tangent, reference, *weights, self.padding == "zeros")
-        for (k, lie_rows), (_, reference_rows) in zip(chunk.rows(lie), chunk.rows(reference)):
+        reference = self.as_it_lies(reference)  # (chooses the order: the layer's maps as they lie)
+        for (k, lie_rows), (_, reference_rows) in zip(chunk.rows(self.as_it_lies(lie)), chunk.rows(reference)):
             squared, moments = self.per_class[k]["squared"], self.per_class[k]["reference"]
             _lie_update(
                 chunk.compiled, lie_rows, reference_rows, squared.total, squared.count, moments.mean, moments.m2,
@@ -690,7 +691,7 @@ class LieDerivativeMeasure(LayerMeasure):
 
     def compute_class(self, states, compiled):
         squared, reference = states["squared"], states["reference"]
-        return _lie_compute(compiled, squared.total, squared.count, reference.m2, reference.count)
+        return self._in_layer_order(_lie_compute(compiled, squared.total, squared.count, reference.m2, reference.count))
 
 
 def _lie_measure(generator: Generator) -> type[LieDerivativeMeasure]:
