@@ -287,7 +287,8 @@ def first_call(reps: int = 3) -> dict:
     return out
 
 
-PARTS = {"cost": None, "probe_size": probe_size_study, "calibration": calibration, "first_call": first_call}
+PARTS: dict[str, Callable[[int], dict]] = {"cost": cost, "probe_size": lambda reps: probe_size_study(),
+                                           "calibration": lambda reps: calibration(), "first_call": first_call}
 
 
 def main() -> None:
@@ -302,7 +303,7 @@ def main() -> None:
     figures = json.loads(output.read_text()) if output.exists() and len(args.parts) < len(PARTS) else {}
     figures["targets"] = TARGETS
     for part in args.parts:
-        result = cost(args.reps) if part == "cost" else first_call(args.reps) if part == "first_call" else PARTS[part]()
+        result = PARTS[part](args.reps)
         figures[part] = {"environment": environment(), **result}
     save_results(figures, args.output)
 

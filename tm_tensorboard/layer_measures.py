@@ -141,7 +141,7 @@ class LayerMeasure:
         cost a copy of itself, and per_transformation's compiled graph failed on the maps as they lay); the
         first chunk chooses the order, and every rank's model lies the same way (states merge unit by unit)."""
         if not self._order_chosen:
-            self.pixel_major, self._order_chosen = channels_last(activation), True
+            self.pixel_major, self._order_chosen = native.lies_channels_last(activation), True
         if self.pixel_major:
             return activation.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         return activation
@@ -388,12 +388,6 @@ class SameEquivarianceMeasure(VarianceMeasure):
         return moved
 
 
-def channels_last(activation: torch.Tensor) -> bool:
-    """Whether maps [n, C, h, w] lie in memory as [n, h, w, C] (and not also channel-major: C or h·w of 1)."""
-    return (activation.dim() == 4 and not activation.is_contiguous()
-            and activation.is_contiguous(memory_format=torch.channels_last))
-
-
 def _channels_first(values: torch.Tensor, unit_shape: tuple[int, int, int]) -> torch.Tensor:
     """Per-unit values [..., h·w·C] of maps streamed pixel-major, in the layer's (C, h, w) order."""
     channels, height, width = unit_shape
@@ -496,7 +490,7 @@ class EquivarianceErrorMeasure(LayerMeasure):
         else:
             moved = self.transformations.invert_features_pixel_major(psi, chunk.compiled, chunk.scratch)
         channels, height, width = self.unit_shape
-        if channels_last(psi):  # pixel-major where they lie
+        if native.lies_channels_last(psi):  # pixel-major where they lie
             maps = psi.permute(0, 2, 3, 1).reshape(-1, self.T, height * width, channels)[:, self.identity]
         else:
             maps = psi.reshape(-1, self.T, channels, height * width)[:, self.identity].transpose(1, 2)

@@ -63,7 +63,7 @@ import torch
 from . import caller
 
 __all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "moved_errors_update", "both_update",
-           "move_back", "variance_replicates", "errors_replicates", "enabled", "available", "stored", "build_all",
+           "lies_channels_last", "move_back", "variance_replicates", "errors_replicates", "enabled", "available", "stored", "build_all",
            "record_directory", "report_failure", "build_seconds"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
@@ -812,6 +812,11 @@ def both_update(output: torch.Tensor, T: int, identity: int, spread_total: torch
     return True
 
 
+def lies_channels_last(maps: torch.Tensor) -> bool:
+    """Whether maps [n, C, h, w] lie in memory as [n, h, w, C] (and not also channel-major: C or h·w of 1)."""
+    return maps.dim() == 4 and not maps.is_contiguous() and maps.is_contiguous(memory_format=torch.channels_last)
+
+
 def move_back(maps: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
               buffer: Callable[[int], torch.Tensor]) -> bool:
     """Maps [b·T, C, h, w] moved back by their taps (``warps.tap_table``: sources [T·h·w, k] into a sample's
@@ -825,7 +830,7 @@ def move_back(maps: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor, 
     pixels = height * width
     T, k = sources.shape[0] // max(pixels, 1), sources.shape[1]
     tensors = (sources, weights, out)
-    channels_last = not maps.is_contiguous() and maps.is_contiguous(memory_format=torch.channels_last)
+    channels_last = lies_channels_last(maps)
     if not (all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) and maps.device.type == "cpu"
             and (maps.is_contiguous() or channels_last) and maps.dtype == torch.float32
             and out.dtype == torch.float32 and weights.dtype == torch.float32 and sources.dtype == torch.int64
