@@ -44,6 +44,12 @@
    convolutions) and as it is, at batch_size 4 and 16: each layout's forward floor and measure() of
    invariance and of the default measures, error bars as by default, compiled (the CPU kernels where they
    apply), interleaved, medians of ``--reps``.
+8. What exact states let invariance cost (``--parts traffic``): the two cases of item 2 at batch_size 4 and 16,
+   measure() of invariance (compiled: the CPU kernels) with its update kernel as it is, replaced by
+   ``bench_native.traffic_only`` (the chunk read and the states read and written tile by tile, one
+   addition a value: the bytes an exact update must move, none of its arithmetic) and by nothing (the
+   counts only: hooks, rotations, finalizing), with and without error bars, interleaved with the floor,
+   medians of ``--reps``. The values of the last two are wrong by design: timings only.
 
 The allocator: glibc returns freed memory to the system until a large block (> 32 MiB) has once been
 freed, after which it keeps it; a training process has long done that, a fresh benchmark process has
@@ -62,6 +68,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -82,7 +89,7 @@ THREADS = 2
 INVARIANCE = ("invariance",)
 DEFAULT = ("invariance", "same_equivariance")
 TARGETS = {"ops_invariance": 8, "ops_default": 16, "invariance_over_floor": 1.5, "default_over_floor": 2.0}
-PARTS = ("compile", "ops", "speed", "host", "dynamo", "fresh", "native", "channels_last")
+PARTS = ("compile", "ops", "speed", "host", "dynamo", "fresh", "native", "channels_last", "traffic")
 
 
 @contextlib.contextmanager
@@ -457,6 +464,63 @@ def channels_last_case(name: str, model: torch.nn.Module, probe: torch.Tensor, r
     }
 
 
+@contextlib.contextmanager
+def invariance_update(kind: str) -> Iterator[None]:
+    """Invariance's CPU kernel as it is ("kernel"), replaced by the traffic it must move ("traffic") or by
+    nothing but its counts ("none"). What measure() then returns is wrong by design: for timing only."""
+    from bench_native import traffic_only
+    from tm_tensorboard import layer_measures
+
+    update = layer_measures._variance_update
+    kernel = update.native
+    sink = torch.zeros(64)
+
+    def replaced(output, T, spread_total, spread_count, mean, m2, count) -> bool:
+        if not native._applies(output, T, (mean, m2), (spread_total,)):
+            return kernel(output, T, spread_total, spread_count, mean, m2, count)
+        samples = output.numel() // (T * spread_total.numel())
+        if kind == "traffic":
+            traffic_only(output.view(samples * T, -1), [spread_total, spread_count, mean, m2, count], sink)
+        spread_count += samples
+        count += samples
+        return True
+
+    update.native = kernel if kind == "kernel" else replaced
+    try:
+        yield
+    finally:
+        update.native = kernel
+
+
+def traffic_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int) -> dict:
+    """Floors and measure() of invariance with its update kernel as it is, its traffic only, or nothing."""
+    tset = tm.transforms.rotations(T)
+    methods: dict[str, Callable[[], Any]] = {}
+    for batch_size in (4, 16):
+        methods[f"floor_b{batch_size}"] = forward_floor(model, [tset.apply(chunk) for chunk in probe.split(batch_size)])
+        for kind in ("kernel", "traffic", "none"):
+            for bars in (True, False):
+                def run(kind=kind, bars=bars, b=batch_size) -> None:
+                    with invariance_update(kind), warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # the NaN of states left empty ("none")
+                        tm.measure(model, probe, tset, measures=INVARIANCE, batch_size=b, compile=True,
+                                   error_bars=None if bars else False, dedupe_batchnorm=False)
+                methods[f"{kind}{'' if bars else '_no_error_bars'}_b{batch_size}"] = run
+    for run in methods.values():
+        run()
+    load_before = os.getloadavg()
+    wall = interleaved(methods, reps, name)
+    median = {m: statistics.median(ts) for m, ts in wall.items()}
+    return {
+        "N": len(probe),
+        "median_s": median,
+        "all_s": wall,
+        "over_floor": {m: median[m] / median[f"floor_b{m.rsplit('_b', 1)[1]}"] for m in methods if "floor" not in m},
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -502,6 +566,11 @@ def main() -> None:
                                     for case, (model, probe) in speed_cases().items()}
         for case, value in figures["channels_last"].items():
             print(case, json.dumps({k: round(v, 3) for k, v in value["median_s"].items()}), flush=True)
+    if "traffic" in args.parts:
+        figures["traffic"] = {case: traffic_case(case, model, probe, args.reps)
+                              for case, (model, probe) in speed_cases().items()}
+        for case, value in figures["traffic"].items():
+            print(case, json.dumps({k: round(v, 2) for k, v in value["over_floor"].items()}), flush=True)
     if "speed" not in args.parts:
         print(json.dumps(figures, indent=1))
         if not args.no_save:
