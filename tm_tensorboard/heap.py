@@ -8,7 +8,16 @@ kernel) anew by the next chunk, ~2 µs a page on this project's 2-core machine (
 of the Monitor's example model, ``tests/test_heap.py``; a measurement at batch_size=16 1.3-1.5× slower,
 ``benchmarks/bench_heap.py``). ``freed_memory_kept`` raises the trim threshold while a measurement runs
 and serves every block from the heap (glibc's mmap count limit set to 0: no threshold above 32 MB can be
-set), so the heap grows to what one chunk needs and no further; after it, glibc's own settings again.
+set), so the heap grows to what one chunk needs and no further. After it, blocks above 32 MB are mapped
+apart again, and the heap keeps what the measurement left free in it for the next one: the trim threshold
+is set to that plus glibc's own 64 MB (free memory below a block still in use joins the top once that block
+is freed: all of it counts), so that the next measurement's chunks (and your training meanwhile, whose
+blocks under 32 MB come from the same heap) reuse it instead of page-faulting it in again (``measure()`` of
+the example model, training steps between calls: ~17 k page faults, 68 MB, in every call after the first;
+now none from the third on: ``tests/test_heap.py``). More freed at the top than that goes back to the system
+as glibc would; ``release_freed_memory`` (``tm.release_memory()``) gives it all back, with glibc's own trim
+threshold; a measurement under a memory budget keeps nothing after it, nor does a glibc older than 2.33
+(no ``mallinfo2`` to say what is free).
 Under a memory budget, blocks above 32 MB do not come from the heap: what it would hold free of them is
 not in the budget's plan, and glibc bounds it by nothing. ``block_pool.py`` keeps them instead, within the
 plan's working memory (glibc maps them apart where the pool is not available).
@@ -42,7 +51,8 @@ import platform
 import threading
 from typing import Iterator
 
-__all__ = ["freed_memory_kept", "mapped_apart", "release_freed_memory", "keeping_enabled", "ENVIRONMENT_VARIABLE"]
+__all__ = ["freed_memory_kept", "mapped_apart", "release_freed_memory", "kept_trim_threshold", "keeping_enabled",
+           "ENVIRONMENT_VARIABLE"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_KEEP_FREED_MEMORY"
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # mallopt's parameters (malloc.h)
@@ -65,7 +75,29 @@ def _libc() -> ctypes.CDLL | None:
         return None
     libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33 and later
+        libc.mallinfo2.argtypes, libc.mallinfo2.restype = (), _MallInfo2
     return libc
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (malloc.h): ``fordblks`` is the free memory in the main heap."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _free_in_heap(libc) -> int:
+    """Bytes free in the main heap (0 where glibc is older than 2.33: no ``mallinfo2``). glibc trims its top
+    once that is more than the trim threshold; free memory below a block in use joins the top when it is freed."""
+    mallinfo2 = getattr(libc, "mallinfo2", None)
+    return 0 if mallinfo2 is None else int(mallinfo2().fordblks)
+
+
+def kept_trim_threshold(free: int) -> int:
+    """The trim threshold after a measurement that left ``free`` bytes free in the heap: those kept, plus
+    glibc's own threshold over them (mallopt takes an int: at most KEPT_TRIM_THRESHOLD)."""
+    return min(KEPT_TRIM_THRESHOLD, TRIM_THRESHOLD + free)
 
 
 def _user_configured() -> bool:
@@ -89,6 +121,7 @@ _LOCK = threading.Lock()
 _DEPTH = [0]  # measurements running (the thresholds are the process's, not a thread's)
 _BOUNDED = [0]  # of them, those under a memory budget
 _APART = [0]  # allocations inside mapped_apart, in any thread
+_KEEPING = [False]  # whether the last measurement left a trim threshold that keeps its free memory
 
 
 def _set_mmap_max(libc: ctypes.CDLL) -> None:
@@ -101,8 +134,9 @@ def _set_mmap_max(libc: ctypes.CDLL) -> None:
 def freed_memory_kept(large_blocks: bool = True) -> Iterator[None]:
     """While inside: the C heap keeps the memory freed at its top (up to 2 GB) instead of giving it back,
     and, with ``large_blocks``, serves blocks above 32 MB too (none mapped apart but inside
-    ``mapped_apart``); on leaving the last one, glibc's own 64 MB trim threshold and mapped blocks above
-    32 MB again. Re-entrant; nothing where not glibc.
+    ``mapped_apart``); on leaving the last one, blocks above 32 MB mapped apart again, and a trim threshold
+    that keeps what is free in the heap then, plus glibc's own 64 MB (``kept_trim_threshold``: for the
+    next measurement), or, with ``large_blocks=False``, glibc's own 64 MB. Re-entrant; nothing where not glibc.
 
     ``large_blocks=False`` is for a measurement under a memory budget: large blocks freed into the heap stay
     there as free memory the process holds, and where they are hundreds of MB (ResNet-50 at 224 px, width
@@ -127,7 +161,9 @@ def freed_memory_kept(large_blocks: bool = True) -> Iterator[None]:
             _BOUNDED[0] -= not large_blocks
             _set_mmap_max(libc)
             if _DEPTH[0] == 0:
-                libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+                _KEEPING[0] = large_blocks
+                kept = kept_trim_threshold(_free_in_heap(libc)) if large_blocks else TRIM_THRESHOLD
+                libc.mallopt(_M_TRIM_THRESHOLD, kept)
 
 
 @contextlib.contextmanager
@@ -163,10 +199,15 @@ def _by_glibc_rules() -> Iterator[None]:
 
 
 def release_freed_memory() -> None:
-    """Give the C heap's free pages back to the operating system (glibc's ``malloc_trim``; elsewhere nothing).
-    After the warm-up (a whole measurement's states, for two samples): else its freed memory, fragmented,
-    adds to the first measurement's peak. Not after every measurement: the next one would page its states
-    in anew (2.5-5 s more for ResNet-50 at width 0.25, 2.8 GB of states, against 10.5 s)."""
+    """Give the C heap's free pages back to the operating system (glibc's ``malloc_trim``; elsewhere nothing),
+    and, outside a measurement, glibc's own trim threshold again where one kept memory for the next
+    measurement. After the warm-up (a whole measurement's states, for two samples): else its freed memory,
+    fragmented, adds to the first measurement's peak. Not after every measurement: the next one would page its
+    states in anew (2.5-5 s more for ResNet-50 at width 0.25, 2.8 GB of states, against 10.5 s)."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+        with _LOCK:
+            if _DEPTH[0] == 0 and _KEEPING[0]:
+                libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+                _KEEPING[0] = False
