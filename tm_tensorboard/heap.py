@@ -81,15 +81,16 @@ def _libc() -> ctypes.CDLL | None:
 
 
 class _MallInfo2(ctypes.Structure):
-    """glibc's ``struct mallinfo2`` (malloc.h): ``fordblks`` is the free memory in the main heap."""
+    """glibc's ``struct mallinfo2`` (malloc.h): ``fordblks`` is the memory free in its heaps (every arena's)."""
 
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def _free_in_heap(libc) -> int:
-    """Bytes free in the main heap (0 where glibc is older than 2.33: no ``mallinfo2``). glibc trims its top
-    once that is more than the trim threshold; free memory below a block in use joins the top when it is freed."""
+    """Bytes free in glibc's heaps (0 where glibc is older than 2.33: no ``mallinfo2``). glibc trims a heap's
+    top once more than the trim threshold is free there; free memory below a block in use joins the top when
+    that block is freed."""
     mallinfo2 = getattr(libc, "mallinfo2", None)
     return 0 if mallinfo2 is None else int(mallinfo2().fordblks)
 
