@@ -1,4 +1,4 @@
-"""The C heap while measuring on CPU (``heap.py``): freed memory kept for the next chunk, given back after."""
+"""The C heap while measuring on CPU (``heap.py``): freed memory kept for the next chunk and the next measurement."""
 from __future__ import annotations
 
 import json
