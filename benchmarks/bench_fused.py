@@ -49,7 +49,7 @@
    ``bench_native.traffic_only`` (the chunk read and the states read and written tile by tile, one
    addition a value: the bytes an exact update must move, none of its arithmetic) and by nothing (the
    counts only: hooks, rotations, finalizing), with and without error bars, interleaved with the floor,
-   medians of ``--reps``. The values of the last two are wrong by design: timings only.
+   medians of ``--reps`` (~4 min). The values of the last two are wrong by design: timings only.
 
 The allocator: glibc returns freed memory to the system until a large block (> 32 MiB) has once been
 freed, after which it keeps it; a training process has long done that, a fresh benchmark process has
