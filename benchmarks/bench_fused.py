@@ -258,24 +258,29 @@ def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int
                 lambda m=measures, c=compile, b=batch_size, e=bars: tm.measure(
                     model, probe, tset, measures=m, batch_size=b, compile=c, error_bars=e, dedupe_batchnorm=False)
             )
-    for run in methods.values():  # compiles, warms caches and the allocator
-        run()
-    load_before = os.getloadavg()
-    wall = interleaved(methods, reps, name)
-    median = {m: statistics.median(ts) for m, ts in wall.items()}
+    timings = timed(methods, reps, name)
+    median = timings["median_s"]
     ratios = {
         f"{m}_over_floor": median[m] / median[f"floor_b{m.rsplit('_b', 1)[1]}"] for m in methods if not m.startswith("floor")
     }
     return {
         "N": len(probe),
         "layers": len(tm.measure(model, probe[:2], tset, measures=INVARIANCE, dedupe_batchnorm=False).layers),
-        "median_s": median,
-        "min_s": {m: min(ts) for m, ts in wall.items()},
-        "all_s": wall,
+        "min_s": {m: min(ts) for m, ts in timings["all_s"].items()},
         "ratios": ratios,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
+        **timings,
     }
+
+
+def timed(methods: dict[str, Callable[[], Any]], reps: int, name: str) -> dict:
+    """Each method once untimed (compiles, warms caches and the allocator), then all of them interleaved ``reps``
+    times: their wall times, medians, and the load average before and after the timed part."""
+    for run in methods.values():
+        run()
+    load_before = os.getloadavg()
+    wall = interleaved(methods, reps, name)
+    return {"median_s": {m: statistics.median(ts) for m, ts in wall.items()}, "all_s": wall,
+            "load_average_before": load_before, "load_average_after": os.getloadavg()}
 
 
 _COMPILE_CHILD = textwrap.dedent(
@@ -443,24 +448,18 @@ def channels_last_case(name: str, model: torch.nn.Module, probe: torch.Tensor, r
         for layout in layouts:
             methods[f"{layout}/floor_b{batch_size}"] = laid_out(layout, forward_floor(model, images))
             for label, measures in (("invariance", INVARIANCE), ("default", DEFAULT)):
-                methods[f"{layout}/{label}_b{batch_size}"] = laid_out(layout, lambda m=measures, b=batch_size: tm.measure(
-                    model, probe, tset, measures=m, batch_size=b, compile=True, dedupe_batchnorm=False))
-    for run in methods.values():
-        run()
-    load_before = os.getloadavg()
-    wall = interleaved(methods, reps, name)
+                methods[f"{layout}/{label}_b{batch_size}"] = laid_out(layout, lambda m=measures, b=batch_size: (
+                    tm.measure(model, probe, tset, measures=m, batch_size=b, compile=True, dedupe_batchnorm=False)))
+    timings = timed(methods, reps, name)
     model.to(memory_format=torch.contiguous_format)
-    median = {m: statistics.median(ts) for m, ts in wall.items()}
+    median = timings["median_s"]
     return {
         "N": len(probe),
-        "median_s": median,
-        "all_s": wall,
         "over_own_floor": {m: median[m] / median[f"{m.split('/')[0]}/floor_b{m.rsplit('_b', 1)[1]}"]
                            for m in methods if "/floor" not in m},
         "over_contiguous_floor": {m: median[m] / median[f"contiguous/floor_b{m.rsplit('_b', 1)[1]}"]
                                   for m in methods if "/floor" not in m},
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
+        **timings,
     }
 
 
@@ -506,18 +505,12 @@ def traffic_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: i
                         tm.measure(model, probe, tset, measures=INVARIANCE, batch_size=b, compile=True,
                                    error_bars=None if bars else False, dedupe_batchnorm=False)
                 methods[f"{kind}{'' if bars else '_no_error_bars'}_b{batch_size}"] = run
-    for run in methods.values():
-        run()
-    load_before = os.getloadavg()
-    wall = interleaved(methods, reps, name)
-    median = {m: statistics.median(ts) for m, ts in wall.items()}
+    timings = timed(methods, reps, name)
+    median = timings["median_s"]
     return {
         "N": len(probe),
-        "median_s": median,
-        "all_s": wall,
         "over_floor": {m: median[m] / median[f"floor_b{m.rsplit('_b', 1)[1]}"] for m in methods if "floor" not in m},
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
+        **timings,
     }
 
 

@@ -63,8 +63,8 @@ import torch
 from . import caller
 
 __all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "moved_errors_update", "both_update",
-           "lies_channels_last", "move_back", "variance_replicates", "errors_replicates", "enabled", "available", "stored", "build_all",
-           "record_directory", "report_failure", "build_seconds"]
+           "lies_channels_last", "move_back", "variance_replicates", "errors_replicates", "enabled", "available",
+           "stored", "build_all", "record_directory", "report_failure", "build_seconds"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
 TILE = 512  # most units per tile: b·T rows of 2 KB, in L2 for the moments' pass (bench_native.py)
