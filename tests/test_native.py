@@ -683,8 +683,8 @@ def test_a_missing_or_foreign_record_loads_nothing(tmp_path, monkeypatch):
     kernel = fresh()
     assert kernel.stored()
     x, ours, theirs = torch.rand(8, 21), _states(4, 21), _states(4, 21)
-    kernel.get()(x, *ours, 2, 4, 21, 64)
-    built(x, *theirs, 2, 4, 21, 64)
+    kernel.get()(x, x, *ours, 2, 0, 4, 21, 64)
+    built(x, x, *theirs, 2, 0, 4, 21, 64)
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
 

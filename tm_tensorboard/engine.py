@@ -36,8 +36,8 @@ from .capture import (
     unwrap,
 )
 from .kept_states import KeptStates
-from .layer_measures import (GROUPS, LIE_PHASES, TRANSFORMED, UNTRANSFORMED_PHASES, Chunk, MeasureOptions,
-                             update_together)
+from .layer_measures import (GROUPS, LIE_PHASES, PAIRED_SAMPLES, TRANSFORMED, UNTRANSFORMED_PHASES, Chunk,
+                             MeasureOptions, update_together)
 from .measures import MEASURE_GROUPS
 from .positions import AUTO, AUTO_POSITIONS, build_measure, check_positions, sampled_positions
 from .preserve import preserved_rng_state, preserved_training_state
@@ -285,17 +285,65 @@ class _Observer:
         # the equivariance error last: it takes the maps same-equivariance moved back (``Chunk.moved_back``),
         # whichever order the groups were asked in
         self._update_order = sorted(self.measures, key=lambda group: group == "equivariance_error")
+        # Pairs of chunks (``Chunk.hold``): the output kept for the next chunk, its version then, its chunk;
+        # whether the layer's output stays as it is through the rest of a forward (None: not seen yet: an
+        # output changed in place later, by an in-place ReLU after it say, cannot be kept), and the output
+        # watched to learn it.
+        self.held: tuple[torch.Tensor, int, Chunk] | None = None
+        self.output_stays: bool | None = None
+        self._watched: tuple[torch.Tensor, int] | None = None
 
     def update(self, phase: str, activation: torch.Tensor, chunk: Chunk) -> None:
         self.compiled = chunk.compiled  # finalize the way the chunks went
+        if self.output_stays is None and self._watched is None:
+            self._watched = (activation, activation._version)
+        if chunk.hold and self.held is None and self._pairs(phase, activation):
+            self.held = (activation, activation._version, chunk)
+            return
+        held, self.held = self.held, None
+        if held is not None:
+            self._check_held(held)
         try:
-            together = update_together(self.measures, phase, activation, chunk)
+            together = update_together(self.measures, phase, activation, chunk,
+                                       held=None if held is None else held[0])
             for group in self._update_order:
                 m = self.measures[group]
                 if phase in m.phases and group not in together:
-                    m.update(phase, activation, chunk)
+                    if held is None:
+                        m.update(phase, activation, chunk)
+                    else:
+                        m.update_pair(phase, held[0], held[2], activation, chunk)
         finally:
             chunk.moved_back = None  # this layer's moved maps (and its activation) are not kept past its update
+
+    def _pairs(self, phase: str, activation: torch.Tensor) -> bool:
+        """Whether this chunk's output may be kept for the next chunk's update: every measure of the phase folds
+        pairs, and the output is float32 on CPU and stays as it is through a forward (seen on a chunk before)."""
+        return (bool(self.output_stays) and activation.dtype == torch.float32 and activation.device.type == "cpu"
+                and all(m.pairs for m in self.measures.values() if phase in m.phases))
+
+    def _check_held(self, held: tuple[torch.Tensor, int, Chunk]) -> None:
+        if held[0]._version != held[1]:
+            raise RuntimeError(
+                f"tm_tensorboard: the output of layer {self.info.name!r} was changed in place after it was observed "
+                "in this chunk, though not in the chunks before, and the output of a chunk of at most "
+                f"{PAIRED_SAMPLES} samples is kept to be measured with the next chunk's; measure with "
+                f"batch_size > {PAIRED_SAMPLES}, or {native.ENVIRONMENT_VARIABLE}=0"
+            )
+
+    def after_forward(self, phase: str, chunk: Chunk) -> None:
+        """After each forward: learn whether the output watched stayed as it was through it; check the output kept
+        for the next chunk; after a pair's second chunk, update with an output still kept (a layer that chunk
+        did not reach) alone."""
+        if self._watched is not None:
+            output, version = self._watched
+            self.output_stays, self._watched = output._version == version, None
+        if self.held is None:
+            return
+        self._check_held(self.held)
+        if not chunk.hold:
+            (activation, _, held_chunk), self.held = self.held, None
+            self.update(phase, activation, dataclasses.replace(held_chunk, hold=False))
 
     def sharded(self, phase: str) -> list:
         """The measures this phase updates that have error bars (closed at the end of each shard)."""
@@ -1062,13 +1110,15 @@ class Measurement:
                 (lie.forward_mode(model) if generator else contextlib.nullcontext()) as running:
             first = True
             for shard, (start, end) in enumerate(shards):
+                held = False
                 for lo in range(start, end, self.batch_size):
                     hi = min(lo + self.batch_size, end)
                     x = images[lo:hi].to(device, work, non_blocking=True)
                     use_compiled = compiled if compiled is not None else self._compiled(n, observers, device)
                     use_compiled = use_compiled if device.type != "meta" else False  # shapes only: nothing to run
+                    held = not held and hi < end and self._pairs(phase, device, use_compiled, class_index, hi - lo)
                     chunk = Chunk(hi - lo, self._groups(labels, lo, hi, class_index, device), scratch, use_compiled,
-                                  tuple(x.shape[-2:]) if x.dim() == 4 else None)
+                                  tuple(x.shape[-2:]) if x.dim() == 4 else None, hold=held)
                     batch = transformations.apply(x)
                     if generator is not None:
                         t = self.transformations
@@ -1101,11 +1151,21 @@ class Measurement:
                             self._check_logits(output, batch.shape[0])
                         if "accuracy" in self.measures:  # (unless the default accuracy was just left out)
                             self._check_labels(all_labels, output.shape[1])
+                    for observer in observers.values():
+                        observer.after_forward(phase, chunk)
                     if accuracy is not None and phase == TRANSFORMED and "accuracy" in self.measures:
                         accuracy.update(output, labels[lo:hi].to(device, non_blocking=True))
                     first = False
                 if len(shards) > 1:
                     self._close_shard(shard, phase, observers, on_shard_end)
+
+    def _pairs(self, phase: str, device: torch.device, compiled: bool | str, class_index: dict | None,
+               samples: int) -> bool:
+        """Whether a chunk of ``samples`` may be the first of a pair (``Chunk.hold``; the next one in its shard
+        the second): on CPU, where the CPU kernels run (``compiled``, not turned off), with one class, at most
+        PAIRED_SAMPLES samples, and no memory budget (which counts one chunk's activations, not two)."""
+        return (phase == TRANSFORMED and device.type == "cpu" and bool(compiled) and native.enabled()
+                and class_index is None and samples <= PAIRED_SAMPLES and self.memory_budget is None)
 
     @staticmethod
     def _close_shard(shard: int, phase: str, observers: dict[str, _Observer],

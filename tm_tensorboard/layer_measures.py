@@ -52,6 +52,10 @@ TRANSFORMED = "transformed"
 SAMPLE_BLOCK = 16
 DIFFERENCE_BLOCK = 8  # the same for squared differences from the untransformed sample: two streams per sample
 BLOCKED_BYTES = 2**20  # chunks of fewer bytes are folded in at once (in cache: the streams cost nothing)
+# Chunks of at most this many samples are folded in by pairs on CPU (``Chunk.hold``): a chunk of 4 samples
+# reads and writes its layer's float64 states (32 bytes per transformation and unit) for 16 bytes of
+# activations, and a pair halves that traffic (benchmarks/README.md, "Pairs of chunks").
+PAIRED_SAMPLES = 4
 UNTRANSFORMED_PHASES = ("thresholds", "global")  # passes over the untransformed probe, in order
 LIE_PHASES = tuple(GENERATORS)  # one forward-mode pass over the untransformed probe per generator
 
@@ -80,6 +84,9 @@ class Chunk:
     # The layer's maps and their moved-back rows (pixel-major) as same-equivariance made them, for the
     # equivariance error of the same maps after it (one warp for both); cleared after every layer's update.
     moved_back: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The first chunk of a pair: a layer whose measures all fold pairs (``LayerMeasure.pairs``) keeps its
+    # output for the next chunk's update, which folds both in one call of its kernel (``engine._Observer``).
+    hold: bool = False
 
     def rows(self, values: torch.Tensor, block: int = SAMPLE_BLOCK):
         """(class index, a block of the chunk's samples of that class) pairs of values [b·T, ...] or
@@ -107,6 +114,7 @@ class LayerMeasure:
     needs_identity = False  # compares with the untransformed input: the set must hold the identity
     shardable = True  # error bars: finalized per shard of the probe (one pass, nothing read on the host)
     masked = False  # components are NaN by definition at excluded positions
+    pairs = False  # ``update_pair`` folds two chunks in one update (else one after the other)
     pixel_major = False  # the states hold a map's units in (h, w, C) order, put back in (C, h, w) when finalized
     _order_chosen = False
     _merged_replicates: list[torch.Tensor | None] | None = None  # each class's, where a kernel took them merging
@@ -161,6 +169,15 @@ class LayerMeasure:
 
     def update(self, phase: str, activation: torch.Tensor, chunk: Chunk) -> None:
         raise NotImplementedError
+
+    def update_pair(self, phase: str, held: torch.Tensor, held_chunk: Chunk, activation: torch.Tensor,
+                    chunk: Chunk) -> None:
+        """Update with two chunks: ``held``, the output of the chunk before (``held_chunk``), kept for this one
+        (``Chunk.hold``), then ``activation``. Where the measure ``pairs``, by one CPU kernel call that reads and
+        writes the states once for both (one class: the engine pairs chunks only then); else, or where the kernel
+        does not take them, one after the other."""
+        self.update(phase, held, held_chunk)
+        self.update(phase, activation, chunk)
 
     def finish(self, phase: str) -> None:
         """Called after a phase (and its cross-rank merge)."""
@@ -315,6 +332,7 @@ class VarianceMeasure(LayerMeasure):
 
     group = "invariance"
     components = ("tv", "sv")
+    pairs = True
 
     def make_states(self, device):
         # spread: the sum over samples of each one's std over transformations
@@ -331,6 +349,17 @@ class VarianceMeasure(LayerMeasure):
                 chunk.compiled, rows, self.T, spread.total, spread.count, moments.mean, moments.m2, moments.count,
                 scratch=chunk.scratch,
             )
+
+    def update_pair(self, phase, held, held_chunk, activation, chunk):
+        if not self._fold_pair(self.as_it_lies(held), self.as_it_lies(activation)):
+            super().update_pair(phase, held, held_chunk, activation, chunk)
+
+    def _fold_pair(self, held: torch.Tensor, rows: torch.Tensor) -> bool:
+        """The rows of two chunks, ``held`` then ``rows``, folded into the states by one call of the CPU kernel
+        (as two calls would fold them: the same numbers); False where it does not take them (nothing done)."""
+        spread, moments = self.per_class[0]["spread"], self.per_class[0]["moments"]
+        return native.variance_update(rows, self.T, spread.total, spread.count, moments.mean, moments.m2,
+                                      moments.count, held=held)
 
     def compute_class(self, states, compiled):
         spread, moments = states["spread"], states["moments"]
@@ -386,6 +415,19 @@ class SameEquivarianceMeasure(VarianceMeasure):
         moved = self.transformations.invert_features_pixel_major(maps, chunk.compiled, chunk.scratch)
         chunk.moved_back = (maps, moved)
         return moved
+
+    def update_pair(self, phase, held, held_chunk, activation, chunk):
+        """Both chunks' maps moved back by the warp's CPU kernel into one buffer, one after the other, and folded
+        in from there by one call (the held chunk's maps read from memory now, not from cache before)."""
+        first, second = self.maps(held), self.maps(activation)
+        held_samples, channels, height, width = first.shape[0] // self.T, *first.shape[1:]
+        shape = (held_samples + second.shape[0] // self.T, self.T * height * width, channels)
+        moved = chunk.scratch.get("moved pair", shape, first.dtype, first.device)
+        kept, rows = moved[:held_samples], moved[held_samples:]
+        if not (self.transformations.move_back_into(first, kept, chunk.scratch)
+                and self.transformations.move_back_into(second, rows, chunk.scratch)
+                and self._fold_pair(kept, rows)):  # one chunk after the other (not invariance's pair: not its rows)
+            LayerMeasure.update_pair(self, phase, held, held_chunk, activation, chunk)
 
 
 def _channels_first(values: torch.Tensor, unit_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -528,6 +570,7 @@ class InvarianceErrorMeasure(LayerMeasure):
     group = "per_transformation"
     components = ("mse_t", "var2")
     needs_identity = True
+    pairs = True
 
     def __init__(self, info, transformations, num_classes, device, options):
         self.identity = transformations.identity_index
@@ -538,6 +581,12 @@ class InvarianceErrorMeasure(LayerMeasure):
 
     def update(self, phase, activation, chunk):
         _fold_differences_from_identity(self, self.as_it_lies(activation), chunk)
+
+    def update_pair(self, phase, held, held_chunk, activation, chunk):
+        squared, reference = self.per_class[0]["squared"], self.per_class[0]["reference"]
+        if not native.errors_update(self.as_it_lies(activation), self.T, self.identity, squared.total, squared.count,
+                                    reference.mean, reference.m2, reference.count, held=self.as_it_lies(held)):
+            super().update_pair(phase, held, held_chunk, activation, chunk)
 
     def compute_class(self, states, compiled):
         squared, reference = states["squared"], states["reference"]
@@ -564,11 +613,12 @@ def _fold_differences_from_identity(measure: LayerMeasure, values: torch.Tensor,
 
 
 def update_together(measures: dict[str, LayerMeasure], phase: str, activation: torch.Tensor,
-                    chunk: Chunk) -> tuple[str, ...]:
+                    chunk: Chunk, held: torch.Tensor | None = None) -> tuple[str, ...]:
     """The groups of one layer updated at once, by one CPU kernel that reads the chunk once for both: invariance
     and per_transformation (``native.both_update``; their two kernels read it twice, ~0.15 s of a 1.4 s
-    measurement on the reference case at batch_size=16). () where that does not apply: each group updates
-    alone."""
+    measurement on the reference case at batch_size=16); with ``held``, the output of the chunk before kept
+    for this one (``Chunk.hold``), both chunks in one call. () where that does not apply (nothing done): each
+    group updates alone."""
     invariance, errors = measures.get("invariance"), measures.get("per_transformation")
     if (phase != TRANSFORMED or not chunk.compiled or type(invariance) is not VarianceMeasure
             or type(errors) is not InvarianceErrorMeasure):
@@ -576,6 +626,13 @@ def update_together(measures: dict[str, LayerMeasure], phase: str, activation: t
     laid_out, _ = invariance.as_it_lies(activation), errors.as_it_lies(activation)  # (each chooses on its first chunk)
     if errors.pixel_major != invariance.pixel_major:
         return ()
+    if held is not None:
+        spread, moments = invariance.per_class[0]["spread"], invariance.per_class[0]["moments"]
+        squared, reference = errors.per_class[0]["squared"], errors.per_class[0]["reference"]
+        done = native.both_update(laid_out, invariance.T, errors.identity, spread.total, spread.count, moments.mean,
+                                  moments.m2, moments.count, squared.total, squared.count, reference.mean,
+                                  reference.m2, reference.count, held=invariance.as_it_lies(held))
+        return ("invariance", "per_transformation") if done else ()
     for block, (k, rows) in enumerate(chunk.rows(laid_out)):
         spread, moments = invariance.per_class[k]["spread"], invariance.per_class[k]["moments"]
         squared, reference = errors.per_class[k]["squared"], errors.per_class[k]["reference"]

@@ -17,7 +17,9 @@ default BatchNorm dedupe, 105 layers).
 
 ``estimate`` sizes each layer's states by building its measures on the ``meta`` device, exactly as a
 measurement allocates them, so the numbers follow the measures' own ``make_states``. On top comes an
-estimate of one chunk's working memory (``working_bytes``) and of the finalized results kept on the host.
+estimate of one chunk's working memory (``working_bytes``) and of the finalized results kept on the host. (Without
+a budget, a chunk of at most ``layer_measures.PAIRED_SAMPLES`` samples keeps its layers' outputs for the next chunk's
+update, ``Chunk.hold``: one chunk's outputs of every layer more than this counts; under a budget, none is kept.)
 ``MemoryReport.passes`` splits the layers into passes over the probe whose states fit a budget; a layer
 too big alone gets a ValueError that says what to change. Not counted: torch's own runtime (with
 ``torch.compile``, the compiler and its kernels: 0.2-0.3 GB once per process, measured). The peak growth

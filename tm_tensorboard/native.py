@@ -217,9 +217,12 @@ static inline void errors_tile(const float* x, const float* r, double* squared_t
 """
 
 _VARIANCE_SOURCE = _TILES + r"""
-// x [b, T, U] float32 (contiguous); states float64: spread_total [U], mean and m2 [T, U]; counts int64.
-extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_count, double* mean, double* m2,
-                       int64_t* count, const int64_t b, const int64_t T, const int64_t U, const int64_t tile) {
+// x [b, T, U] float32 (contiguous), after `held` samples [held, T, U] kept from the chunk before (none: 0): each
+// tile of both folded in as two calls would, one chunk after the other, its states read from memory once;
+// states float64: spread_total [U], mean and m2 [T, U]; counts int64.
+extern "C" void kernel(const float* x, const float* kept, double* spread_total, int64_t* spread_count, double* mean,
+                       double* m2, int64_t* count, const int64_t b, const int64_t held, const int64_t T,
+                       const int64_t U, const int64_t tile) {
   const double n_a = static_cast<double>(*count);
   const int64_t tiles = (U + tile - 1) / tile;
   #pragma omp parallel
@@ -227,40 +230,47 @@ extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_cou
     alignas(64) double spread[1024];  // tile <= MAX_TILE
     #pragma omp for schedule(static)
     for (int64_t k = 0; k < tiles; k++) {
-      variance_tile(x, spread, spread_total, mean, m2, n_a, b, T, U, k * tile, std::min(tile, U - k * tile));
+      const int64_t u0 = k * tile, n = std::min(tile, U - u0);
+      if (held > 0) variance_tile(kept, spread, spread_total, mean, m2, n_a, held, T, U, u0, n);
+      variance_tile(x, spread, spread_total, mean, m2, n_a + static_cast<double>(held), b, T, U, u0, n);
     }
   }
-  *spread_count += b;
-  *count += b;
+  *spread_count += held + b;
+  *count += held + b;
 }
 """
 
 _ERRORS_SOURCE = _TILES + r"""
-// x and r [b, T, U] float32 (contiguous), identity: r's untransformed row; states float64: squared_total
-// [T, U], mean and m2 [U] (the untransformed rows' moments); counts int64.
-extern "C" void kernel(const float* x, const float* r, double* squared_total, int64_t* squared_count, double* mean,
-                       double* m2, int64_t* count, const int64_t b, const int64_t T, const int64_t U,
+// x and r [b, T, U] float32 (contiguous), after `held` samples of x_kept and r_kept [held, T, U] kept from the
+// chunk before (none: 0; as in the invariance kernel), identity: r's untransformed row; states float64:
+// squared_total [T, U], mean and m2 [U] (the untransformed rows' moments); counts int64.
+extern "C" void kernel(const float* x, const float* r, const float* x_kept, const float* r_kept,
+                       double* squared_total, int64_t* squared_count, double* mean, double* m2, int64_t* count,
+                       const int64_t b, const int64_t held, const int64_t T, const int64_t U,
                        const int64_t identity, const int64_t tile) {
   const double n_a = static_cast<double>(*count);
   const bool fresh_sums = *squared_count == 0;
   const int64_t tiles = (U + tile - 1) / tile;
   #pragma omp parallel for schedule(static)
   for (int64_t k = 0; k < tiles; k++) {
-    errors_tile(x, r, squared_total, fresh_sums, mean, m2, n_a, b, T, U, identity, k * tile,
-                std::min(tile, U - k * tile));
+    const int64_t u0 = k * tile, n = std::min(tile, U - u0);
+    if (held > 0) errors_tile(x_kept, r_kept, squared_total, fresh_sums, mean, m2, n_a, held, T, U, identity, u0, n);
+    errors_tile(x, r, squared_total, fresh_sums && held == 0, mean, m2, n_a + static_cast<double>(held), b, T, U,
+                identity, u0, n);
   }
-  *squared_count += b;
-  *count += b;
+  *squared_count += held + b;
+  *count += held + b;
 }
 """
 
 _BOTH_SOURCE = _TILES + r"""
 // Both updates of one chunk x [b, T, U], tile by tile: per_transformation's reads the rows invariance's
 // just brought into cache (the chunk is read from memory once, not twice). States as in the two kernels.
-extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_count, double* mean, double* m2,
-                       int64_t* count, double* squared_total, int64_t* squared_count, double* ref_mean,
-                       double* ref_m2, int64_t* ref_count, const int64_t b, const int64_t T, const int64_t U,
-                       const int64_t identity, const int64_t tile) {
+// (`held` samples kept from the chunk before first, as in the invariance kernel.)
+extern "C" void kernel(const float* x, const float* kept, double* spread_total, int64_t* spread_count, double* mean,
+                       double* m2, int64_t* count, double* squared_total, int64_t* squared_count, double* ref_mean,
+                       double* ref_m2, int64_t* ref_count, const int64_t b, const int64_t held, const int64_t T,
+                       const int64_t U, const int64_t identity, const int64_t tile) {
   const double n_a = static_cast<double>(*count), ref_n_a = static_cast<double>(*ref_count);
   const bool fresh_sums = *squared_count == 0;
   const int64_t tiles = (U + tile - 1) / tile;
@@ -270,14 +280,20 @@ extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_cou
     #pragma omp for schedule(static)
     for (int64_t k = 0; k < tiles; k++) {
       const int64_t u0 = k * tile, n = std::min(tile, U - u0);
-      variance_tile(x, spread, spread_total, mean, m2, n_a, b, T, U, u0, n);
-      errors_tile(x, x, squared_total, fresh_sums, ref_mean, ref_m2, ref_n_a, b, T, U, identity, u0, n);
+      if (held > 0) {
+        variance_tile(kept, spread, spread_total, mean, m2, n_a, held, T, U, u0, n);
+        errors_tile(kept, kept, squared_total, fresh_sums, ref_mean, ref_m2, ref_n_a, held, T, U, identity, u0, n);
+      }
+      const double h = static_cast<double>(held);
+      variance_tile(x, spread, spread_total, mean, m2, n_a + h, b, T, U, u0, n);
+      errors_tile(x, x, squared_total, fresh_sums && held == 0, ref_mean, ref_m2, ref_n_a + h, b, T, U, identity, u0,
+                  n);
     }
   }
-  *spread_count += b;
-  *count += b;
-  *squared_count += b;
-  *ref_count += b;
+  *spread_count += held + b;
+  *count += held + b;
+  *squared_count += held + b;
+  *ref_count += held + b;
 }
 """
 
@@ -661,11 +677,12 @@ class _Kernel:
 
 
 _STATE_ARGUMENTS = ["const float*", "double*", "int64_t*", "double*", "double*", "int64_t*"]
-_VARIANCE = _Kernel("invariance update", _VARIANCE_SOURCE, _STATE_ARGUMENTS + ["const int64_t"] * 4)
+_VARIANCE = _Kernel("invariance update", _VARIANCE_SOURCE,
+                    _STATE_ARGUMENTS[:1] + _STATE_ARGUMENTS + ["const int64_t"] * 5)
 _ERRORS = _Kernel("per-transformation and equivariance-error update", _ERRORS_SOURCE,
-                  _STATE_ARGUMENTS[:1] + _STATE_ARGUMENTS + ["const int64_t"] * 5)
+                  _STATE_ARGUMENTS[:1] * 3 + _STATE_ARGUMENTS + ["const int64_t"] * 6)
 _BOTH = _Kernel("invariance and per-transformation update", _BOTH_SOURCE,
-                _STATE_ARGUMENTS + _STATE_ARGUMENTS[1:] + ["const int64_t"] * 5)
+                _STATE_ARGUMENTS[:1] + _STATE_ARGUMENTS + _STATE_ARGUMENTS[1:] + ["const int64_t"] * 6)
 _WARP = _Kernel("inverse warp", _WARP_SOURCE,
                 ["const float*", "const int64_t*", "const float*", "float*", "float*"] + ["const int64_t"] * 7)
 _REPLICATES_ARGUMENTS = _STATE_ARGUMENTS[1:] + ["const int64_t*", "const double*", "double*"] + ["const int64_t"] * 4
@@ -741,6 +758,18 @@ def _applies(output: torch.Tensor, T: int, per_transformation: tuple[torch.Tenso
             and all(s.numel() == units for s in per_unit) and enabled())
 
 
+def _held_samples(held: torch.Tensor | None, T: int, units: int) -> int | None:
+    """The samples of ``held``, rows [held·T, ...] kept from the chunk before to fold in with a chunk's (the
+    rows of a pair of chunks: ``layer_measures.Chunk.hold``): 0 for none; None where a kernel cannot take them
+    (as ``_applies`` requires of a chunk's rows)."""
+    if held is None:
+        return 0
+    if not (held.device.type == "cpu" and held.dtype == torch.float32 and held.is_contiguous()
+            and not held.requires_grad and held.numel() > 0 and held.numel() % (T * units) == 0):
+        return None
+    return held.numel() // (T * units)
+
+
 def _tile(units: int) -> int:
     """Tiles of TILE units, smaller on a small layer so that every thread gets two (bench_native.py: a layer
     of 512 units at batch 16 took 60 µs in one tile, 37 µs in four)."""
@@ -748,24 +777,30 @@ def _tile(units: int) -> int:
 
 
 def variance_update(output: torch.Tensor, T: int, spread_total: torch.Tensor, spread_count: torch.Tensor,
-                    mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor) -> bool:
-    """Fold a chunk ``output`` [b·T, ...] into invariance's states like ``layer_measures._variance_update``;
-    False (nothing done) where the kernel does not apply (``_applies``) or is unavailable."""
-    if not _applies(output, T, (mean, m2), (spread_total,)):
+                    mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor,
+                    held: torch.Tensor | None = None) -> bool:
+    """Fold a chunk ``output`` [b·T, ...] into invariance's states like ``layer_measures._variance_update``
+    (after ``held``, the rows of the chunk before kept for this call: as two calls would, each tile of the states
+    read from memory once for both); False (nothing done) where the kernel does not apply (``_applies``) or is
+    unavailable."""
+    units = spread_total.numel()
+    if not _applies(output, T, (mean, m2), (spread_total,)) or (kept := _held_samples(held, T, units)) is None:
         return False
     kernel = _VARIANCE.get()
     if kernel is None:
         return False
-    units = spread_total.numel()
-    kernel(output, spread_total, spread_count, mean, m2, count, output.numel() // (T * units), T, units, _tile(units))
+    kernel(output, output if held is None else held, spread_total, spread_count, mean, m2, count,
+           output.numel() // (T * units), kept, T, units, _tile(units))
     return True
 
 
 def errors_update(output: torch.Tensor, T: int, identity: int, squared_total: torch.Tensor,
-                  squared_count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor) -> bool:
+                  squared_count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor,
+                  held: torch.Tensor | None = None) -> bool:
     """Fold a chunk ``output`` [b·T, ...] into ``per_transformation``'s states like
-    ``layer_measures._invariance_error_update``; False (nothing done) where the kernel does not apply."""
-    return _errors(output, output, T, identity, squared_total, squared_count, mean, m2, count)
+    ``layer_measures._invariance_error_update`` (after ``held``, as ``variance_update``); False (nothing done)
+    where the kernel does not apply."""
+    return _errors(output, output, T, identity, squared_total, squared_count, mean, m2, count, held)
 
 
 def moved_errors_update(moved: torch.Tensor, features: torch.Tensor, T: int, identity: int,
@@ -779,36 +814,42 @@ def moved_errors_update(moved: torch.Tensor, features: torch.Tensor, T: int, ide
 
 
 def _errors(output: torch.Tensor, reference: torch.Tensor, T: int, identity: int, squared_total: torch.Tensor,
-            squared_count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor) -> bool:
-    """The squared differences' kernel, the untransformed rows read from ``reference``."""
+            squared_count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor,
+            held: torch.Tensor | None = None) -> bool:
+    """The squared differences' kernel, the untransformed rows read from ``reference`` (and ``held``, kept
+    from the chunk before, its own: only where ``reference`` is ``output``)."""
+    units = mean.numel()
     if not (_applies(output, T, (squared_total,), (mean, m2)) and 0 <= identity < T
             and reference.device.type == "cpu" and reference.dtype == torch.float32 and reference.is_contiguous()
-            and not reference.requires_grad):
+            and not reference.requires_grad and (kept := _held_samples(held, T, units)) is not None
+            and (held is None or reference is output)):
         return False
     kernel = _ERRORS.get()
     if kernel is None:
         return False
-    units = mean.numel()
-    kernel(output, reference, squared_total, squared_count, mean, m2, count, output.numel() // (T * units), T, units,
-           identity, _tile(units))
+    before = output if held is None else held
+    before_reference = reference if held is None else held
+    kernel(output, reference, before, before_reference, squared_total, squared_count, mean, m2, count,
+           output.numel() // (T * units), kept, T, units, identity, _tile(units))
     return True
 
 
 def both_update(output: torch.Tensor, T: int, identity: int, spread_total: torch.Tensor, spread_count: torch.Tensor,
                 mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor, squared_total: torch.Tensor,
                 squared_count: torch.Tensor, reference_mean: torch.Tensor, reference_m2: torch.Tensor,
-                reference_count: torch.Tensor) -> bool:
-    """``variance_update`` and ``errors_update`` of one chunk in one pass (each tile read from memory once);
-    False (nothing done) where either does not apply."""
+                reference_count: torch.Tensor, held: torch.Tensor | None = None) -> bool:
+    """``variance_update`` and ``errors_update`` of one chunk in one pass (each tile read from memory once;
+    after ``held``, as ``variance_update``); False (nothing done) where either does not apply."""
+    units = spread_total.numel()
     if (not _applies(output, T, (mean, m2, squared_total), (spread_total, reference_mean, reference_m2))
-            or not 0 <= identity < T):
+            or not 0 <= identity < T or (kept := _held_samples(held, T, units)) is None):
         return False
     kernel = _BOTH.get()
     if kernel is None:
         return False
-    units = spread_total.numel()
-    kernel(output, spread_total, spread_count, mean, m2, count, squared_total, squared_count, reference_mean,
-           reference_m2, reference_count, output.numel() // (T * units), T, units, identity, _tile(units))
+    kernel(output, output if held is None else held, spread_total, spread_count, mean, m2, count, squared_total,
+           squared_count, reference_mean, reference_m2, reference_count, output.numel() // (T * units), kept, T,
+           units, identity, _tile(units))
     return True
 
 

@@ -99,6 +99,8 @@ def sample_positions(name: str, channels: int, count: int, k: int, seed: int) ->
 class _Sampled(LayerMeasure):
     """A measure group's states on the layer's sampled positions: units [C, K], channels first."""
 
+    pairs = False  # (their updates gather the positions first)
+
     def __init__(self, info: LayerInfo, transformations: TransformationSet, num_classes: int,
                  device: torch.device, options: MeasureOptions):
         full = super().feature_shape(info)  # what the group measures per element: the output or its maps

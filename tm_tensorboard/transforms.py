@@ -342,17 +342,27 @@ class TransformationSet(Sequence[Transformation]):
         CPU kernel where it applies (``native.move_back``), else by the compiled layout change and gather
         (``compiled`` True; else None)."""
         n, channels, height, width = y.shape
-        sources, weights = self.inverse_taps(height, width, y.device, y.dtype)
         out = scratch.get("moved", (self._samples(n), len(self) * height * width, channels), y.dtype, y.device)
-        def buffer(numel: int) -> torch.Tensor:
-            return scratch.get("warp rows", (numel,), y.dtype, y.device)
-
-        if native.move_back(y, sources, weights, out, buffer):
+        if self.move_back_into(y, out, scratch):
             return out
         if compiled is not True:
             return None
+        sources, weights = self.inverse_taps(height, width, y.device, y.dtype)
         warps.gather_taps(True, self.pixel_major(y, True, scratch), sources, weights, out, scratch=scratch)
         return out
+
+    def move_back_into(self, y: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> bool:
+        """The maps y [b·T, C, h, w] moved back into ``out`` [b, T·h·w, C] pixel-major by the warp's CPU kernel
+        (``native.move_back``), as ``invert_features_pixel_major`` moves them; False where it does not apply."""
+        if not self.is_spatial:
+            return False
+        _, _, height, width = y.shape
+        sources, weights = self.inverse_taps(height, width, y.device, y.dtype)
+
+        def buffer(numel: int) -> torch.Tensor:
+            return scratch.get("warp rows", (numel,), y.dtype, y.device)
+
+        return native.move_back(y, sources, weights, out, buffer)
 
     def pixel_major(self, y: torch.Tensor, compiled: bool = False, scratch: Scratch | None = None) -> torch.Tensor:
         """Maps [b·T, C, h, w] as [b, T·h·w, C] (sample i's maps, transformation by transformation, pixel by
