@@ -50,6 +50,10 @@
    addition a value: the bytes an exact update must move, none of its arithmetic) and by nothing (the
    counts only: hooks, rotations, finalizing), with and without error bars, interleaved with the floor,
    medians of ``--reps`` (~4 min). The values of the last two are wrong by design: timings only.
+9. Pairs of chunks (``--parts pairs``): the two cases of item 2 at batch_size 4, measure() (compiled: the CPU
+   kernels; error bars as by default) of invariance, of invariance and per_transformation and of the default
+   measures, with chunks folded in by pairs (``layer_measures.Chunk.hold``, as measure() runs) and one at a
+   time (``engine.PAIRED_SAMPLES`` 0), interleaved with the floor, medians of ``--reps`` (~4 min).
 
 The allocator: glibc returns freed memory to the system until a large block (> 32 MiB) has once been
 freed, after which it keeps it; a training process has long done that, a fresh benchmark process has
@@ -75,7 +79,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 import tm_tensorboard as tm
-from tm_tensorboard import heap, native
+from tm_tensorboard import engine, heap, native
 from bench_engine import Net, interleaved, warm_allocator
 from provenance import environment
 from tm_tensorboard.examples.models import ResNet18Style, SimpleCNN
@@ -89,7 +93,7 @@ THREADS = 2
 INVARIANCE = ("invariance",)
 DEFAULT = ("invariance", "same_equivariance")
 TARGETS = {"ops_invariance": 8, "ops_default": 16, "invariance_over_floor": 1.5, "default_over_floor": 2.0}
-PARTS = ("compile", "ops", "speed", "host", "dynamo", "fresh", "native", "channels_last", "traffic")
+PARTS = ("compile", "ops", "speed", "host", "dynamo", "fresh", "native", "channels_last", "traffic", "pairs")
 
 
 @contextlib.contextmanager
@@ -514,6 +518,40 @@ def traffic_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: i
     }
 
 
+@contextlib.contextmanager
+def chunk_pairs(on: bool) -> Iterator[None]:
+    """``on``: chunks of at most PAIRED_SAMPLES samples folded in by pairs (``Chunk.hold``), as measure() does;
+    off: one chunk at a time, as before them."""
+    before = engine.PAIRED_SAMPLES
+    engine.PAIRED_SAMPLES = before if on else 0
+    try:
+        yield
+    finally:
+        engine.PAIRED_SAMPLES = before
+
+
+def pairs_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int) -> dict:
+    """At batch_size=4, the floor and measure() with chunks folded in by pairs and one at a time: invariance,
+    with per_transformation, and the default measures, error bars as by default."""
+    tset = tm.transforms.rotations(T)
+    methods: dict[str, Callable[[], Any]] = {"floor_b4": forward_floor(model, [tset.apply(c) for c in probe.split(4)])}
+    for label, measures in (("invariance", INVARIANCE), ("per_transformation", INVARIANCE + ("per_transformation",)),
+                            ("default", DEFAULT)):
+        for on in (True, False):
+            def run(measures=measures, on=on) -> None:
+                with chunk_pairs(on):
+                    tm.measure(model, probe, tset, measures=measures, batch_size=4, compile=True,
+                               dedupe_batchnorm=False)
+            methods[f"{label}_{'pairs' if on else 'single'}_b4"] = run
+    timings = timed(methods, reps, name)
+    median = timings["median_s"]
+    return {
+        "N": len(probe),
+        "over_floor": {m: median[m] / median["floor_b4"] for m in methods if m != "floor_b4"},
+        **timings,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -563,6 +601,11 @@ def main() -> None:
         figures["traffic"] = {case: traffic_case(case, model, probe, args.reps)
                               for case, (model, probe) in speed_cases().items()}
         for case, value in figures["traffic"].items():
+            print(case, json.dumps({k: round(v, 2) for k, v in value["over_floor"].items()}), flush=True)
+    if "pairs" in args.parts:
+        figures["pairs"] = {case: pairs_case(case, model, probe, args.reps)
+                            for case, (model, probe) in speed_cases().items()}
+        for case, value in figures["pairs"].items():
             print(case, json.dumps({k: round(v, 2) for k, v in value["over_floor"].items()}), flush=True)
     if "speed" not in args.parts:
         print(json.dumps(figures, indent=1))
