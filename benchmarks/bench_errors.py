@@ -28,9 +28,9 @@
    (``kept_states.py``), so the cost part's one-off calls, which follow a call of the same variant, find
    it there. Here each run is a new process that measures another model first (SimpleCNN(3, 10): the CPU
    kernels loaded, the heap grown, none of the reference case's state blocks kept), then times one
-   measure() of the reference case at batch_size 16 (the default), ``compile=None`` (the default), with
-   and without error bars, invariance and the default measures, runs alternating, medians of ``--reps``
-   (3 at most): what error bars add where their states are paged in.
+   measure() of the reference case at batch_size 4 (its 64 images per forward) and 16 (the default),
+   ``compile=None`` (the default), with and without error bars, invariance and the default measures, runs
+   alternating, medians of ``--reps`` (3 at most): what error bars add where their states are paged in.
 
 ``--parts`` runs some of them; the others' figures already in the results file are kept.
 """
@@ -263,26 +263,31 @@ tm.measure(SimpleCNN(3, 10).eval(), torch.rand(32, 3, 32, 32), tset, measures={m
 model = Net().eval()
 probe = torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 start = time.perf_counter()
-tm.measure(model, probe, tset, measures={measures!r}, error_bars={bars!r})
+tm.measure(model, probe, tset, measures={measures!r}, error_bars={bars!r}, batch_size={batch_size})
 print(json.dumps({{"seconds": time.perf_counter() - start}}))
 """
 
 
-def first_call(reps: int = 3) -> dict:
-    """A process's first measure() of the reference case, with and without error bars (item 4)."""
+def first_call(reps: int = 3, batch_sizes: tuple[int, ...] = (4, 16)) -> dict:
+    """A process's first measure() of the reference case, with and without error bars (item 4), at batch_size 4
+    (the reference case's 64 images per forward) and 16 (the default)."""
     runs: dict[str, list[float]] = {}
     for _ in range(min(reps, 3)):
-        for name, measures in (("invariance", ("invariance",)), ("default", DEFAULT)):
-            for label, bars in (("no_error_bars", False), ("error_bars", None)):
-                script = _FIRST_CALL_CHILD.format(benchmarks=str(Path(__file__).resolve().parent), threads=THREADS,
-                                                  measures=measures, bars=bars)
-                done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True,
-                                      timeout=1800, check=True)
-                runs.setdefault(f"b16_{name}_{label}", []).append(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
-    out: dict = {"batch_size": 16, "runs": runs, "seconds": {k: statistics.median(v) for k, v in runs.items()}}
-    for name in ("invariance", "default"):
-        out[f"b16_{name}_error_bars_added"] = (out["seconds"][f"b16_{name}_error_bars"]
-                                               / out["seconds"][f"b16_{name}_no_error_bars"] - 1)
+        for b in batch_sizes:
+            for name, measures in (("invariance", ("invariance",)), ("default", DEFAULT)):
+                for label, bars in (("no_error_bars", False), ("error_bars", None)):
+                    script = _FIRST_CALL_CHILD.format(benchmarks=str(Path(__file__).resolve().parent),
+                                                      threads=THREADS, measures=measures, bars=bars, batch_size=b)
+                    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True,
+                                          text=True, timeout=1800, check=True)
+                    seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+                    runs.setdefault(f"b{b}_{name}_{label}", []).append(seconds)
+    out: dict = {"batch_sizes": list(batch_sizes), "runs": runs,
+                 "seconds": {k: statistics.median(v) for k, v in runs.items()}}
+    for b in batch_sizes:
+        for name in ("invariance", "default"):
+            out[f"b{b}_{name}_error_bars_added"] = (out["seconds"][f"b{b}_{name}_error_bars"]
+                                                    / out["seconds"][f"b{b}_{name}_no_error_bars"] - 1)
     print(json.dumps(out, indent=1), flush=True)
     return out
 
