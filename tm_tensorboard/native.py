@@ -14,7 +14,10 @@ one kernel does both tile by tile, the second reading the rows the first brought
 the compiled path's: the spread two-pass within each sample in the activations' precision, the moments
 shifted by the chunk's first sample and accumulated in float64 (exact differences of float32 values),
 merged by Chan's formula, squared differences in the activations' precision summed in float64. States of no
-samples yet (with error bars, every shard's first chunk) are written without being read.
+samples yet (with error bars, every shard's first chunk) are written without being read. A call may also take
+the rows of the chunk before, kept for it (pairs of chunks of a few samples: ``layer_measures.Chunk.hold``):
+tile by tile, those first and then the chunk's, as two calls would fold them (the same numbers), each tile of
+the states read from memory and written back once for both.
 
 The inverse warp (``warps.py``) compiles to two passes over the chunk: maps laid out pixel-major, then
 each output row gathered from its taps' rows. Its kernel lays one map at a time out pixel-major in a
