@@ -54,7 +54,7 @@ def _same(ours: tm.MeasureResult, theirs: tm.MeasureResult, names: tuple[str, ..
                                       ("invariance", "same_equivariance", "per_transformation")])
 def test_pairs_of_chunks_measure_what_single_chunks_measure(monkeypatch, folds, measures):
     """24 samples in 2 shards, chunks of 3: every layer folds 6 samples in 3 calls (the measurement's first two
-    chunks one at a time: whether a layer's output stays as it is is learnt from the first), with the values and
+    chunks one at a time: whether a layer's output stays as it is is learnt from them), with the values and
     standard errors of the chunks one at a time."""
     model, images = small_cnn(), torch.rand(24, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     names = {"invariance": ("nvi", "tvi", "svi"), "same_equivariance": ("nvse",), "per_transformation": ("ie_t",)}
@@ -88,6 +88,37 @@ def test_an_output_changed_in_place_later_in_the_forward_is_not_kept(monkeypatch
     conv_and_relu = Counter({samples: n for (_, samples, u), n in folds.items() if u == units["0"]})
     last = Counter({samples: n for (_, samples, u), n in folds.items() if u == units["2"]})
     assert conv_and_relu == {2: 8 + 2, 4: 3} and last == {2: 2, 4: 3}, (conv_and_relu, last)
+    monkeypatch.setattr(engine, "PAIRED_SAMPLES", 0)
+    _same(paired, run(), ("nvi", "tvi", "svi"))
+
+
+class _IntoOneBuffer(nn.Module):
+    """A ReLU that writes every call's output into the same buffer (as a module that preallocates its output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.out: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out is None or self.out.shape != x.shape:
+            self.out = torch.empty_like(x)
+        return torch.clamp(x, min=0, out=self.out)
+
+
+def test_an_output_written_again_at_the_next_call_is_not_kept(monkeypatch, folds):
+    """A module that writes each call's output into one buffer is seen to change it by the next forward (an
+    output is watched through two): it is measured at its hook, every chunk, and nothing fails."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _IntoOneBuffer(), nn.Conv2d(6, 5, 3, padding=1))
+    images = torch.randn(16, 3, 10, 10)
+
+    def run() -> tm.MeasureResult:
+        return tm.measure(model, images, T.rotations(4), measures=("invariance",), batch_size=2, error_bars=False,
+                          compile=None)
+
+    paired = run()
+    conv_and_buffer = Counter({samples: n for (_, samples, u), n in folds.items() if u == 600})
+    assert conv_and_buffer == {2: 2 + 8, 4: 3}, conv_and_buffer  # the conv's pairs; the buffer's 8 chunks alone
     monkeypatch.setattr(engine, "PAIRED_SAMPLES", 0)
     _same(paired, run(), ("nvi", "tvi", "svi"))
 

@@ -270,6 +270,11 @@ def _action_lookup(actions: Actions):
     return lookup
 
 
+# A layer's output is watched through its forward and the next before it may be kept for a pair of chunks: the
+# first pair's first chunk is then the third (its first two chunks are measured one at a time).
+WATCHED_FORWARDS = 2
+
+
 class _Observer:
     """The measure groups' states on one activation."""
 
@@ -286,17 +291,18 @@ class _Observer:
         # whichever order the groups were asked in
         self._update_order = sorted(self.measures, key=lambda group: group == "equivariance_error")
         # Pairs of chunks (``Chunk.hold``): the output kept for the next chunk, its version then, its chunk;
-        # whether the layer's output stays as it is through the rest of a forward (None: not seen yet: an
-        # output changed in place later, by an in-place ReLU after it say, cannot be kept), and the output
-        # watched to learn it.
+        # whether the layer's output stays as it is through the rest of its forward and the next one (None: not
+        # seen yet: an output changed in place later, by an in-place ReLU after it say, or a buffer the module
+        # writes again at its next call, cannot be kept), and the output watched to learn it, its version and
+        # the forwards left to watch.
         self.held: tuple[torch.Tensor, int, Chunk] | None = None
         self.output_stays: bool | None = None
-        self._watched: tuple[torch.Tensor, int] | None = None
+        self._watched: tuple[torch.Tensor, int, int] | None = None
 
     def update(self, phase: str, activation: torch.Tensor, chunk: Chunk) -> None:
         self.compiled = chunk.compiled  # finalize the way the chunks went
         if self.output_stays is None and self._watched is None:
-            self._watched = (activation, activation._version)
+            self._watched = (activation, activation._version, WATCHED_FORWARDS)
         if chunk.hold and self.held is None and self._pairs(phase, activation):
             self.held = (activation, activation._version, chunk)
             return
@@ -326,19 +332,22 @@ class _Observer:
     def _check_held(self, held: tuple[torch.Tensor, int, Chunk]) -> None:
         if held[0]._version != held[1]:
             raise RuntimeError(
-                f"tm_tensorboard: the output of layer {self.info.name!r} was changed in place after it was observed "
-                "in this chunk, though not in the chunks before, and the output of a chunk of at most "
-                f"{PAIRED_SAMPLES} samples is kept to be measured with the next chunk's; measure with "
-                f"batch_size > {PAIRED_SAMPLES}, or {native.ENVIRONMENT_VARIABLE}=0"
+                f"tm_tensorboard: the output of layer {self.info.name!r} was changed in place after it was observed, "
+                f"though not in the first chunks: a chunk of at most {PAIRED_SAMPLES} samples keeps its outputs to "
+                f"be measured with the next chunk's; measure with batch_size > {PAIRED_SAMPLES}, or "
+                f"{native.ENVIRONMENT_VARIABLE}=0"
             )
 
     def after_forward(self, phase: str, chunk: Chunk) -> None:
-        """After each forward: learn whether the output watched stayed as it was through it; check the output kept
-        for the next chunk; after a pair's second chunk, update with an output still kept (a layer that chunk
-        did not reach) alone."""
+        """After each forward: learn whether the output watched stayed as it was (through WATCHED_FORWARDS of
+        them); check the output kept for the next chunk; after a pair's second chunk, update with an output still
+        kept (a layer that chunk did not reach) alone."""
         if self._watched is not None:
-            output, version = self._watched
-            self.output_stays, self._watched = output._version == version, None
+            output, version, left = self._watched
+            if output._version != version or left == 1:
+                self.output_stays, self._watched = output._version == version, None
+            else:
+                self._watched = (output, version, left - 1)
         if self.held is None:
             return
         self._check_held(self.held)
