@@ -301,7 +301,7 @@ class _Observer:
 
     def update(self, phase: str, activation: torch.Tensor, chunk: Chunk) -> None:
         self.compiled = chunk.compiled  # finalize the way the chunks went
-        if self.output_stays is None and self._watched is None:
+        if chunk.pairing and self.output_stays is None and self._watched is None:
             self._watched = (activation, activation._version, WATCHED_FORWARDS)
         if chunk.hold and self.held is None and self._pairs(phase, activation):
             self.held = (activation, activation._version, chunk)
@@ -1126,9 +1126,10 @@ class Measurement:
                     x = images[lo:hi].to(device, work, non_blocking=True)
                     use_compiled = compiled if compiled is not None else self._compiled(n, observers, device)
                     use_compiled = use_compiled if device.type != "meta" else False  # shapes only: nothing to run
-                    held = not held and hi < end and self._pairs(phase, device, use_compiled, class_index, hi - lo)
+                    pairing = self._pairs(phase, device, use_compiled, class_index, hi - lo)
+                    held = pairing and not held and hi < end
                     chunk = Chunk(hi - lo, self._groups(labels, lo, hi, class_index, device), scratch, use_compiled,
-                                  tuple(x.shape[-2:]) if x.dim() == 4 else None, hold=held)
+                                  tuple(x.shape[-2:]) if x.dim() == 4 else None, hold=held, pairing=pairing)
                     batch = transformations.apply(x)
                     if generator is not None:
                         t = self.transformations

@@ -85,8 +85,10 @@ class Chunk:
     # equivariance error of the same maps after it (one warp for both); cleared after every layer's update.
     moved_back: tuple[torch.Tensor, torch.Tensor] | None = None
     # The first chunk of a pair: a layer whose measures all fold pairs (``LayerMeasure.pairs``) keeps its
-    # output for the next chunk's update, which folds both in one call of its kernel (``engine._Observer``).
+    # output for the next chunk's update, which folds both in one call of its kernel (``engine._Observer``);
+    # ``pairing``: this pass pairs its chunks (its layers' outputs are watched first, to learn which may be kept).
     hold: bool = False
+    pairing: bool = False
 
     def rows(self, values: torch.Tensor, block: int = SAMPLE_BLOCK):
         """(class index, a block of the chunk's samples of that class) pairs of values [b·T, ...] or
