@@ -324,7 +324,7 @@ class _Observer:
 
     def _pairs(self, phase: str, activation: torch.Tensor) -> bool:
         """Whether this chunk's output may be kept for the next chunk's update: every measure of the phase folds
-        pairs, and the output is float32 on CPU and stays as it is through a forward (seen on a chunk before)."""
+        pairs, and the output is float32 on CPU and stayed as it was through WATCHED_FORWARDS forwards."""
         updated = [m for m in self.measures.values() if phase in m.phases]
         return (bool(self.output_stays) and activation.dtype == torch.float32 and activation.device.type == "cpu"
                 and bool(updated) and all(m.pairs for m in updated))
