@@ -35,6 +35,15 @@ def folds(monkeypatch) -> Counter:
     return counts
 
 
+def _by_samples(folds: Counter, units: int | None = None) -> Counter:
+    """The kernel calls counted by the samples each folded (of the layers of ``units`` units only, if given)."""
+    counts: Counter = Counter()
+    for (_, samples, layer_units), n in folds.items():
+        if units is None or layer_units == units:
+            counts[samples] += n
+    return counts
+
+
 def _same(ours: tm.MeasureResult, theirs: tm.MeasureResult, names: tuple[str, ...]) -> None:
     """Every value and standard error of ``names``, per element and per channel, exactly equal."""
     for name in names:
@@ -63,8 +72,8 @@ def test_pairs_of_chunks_measure_what_single_chunks_measure(monkeypatch, folds, 
         return tm.measure(model, images, T.rotations(4), measures=measures, batch_size=3, error_bars=2, compile=None)
 
     paired = run()
-    by_samples = Counter({samples: n for (_, samples, _), n in folds.items()})
-    assert set(by_samples) == {3, 6} and by_samples[6] == 3 * by_samples[3] // 2, by_samples
+    by_samples = _by_samples(folds)
+    assert set(by_samples) == {3, 6} and 2 * by_samples[6] == 3 * by_samples[3], by_samples
     monkeypatch.setattr(engine, "PAIRED_SAMPLES", 0)
     folds.clear()
     single = run()
@@ -85,8 +94,7 @@ def test_an_output_changed_in_place_later_in_the_forward_is_not_kept(monkeypatch
 
     paired = run()
     units = {"0": 600, "1": 600, "2": 500}
-    conv_and_relu = Counter({samples: n for (_, samples, u), n in folds.items() if u == units["0"]})
-    last = Counter({samples: n for (_, samples, u), n in folds.items() if u == units["2"]})
+    conv_and_relu, last = _by_samples(folds, units["0"]), _by_samples(folds, units["2"])
     assert conv_and_relu == {2: 8 + 2, 4: 3} and last == {2: 2, 4: 3}, (conv_and_relu, last)
     monkeypatch.setattr(engine, "PAIRED_SAMPLES", 0)
     _same(paired, run(), ("nvi", "tvi", "svi"))
@@ -117,7 +125,7 @@ def test_an_output_written_again_at_the_next_call_is_not_kept(monkeypatch, folds
                           compile=None)
 
     paired = run()
-    conv_and_buffer = Counter({samples: n for (_, samples, u), n in folds.items() if u == 600})
+    conv_and_buffer = _by_samples(folds, 600)
     assert conv_and_buffer == {2: 2 + 8, 4: 3}, conv_and_buffer  # the conv's pairs; the buffer's 8 chunks alone
     monkeypatch.setattr(engine, "PAIRED_SAMPLES", 0)
     _same(paired, run(), ("nvi", "tvi", "svi"))
@@ -185,7 +193,7 @@ def test_an_output_kept_for_a_chunk_that_does_not_reach_its_layer_is_folded_in_a
     paired = run()
     # the pairs' first chunks reach it (the first kept from the second pair on): kept, then folded in alone
     assert alone == ["extra"] * 3
-    assert Counter({samples: n for (_, samples, units), n in folds.items() if units == 5 * 8 * 8}) == {2: 4}
+    assert _by_samples(folds, 5 * 8 * 8) == {2: 4}
     monkeypatch.setattr(engine, "PAIRED_SAMPLES", 0)
     _same(paired, run(), ("nvi", "tvi", "svi"))
 
