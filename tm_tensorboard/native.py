@@ -745,32 +745,34 @@ def build_seconds() -> float:
     return sum(kernel.seconds for kernel in _KERNELS)
 
 
+def _takes_rows(rows: torch.Tensor, T: int, units: int) -> bool:
+    """Whether a kernel reads these activations: on CPU, float32, contiguous, no autograd, a whole number of
+    samples of T rows of ``units``."""
+    return (rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.is_contiguous()
+            and not rows.requires_grad and rows.numel() > 0 and rows.numel() % (T * units) == 0)
+
+
 def _applies(output: torch.Tensor, T: int, per_transformation: tuple[torch.Tensor, ...],
              per_unit: tuple[torch.Tensor, ...]) -> bool:
     """Whether a kernel takes these arguments: CPU, float32 activations [b·T, ...] (contiguous, a whole
     number of samples), float64 contiguous states [T, units] and [units], two transformations or more."""
-    if not (output.device.type == "cpu" and output.dtype == torch.float32 and T >= 2 and output.is_contiguous()
-            and not output.requires_grad):
-        return False
     units = per_unit[0].numel()
+    if T < 2 or not _takes_rows(output, T, units):
+        return False
     states = per_transformation + per_unit
     if not all(s.is_contiguous() and s.dtype == torch.float64 and s.device.type == "cpu" for s in states):
         return False
-    return (output.numel() > 0 and output.numel() % (T * units) == 0
-            and all(s.numel() == T * units for s in per_transformation)
+    return (all(s.numel() == T * units for s in per_transformation)
             and all(s.numel() == units for s in per_unit) and enabled())
 
 
 def _held_samples(held: torch.Tensor | None, T: int, units: int) -> int | None:
     """The samples of ``held``, rows [held·T, ...] kept from the chunk before to fold in with a chunk's (the
     rows of a pair of chunks: ``layer_measures.Chunk.hold``): 0 for none; None where a kernel cannot take them
-    (as ``_applies`` requires of a chunk's rows)."""
+    (``_takes_rows``, as of a chunk's rows)."""
     if held is None:
         return 0
-    if not (held.device.type == "cpu" and held.dtype == torch.float32 and held.is_contiguous()
-            and not held.requires_grad and held.numel() > 0 and held.numel() % (T * units) == 0):
-        return None
-    return held.numel() // (T * units)
+    return held.numel() // (T * units) if _takes_rows(held, T, units) else None
 
 
 def _tile(units: int) -> int:
