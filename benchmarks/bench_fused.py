@@ -264,9 +264,7 @@ def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int
             )
     timings = timed(methods, reps, name)
     median = timings["median_s"]
-    ratios = {
-        f"{m}_over_floor": median[m] / median[f"floor_b{m.rsplit('_b', 1)[1]}"] for m in methods if not m.startswith("floor")
-    }
+    ratios = {f"{m}_over_floor": ratio for m, ratio in over_floor(median).items()}
     return {
         "N": len(probe),
         "layers": len(tm.measure(model, probe[:2], tset, measures=INVARIANCE, dedupe_batchnorm=False).layers),
@@ -274,6 +272,11 @@ def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int
         "ratios": ratios,
         **timings,
     }
+
+
+def over_floor(median: dict[str, float]) -> dict[str, float]:
+    """Each method's median over its floor's (methods ``<label>_b<batch_size>``, floors ``floor_b<batch_size>``)."""
+    return {m: s / median[f"floor_b{m.rsplit('_b', 1)[1]}"] for m, s in median.items() if not m.startswith("floor")}
 
 
 def timed(methods: dict[str, Callable[[], Any]], reps: int, name: str) -> dict:
@@ -513,7 +516,7 @@ def traffic_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: i
     median = timings["median_s"]
     return {
         "N": len(probe),
-        "over_floor": {m: median[m] / median[f"floor_b{m.rsplit('_b', 1)[1]}"] for m in methods if "floor" not in m},
+        "over_floor": over_floor(median),
         **timings,
     }
 
@@ -547,7 +550,7 @@ def pairs_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int
     median = timings["median_s"]
     return {
         "N": len(probe),
-        "over_floor": {m: median[m] / median["floor_b4"] for m in methods if m != "floor_b4"},
+        "over_floor": over_floor(median),
         **timings,
     }
 
@@ -597,16 +600,12 @@ def main() -> None:
                                     for case, (model, probe) in speed_cases().items()}
         for case, value in figures["channels_last"].items():
             print(case, json.dumps({k: round(v, 3) for k, v in value["median_s"].items()}), flush=True)
-    if "traffic" in args.parts:
-        figures["traffic"] = {case: traffic_case(case, model, probe, args.reps)
-                              for case, (model, probe) in speed_cases().items()}
-        for case, value in figures["traffic"].items():
-            print(case, json.dumps({k: round(v, 2) for k, v in value["over_floor"].items()}), flush=True)
-    if "pairs" in args.parts:
-        figures["pairs"] = {case: pairs_case(case, model, probe, args.reps)
-                            for case, (model, probe) in speed_cases().items()}
-        for case, value in figures["pairs"].items():
-            print(case, json.dumps({k: round(v, 2) for k, v in value["over_floor"].items()}), flush=True)
+    for part, run_case in (("traffic", traffic_case), ("pairs", pairs_case)):
+        if part in args.parts:
+            figures[part] = {case: run_case(case, model, probe, args.reps)
+                             for case, (model, probe) in speed_cases().items()}
+            for case, value in figures[part].items():
+                print(case, json.dumps({k: round(v, 2) for k, v in value["over_floor"].items()}), flush=True)
     if "speed" not in args.parts:
         print(json.dumps(figures, indent=1))
         if not args.no_save:
