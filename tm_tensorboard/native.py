@@ -144,6 +144,25 @@ static inline void fold_moments(const float* rows, int64_t stride, int64_t b, in
 """
 
 _TILES = _PRELUDE + r"""
+// The sum over transformations t < T of term(t) in four interleaved accumulators (term t into the t % 4-th), added
+// pairwise: one chain of T dependent additions bounded the invariance kernel where its chunk is in cache
+// (benchmarks/README.md, "CPU kernels"). V: float or VF, in the same order either way.
+template <typename V, typename Term>
+static inline V sum_over_transformations(int64_t T, Term term) {
+  V a(0.0f), b(0.0f), c(0.0f), d(0.0f);
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) {
+    a = a + term(t);
+    b = b + term(t + 1);
+    c = c + term(t + 2);
+    d = d + term(t + 3);
+  }
+  if (t < T) a = a + term(t);
+  if (t + 1 < T) b = b + term(t + 1);
+  if (t + 2 < T) c = c + term(t + 2);
+  return (a + b) + (c + d);
+}
+
 // Invariance's update of the units [u0, u0 + n) of x [b, T, U] (float32, contiguous): each sample's std over
 // transformations (T sequential streams over the tile) summed into spread (n doubles, a work buffer) and then
 // spread_total; per transformation, the moments over samples (the tile now in cache) merged into mean, m2.
@@ -155,24 +174,22 @@ static inline void variance_tile(const float* x, double* spread, double* spread_
   for (int64_t i = 0; i < b; i++) {
     const float* xi = x + i * TU + u0;
     for (int64_t u = 0; u < whole; u += NF) {
-      VF s(0.0f);
-      for (int64_t t = 0; t < T; t++) s = s + VF::loadu(xi + t * U + u);
-      const VF mu = s / VF(t_count);
-      VF q(0.0f);
-      for (int64_t t = 0; t < T; t++) {
+      const VF mu = sum_over_transformations<VF>(T, [&](int64_t t) { return VF::loadu(xi + t * U + u); }) /
+                    VF(t_count);
+      const VF q = sum_over_transformations<VF>(T, [&](int64_t t) {
         const VF d = VF::loadu(xi + t * U + u) - mu;
-        q = q + d * d;
-      }
+        return d * d;
+      });
       const auto sd = at::vec::convert<double, 2, float, 1>((q / VF(t_dof)).sqrt());
       (VD::loadu(spread + u) + sd[0]).store(spread + u);
       (VD::loadu(spread + u + ND) + sd[1]).store(spread + u + ND);
     }
     for (int64_t u = whole; u < n; u++) {
-      float s = 0.0f;
-      for (int64_t t = 0; t < T; t++) s += xi[t * U + u];
-      const float mu = s / t_count;
-      float q = 0.0f;
-      for (int64_t t = 0; t < T; t++) { const float d = xi[t * U + u] - mu; q += d * d; }
+      const float mu = sum_over_transformations<float>(T, [&](int64_t t) { return xi[t * U + u]; }) / t_count;
+      const float q = sum_over_transformations<float>(T, [&](int64_t t) {
+        const float d = xi[t * U + u] - mu;
+        return d * d;
+      });
       spread[u] += static_cast<double>(std::sqrt(q / t_dof));
     }
   }
@@ -186,7 +203,8 @@ static inline void variance_tile(const float* x, double* spread, double* spread_
 // untransformed rows (transformation `identity` of r [b, T, U]: x itself, or the equivariance error's
 // features before moving back) merged into mean, m2 [U]; per transformation, the squared differences of x
 // from them summed over samples into squared_total [T, U] (the untransformed rows in cache; written, not
-// read, while it sums no samples yet: `fresh_sums`).
+// read, while it sums no samples yet: `fresh_sums`), even and odd samples in two sums added at the end (one
+// chain of dependent additions per unit was 13-23 % slower at batch 4: benchmarks/README.md, "CPU kernels").
 static inline void errors_tile(const float* x, const float* r, double* squared_total, bool fresh_sums, double* mean,
                                double* m2, double n_a, int64_t b, int64_t T, int64_t U, int64_t identity, int64_t u0,
                                int64_t n) {
@@ -197,23 +215,35 @@ static inline void errors_tile(const float* x, const float* r, double* squared_t
     const float* xt = x + t * U + u0;
     double* st = squared_total + t * U + u0;
     for (int64_t u = 0; u < whole; u += NF) {
-      VD a[2] = {VD(0.0), VD(0.0)};
-      for (int64_t i = 0; i < b; i++) {
+      const auto squared = [&](int64_t i) {
         const VF d = VF::loadu(xt + i * TU + u) - VF::loadu(ref + i * TU + u);
-        const auto d2 = at::vec::convert<double, 2, float, 1>(d * d);
-        a[0] = a[0] + d2[0];
-        a[1] = a[1] + d2[1];
+        return at::vec::convert<double, 2, float, 1>(d * d);
+      };
+      VD even_lo(0.0), even_hi(0.0), odd_lo(0.0), odd_hi(0.0);  // (the two halves of the vector)
+      int64_t i = 0;
+      for (; i + 2 <= b; i += 2) {
+        const auto even = squared(i), odd = squared(i + 1);
+        even_lo = even_lo + even[0];
+        even_hi = even_hi + even[1];
+        odd_lo = odd_lo + odd[0];
+        odd_hi = odd_hi + odd[1];
       }
-      (fresh_sums ? a[0] : VD::loadu(st + u) + a[0]).store(st + u);
-      (fresh_sums ? a[1] : VD::loadu(st + u + ND) + a[1]).store(st + u + ND);
+      if (i < b) {
+        const auto even = squared(i);
+        even_lo = even_lo + even[0];
+        even_hi = even_hi + even[1];
+      }
+      const VD lo = even_lo + odd_lo, hi = even_hi + odd_hi;
+      (fresh_sums ? lo : VD::loadu(st + u) + lo).store(st + u);
+      (fresh_sums ? hi : VD::loadu(st + u + ND) + hi).store(st + u + ND);
     }
     for (int64_t u = whole; u < n; u++) {
-      double a = 0.0;
+      double even = 0.0, odd = 0.0;
       for (int64_t i = 0; i < b; i++) {
         const float d = xt[i * TU + u] - ref[i * TU + u];
-        a += static_cast<double>(d * d);
+        (i % 2 == 0 ? even : odd) += static_cast<double>(d * d);
       }
-      st[u] = fresh_sums ? a : st[u] + a;
+      st[u] = fresh_sums ? even + odd : st[u] + (even + odd);
     }
   }
 }
