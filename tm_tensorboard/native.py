@@ -145,7 +145,7 @@ static inline void fold_moments(const float* rows, int64_t stride, int64_t b, in
 
 _TILES = _PRELUDE + r"""
 // The sum over transformations t < T of term(t) in four interleaved accumulators (term t into the t % 4-th), added
-// pairwise: one chain of T dependent additions bounded the invariance kernel where its chunk is in cache
+// pairwise: as one chain of T dependent additions the invariance kernel took 10-12 % longer with its chunk in cache
 // (benchmarks/README.md, "CPU kernels"). V: float or VF, in the same order either way.
 template <typename V, typename Term>
 static inline V sum_over_transformations(int64_t T, Term term) {
@@ -204,7 +204,7 @@ static inline void variance_tile(const float* x, double* spread, double* spread_
 // features before moving back) merged into mean, m2 [U]; per transformation, the squared differences of x
 // from them summed over samples into squared_total [T, U] (the untransformed rows in cache; written, not
 // read, while it sums no samples yet: `fresh_sums`), even and odd samples in two sums added at the end (one
-// chain of dependent additions per unit was 13-23 % slower at batch 4: benchmarks/README.md, "CPU kernels").
+// chain of dependent additions per unit took 15-30 % longer at batch 4: benchmarks/README.md, "CPU kernels").
 static inline void errors_tile(const float* x, const float* r, double* squared_total, bool fresh_sums, double* mean,
                                double* m2, double n_a, int64_t b, int64_t T, int64_t U, int64_t identity, int64_t u0,
                                int64_t n) {
