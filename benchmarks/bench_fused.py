@@ -279,6 +279,11 @@ def over_floor(median: dict[str, float]) -> dict[str, float]:
     return {m: s / median[f"floor_b{m.rsplit('_b', 1)[1]}"] for m, s in median.items() if not m.startswith("floor")}
 
 
+def with_ratios(probe: torch.Tensor, timings: dict) -> dict:
+    """A case's record: its probe size, each method's median over its floor, and ``timed``'s figures."""
+    return {"N": len(probe), "over_floor": over_floor(timings["median_s"]), **timings}
+
+
 def timed(methods: dict[str, Callable[[], Any]], reps: int, name: str) -> dict:
     """Each method once untimed (compiles, warms caches and the allocator), then all of them interleaved ``reps``
     times: their wall times, medians, and the load average before and after the timed part."""
@@ -512,13 +517,7 @@ def traffic_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: i
                         tm.measure(model, probe, tset, measures=INVARIANCE, batch_size=b, compile=True,
                                    error_bars=None if bars else False, dedupe_batchnorm=False)
                 methods[f"{kind}{'' if bars else '_no_error_bars'}_b{batch_size}"] = run
-    timings = timed(methods, reps, name)
-    median = timings["median_s"]
-    return {
-        "N": len(probe),
-        "over_floor": over_floor(median),
-        **timings,
-    }
+    return with_ratios(probe, timed(methods, reps, name))
 
 
 @contextlib.contextmanager
@@ -546,13 +545,7 @@ def pairs_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int
                     tm.measure(model, probe, tset, measures=measures, batch_size=4, compile=True,
                                dedupe_batchnorm=False)
             methods[f"{label}_{'pairs' if on else 'single'}_b4"] = run
-    timings = timed(methods, reps, name)
-    median = timings["median_s"]
-    return {
-        "N": len(probe),
-        "over_floor": over_floor(median),
-        **timings,
-    }
+    return with_ratios(probe, timed(methods, reps, name))
 
 
 def main() -> None:
