@@ -287,7 +287,7 @@ def test_a_layer_with_both_groups_is_updated_once_per_chunk_with_the_numbers_of_
     tset = T.rotations(8, padding="zeros")
     calls = []
     both_update = native.both_update
-    monkeypatch.setattr(native, "both_update", lambda *a: calls.append(1) or both_update(*a))
+    monkeypatch.setattr(native, "both_update", lambda *a, **k: calls.append(1) or both_update(*a, **k))
     for stratified in (False, True):
         def run(groups):
             return tm.measure(model, (images, labels) if stratified else images, tset, measures=groups, batch_size=5,

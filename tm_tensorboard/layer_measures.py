@@ -628,22 +628,24 @@ def update_together(measures: dict[str, LayerMeasure], phase: str, activation: t
     laid_out, _ = invariance.as_it_lies(activation), errors.as_it_lies(activation)  # (each chooses on its first chunk)
     if errors.pixel_major != invariance.pixel_major:
         return ()
-    if held is not None:
-        spread, moments = invariance.per_class[0]["spread"], invariance.per_class[0]["moments"]
-        squared, reference = errors.per_class[0]["squared"], errors.per_class[0]["reference"]
-        done = native.both_update(laid_out, invariance.T, errors.identity, spread.total, spread.count, moments.mean,
-                                  moments.m2, moments.count, squared.total, squared.count, reference.mean,
-                                  reference.m2, reference.count, held=invariance.as_it_lies(held))
-        return ("invariance", "per_transformation") if done else ()
-    for block, (k, rows) in enumerate(chunk.rows(laid_out)):
+
+    def fold_both(k: int, rows: torch.Tensor, before: torch.Tensor | None = None) -> bool:
+        """Class k's states of both groups updated by the joint kernel (after ``before``); False: not taken."""
         spread, moments = invariance.per_class[k]["spread"], invariance.per_class[k]["moments"]
         squared, reference = errors.per_class[k]["squared"], errors.per_class[k]["reference"]
-        if native.both_update(rows, invariance.T, errors.identity, spread.total, spread.count, moments.mean,
-                              moments.m2, moments.count, squared.total, squared.count, reference.mean, reference.m2,
-                              reference.count):
+        return native.both_update(rows, invariance.T, errors.identity, spread.total, spread.count, moments.mean,
+                                  moments.m2, moments.count, squared.total, squared.count, reference.mean,
+                                  reference.m2, reference.count, held=before)
+
+    if held is not None:
+        return ("invariance", "per_transformation") if fold_both(0, laid_out, invariance.as_it_lies(held)) else ()
+    for block, (k, rows) in enumerate(chunk.rows(laid_out)):
+        if fold_both(k, rows):
             continue
         if block == 0:  # the kernel does not take this chunk (it takes all of a chunk's blocks or none)
             return ()
+        spread, moments = invariance.per_class[k]["spread"], invariance.per_class[k]["moments"]
+        squared, reference = errors.per_class[k]["squared"], errors.per_class[k]["reference"]
         _variance_update(chunk.compiled, rows, invariance.T, spread.total, spread.count, moments.mean, moments.m2,
                          moments.count, scratch=chunk.scratch)
         _invariance_error_update(chunk.compiled, rows, errors.T, errors.identity, squared.total, squared.count,
