@@ -156,11 +156,17 @@ def finite_mean(values: np.ndarray, dead: np.ndarray | None = None) -> float:
     return float(values[keep].mean()) if keep.any() else float("nan")
 
 
-def finite_row_means(values: np.ndarray, dead: np.ndarray | None = None) -> np.ndarray:
-    """``finite_mean`` of each row of ``values`` [T, ...] (``dead``: of the same shape): a
-    per-transformation measure's layer mean for each transformation, float64 [T]."""
-    rows = [None] * len(values) if dead is None else dead
-    return np.array([finite_mean(v, d) for v, d in zip(values, rows)], dtype=np.float64)
+def finite_row_means(values: np.ndarray, dead: np.ndarray | None = None, rows: int = 1) -> np.ndarray:
+    """``finite_mean`` of each row of ``values``, its first ``rows`` axes the rows and the rest a layer's units
+    (``dead``: broadcast against ``values``), all rows at once: a per-transformation measure's layer mean for
+    each transformation ([T, ...]: float64 [T]), or each error-bar replicate's ([K, ...], [K, T, ...])."""
+    shape = values.shape[:rows]
+    flat = values.reshape(*shape, -1)
+    keep = np.isfinite(flat)
+    if dead is not None:
+        keep &= ~np.broadcast_to(dead, values.shape).reshape(*shape, -1)
+    with np.errstate(invalid="ignore", divide="ignore"):  # no unit left: 0 / 0, NaN
+        return np.where(keep, flat, 0.0).sum(axis=-1) / keep.sum(axis=-1)
 
 
 def ratio_measure(group: str) -> str | None:

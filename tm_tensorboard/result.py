@@ -193,8 +193,8 @@ class MeasureResult:
         return bool(self._shards.get(group_of(measure)))
 
     def _replicates(self, measure: str, layer: str, label: int | None) -> np.ndarray:
-        """[K, channels]: ``measure`` per channel as the probe without each shard measured it (stratified:
-        the mean of its per-class values)."""
+        """[K, channels] ([K, T, channels] per transformation): ``measure`` per channel as the probe without each
+        shard measured it (stratified: the mean of its per-class values)."""
         group = group_of(measure)
         self._class_components(measure, layer, "channel", label)  # KeyError / ValueError as get() gives them
         found = self._shards.get(group, {}).get(layer)
@@ -205,9 +205,11 @@ class MeasureResult:
         if label is not None:
             found = found[:, self.classes.index(label) : self.classes.index(label) + 1]
         spec = SPECS[measure]
-        T = len(self.transformations)
-        per_class = [[evaluate(spec, split_components(names, c, T)) for c in shard] for shard in found]
-        return np.array([np.mean(v, axis=0) for v in per_class])
+        # every shard and class at once: the components' axis first, as split_components takes them
+        values = evaluate(spec, split_components(names, np.moveaxis(found, 2, 0), len(self.transformations)))
+        if spec.per_transformation:  # [T, K, classes, channels]
+            values = np.moveaxis(values, 0, 2)
+        return values.mean(axis=1)
 
     def stderr(self, measure: str, layer: str, per: str = "layer", label: int | None = None,
                include_dead: bool = False) -> float | np.ndarray:
@@ -221,8 +223,8 @@ class MeasureResult:
             raise ValueError(f"per must be 'layer' or 'channel' for a standard error; got {per!r}")
         dead = None if include_dead else self.group_dead(measure, layer, "channel", label)
         if SPECS[measure].per_transformation:
-            return standard_error(np.array([finite_row_means(v, dead) for v in values]))
-        return float(standard_error(np.array([finite_mean(v, dead) for v in values])))
+            return standard_error(finite_row_means(values, dead, rows=2))
+        return float(standard_error(finite_row_means(values, dead)))
 
     def layer_stderrs(self, measure: str, label: int | None = None,
                       include_dead: bool = False) -> dict[str, float] | dict[str, np.ndarray]:
