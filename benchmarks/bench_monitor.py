@@ -12,9 +12,10 @@
    one run (alternating which of the two loops runs first), and the forward floor of one measurement (the
    probe's N·T transformed images through the model at 256 per forward, eval, no autograd, the heap kept
    as a measurement keeps it; median of 3 warm passes): what each measurement costs the loop (writing
-   included) as a multiple of that floor, from the medians of the loops and from each repeat's pair of
-   loops (``*_paired``). Making the first Monitor compiles the fused statistics: its time, the compile
-   time and the first measurement are recorded apart.
+   included) as a multiple of that floor, from the medians of the loops, from each repeat's pair of
+   loops (``*_paired``), and measurement by measurement (``*_stepwise``: its ``monitor.step`` call plus what
+   the next AFTER_STEPS training steps took over the loop's median step). Making the first Monitor compiles
+   the fused statistics: its time, the compile time and the first measurement are recorded apart.
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def bytes_and_write_time(measures: tuple[str, ...], steps: int) -> dict:
 
 
 PROBE, T_ROT, EVERY, BATCH = 256, 16, 100, 16
+AFTER_STEPS = 5  # training steps after a measurement counted in its stepwise cost (its write spans ~2 of them)
 
 
 def train(steps: int, monitor_dir: Path | None, data: tuple, probe: tuple, measures: tuple[str, ...]) -> dict:
@@ -88,7 +90,7 @@ def train(steps: int, monitor_dir: Path | None, data: tuple, probe: tuple, measu
     model = SimpleCNN(1, 5, width=0.5)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
-    out: dict = {"measured_step_seconds": []}
+    out: dict = {"measured_step_seconds": [], "training_step_seconds": [], "measured_after": []}
     if monitor_dir is not None:
         made = time.perf_counter()
         monitor = tm.Monitor(model, probe, tm.transforms.rotations(T_ROT), logdir=monitor_dir, every=EVERY,
@@ -97,20 +99,45 @@ def train(steps: int, monitor_dir: Path | None, data: tuple, probe: tuple, measu
         out["compile_seconds"] = monitor.compile_seconds
     start = time.perf_counter()
     for step in range(1, steps + 1):
+        before = time.perf_counter()
         batch = torch.randint(0, len(images), (64,), generator=generator)
         loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if monitor_dir is not None:
-            before = time.perf_counter()
-            if monitor.step(step) is not None:
-                out["measured_step_seconds"].append(time.perf_counter() - before)
+        trained = time.perf_counter()
+        out["training_step_seconds"].append(trained - before)
+        if monitor_dir is not None and monitor.step(step) is not None:
+            out["measured_step_seconds"].append(time.perf_counter() - trained)
+            out["measured_after"].append(step)  # the training steps from this index on come after it
     if monitor_dir is not None:
         monitor.close()  # waits for the last step's write: part of the cost
     out["seconds"] = time.perf_counter() - start
     out["model"] = model
     return out
+
+
+def stepwise_costs(run: dict, after: int = AFTER_STEPS) -> list[float]:
+    """Each measurement's cost to its own loop: its ``monitor.step`` call plus what the ``after`` training steps
+    after it took over the loop's median training step (the summaries written in the background meanwhile,
+    the caches the measurement took). Each measurement against the steps around it, not one loop's total
+    against another's, whose difference moved by ±0.2 s a measurement between repeats. (The last measurement,
+    with no steps after it, is left out.)"""
+    steps = run["training_step_seconds"]
+    typical = statistics.median(steps)
+    return [seconds + sum(t - typical for t in steps[i:i + after])
+            for seconds, i in zip(run["measured_step_seconds"], run["measured_after"]) if i + after <= len(steps)]
+
+
+def recorded(run: dict | float) -> dict | float:
+    """A loop's figures as the results file keeps them: without the model and the time of every training step,
+    with each measurement's stepwise cost (a floor run's seconds as they are)."""
+    if isinstance(run, float):
+        return run
+    kept = {k: v for k, v in run.items() if k not in ("model", "training_step_seconds")}
+    if run["measured_after"]:
+        kept["stepwise_seconds"] = stepwise_costs(run)
+    return kept
 
 
 def forward_floor(model: torch.nn.Module, probe: torch.Tensor, passes: int = 3) -> float:
@@ -157,6 +184,7 @@ def training_overhead(steps: int, repeats: int, measures: tuple[str, ...]) -> di
     paired = statistics.median((w["seconds"] - wo["seconds"]) / measurements
                                for w, wo in zip(runs["with"], runs["without"]))
     step_seconds = [s for r in runs["with"] for s in r["measured_step_seconds"]]
+    stepwise = [c for r in runs["with"] for c in stepwise_costs(r)]
     return {
         "measures": list(measures),
         "steps": steps,
@@ -175,14 +203,16 @@ def training_overhead(steps: int, repeats: int, measures: tuple[str, ...]) -> di
         "measurement_over_floor_paired": paired / floor,
         "monitor_step_seconds_median": statistics.median(step_seconds),
         "monitor_step_over_floor": statistics.median(step_seconds) / floor,
+        "steps_after_counted": AFTER_STEPS,
+        "seconds_per_measurement_stepwise": statistics.median(stepwise),
+        "measurement_over_floor_stepwise": statistics.median(stepwise) / floor,
         "overhead_fraction": monitored / plain - 1,
         "first_monitor": {
             "made_seconds": first["monitor_made_seconds"],
             "compile_seconds": first["compile_seconds"],
             "first_measurement_seconds": first["measured_step_seconds"][0] if first["measured_step_seconds"] else None,
         },
-        "raw": {k: [r if isinstance(r, float) else {x: y for x, y in r.items() if x != "model"} for r in v]
-                for k, v in runs.items()},
+        "raw": {k: [recorded(r) for r in v] for k, v in runs.items()},
     }
 
 
