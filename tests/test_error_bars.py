@@ -11,7 +11,7 @@ from torch import nn
 import tm_tensorboard as tm
 from tm_tensorboard import engine
 from tm_tensorboard import transforms as T
-from tm_tensorboard.examples.models import SimpleCNN, VisionTransformer
+from tm_tensorboard.examples.models import VisionTransformer
 from tm_tensorboard.measures import SPECS
 from tm_tensorboard.shards import (DEFAULT_SHARDS, MIN_SHARD_SAMPLES, interleave, leave_out, moments_without,
                                   shard_count, standard_error, sum_without)
@@ -224,34 +224,6 @@ def test_error_bars_are_on_by_default_where_their_memory_is_small(monkeypatch, r
     with pytest.warns(UserWarning, match="more than memory_budget leaves in one pass"):
         result = tm.measure(model, images, T.rotations(4), memory_budget=budget, **kwargs)
     assert result.shards == 0
-
-
-def test_automatic_error_bars_are_decided_from_the_first_chunk_without_a_forward_of_their_own(monkeypatch):
-    """Without a budget, on a model whose layers no forward has found yet (no BatchNorm to leave out), the
-    automatic choice is settled from the layers the first chunk finds: one forward a chunk, as without error
-    bars. Left out then (their states too large), the rest of the probe streams into the same states, with
-    the numbers of error_bars=False."""
-    torch.manual_seed(0)
-    model, (images, _) = SimpleCNN(3, 5, width=0.25).eval(), probe(64)
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    forwards = []
-    model.register_forward_pre_hook(lambda module, args: forwards.append(args[0].shape[0]))
-    kwargs = dict(measures=("invariance", "same_equivariance"), batch_size=16)
-    with_bars = tm.measure(model, images, T.rotations(4), **kwargs)
-    assert with_bars.shards == 4 and forwards == [16 * 4] * 4  # 4 chunks of 16 samples × 4 transformations
-    states = tm.estimate_memory(model, images, T.rotations(4), error_bars=False, **kwargs).state_bytes
-    monkeypatch.setattr(engine, "AUTOMATIC_ERROR_BAR_BYTES", 4 * states - 1)
-    forwards.clear()
-    with pytest.warns(UserWarning, match="without error bars: their 4 shards' states would take"):
-        left_out = tm.measure(model, images, T.rotations(4), **kwargs)
-    assert left_out.shards == 0 and forwards == [16 * 4] * 4
-    single = tm.measure(model, images, T.rotations(4), error_bars=False, **kwargs)
-    for measure in single.measures:
-        for layer in single.layers_of(measure):
-            np.testing.assert_allclose(left_out.get(measure, layer, per="element"),
-                                       single.get(measure, layer, per="element"), rtol=1e-6, atol=1e-9)
-            np.testing.assert_allclose(with_bars.get(measure, layer, per="element"),
-                                       single.get(measure, layer, per="element"), rtol=1e-5, atol=1e-9)
 
 
 def test_the_monitor_logs_the_standard_errors_the_routes_serve(tmp_path):

@@ -488,7 +488,6 @@ class Measurement:
         # shards asked for (None: automatic, see ``shards``)
         self.error_bars = None if error_bars is None else DEFAULT_SHARDS if error_bars is True else max(int(error_bars), 1)
         self._shards: dict[tuple, int] = {}  # the automatic choice per probe shape and classes
-        self._unsettled: tuple | None = None  # the key of a provisional choice the next stream settles
         self.modules, self.explicit = select_modules(self.model, layers)
         self.memory_budget = None if memory_budget is None else memory.parse_bytes(memory_budget)
         self.kept_states = KeptStates()  # this session's last measurement's states, for its next (CPU, no budget)
@@ -667,9 +666,9 @@ class Measurement:
         return self._estimate(probe, classes, shards, self.options.state_dtype, self.positions)
 
     def _estimate(self, probe: Probe, classes: list[int] | None, shards: int, state_dtype: torch.dtype,
-                  positions: int | None, layers: list[LayerInfo] | None = None) -> memory.MemoryReport:
-        """The MemoryReport with these states' dtype and sampled positions (of ``layers``, or the discovered ones)."""
-        layers = _with_positions(self.discover(probe) if layers is None else layers, positions)
+                  positions: int | None) -> memory.MemoryReport:
+        """The MemoryReport with these states' dtype and sampled positions."""
+        layers = _with_positions(self.discover(probe), positions)
         return memory.estimate(
             layers, self.groups, self.transformations, len(classes or [0]),
             dataclasses.replace(self.options, state_dtype=state_dtype), batch_size=self.batch_size,
@@ -735,60 +734,34 @@ class Measurement:
             return False
         return True
 
-    def shards(self, probe: Probe, classes: list[int] | None, provisional: bool = False) -> int:
+    def shards(self, probe: Probe, classes: list[int] | None) -> int:
         """Error-bar shards of ``probe`` (1: none): as ``error_bars`` asks, or (None) DEFAULT_SHARDS when their
         K more sets of states take at most AUTOMATIC_ERROR_BAR_BYTES and fit ``memory_budget`` in one pass;
-        else none, with a warning (once) that says what they would cost. ``provisional`` (a measurement about to
-        stream): where deciding would take a forward of its own (no budget, the layers not found yet, one
-        process), DEFAULT_SHARDS for now, settled from the layers the first chunk finds (``_settle_shards``)."""
+        else none, with a warning (once) that says what they would cost."""
         asked = DEFAULT_SHARDS if self.error_bars is None else self.error_bars
         count = shard_count(asked, len(probe))
         if self.error_bars is not None or count < 2:
             return count
-        key = self._shard_key(probe, classes)
+        key = (tuple(probe.images.shape), probe.images.dtype, tuple(classes or ()))
         if key not in self._shards:
-            if (provisional and self.memory_budget is None and not self._discovered(probe)
-                    and distributed.process_group() is None):
-                self._unsettled = key
-                return count
-            self._shards[key] = self._error_bars_fit(
-                count, self.estimate_memory(probe, classes, count), self.estimate_memory(probe, classes, 1))
+            with_bars = self.estimate_memory(probe, classes, count)
+            extra = with_bars.state_bytes - self.estimate_memory(probe, classes, 1).state_bytes
+            try:
+                fits = extra <= AUTOMATIC_ERROR_BAR_BYTES and (self.memory_budget is None or len(with_bars.passes()) == 1)
+            except ValueError:  # a layer too big for the budget even alone: the measurement will say so
+                fits = False
+            self._shards[key] = count if fits else 1
+            if not fits:
+                limit = (f"more than the {memory.format_bytes(AUTOMATIC_ERROR_BAR_BYTES)} automatic error bars may take"
+                         if extra > AUTOMATIC_ERROR_BAR_BYTES else "more than memory_budget leaves in one pass")
+                warnings.warn(
+                    f"tm_tensorboard: measuring without error bars: their {count} shards' states would take "
+                    f"{memory.format_bytes(extra)} more memory, {limit}; error_bars=True measures them anyway "
+                    "(error_bars=False: none, and no warning)",
+                    UserWarning,
+                    stacklevel=caller.stacklevel(),
+                )
         return self._shards[key]
-
-    @staticmethod
-    def _shard_key(probe: Probe, classes: list[int] | None) -> tuple:
-        return tuple(probe.images.shape), probe.images.dtype, tuple(classes or ())
-
-    def _discovered(self, probe: Probe) -> bool:
-        """Whether the layers of samples like ``probe``'s are known (``discover``)."""
-        return self._layers is not None and self._layers[0] == (tuple(probe.images.shape[1:]), probe.images.dtype)
-
-    def _settle_shards(self, probe: Probe, classes: list[int] | None, layers: list[LayerInfo], count: int) -> bool:
-        """Decide provisional error bars (``shards``) from the layers the first chunk found: whether to keep them."""
-        key, self._unsettled = self._unsettled, None
-        reports = [self._estimate(probe, classes, k, self.options.state_dtype, self.positions, layers)
-                   for k in (count, 1)]
-        self._shards[key] = self._error_bars_fit(count, *reports)
-        return self._shards[key] > 1
-
-    def _error_bars_fit(self, count: int, with_bars: memory.MemoryReport, without: memory.MemoryReport) -> int:
-        """``count`` if automatic error bars fit (``shards``), else 1 with a warning that says what they would take."""
-        extra = with_bars.state_bytes - without.state_bytes
-        try:
-            fits = extra <= AUTOMATIC_ERROR_BAR_BYTES and (self.memory_budget is None or len(with_bars.passes()) == 1)
-        except ValueError:  # a layer too big for the budget even alone: the measurement will say so
-            fits = False
-        if not fits:
-            limit = (f"more than the {memory.format_bytes(AUTOMATIC_ERROR_BAR_BYTES)} automatic error bars may take"
-                     if extra > AUTOMATIC_ERROR_BAR_BYTES else "more than memory_budget leaves in one pass")
-            warnings.warn(
-                f"tm_tensorboard: measuring without error bars: their {count} shards' states would take "
-                f"{memory.format_bytes(extra)} more memory, {limit}; error_bars=True measures them anyway "
-                "(error_bars=False: none, and no warning)",
-                UserWarning,
-                stacklevel=caller.stacklevel(),
-            )
-        return count if fits else 1
 
     def passes(self, probe: Probe, classes: list[int] | None) -> list[list[str]] | None:
         """The layers each pass over ``probe`` observes under ``memory_budget`` (None: no budget, one pass
@@ -828,7 +801,7 @@ class Measurement:
                 return self._run_distributed(probe, classes)
             self.check_probe(probe)
             classes = classes if classes is not None else self.classes(probe)
-            probe, shards = self.interleaved(probe, classes, provisional=True)
+            probe, shards = self.interleaved(probe, classes)
             observers, accuracy = self._stream_planned(probe, classes, shards=shards)
             return self.finalize(observers, accuracy, len(probe), classes)
 
@@ -845,11 +818,9 @@ class Measurement:
         kept_states.let_go_one_off()
         return contextlib.nullcontext()
 
-    def interleaved(self, probe: Probe, classes: list[int] | None,
-                    provisional: bool = False) -> tuple[Probe, list[tuple[int, int]] | None]:
-        """The probe in error-bar shard order and each shard's range (None: no error bars for it; ``provisional``:
-        see ``shards``)."""
-        count = self.shards(probe, classes, provisional)
+    def interleaved(self, probe: Probe, classes: list[int] | None) -> tuple[Probe, list[tuple[int, int]] | None]:
+        """The probe in error-bar shard order and each shard's range (None: no error bars for it)."""
+        count = self.shards(probe, classes)
         if count < 2:
             return probe, None
         order, bounds = interleave(len(probe), count)
@@ -1123,8 +1094,7 @@ class Measurement:
                     observer = observers[name] = _Observer(
                         info, groups, len(classes or [0]), self.transformations, device, self.options
                     )
-                    if not unsettled:  # (else once the first chunk has found every layer)
-                        observer.reserve_shards(phase, len(shards))
+                    observer.reserve_shards(phase, len(shards))
                 except ValueError as error:  # a measure cannot apply to this layer (e.g. its feature action)
                     raise LayerMeasureError(f"layer {name!r}: {error}") from error
             else:
@@ -1137,9 +1107,6 @@ class Measurement:
 
         images, n = probe.images, len(probe)
         shards = shards or [(0, n)]
-        if len(shards) > 1 and self._shards.get(self._shard_key(probe, classes)) == 1:
-            shards = [(0, n)]  # provisional error bars left out after an earlier phase's first chunk
-        unsettled = len(shards) > 1 and self._unsettled == self._shard_key(probe, classes)  # (``shards``)
         for observer in observers.values():  # (the layers found by this stream reserve theirs when found)
             observer.reserve_shards(phase, len(shards))
         labels = probe.labels
@@ -1151,7 +1118,7 @@ class Measurement:
         generator = lie.GENERATORS.get(phase)  # a forward-mode pass: the inputs carry d/dt g_t x as tangents
         with preserved_training_state(model), Capture(self.modules, on_output) as capture, \
                 (lie.forward_mode(model) if generator else contextlib.nullcontext()) as running:
-            first, closing = True, True
+            first = True
             for shard, (start, end) in enumerate(shards):
                 held = False
                 for lo in range(start, end, self.batch_size):
@@ -1191,13 +1158,6 @@ class Measurement:
                     if first:
                         self._check_observed(observers, skipped)
                         self._fits = True
-                        if unsettled:
-                            unsettled = False
-                            if self._settle_shards(probe, classes, [o.info for o in observers.values()], len(shards)):
-                                for observer in observers.values():
-                                    observer.reserve_shards(phase, len(shards))
-                            else:
-                                closing = False
                         if "accuracy" in self.measures:
                             self._check_logits(output, batch.shape[0])
                         if "accuracy" in self.measures:  # (unless the default accuracy was just left out)
@@ -1207,7 +1167,7 @@ class Measurement:
                     if accuracy is not None and phase == TRANSFORMED and "accuracy" in self.measures:
                         accuracy.update(output, labels[lo:hi].to(device, non_blocking=True))
                     first = False
-                if len(shards) > 1 and closing:
+                if len(shards) > 1:
                     self._close_shard(shard, phase, observers, on_shard_end)
 
     def _pairs(self, phase: str, device: torch.device, compiled: bool | str, class_index: dict | None,
