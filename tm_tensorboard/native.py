@@ -332,6 +332,28 @@ extern "C" void kernel(const float* x, const float* kept, double* spread_total, 
 
 
 _WARP_SOURCE = _PRELUDE + r"""
+// One map [C, hw] (rows hw apart) laid out pixel-major [hw, C]. torch's transpose of any size is vectorized
+// only for AVX-512 (16×16 blocks); with AVX2 vectors it is an element-by-element loop, so there 8×8 blocks are
+// transposed in registers (the warp 2.3-2.6× faster on a Zen 3: benchmarks/README.md), the edges one by one.
+static inline void lay_out(const float* map, int64_t hw, float* rows, int64_t C) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const int64_t blocked_c = C / 8 * 8, blocked_p = hw / 8 * 8;
+  for (int64_t c = 0; c < blocked_c; c += 8) {
+    for (int64_t p = 0; p < blocked_p; p += 8) {
+      at::vec::transpose_mxn<float, 8, 8>(map + c * hw + p, hw, rows + p * C + c, C);
+    }
+    for (int64_t p = blocked_p; p < hw; p++) {
+      for (int64_t i = 0; i < 8; i++) rows[p * C + c + i] = map[(c + i) * hw + p];
+    }
+  }
+  for (int64_t c = blocked_c; c < C; c++) {
+    for (int64_t p = 0; p < hw; p++) rows[p * C + c] = map[c * hw + p];
+  }
+#else
+  at::vec::transpose_mxn<float>(map, hw, rows, C, static_cast<int>(C), static_cast<int>(hw));
+#endif
+}
+
 // x: maps [b·T, C, hw] float32 (map m is sample m / T's transformation m % T), or with `channels_last` [b·T,
 // hw, C]; taps [T·hw, k]: sources into the T·hw pixel-major rows of a sample (transformation t's from row t·hw
 // on) and float32 weights; out [b, T·hw, C]. buffer: threads × hw·C floats, one map pixel-major per thread
@@ -348,7 +370,7 @@ extern "C" void kernel(const float* x, const int64_t* sources, const float* weig
       const int64_t t = m % T;
       const float* rows = x + m * C * hw;
       if (!channels_last) {
-        at::vec::transpose_mxn<float>(rows, hw, laid_out, C, static_cast<int>(C), static_cast<int>(hw));
+        lay_out(rows, hw, laid_out, C);
         rows = laid_out;
       }
       const int64_t* src = sources + t * hw * k;
