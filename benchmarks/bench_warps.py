@@ -15,6 +15,7 @@
    bench_fused.py's ResNet18Style(width=0.25) at 32 px (N = 128) at batch_size 4 and 16, and the reference
    case (13 layers, N = 256) at 16. Also the largest relative difference of nvse per channel between
    ``grid_sample``'s and each of the other two.
+   ``--parts alone``: part 1 only (~1 min).
 3. ``--parts eager``: the same with the eager statistics (``compile=False``), where every way runs
    ``grid_sample`` and "taps" and "kernel" add the layout change (an eager copy) so that the states stream
    pixel-major whichever path runs: what that costs the eager path (its figures keep the names of part 2:
@@ -196,7 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--parts", nargs="+", choices=("compiled", "eager", "equivariance_error"),
+    parser.add_argument("--parts", nargs="+", choices=("compiled", "alone", "eager", "equivariance_error"),
                         default=["compiled"])
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -209,6 +210,9 @@ def main() -> None:
             measured("ResNet18Style(width=0.25), 32 px", resnet(), 128, 16, args.reps),
             measured("reference case (bench_engine.Net)", Net().eval(), 256, 16, args.reps),
         ]})
+        print(json.dumps(figures["warp_alone"]))
+    if "alone" in args.parts:
+        figures.update({"environment": environment(), "warp_alone": warp_alone()})
         print(json.dumps(figures["warp_alone"]))
     if "eager" in args.parts:
         figures["eager"] = {"environment": environment(), "measure": [
