@@ -6,7 +6,9 @@
 1. The warp alone on [b·T, C, h, w] = [256, 16, 32, 32] and [256, 64, 8, 8] float32 maps (T = 16
    rotations): ``grid_sample`` (what the eager path runs) against the compiled taps (the layout change
    and the gather, into kept buffers: "taps", what a GPU runs) and the CPU kernel that does both in one
-   pass ("kernel"), each timed with the caches flushed (a 64 MiB write) before every call; medians of 15.
+   pass ("kernel"), each timed with the caches flushed (a 64 MiB write) before every call; medians of 15. Also
+   the kernel as before aeccf3a ("kernel_torchs_transpose": each map laid out by torch's transpose, scalar
+   where torch's vectors are AVX2; the same code on AVX-512).
 2. ``measure()`` with the default measures (invariance + same-equivariance), compiled, no error bars,
    T = 16 rotations, the three ways of moving the maps back in the same process, interleaved with the
    forward-only floor at the same images per forward: the old one (``grid_sample``, states in (C, h, w)
@@ -80,14 +82,27 @@ def cold_ms(fn: Callable[[], object], reps: int = 15) -> float:
     return statistics.median(times) * 1e3
 
 
+def kernel_with_torchs_transpose() -> native._Kernel:
+    """The warp's kernel as before aeccf3a: each map laid out by torch's transpose of any size, which is
+    vectorized only for AVX-512 (with AVX2 vectors, an element-by-element loop); the same code on AVX-512."""
+    laid_out = "lay_out(rows, hw, laid_out, C);"
+    assert native._WARP_SOURCE.count(laid_out) == 1
+    source = native._WARP_SOURCE.replace(laid_out, "at::vec::transpose_mxn<float>(rows, hw, laid_out, C, "
+                                         "static_cast<int>(C), static_cast<int>(hw));")
+    return native._Kernel("inverse warp, torch's transpose", source, native._WARP.arguments)
+
+
 def warp_alone() -> dict:
     tset, out = tm.transforms.rotations(T), {}
+    kernels = {"kernel": native._WARP, "kernel_torchs_transpose": kernel_with_torchs_transpose()}
     for shape in ((256, 16, 32, 32), (256, 64, 8, 8)):
         maps, scratch = torch.randn(*shape), Scratch()
         out[str(list(shape))] = {"grid_sample_ms": cold_ms(lambda: tset.invert_features(maps))}
-        for way in ("taps", "kernel"):
-            use(way)
+        for way in ("taps", *kernels):
+            use("taps" if way == "taps" else "kernel")
+            native._WARP = kernels.get(way, kernels["kernel"])
             out[str(list(shape))][f"{way}_ms"] = cold_ms(lambda: tset.invert_features_pixel_major(maps, True, scratch))
+    native._WARP = kernels["kernel"]
     use("kernel")
     return out
 
