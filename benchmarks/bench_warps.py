@@ -10,13 +10,14 @@
    the kernel as before aeccf3a ("kernel_torchs_transpose": each map laid out by torch's transpose, scalar
    where torch's vectors are AVX2; the same code on AVX-512).
 2. ``measure()`` with the default measures (invariance + same-equivariance), compiled, no error bars,
-   T = 16 rotations, the three ways of moving the maps back in the same process, interleaved with the
+   T = 16 rotations, the ways of moving the maps back in the same process, interleaved with the
    forward-only floor at the same images per forward: the old one (``grid_sample``, states in (C, h, w)
    order, as before 6b9f42b) put back for the comparison by replacing ``SameEquivarianceMeasure.values``,
-   the compiled taps ("taps": the warp's kernel declined), and the kernel; medians of ``--reps``. Cases:
+   the compiled taps ("taps": the warp's kernel declined), and the kernel (also as before aeccf3a, as in
+   part 1); medians of ``--reps``. Cases:
    bench_fused.py's ResNet18Style(width=0.25) at 32 px (N = 128) at batch_size 4 and 16, and the reference
    case (13 layers, N = 256) at 16. Also the largest relative difference of nvse per channel between
-   ``grid_sample``'s and each of the other two.
+   ``grid_sample``'s and each of the others'.
    ``--parts alone``: part 1 only (~1 min).
 3. ``--parts eager``: the same with the eager statistics (``compile=False``), where every way runs
    ``grid_sample`` and "taps" and "kernel" add the layout change (an eager copy) so that the states stream
@@ -35,6 +36,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -56,7 +58,8 @@ T = 16
 _FLUSH = torch.empty(64 << 20, dtype=torch.uint8)
 _TAPS_VALUES = layer_measures.SameEquivarianceMeasure.values
 _MOVE_BACK = native.move_back
-WAYS = ("grid_sample", "taps", "kernel")
+_KERNEL = native._WARP
+WAYS = ("grid_sample", "taps", "kernel", "kernel_torchs_transpose")
 
 
 def _grid_sample_values(self, activation, chunk):
@@ -65,10 +68,12 @@ def _grid_sample_values(self, activation, chunk):
 
 
 def use(way: str) -> None:
-    """Move same-equivariance's maps back by ``grid_sample``, the compiled ``taps`` or their ``kernel``."""
+    """Move same-equivariance's maps back by ``grid_sample``, the compiled ``taps`` or their ``kernel`` (as it is,
+    or as before aeccf3a: ``kernel_torchs_transpose``)."""
     layer_measures.SameEquivarianceMeasure.pixel_major = way != "grid_sample"
     layer_measures.SameEquivarianceMeasure.values = _grid_sample_values if way == "grid_sample" else _TAPS_VALUES
-    native.move_back = _MOVE_BACK if way == "kernel" else lambda *arguments: False
+    native.move_back = _MOVE_BACK if way.startswith("kernel") else lambda *arguments: False
+    native._WARP = kernel_with_torchs_transpose() if way == "kernel_torchs_transpose" else _KERNEL
 
 
 def cold_ms(fn: Callable[[], object], reps: int = 15) -> float:
@@ -82,6 +87,7 @@ def cold_ms(fn: Callable[[], object], reps: int = 15) -> float:
     return statistics.median(times) * 1e3
 
 
+@functools.cache
 def kernel_with_torchs_transpose() -> native._Kernel:
     """The warp's kernel as before aeccf3a: each map laid out by torch's transpose of any size, which is
     vectorized only for AVX-512 (with AVX2 vectors, an element-by-element loop); the same code on AVX-512."""
@@ -89,20 +95,17 @@ def kernel_with_torchs_transpose() -> native._Kernel:
     assert native._WARP_SOURCE.count(laid_out) == 1
     source = native._WARP_SOURCE.replace(laid_out, "at::vec::transpose_mxn<float>(rows, hw, laid_out, C, "
                                          "static_cast<int>(C), static_cast<int>(hw));")
-    return native._Kernel("inverse warp, torch's transpose", source, native._WARP.arguments)
+    return native._Kernel("inverse warp, torch's transpose", source, _KERNEL.arguments)
 
 
 def warp_alone() -> dict:
     tset, out = tm.transforms.rotations(T), {}
-    kernels = {"kernel": native._WARP, "kernel_torchs_transpose": kernel_with_torchs_transpose()}
     for shape in ((256, 16, 32, 32), (256, 64, 8, 8)):
         maps, scratch = torch.randn(*shape), Scratch()
         out[str(list(shape))] = {"grid_sample_ms": cold_ms(lambda: tset.invert_features(maps))}
-        for way in ("taps", *kernels):
-            use("taps" if way == "taps" else "kernel")
-            native._WARP = kernels.get(way, kernels["kernel"])
+        for way in WAYS[1:]:
+            use(way)
             out[str(list(shape))][f"{way}_ms"] = cold_ms(lambda: tset.invert_features_pixel_major(maps, True, scratch))
-    native._WARP = kernels["kernel"]
     use("kernel")
     return out
 
