@@ -35,7 +35,7 @@ from tm_tensorboard import heap
 from tm_tensorboard.engine import Measurement
 from tm_tensorboard.probe import as_probe
 import bench_fused
-from provenance import save_results, source_version
+from provenance import environment, save_results, source_version
 from tm_tensorboard.examples.models import ResNet18Style, SimpleCNN
 from tm_tensorboard.examples.shapes import make_shapes
 from tm_tensorboard.summary import SummaryEmitter
@@ -227,6 +227,7 @@ def main() -> None:
     del block
     figures = {
         "commit": source_version(),
+        "environment": environment(),
         "load_average_before": os.getloadavg(),
         "resnet18_default": bytes_and_write_time(("invariance", "same_equivariance"), steps=6),
         "resnet18_invariance": bytes_and_write_time(("invariance",), steps=6),
