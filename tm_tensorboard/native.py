@@ -334,7 +334,7 @@ extern "C" void kernel(const float* x, const float* kept, double* spread_total, 
 _WARP_SOURCE = _PRELUDE + r"""
 // One map [C, hw] (rows hw apart) laid out pixel-major [hw, C]. torch's transpose of any size is vectorized
 // only for AVX-512 (16×16 blocks); with AVX2 vectors it is an element-by-element loop, so there 8×8 blocks are
-// transposed in registers, the edges one by one (on a Zen 3, measure() with the default measures 7-14 % faster:
+// transposed in registers, the edges one by one (on a Zen 3, measure() with the default measures 7-13 % faster:
 // benchmarks/README.md, "Same-equivariance's inverse warps").
 static inline void lay_out(const float* map, int64_t hw, float* rows, int64_t C) {
 #if defined(CPU_CAPABILITY_AVX2)
