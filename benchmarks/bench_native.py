@@ -12,21 +12,27 @@
    The traffic an update must move (the chunk read once, the states read and written) over its time: the
    effective bandwidth, against this machine's (bench_roofline.py); and invariance's kernel against the
    same traffic moved with one addition a value, tile by tile (``traffic_only``): what its arithmetic
-   adds where it does not overlap the memory traffic.
+   adds where it does not overlap the memory traffic. And invariance's kernel as before its rows a multiple of
+   4 KB apart were packed or read a line at a time (``kernel_rows_as_they_lie``: the same kernel with
+   ``aliased`` false).
 2. ``measure()`` with the kernels (all of native.py's: the updates', the inverse warp's, the error bars'
    replicates') and without them (TM_TENSORBOARD_NATIVE=0: the compiled graphs), interleaved
    with the forward-only floor in one run, on bench_fused's two cases (the reference case, N = 256, and
    ResNet18Style(width=0.25) at 32 px, N = 128), T = 16 rotations, batch_size 4 and 16, invariance and
-   the default measures, error bars as by default; medians of ``--reps``.
+   the default measures, error bars as by default; medians of ``--reps``. Also with invariance's kernel
+   as before the aliased rows were packed (``kernel_rows_as_they_lie``, also what same-equivariance's maps
+   moved back are folded by).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -103,6 +109,27 @@ def traffic_only(x: torch.Tensor, states: list[torch.Tensor], sink: torch.Tensor
     call(x, states[2], states[3], sink, x.shape[0] // T, T, units, native.TILE)
 
 
+@functools.cache
+def kernel_rows_as_they_lie() -> native._Kernel:
+    """Invariance's kernel as before its rows a multiple of 4 KB apart were packed or read a line at a time: the
+    same source with ``aliased`` false (every tile read where its rows lie)."""
+    aliased = "static inline bool aliased(int64_t U) { return U % 1024 == 0; }"
+    assert native._VARIANCE_SOURCE.count(aliased) == 1
+    source = native._VARIANCE_SOURCE.replace(aliased, "static inline bool aliased(int64_t U) { return false; }")
+    return native._Kernel("invariance update, rows as they lie", source, native._VARIANCE.arguments)
+
+
+@contextlib.contextmanager
+def rows_as_they_lie(on: bool) -> Iterator[None]:
+    """With ``on``, native.variance_update runs ``kernel_rows_as_they_lie``."""
+    kernel = native._VARIANCE
+    native._VARIANCE = kernel_rows_as_they_lie() if on else kernel
+    try:
+        yield
+    finally:
+        native._VARIANCE = kernel
+
+
 # per update kind: its states, the compiled graph (never the kernel), the kernel, the states' bytes
 UPDATES = {
     "invariance": (_states, lambda x, s: _variance_update._run_compiled((x, T, *s)),
@@ -153,6 +180,9 @@ def update_alone(kind: str, batch: int, units: int, tiles: list[int], reps: int)
     us = {"graph": timed(graph)}
     for tile in tiles:
         us[f"kernel_tile{tile}"] = timed(kernel(tile))
+    if kind == "invariance":
+        with rows_as_they_lie(True):
+            us["kernel_rows_as_they_lie"] = timed(kernel(native.TILE))
     us["kernel_first_chunk"] = timed(holding(0))  # both with the counts set: the same two small calls more
     us["kernel_merging"] = timed(holding(batch))
     if kind == "invariance":
@@ -179,11 +209,13 @@ def measure_with_and_without(reps: int) -> dict:
         for batch in (4, 16):
             methods[f"floor_b{batch}"] = forward_floor(model, [tset.apply(chunk) for chunk in probe.split(batch)])
             for label, measures in (("invariance", INVARIANCE), ("default", DEFAULT)):
-                for kernel in (True, False):
-                    def run(m=measures, b=batch, k=kernel):
-                        os.environ[native.ENVIRONMENT_VARIABLE] = "1" if k else "0"
-                        tm.measure(model, probe, tset, measures=m, batch_size=b, compile=True, dedupe_batchnorm=False)
-                    methods[f"{label}_{'kernel' if kernel else 'graphs'}_b{batch}"] = run
+                for way in ("kernel", "graphs", "kernel_rows_as_they_lie"):
+                    def run(m=measures, b=batch, w=way):
+                        os.environ[native.ENVIRONMENT_VARIABLE] = "0" if w == "graphs" else "1"
+                        with rows_as_they_lie(w == "kernel_rows_as_they_lie"):
+                            tm.measure(model, probe, tset, measures=m, batch_size=b, compile=True,
+                                       dedupe_batchnorm=False)
+                    methods[f"{label}_{way}_b{batch}"] = run
         for run in methods.values():
             run()
         wall = interleaved(methods, reps, case)

@@ -86,6 +86,26 @@ def test_states_equal_the_compiled_graphs(batch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-6)  # the graph: float32 deviations of values up to ~40
 
 
+@pytest.mark.parametrize("T", [3, 16])
+@pytest.mark.parametrize("batch, held", [(1, 0), (4, 0), (4, 4), (8, 0), (16, 0), (40, 0), (64, 0)])
+def test_rows_a_multiple_of_4_kb_apart_give_the_states_of_rows_that_are_not(T, batch, held):
+    """Rows of 2,048 units (8 KB apart: packed from 8 samples, read a line at a time below or where the packed
+    tile would not fit) and the same units among 2,064 (read where they lie): the same states bit for bit, NaN
+    and inf included, in three chunks (and after a held chunk: a pair)."""
+    g = torch.Generator().manual_seed(batch * T + held)
+    units, wider = 2048, 2048 + 16
+    values = torch.randn(3 * (batch + held), T, wider, generator=g) * torch.linspace(0.1, 10, wider) + 2
+    values[1, 0, 5], values[2, T - 1, 700], values[0, 1, 2047] = float("nan"), float("inf"), -float("inf")
+    aliased, apart = _states(T, units), _states(T, wider)
+    for states, width in ((aliased, units), (apart, wider)):
+        for k in range(3):
+            rows = values[k * (batch + held): (k + 1) * (batch + held), :, :width].reshape(-1, width)
+            kept, chunk = rows[: held * T].contiguous(), rows[held * T:].contiguous()
+            assert native.variance_update(chunk, T, *states, held=kept if held else None)
+    for a, b in zip(aliased, apart):
+        np.testing.assert_array_equal(a.numpy(), b[..., :units].numpy() if a.dim() else b.numpy())
+
+
 def test_nan_and_inf_where_the_compiled_graphs_have_them():
     """A NaN activation makes its unit's spread and its (transformation, unit) moments NaN, an inf makes
     them non-finite, exactly where the compiled graph's are; other units are unaffected."""

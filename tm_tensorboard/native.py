@@ -78,6 +78,7 @@ _PRELUDE = r"""
 #include <omp.h>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 using VF = at::vec::Vectorized<float>;
@@ -163,40 +164,93 @@ static inline V sum_over_transformations(int64_t T, Term term) {
   return (a + b) + (c + d);
 }
 
-// Invariance's update of the units [u0, u0 + n) of x [b, T, U] (float32, contiguous): each sample's std over
-// transformations (T sequential streams over the tile) summed into spread (n doubles, a work buffer) and then
-// spread_total; per transformation, the moments over samples (the tile now in cache) merged into mean, m2.
-static inline void variance_tile(const float* x, double* spread, double* spread_total, double* mean, double* m2,
-                                 double n_a, int64_t b, int64_t T, int64_t U, int64_t u0, int64_t n) {
-  const int64_t TU = T * U, whole = n / NF * NF;
+// Rows a multiple of 4 KB apart (`aliased`): every x86 core's L1 cache is 4 KB a way, so there the T rows of the
+// spread's two passes (and the b rows of the moments') all fall in one of its sets, more rows than it has ways, and
+// evict one another between the passes (benchmarks/README.md, "CPU kernels": the update of such a layer took
+// 10-30 % longer than of one with rows 64 bytes longer, on a Zen 3). From PACKED_SAMPLES samples a tile's rows are
+// copied row by row into a buffer of this thread's, 64 bytes apart beyond their length, so that they fall in
+// different sets (while the buffer stays under PACKED_FLOATS: 2 MB a thread, kept for the next call); with fewer,
+// the moments' b rows fit the ways and the spread reads each line of its T rows once into a small buffer
+// (`spread_through_lines`): a copy of the whole tile cost as much as it saved there.
+constexpr int64_t PACKED_SAMPLES = 8, PACKED_FLOATS = int64_t(1) << 19, LINE_T = 64;
+static inline bool aliased(int64_t U) { return U % 1024 == 0; }
+static inline int64_t packed_stride(int64_t n) { return n + 16; }
+static inline bool packs(int64_t b, int64_t T, int64_t U, int64_t n) {
+  return aliased(U) && b >= PACKED_SAMPLES && b * T * packed_stride(n) <= PACKED_FLOATS;
+}
+static inline const float* packed_rows(const float* x, int64_t rows, int64_t U, int64_t n) {
+  static thread_local std::vector<float> buffer;
+  const int64_t stride = packed_stride(n);
+  if (static_cast<int64_t>(buffer.size()) < rows * stride) buffer.resize(rows * stride);
+  for (int64_t r = 0; r < rows; r++) std::memcpy(buffer.data() + r * stride, x + r * U, n * sizeof(float));
+  return buffer.data();
+}
+
+// One sample's std over transformations of NF units (its T rows at v, `stride` floats apart) added to spread.
+static inline void add_spread(const float* v, int64_t stride, int64_t T, double* spread) {
   const float t_count = static_cast<float>(T), t_dof = static_cast<float>(T - 1);  // divided by, as torch does
+  const VF mu = sum_over_transformations<VF>(T, [&](int64_t t) { return VF::loadu(v + t * stride); }) / VF(t_count);
+  const VF q = sum_over_transformations<VF>(T, [&](int64_t t) {
+    const VF d = VF::loadu(v + t * stride) - mu;
+    return d * d;
+  });
+  const auto sd = at::vec::convert<double, 2, float, 1>((q / VF(t_dof)).sqrt());
+  (VD::loadu(spread) + sd[0]).store(spread);
+  (VD::loadu(spread + ND) + sd[1]).store(spread + ND);
+}
+
+// `add_spread` of the units [u, u + 2 NF) of a sample's T rows at xi, R floats apart: each row's 2 NF floats
+// (an L1 line at least) loaded once into `line` (T rows of 2 NF floats), the two passes made there.
+static inline void spread_through_lines(const float* xi, int64_t R, int64_t T, int64_t u, float* line,
+                                        double* spread) {
+  for (int64_t t = 0; t < T; t++) {
+    VF::loadu(xi + t * R + u).store(line + t * 2 * NF);
+    VF::loadu(xi + t * R + u + NF).store(line + t * 2 * NF + NF);
+  }
+  add_spread(line, 2 * NF, T, spread + u);
+  add_spread(line + NF, 2 * NF, T, spread + u + NF);
+}
+
+// Invariance's update of n units of b samples' rows (sample i's transformation t at x + (i·T + t)·R, n units
+// each): each sample's std over transformations (T sequential streams over the tile) summed into spread (n doubles,
+// a work buffer) and then spread_total; per transformation, the moments over samples (the tile now in cache)
+// merged into mean, m2 (rows of the states U doubles apart). `lines`: the spread through `spread_through_lines`.
+static inline void variance_rows(const float* x, int64_t R, bool lines, double* spread, double* spread_total,
+                                 double* mean, double* m2, double n_a, int64_t b, int64_t T, int64_t U, int64_t n) {
+  const int64_t TR = T * R, whole = n / NF * NF;
+  const float t_count = static_cast<float>(T), t_dof = static_cast<float>(T - 1);  // divided by, as torch does
+  alignas(64) float line[LINE_T * 2 * NF];
   for (int64_t u = 0; u < n; u++) spread[u] = 0.0;
   for (int64_t i = 0; i < b; i++) {
-    const float* xi = x + i * TU + u0;
-    for (int64_t u = 0; u < whole; u += NF) {
-      const VF mu = sum_over_transformations<VF>(T, [&](int64_t t) { return VF::loadu(xi + t * U + u); }) /
-                    VF(t_count);
-      const VF q = sum_over_transformations<VF>(T, [&](int64_t t) {
-        const VF d = VF::loadu(xi + t * U + u) - mu;
-        return d * d;
-      });
-      const auto sd = at::vec::convert<double, 2, float, 1>((q / VF(t_dof)).sqrt());
-      (VD::loadu(spread + u) + sd[0]).store(spread + u);
-      (VD::loadu(spread + u + ND) + sd[1]).store(spread + u + ND);
+    const float* xi = x + i * TR;
+    int64_t u = 0;
+    if (lines) {
+      for (; u + 2 * NF <= whole; u += 2 * NF) spread_through_lines(xi, R, T, u, line, spread);
     }
-    for (int64_t u = whole; u < n; u++) {
-      const float mu = sum_over_transformations<float>(T, [&](int64_t t) { return xi[t * U + u]; }) / t_count;
+    for (; u < whole; u += NF) add_spread(xi + u, R, T, spread + u);
+    for (; u < n; u++) {
+      const float mu = sum_over_transformations<float>(T, [&](int64_t t) { return xi[t * R + u]; }) / t_count;
       const float q = sum_over_transformations<float>(T, [&](int64_t t) {
-        const float d = xi[t * U + u] - mu;
+        const float d = xi[t * R + u] - mu;
         return d * d;
       });
       spread[u] += static_cast<double>(std::sqrt(q / t_dof));
     }
   }
-  for (int64_t u = 0; u < n; u++) spread_total[u0 + u] += spread[u];
+  for (int64_t u = 0; u < n; u++) spread_total[u] += spread[u];
   for (int64_t t = 0; t < T; t++) {
-    fold_moments(x + t * U + u0, TU, b, n, mean + t * U + u0, m2 + t * U + u0, n_a);
+    fold_moments(x + t * R, TR, b, n, mean + t * U, m2 + t * U, n_a);
   }
+}
+
+// Invariance's update of the units [u0, u0 + n) of x [b, T, U] (float32, contiguous): `variance_rows` on the
+// chunk's rows, or on a packed copy of them (`packs`), or through lines where they are `aliased` otherwise.
+static inline void variance_tile(const float* x, double* spread, double* spread_total, double* mean, double* m2,
+                                 double n_a, int64_t b, int64_t T, int64_t U, int64_t u0, int64_t n) {
+  const bool pack = packs(b, T, U, n), lines = !pack && aliased(U) && T <= LINE_T;
+  const float* rows = pack ? packed_rows(x + u0, b * T, U, n) : x + u0;
+  variance_rows(rows, pack ? packed_stride(n) : U, lines, spread, spread_total + u0, mean + u0, m2 + u0, n_a, b, T,
+                U, n);
 }
 
 // per_transformation's update of the units [u0, u0 + n) of x [b, T, U]: the moments over samples of the
