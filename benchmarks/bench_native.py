@@ -1,7 +1,8 @@
 """The CPU kernels of native.py (invariance's and per_transformation's updates) against the compiled graphs.
 
-    python benchmarks/bench_native.py                  # ~5 min on an idle 2-core machine
+    python benchmarks/bench_native.py                  # ~13 min on an idle 2-core machine
     python benchmarks/bench_native.py --updates-only   # part 1 alone
+    python benchmarks/bench_native.py --measure-only   # part 2 alone
 
 1. The update alone: one [b·T, U] float32 chunk folded into float64 states, T = 16, U from 512 to 65,536
    units (``--units``), invariance's at b = 4 and 16, per_transformation's at 4 and 8 (its sample blocks on
@@ -113,21 +114,41 @@ def traffic_only(x: torch.Tensor, states: list[torch.Tensor], sink: torch.Tensor
 def kernel_rows_as_they_lie() -> native._Kernel:
     """Invariance's kernel as before its rows a multiple of 4 KB apart were packed or read a line at a time: the
     same source with ``aliased`` false (every tile read where its rows lie)."""
-    aliased = "static inline bool aliased(int64_t U) { return U % 1024 == 0; }"
+    aliased = "static inline bool aliased(int64_t U) { return NF * sizeof(float) < 64 && U % 1024 == 0; }"
     assert native._VARIANCE_SOURCE.count(aliased) == 1
     source = native._VARIANCE_SOURCE.replace(aliased, "static inline bool aliased(int64_t U) { return false; }")
     return native._Kernel("invariance update, rows as they lie", source, native._VARIANCE.arguments)
 
 
+class TimedKernel:
+    """A native._Kernel whose calls add their wall time to ``seconds``."""
+
+    def __init__(self, kernel: native._Kernel):
+        self.kernel, self.seconds = kernel, 0.0
+
+    def get(self) -> Callable[..., None]:
+        call = self.kernel.get()
+
+        def timed(*arguments) -> None:
+            start = time.perf_counter()
+            call(*arguments)
+            self.seconds += time.perf_counter() - start
+        return timed
+
+
 @contextlib.contextmanager
-def rows_as_they_lie(on: bool) -> Iterator[None]:
-    """With ``on``, native.variance_update runs ``kernel_rows_as_they_lie``."""
+def rows_as_they_lie(on: bool, timer: list[float] | None = None) -> Iterator[None]:
+    """With ``on``, native.variance_update runs ``kernel_rows_as_they_lie``; with ``timer``, the seconds its calls
+    took are appended to it."""
     kernel = native._VARIANCE
-    native._VARIANCE = kernel_rows_as_they_lie() if on else kernel
+    timed = TimedKernel(kernel_rows_as_they_lie() if on else kernel)
+    native._VARIANCE = timed if timer is not None else timed.kernel
     try:
         yield
     finally:
         native._VARIANCE = kernel
+        if timer is not None:
+            timer.append(timed.seconds)
 
 
 # per update kind: its states, the compiled graph (never the kernel), the kernel, the states' bytes
@@ -201,29 +222,39 @@ def update_alone(kind: str, batch: int, units: int, tiles: list[int], reps: int)
 
 
 def measure_with_and_without(reps: int) -> dict:
-    """measure() / floor with the kernel and with the compiled graphs, per case, batch size and measures."""
+    """measure() / floor with the kernel and with the compiled graphs, per case, batch size and measures; and
+    the seconds a measure() spends in invariance's kernel (as it is or with its rows as they lie), timed around
+    each call: less noisy than whole measurements where the floor itself varies."""
     out = {}
     tset = tm.transforms.rotations(T)
     for case, (model, probe) in speed_cases().items():
         methods: dict[str, Callable[[], Any]] = {}
+        kernel_s: dict[str, list[float]] = {}
         for batch in (4, 16):
             methods[f"floor_b{batch}"] = forward_floor(model, [tset.apply(chunk) for chunk in probe.split(batch)])
             for label, measures in (("invariance", INVARIANCE), ("default", DEFAULT)):
                 for way in ("kernel", "graphs", "kernel_rows_as_they_lie"):
-                    def run(m=measures, b=batch, w=way):
+                    name = f"{label}_{way}_b{batch}"
+                    timer = kernel_s.setdefault(name, []) if way != "graphs" else None
+
+                    def run(m=measures, b=batch, w=way, timer=timer):
                         os.environ[native.ENVIRONMENT_VARIABLE] = "0" if w == "graphs" else "1"
-                        with rows_as_they_lie(w == "kernel_rows_as_they_lie"):
+                        with rows_as_they_lie(w == "kernel_rows_as_they_lie", timer):
                             tm.measure(model, probe, tset, measures=m, batch_size=b, compile=True,
                                        dedupe_batchnorm=False)
-                    methods[f"{label}_{way}_b{batch}"] = run
+                    methods[name] = run
         for run in methods.values():
             run()
+        for timer in kernel_s.values():
+            timer.clear()  # (the untimed first calls)
         wall = interleaved(methods, reps, case)
         median = {m: statistics.median(ts) for m, ts in wall.items()}
         out[case] = {
             "N": len(probe),
             "median_s": median,
             "all_s": wall,
+            "invariance_kernel_median_s": {m: statistics.median(ts) for m, ts in kernel_s.items()},
+            "invariance_kernel_all_s": kernel_s,
             "over_floor": {m: v / median[f"floor_b{m.rsplit('_b', 1)[1]}"] for m, v in median.items()
                            if not m.startswith("floor")},
         }
@@ -238,6 +269,7 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, nargs="+", default=[128, 256, native.TILE, 1024])
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--updates-only", action="store_true", help="part 1 only (~2 min)")
+    parser.add_argument("--measure-only", action="store_true", help="part 2 only (~11 min)")
     parser.add_argument("--units", type=int, nargs="+", default=[512, 4096, 16384, 65536],
                         help="layer sizes of part 1 (e.g. 16384 16400: a row stride off a multiple of 4 KB)")
     parser.add_argument("--kinds", nargs="+", choices=tuple(UPDATES), default=list(UPDATES),
@@ -250,7 +282,7 @@ def main() -> None:
                                "tile": native.TILE}
     updates = []
     for kind, batches in (("invariance", (4, 16)), ("per_transformation", (4, 8))):  # (8: DIFFERENCE_BLOCK)
-        if kind not in args.kinds:
+        if kind not in args.kinds or args.measure_only:
             continue
         for batch in batches:
             for units in args.units:
@@ -258,7 +290,8 @@ def main() -> None:
                 row = updates[-1]
                 print(f"{kind} b{batch} U{units}: " + ", ".join(f"{k} {v:.0f} µs" for k, v in row["us"].items()),
                       flush=True)
-    figures["update_alone"] = updates
+    if updates:
+        figures["update_alone"] = updates
     if not args.updates_only:
         figures["measure"] = measure_with_and_without(args.reps)
     figures["seconds"] = time.perf_counter() - started

@@ -89,9 +89,9 @@ def test_states_equal_the_compiled_graphs(batch):
 @pytest.mark.parametrize("T", [3, 16])
 @pytest.mark.parametrize("batch, held", [(1, 0), (4, 0), (4, 4), (8, 0), (16, 0), (40, 0), (64, 0)])
 def test_rows_a_multiple_of_4_kb_apart_give_the_states_of_rows_that_are_not(T, batch, held):
-    """Rows of 2,048 units (8 KB apart: packed from 8 samples, read a line at a time below or where the packed
-    tile would not fit) and the same units among 2,064 (read where they lie): the same states bit for bit, NaN
-    and inf included, in three chunks (and after a held chunk: a pair)."""
+    """Rows of 2,048 units (8 KB apart: with vectors shorter than a line, packed from 8 samples, read a line at a
+    time below or where the packed tile would not fit) and the same units among 2,064 (read where they lie): the
+    same states bit for bit, NaN and inf included, in three chunks (and after a held chunk: a pair)."""
     g = torch.Generator().manual_seed(batch * T + held)
     units, wider = 2048, 2048 + 16
     values = torch.randn(3 * (batch + held), T, wider, generator=g) * torch.linspace(0.1, 10, wider) + 2

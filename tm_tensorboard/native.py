@@ -164,16 +164,17 @@ static inline V sum_over_transformations(int64_t T, Term term) {
   return (a + b) + (c + d);
 }
 
-// Rows a multiple of 4 KB apart (`aliased`): every x86 core's L1 cache is 4 KB a way, so there the T rows of the
-// spread's two passes (and the b rows of the moments') all fall in one of its sets, more rows than it has ways, and
-// evict one another between the passes (benchmarks/README.md, "CPU kernels": the update of such a layer took
-// 10-30 % longer than of one with rows 64 bytes longer, on a Zen 3). From PACKED_SAMPLES samples a tile's rows are
-// copied row by row into a buffer of this thread's, 64 bytes apart beyond their length, so that they fall in
-// different sets (while the buffer stays under PACKED_FLOATS: 2 MB a thread, kept for the next call); with fewer,
-// the moments' b rows fit the ways and the spread reads each line of its T rows once into a small buffer
+// Rows a multiple of 4 KB apart, read with vectors shorter than a cache line (`aliased`): every x86 core's L1 cache
+// is 4 KB a way, so there the T rows of the spread's two passes (and the b rows of the moments') all fall in one of
+// its sets, more rows than it has ways, and each line, read half a line at a time, is evicted by the other rows'
+// before its second half is read (benchmarks/README.md, "CPU kernels": measured on a Zen 3, AVX2; with AVX-512 a
+// vector is a line, and rows 64 bytes off such strides gained nothing on a Zen 5). From PACKED_SAMPLES samples a
+// tile's rows are copied row by row into a buffer of this thread's, 64 bytes apart beyond their length, so that they
+// fall in different sets (while the buffer stays under PACKED_FLOATS: 2 MB a thread, kept for the next call); with
+// fewer, the moments' b rows fit the ways and the spread reads each line of its T rows once into a small buffer
 // (`spread_through_lines`): a copy of the whole tile cost as much as it saved there.
 constexpr int64_t PACKED_SAMPLES = 8, PACKED_FLOATS = int64_t(1) << 19, LINE_T = 64;
-static inline bool aliased(int64_t U) { return U % 1024 == 0; }
+static inline bool aliased(int64_t U) { return NF * sizeof(float) < 64 && U % 1024 == 0; }
 static inline int64_t packed_stride(int64_t n) { return n + 16; }
 static inline bool packs(int64_t b, int64_t T, int64_t U, int64_t n) {
   return aliased(U) && b >= PACKED_SAMPLES && b * T * packed_stride(n) <= PACKED_FLOATS;
