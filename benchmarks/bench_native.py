@@ -13,9 +13,9 @@
    The traffic an update must move (the chunk read once, the states read and written) over its time: the
    effective bandwidth, against this machine's (bench_roofline.py); and invariance's kernel against the
    same traffic moved with one addition a value, tile by tile (``traffic_only``): what its arithmetic
-   adds where it does not overlap the memory traffic. And invariance's kernel as before its rows a multiple of
-   4 KB apart were packed or read a line at a time (``kernel_rows_as_they_lie``: the same kernel with
-   ``aliased`` false).
+   adds where it does not overlap the memory traffic. And each kernel as before its rows a multiple of 4 KB
+   apart were packed or read a line at a time (``kernel_rows_as_they_lie``: the same kernel with ``aliased``
+   false).
 2. ``measure()`` with the kernels (all of native.py's: the updates', the inverse warp's, the error bars'
    replicates') and without them (TM_TENSORBOARD_NATIVE=0: the compiled graphs), interleaved
    with the forward-only floor in one run, on bench_fused's two cases (the reference case, N = 256, and
@@ -111,13 +111,14 @@ def traffic_only(x: torch.Tensor, states: list[torch.Tensor], sink: torch.Tensor
 
 
 @functools.cache
-def kernel_rows_as_they_lie() -> native._Kernel:
-    """Invariance's kernel as before its rows a multiple of 4 KB apart were packed or read a line at a time: the
-    same source with ``aliased`` false (every tile read where its rows lie)."""
+def kernel_rows_as_they_lie(name: str = "_VARIANCE") -> native._Kernel:
+    """A kernel of native.py's (invariance's by default; ``_ERRORS``: per_transformation's) as before its rows a
+    multiple of 4 KB apart were packed or read a line at a time: the same source with ``aliased`` false."""
     aliased = "static inline bool aliased(int64_t U) { return NF * sizeof(float) < 64 && U % 1024 == 0; }"
-    assert native._VARIANCE_SOURCE.count(aliased) == 1
-    source = native._VARIANCE_SOURCE.replace(aliased, "static inline bool aliased(int64_t U) { return false; }")
-    return native._Kernel("invariance update, rows as they lie", source, native._VARIANCE.arguments)
+    kernel = getattr(native, name)
+    assert kernel.source.count(aliased) == 1
+    source = kernel.source.replace(aliased, "static inline bool aliased(int64_t U) { return false; }")
+    return native._Kernel(f"{kernel.name}, rows as they lie", source, kernel.arguments)
 
 
 class TimedKernel:
@@ -138,15 +139,16 @@ class TimedKernel:
 
 @contextlib.contextmanager
 def rows_as_they_lie(on: bool, timer: list[float] | None = None) -> Iterator[None]:
-    """With ``on``, native.variance_update runs ``kernel_rows_as_they_lie``; with ``timer``, the seconds its calls
-    took are appended to it."""
-    kernel = native._VARIANCE
+    """With ``on``, native.variance_update and errors_update run their ``kernel_rows_as_they_lie``; with ``timer``,
+    the seconds invariance's kernel calls took are appended to it."""
+    kernel, errors = native._VARIANCE, native._ERRORS
     timed = TimedKernel(kernel_rows_as_they_lie() if on else kernel)
     native._VARIANCE = timed if timer is not None else timed.kernel
+    native._ERRORS = kernel_rows_as_they_lie("_ERRORS") if on else errors
     try:
         yield
     finally:
-        native._VARIANCE = kernel
+        native._VARIANCE, native._ERRORS = kernel, errors
         if timer is not None:
             timer.append(timed.seconds)
 
@@ -201,9 +203,8 @@ def update_alone(kind: str, batch: int, units: int, tiles: list[int], reps: int)
     us = {"graph": timed(graph)}
     for tile in tiles:
         us[f"kernel_tile{tile}"] = timed(kernel(tile))
-    if kind == "invariance":
-        with rows_as_they_lie(True):
-            us["kernel_rows_as_they_lie"] = timed(kernel(native.TILE))
+    with rows_as_they_lie(True):
+        us["kernel_rows_as_they_lie"] = timed(kernel(native.TILE))
     us["kernel_first_chunk"] = timed(holding(0))  # both with the counts set: the same two small calls more
     us["kernel_merging"] = timed(holding(batch))
     if kind == "invariance":

@@ -177,6 +177,27 @@ def _fold_errors(values: torch.Tensor, T: int, identity: int, sizes: list[int], 
         start += size
 
 
+@pytest.mark.parametrize("batch", [3, 8, 9, 16])
+def test_per_transformation_on_rows_a_multiple_of_4_kb_apart_gives_the_states_of_rows_that_are_not(batch):
+    """per_transformation's kernel and the joint one (with invariance's) on rows of 2,048 units (read a line at a
+    time from 8 samples, with vectors shorter than a line) and on the same units among 2,064: the same states bit
+    for bit, NaN and inf included, in three chunks."""
+    T, identity, units, wider = 16, 3, 2048, 2048 + 16
+    g = torch.Generator().manual_seed(batch)
+    values = torch.randn(3 * batch, T, wider, generator=g) * torch.linspace(0.1, 10, wider) + 2
+    values[1, 0, 5], values[2, T - 1, 700], values[0, identity, 2047] = float("nan"), float("inf"), -float("inf")
+    alone = {width: _error_states(T, width) for width in (units, wider)}
+    joint = {width: _states(T, width) + _error_states(T, width) for width in (units, wider)}
+    for width in (units, wider):
+        for k in range(3):
+            chunk = values[k * batch: (k + 1) * batch, :, :width].reshape(-1, width).contiguous()
+            assert native.errors_update(chunk, T, identity, *alone[width])
+            assert native.both_update(chunk, T, identity, *joint[width])
+    for states in (alone, joint):
+        for a, b in zip(states[units], states[wider]):
+            np.testing.assert_array_equal(a.numpy(), b[..., :units].numpy() if a.dim() else b.numpy())
+
+
 @pytest.mark.parametrize("T, units, identity", [(2, 5, 0), (4, 517, 2), (16, 1024 + 33, 0)])
 @pytest.mark.parametrize("sizes", [[1] * 9, [3, 3, 3], [4, 5], [9]], ids=["ones", "odd", "uneven", "whole"])
 def test_per_transformation_states_equal_a_float64_reference_for_any_chunking(T, units, identity, sizes):

@@ -260,6 +260,8 @@ static inline void variance_tile(const float* x, double* spread, double* spread_
 // from them summed over samples into squared_total [T, U] (the untransformed rows in cache; written, not
 // read, while it sums no samples yet: `fresh_sums`), even and odd samples in two sums added at the end (one
 // chain of dependent additions per unit took 15-30 % longer at batch 4: benchmarks/README.md, "CPU kernels").
+// Its 2·b rows at one offset evict one another where `aliased`: from PACKED_SAMPLES samples each row is read a
+// line at a time there (at 4 samples that gained nothing in a measurement).
 static inline void errors_tile(const float* x, const float* r, double* squared_total, bool fresh_sums, double* mean,
                                double* m2, double n_a, int64_t b, int64_t T, int64_t U, int64_t identity, int64_t u0,
                                int64_t n) {
@@ -269,7 +271,38 @@ static inline void errors_tile(const float* x, const float* r, double* squared_t
   for (int64_t t = 0; t < T; t++) {
     const float* xt = x + t * U + u0;
     double* st = squared_total + t * U + u0;
-    for (int64_t u = 0; u < whole; u += NF) {
+    int64_t u = 0;
+    if (aliased(U) && b >= PACKED_SAMPLES) {  // a line of each row at a time (`aliased`), the same sums in the same order
+      for (; u + 2 * NF <= whole; u += 2 * NF) {
+        const auto squared = [&](int64_t i, int64_t h) {
+          const VF d = VF::loadu(xt + i * TU + u + h * NF) - VF::loadu(ref + i * TU + u + h * NF);
+          return at::vec::convert<double, 2, float, 1>(d * d);
+        };
+        VD sums[2][4] = {{VD(0.0), VD(0.0), VD(0.0), VD(0.0)}, {VD(0.0), VD(0.0), VD(0.0), VD(0.0)}};
+        int64_t i = 0;
+        for (; i + 2 <= b; i += 2) {
+          for (int64_t h = 0; h < 2; h++) {
+            const auto even = squared(i, h), odd = squared(i + 1, h);
+            sums[h][0] = sums[h][0] + even[0];
+            sums[h][1] = sums[h][1] + even[1];
+            sums[h][2] = sums[h][2] + odd[0];
+            sums[h][3] = sums[h][3] + odd[1];
+          }
+        }
+        for (int64_t h = 0; h < 2; h++) {
+          if (i < b) {
+            const auto even = squared(i, h);
+            sums[h][0] = sums[h][0] + even[0];
+            sums[h][1] = sums[h][1] + even[1];
+          }
+          const VD lo = sums[h][0] + sums[h][2], hi = sums[h][1] + sums[h][3];
+          double* sh = st + u + h * NF;
+          (fresh_sums ? lo : VD::loadu(sh) + lo).store(sh);
+          (fresh_sums ? hi : VD::loadu(sh + ND) + hi).store(sh + ND);
+        }
+      }
+    }
+    for (; u < whole; u += NF) {
       const auto squared = [&](int64_t i) {
         const VF d = VF::loadu(xt + i * TU + u) - VF::loadu(ref + i * TU + u);
         return at::vec::convert<double, 2, float, 1>(d * d);
