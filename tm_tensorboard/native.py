@@ -272,7 +272,7 @@ static inline void errors_tile(const float* x, const float* r, double* squared_t
     const float* xt = x + t * U + u0;
     double* st = squared_total + t * U + u0;
     int64_t u = 0;
-    if (aliased(U) && b >= PACKED_SAMPLES) {  // a line of each row at a time (`aliased`), the same sums in the same order
+    if (aliased(U) && b >= PACKED_SAMPLES) {  // a line of each row at a time: the same sums in the same order
       for (; u + 2 * NF <= whole; u += 2 * NF) {
         const auto squared = [&](int64_t i, int64_t h) {
           const VF d = VF::loadu(xt + i * TU + u + h * NF) - VF::loadu(ref + i * TU + u + h * NF);
