@@ -316,7 +316,7 @@ static inline void errors_tile(const float* x, const float* r, double* squared_t
     int64_t u = 0;
     for (; lines && u + 2 * NF <= whole; u += 2 * NF) add_squared<2>(xt, ref, TU, b, u, fresh_sums, st);
     for (; u < whole; u += NF) add_squared<1>(xt, ref, TU, b, u, fresh_sums, st);
-    for (int64_t u = whole; u < n; u++) {
+    for (; u < n; u++) {  // (u is whole here)
       double even = 0.0, odd = 0.0;
       for (int64_t i = 0; i < b; i++) {
         const float d = xt[i * TU + u] - ref[i * TU + u];
