@@ -7,14 +7,16 @@
    rotations): ``grid_sample`` (what the eager path runs) against the compiled taps (the layout change
    and the gather, into kept buffers: "taps", what a GPU runs) and the CPU kernel that does both in one
    pass ("kernel"), each timed with the caches flushed (a 64 MiB write) before every call; medians of 15. Also
-   the kernel as before aeccf3a ("kernel_torchs_transpose": each map laid out by torch's transpose, scalar
-   where torch's vectors are AVX2; the same code on AVX-512).
+   the kernel with each map laid out as before aeccf3a ("kernel_torchs_transpose": by torch's transpose, scalar
+   where torch's vectors are AVX2; the same code on AVX-512), and with its taps gathered as before the bilinear
+   and one-tap gathers were compiled apart ("kernel_any_taps": every tap's row and weight read again for each
+   vector of channels).
 2. ``measure()`` with the default measures (invariance + same-equivariance), compiled, no error bars,
    T = 16 rotations, the ways of moving the maps back in the same process, interleaved with the
    forward-only floor at the same images per forward: the old one (``grid_sample``, states in (C, h, w)
    order, as before 6b9f42b) put back for the comparison by replacing ``SameEquivarianceMeasure.values``,
-   the compiled taps ("taps": the warp's kernel declined), and the kernel (also as before aeccf3a, as in
-   part 1); medians of ``--reps``. Cases:
+   the compiled taps ("taps": the warp's kernel declined), and the kernel (also the two earlier ways of part
+   1); medians of ``--reps``. Cases:
    bench_fused.py's ResNet18Style(width=0.25) at 32 px (N = 128) at batch_size 4 and 16, and the reference
    case (13 layers, N = 256) at 16. Also the largest relative difference of nvse per channel between
    ``grid_sample``'s and each of the others'.
@@ -59,7 +61,7 @@ _FLUSH = torch.empty(64 << 20, dtype=torch.uint8)
 _TAPS_VALUES = layer_measures.SameEquivarianceMeasure.values
 _MOVE_BACK = native.move_back
 _KERNEL = native._WARP
-WAYS = ("grid_sample", "taps", "kernel", "kernel_torchs_transpose")
+WAYS = ("grid_sample", "taps", "kernel", "kernel_torchs_transpose", "kernel_any_taps")
 
 
 def _grid_sample_values(self, activation, chunk):
@@ -69,11 +71,12 @@ def _grid_sample_values(self, activation, chunk):
 
 def use(way: str) -> None:
     """Move same-equivariance's maps back by ``grid_sample``, the compiled ``taps`` or their ``kernel`` (as it is,
-    or as before aeccf3a: ``kernel_torchs_transpose``)."""
+    as before aeccf3a: ``kernel_torchs_transpose``, or with any number of taps: ``kernel_any_taps``)."""
     layer_measures.SameEquivarianceMeasure.pixel_major = way != "grid_sample"
     layer_measures.SameEquivarianceMeasure.values = _grid_sample_values if way == "grid_sample" else _TAPS_VALUES
     native.move_back = _MOVE_BACK if way.startswith("kernel") else lambda *arguments: False
-    native._WARP = kernel_with_torchs_transpose() if way == "kernel_torchs_transpose" else _KERNEL
+    native._WARP = {"kernel_torchs_transpose": kernel_with_torchs_transpose,
+                    "kernel_any_taps": kernel_with_any_taps}.get(way, lambda: _KERNEL)()
 
 
 def cold_ms(fn: Callable[[], object], reps: int = 15) -> float:
@@ -96,6 +99,17 @@ def kernel_with_torchs_transpose() -> native._Kernel:
     source = native._WARP_SOURCE.replace(laid_out, "at::vec::transpose_mxn<float>(rows, hw, laid_out, C, "
                                          "static_cast<int>(C), static_cast<int>(hw));")
     return native._Kernel("inverse warp, torch's transpose", source, _KERNEL.arguments)
+
+
+@functools.cache
+def kernel_with_any_taps() -> native._Kernel:
+    """The warp's kernel with every pixel's taps gathered by its code for any number of them (``gather<0>``), as
+    all were before the bilinear (4) and one-tap gathers were compiled apart: each tap's row and weight read
+    again for every vector of channels."""
+    dispatch = "if (k == 4) {", "} else if (k == 1) {"
+    assert all(native._WARP_SOURCE.count(line) == 1 for line in dispatch)
+    source = native._WARP_SOURCE.replace(dispatch[0], "if (false) {").replace(dispatch[1], "} else if (false) {")
+    return native._Kernel("inverse warp, any taps", source, _KERNEL.arguments)
 
 
 def warp_alone() -> dict:

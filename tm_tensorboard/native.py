@@ -86,6 +86,12 @@ using VD = at::vec::Vectorized<double>;
 constexpr int64_t NF = VF::size();
 constexpr int64_t ND = VD::size();
 
+#if defined(__GNUC__)
+#define ALWAYS_INLINE __attribute__((always_inline)) inline  // (called instead: errors_tile 7-10 % slower, Zen 3)
+#else
+#define ALWAYS_INLINE inline
+#endif
+
 // Fold b samples of n units (rows `stride` floats apart, in cache) into float64 mean and m2 of n_a samples:
 // deviations from the first sample as float64 differences, the chunk's moments merged by Chan's formula.
 // A state of no samples yet is written, not read: what the merge into zeros gives (but for the sign of a
@@ -253,12 +259,6 @@ static inline void variance_tile(const float* x, double* spread, double* spread_
   variance_rows(rows, pack ? packed_stride(n) : U, lines, spread, spread_total + u0, mean + u0, m2 + u0, n_a, b, T,
                 U, n);
 }
-
-#if defined(__GNUC__)
-#define ALWAYS_INLINE __attribute__((always_inline)) inline  // (called instead: errors_tile 7-10 % slower, Zen 3)
-#else
-#define ALWAYS_INLINE inline
-#endif
 
 // The squared differences of H vectors of units [u, u + H·NF) of b samples' rows (sample i's at xt and ref + i·TU)
 // summed into st, even and odd samples apart (written, not read, with `fresh_sums`): H = 2 reads a line of each row
@@ -434,6 +434,37 @@ static inline void lay_out(const float* map, int64_t hw, float* rows, int64_t C)
 #endif
 }
 
+// One output pixel's C channels (at op): the sum of its k taps, rows sp of `rows` (C floats each, counted from row
+// `first`) times weights wp, in order, as warps.gather_taps adds them. KT: k as compiled (4: bilinear, 1: a pixel
+// permutation), the taps' rows and weights then held through the channels (benchmarks/README.md, "Same-equivariance's
+// inverse warps": the warp faster on a Zen 3), or 0: any k, each tap's row and weight read again for every vector.
+template <int KT>
+static ALWAYS_INLINE void gather(const float* rows, int64_t first, const int64_t* sp, const float* wp, int64_t k,
+                                 int64_t C, float* op) {
+  const float* source[KT > 0 ? KT : 1];
+  VF weight[KT > 0 ? KT : 1];
+  for (int j = 0; j < KT; j++) {
+    source[j] = rows + (sp[j] - first) * C;
+    weight[j] = VF(wp[j]);
+  }
+  const auto tap = [&](int64_t j, int64_t c, int count) {
+    if (KT > 0) return VF::loadu(source[j] + c, count) * weight[j];
+    return VF::loadu(rows + (sp[j] - first) * C + c, count) * VF(wp[j]);
+  };
+  const int64_t taps = KT > 0 ? KT : k, whole = C / NF * NF;
+  for (int64_t c = 0; c < whole; c += NF) {
+    VF total = tap(0, c, NF);
+    for (int64_t j = 1; j < taps; j++) total = total + tap(j, c, NF);
+    total.store(op + c);
+  }
+  if (whole < C) {
+    const int rest = static_cast<int>(C - whole);
+    VF total = tap(0, whole, rest);
+    for (int64_t j = 1; j < taps; j++) total = total + tap(j, whole, rest);
+    total.store(op + whole, rest);
+  }
+}
+
 // x: maps [b·T, C, hw] float32 (map m is sample m / T's transformation m % T), or with `channels_last` [b·T,
 // hw, C]; taps [T·hw, k]: sources into the T·hw pixel-major rows of a sample (transformation t's from row t·hw
 // on) and float32 weights; out [b, T·hw, C]. buffer: threads × hw·C floats, one map pixel-major per thread
@@ -441,7 +472,6 @@ static inline void lay_out(const float* map, int64_t hw, float* rows, int64_t C)
 extern "C" void kernel(const float* x, const int64_t* sources, const float* weights, float* out, float* buffer,
                        const int64_t maps, const int64_t T, const int64_t C, const int64_t hw, const int64_t k,
                        const int64_t threads, const int64_t channels_last) {
-  const int64_t whole = C / NF * NF;
   #pragma omp parallel num_threads(threads)
   {
     float* laid_out = buffer + omp_get_thread_num() * hw * C;
@@ -461,18 +491,12 @@ extern "C" void kernel(const float* x, const int64_t* sources, const float* weig
         const int64_t* sp = src + p * k;
         const float* wp = w + p * k;
         float* op = o + p * C;
-        for (int64_t c = 0; c < whole; c += NF) {  // the taps in order, as warps.gather_taps adds them
-          VF total = VF::loadu(rows + (sp[0] - first) * C + c) * VF(wp[0]);
-          for (int64_t j = 1; j < k; j++) total = total + VF::loadu(rows + (sp[j] - first) * C + c) * VF(wp[j]);
-          total.store(op + c);
-        }
-        if (whole < C) {
-          const int rest = static_cast<int>(C - whole);
-          VF total = VF::loadu(rows + (sp[0] - first) * C + whole, rest) * VF(wp[0]);
-          for (int64_t j = 1; j < k; j++) {
-            total = total + VF::loadu(rows + (sp[j] - first) * C + whole, rest) * VF(wp[j]);
-          }
-          total.store(op + whole, rest);
+        if (k == 4) {
+          gather<4>(rows, first, sp, wp, k, C, op);
+        } else if (k == 1) {
+          gather<1>(rows, first, sp, wp, k, C, op);
+        } else {
+          gather<0>(rows, first, sp, wp, k, C, op);
         }
       }
     }
