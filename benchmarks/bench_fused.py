@@ -559,7 +559,8 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     warm_allocator()
 
-    figures: dict[str, Any] = json.loads(args.output.read_text()) if len(args.parts) < len(PARTS) else {}
+    kept = len(args.parts) < len(PARTS) and args.output.exists()  # the other parts' figures, where there are any
+    figures: dict[str, Any] = json.loads(args.output.read_text()) if kept else {}
     figures.update({"environment": environment(), "targets": TARGETS})
     if "compile" in args.parts:
         with tempfile.TemporaryDirectory() as cache:
