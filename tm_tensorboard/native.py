@@ -437,7 +437,8 @@ static inline void lay_out(const float* map, int64_t hw, float* rows, int64_t C)
 // One output pixel's C channels (at op): the sum of its k taps, rows sp of `rows` (C floats each, counted from row
 // `first`) times weights wp, in order, as warps.gather_taps adds them. KT: k as compiled (4: bilinear, 1: a pixel
 // permutation), the taps' rows and weights then held through the channels (benchmarks/README.md, "Same-equivariance's
-// inverse warps": the warp faster on a Zen 3), or 0: any k, each tap's row and weight read again for every vector.
+// inverse warps": the warp faster on a Zen 3), or 0: any k, each tap's row and weight read again for every vector
+// (the stores of the moved maps may alias the float weights, so the compiler does not keep them).
 template <int KT>
 static ALWAYS_INLINE void gather(const float* rows, int64_t first, const int64_t* sp, const float* wp, int64_t k,
                                  int64_t C, float* op) {
