@@ -29,8 +29,10 @@
    it there. Here each run is a new process that measures another model first (SimpleCNN(3, 10): the CPU
    kernels loaded, the heap grown, none of the reference case's state blocks kept), then times one
    measure() of the reference case at batch_size 4 (its 64 images per forward) and 16 (the default),
-   ``compile=None`` (the default), with and without error bars, invariance and the default measures, runs
-   alternating, medians of ``--reps`` (3 at most): what error bars add where their states are paged in.
+   ``compile=None`` (the default), with and without error bars, invariance and the default measures: ``--reps``
+   processes a variant, each with-and-without pair run back to back (which goes first alternating from one
+   repetition to the next), so that each pair's ratio sees the same minutes of a noisy machine; the medians of
+   the processes' times and the median of the pairs' ratios: what error bars add where their states are paged in.
 
 ``--parts`` runs some of them; the others' figures already in the results file are kept.
 """
@@ -277,10 +279,11 @@ def first_call(reps: int = 3, batch_sizes: tuple[int, ...] = (4, 16)) -> dict:
     stored_before = native.stored()
     native.build_all()
     runs: dict[str, list[float]] = {}
-    for _ in range(min(reps, 3)):
+    for rep in range(reps):
         for b in batch_sizes:
             for name, measures in (("invariance", ("invariance",)), ("default", DEFAULT)):
-                for label, bars in (("no_error_bars", False), ("error_bars", None)):
+                pair = (("no_error_bars", False), ("error_bars", None))
+                for label, bars in pair if rep % 2 == 0 else pair[::-1]:
                     script = _FIRST_CALL_CHILD.format(benchmarks=str(Path(__file__).resolve().parent),
                                                       threads=THREADS, measures=measures, bars=bars, batch_size=b)
                     done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True,
@@ -292,8 +295,11 @@ def first_call(reps: int = 3, batch_sizes: tuple[int, ...] = (4, 16)) -> dict:
                  "seconds": {k: statistics.median(v) for k, v in runs.items()}}
     for b in batch_sizes:
         for name in ("invariance", "default"):
-            out[f"b{b}_{name}_error_bars_added"] = (out["seconds"][f"b{b}_{name}_error_bars"]
-                                                    / out["seconds"][f"b{b}_{name}_no_error_bars"] - 1)
+            cell = f"b{b}_{name}"
+            seconds = out["seconds"]
+            out[f"{cell}_error_bars_added"] = seconds[f"{cell}_error_bars"] / seconds[f"{cell}_no_error_bars"] - 1
+            pairs = zip(runs[f"{cell}_error_bars"], runs[f"{cell}_no_error_bars"])
+            out[f"{cell}_error_bars_added_paired"] = statistics.median(w / wo - 1 for w, wo in pairs)
     print(json.dumps(out, indent=1), flush=True)
     return out
 
