@@ -14,7 +14,8 @@
    32 px (59 layers, N = 128), T = 16 rotations, batch_size 4 and 16; invariance compiled (on CPU with
    native.py's kernel) and eager, the default measures compiled, all with error bars as by default
    (8 shards) and the compiled ones also without (``error_bars=False``).
-   Every method runs once per repetition, in turn; medians of ``--reps``. The kernels are compiled
+   Every method runs once per repetition, in turn; medians of ``--reps``, and the median of each repetition's
+   ratio to the floor run just before (``paired_ratios``). The kernels are compiled
    before the timed part (that cost is item 3).
 3. Compile time: a fresh process with an empty Inductor cache measuring the reference case once with
    ``compile=True`` (cold: what a first run on a machine pays), the same with the cache that run left
@@ -270,6 +271,7 @@ def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int
         "layers": len(tm.measure(model, probe[:2], tset, measures=INVARIANCE, dedupe_batchnorm=False).layers),
         "min_s": {m: min(ts) for m, ts in timings["all_s"].items()},
         "ratios": ratios,
+        "paired_ratios": {f"{m}_over_floor": ratio for m, ratio in paired_over_floor(timings["all_s"]).items()},
         **timings,
     }
 
@@ -279,9 +281,18 @@ def over_floor(median: dict[str, float]) -> dict[str, float]:
     return {m: s / median[f"floor_b{m.rsplit('_b', 1)[1]}"] for m, s in median.items() if not m.startswith("floor")}
 
 
+def paired_over_floor(all_s: dict[str, list[float]]) -> dict[str, float]:
+    """Each method's median over the repetitions of its time over its floor's in the same repetition (run seconds
+    before it): this VM's speed drifts by tens of percent within minutes, and a pair shares the drift."""
+    return {m: statistics.median(t / f for t, f in zip(ts, all_s[f"floor_b{m.rsplit('_b', 1)[1]}"]))
+            for m, ts in all_s.items() if not m.startswith("floor")}
+
+
 def with_ratios(probe: torch.Tensor, timings: dict) -> dict:
-    """A case's record: its probe size, each method's median over its floor, and ``timed``'s figures."""
-    return {"N": len(probe), "over_floor": over_floor(timings["median_s"]), **timings}
+    """A case's record: its probe size, each method's median over its floor (and ``paired_over_floor``), and
+    ``timed``'s figures."""
+    return {"N": len(probe), "over_floor": over_floor(timings["median_s"]),
+            "paired_over_floor": paired_over_floor(timings["all_s"]), **timings}
 
 
 def timed(methods: dict[str, Callable[[], Any]], reps: int, name: str) -> dict:
