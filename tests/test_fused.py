@@ -163,6 +163,47 @@ def test_graphs_compiled_ahead_of_time_serve_only_what_their_guards_pass(monkeyp
     assert not called._ahead and len(_debug_get_cache_entry_list(_weighted.__code__)) == 2
 
 
+def _doubled(x, out, scratch=None):
+    """2·x into out."""
+    out.copy_(x * 2)
+
+
+class _Seen(TorchDispatchMode):
+    """The aten ops dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket)
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_a_dispatch_mode_the_eager_function_serves_and_compiling_goes_on():
+    """No compiled graph serves under a TorchDispatchMode (an op counter, FlopCounterMode): a stored graph's guards
+    fail there, a graph compiled there passes only such a mode's and took a slot of the store (which once full left
+    later processes without graphs ahead of time), and Dynamo's call finds no frame to compile (under fullgraph an
+    error that gave compiling up for the whole process). The eager function serves those calls, the mode sees its
+    ops, nothing is compiled or stored, and the graph serves again after the mode."""
+    x = torch.rand(5, 3)
+    doubled = fused.FusedFunction(_doubled)
+    out = torch.empty_like(x)
+    doubled(True, x, out)  # a graph compiled ahead of time, or loaded from the store
+    counts, graphs = dict(fused._AHEAD.counts), fused._graph_count()
+    for _ in range(2):
+        out = torch.empty_like(x)
+        with _Seen() as seen:
+            doubled(True, x, out)
+        torch.testing.assert_close(out, 2 * x)
+        assert torch.ops.aten.mul in seen.ops
+    assert fused._AHEAD.counts == counts and fused._graph_count() == graphs
+    assert fused.compile_available() and fused._AHEAD.failed is None
+    doubled(True, x, out)
+    torch.testing.assert_close(out, 2 * x)
+    assert fused._AHEAD.counts == counts
+
+
 _STORE_CHILD = textwrap.dedent(
     """
     import json, torch

@@ -133,8 +133,9 @@ class FusedFunction:
 
     ``f(compiled, *args, scratch=scratch)``: when ``compiled`` (True or ``NATIVE``), a hand-written ``native``
     kernel where one takes the arguments (it returns False where it does not apply: ``native.py``), else
-    (``compiled`` True and the compiler works) a graph compiled ahead of time whose guards the arguments pass
-    (or, where that is unavailable, Dynamo's compiled region), else the eager function with its scratch buffer.
+    (``compiled`` True, the compiler works and no dispatch mode is active) a graph compiled ahead of time whose
+    guards the arguments pass (or, where that is unavailable, Dynamo's compiled region), else the eager function
+    with its scratch buffer.
     """
 
     def __init__(self, fn: Callable, native: Callable[..., bool] | None = None):
@@ -150,7 +151,7 @@ class FusedFunction:
             return None
         if compiled is NATIVE and self.native is not None:
             native.report_failure("the eager kernels")  # one that failed to build (no graph here says so)
-        if compiled is True and compile_available():
+        if compiled is True and compile_available() and not _in_dispatch_mode():
             try:
                 out = self._run_compiled(args)
                 native.report_failure()  # a native kernel that failed to build where Inductor's code builds
@@ -300,6 +301,14 @@ def _kind(args: tuple) -> tuple:
     return (torch.is_grad_enabled(), *(
         (a.dtype, a.dim(), a.device) if isinstance(a, torch.Tensor) else type(a) for a in args
     ))
+
+
+def _in_dispatch_mode() -> bool:
+    """Whether a Python dispatch mode (a ``TorchDispatchMode``: an op counter, ``FlopCounterMode``, a fake-tensor
+    mode) is active. No compiled graph serves under one: a stored graph's guards fail there, a graph compiled there
+    passes only such a mode's and would fill the store's slots, and Dynamo's call finds no frame to compile (an
+    error under ``fullgraph``, which gave up compiling for the whole process). The eager function serves that call."""
+    return torch._C._len_torch_dispatch_stack() > 0
 
 
 def _graph_count() -> int:
