@@ -191,17 +191,20 @@ def test_under_a_dispatch_mode_the_eager_function_serves_and_compiling_goes_on()
     out = torch.empty_like(x)
     doubled(True, x, out)  # a graph compiled ahead of time, or loaded from the store
     counts, graphs = dict(fused._AHEAD.counts), fused._graph_count()
-    for _ in range(2):
+    eager_calls = []
+    doubled.fn = lambda *args, **kwargs: eager_calls.append(1) or _doubled(*args, **kwargs)  # the graph has its own
+    for calls in (1, 2):
         out = torch.empty_like(x)
         with _Seen() as seen:
             doubled(True, x, out)
         torch.testing.assert_close(out, 2 * x)
-        assert torch.ops.aten.mul in seen.ops
+        assert torch.ops.aten.mul in seen.ops and len(eager_calls) == calls
     assert fused._AHEAD.counts == counts and fused._graph_count() == graphs
     assert fused.compile_available() and fused._AHEAD.failed is None
+    out = torch.empty_like(x)
     doubled(True, x, out)
     torch.testing.assert_close(out, 2 * x)
-    assert fused._AHEAD.counts == counts
+    assert len(eager_calls) == 2 and fused._AHEAD.counts == counts  # the graph served
 
 
 _STORE_CHILD = textwrap.dedent(
