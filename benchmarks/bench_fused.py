@@ -278,13 +278,18 @@ def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int
 
 def over_floor(median: dict[str, float]) -> dict[str, float]:
     """Each method's median over its floor's (methods ``<label>_b<batch_size>``, floors ``floor_b<batch_size>``)."""
-    return {m: s / median[f"floor_b{m.rsplit('_b', 1)[1]}"] for m, s in median.items() if not m.startswith("floor")}
+    return {m: s / median[_floor_of(m)] for m, s in median.items() if not m.startswith("floor")}
+
+
+def _floor_of(method: str) -> str:
+    """The floor a method ``<label>_b<batch_size>`` is set against: ``floor_b<batch_size>``."""
+    return f"floor_b{method.rsplit('_b', 1)[1]}"
 
 
 def paired_over_floor(all_s: dict[str, list[float]]) -> dict[str, float]:
     """Each method's median over the repetitions of its time over its floor's in the same repetition (run seconds
     before it): this VM's speed drifts by tens of percent within minutes, and a pair shares the drift."""
-    return {m: statistics.median(t / f for t, f in zip(ts, all_s[f"floor_b{m.rsplit('_b', 1)[1]}"]))
+    return {m: statistics.median(t / f for t, f in zip(ts, all_s[_floor_of(m)]))
             for m, ts in all_s.items() if not m.startswith("floor")}
 
 
