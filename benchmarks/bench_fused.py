@@ -55,6 +55,11 @@
    kernels; error bars as by default) of invariance, of invariance and per_transformation and of the default
    measures, with chunks folded in by pairs (``layer_measures.Chunk.hold``, as measure() runs) and one at a
    time (``engine.PAIRED_SAMPLES`` 0), interleaved with the floor, medians of ``--reps`` (~4 min).
+10. Which graph is checked first (``--parts guards``): ResNet18Style(width=0.25), N = 32, batch_size 4, the
+   default measures, the compiled graphs as a GPU runs them (the CPU kernels off), no error bars: where one kind
+   of arguments has several graphs compiled ahead of time, the one that served the same sizes is checked first
+   (``fused.FusedFunction._remember``), against the graphs checked in the order they were stored. Guard checks
+   per compiled call (one measurement each way) and measure()'s wall time, interleaved, medians of ``--reps``.
 
 The allocator: glibc returns freed memory to the system until a large block (> 32 MiB) has once been
 freed, after which it keeps it; a training process has long done that, a fresh benchmark process has
@@ -94,7 +99,8 @@ THREADS = 2
 INVARIANCE = ("invariance",)
 DEFAULT = ("invariance", "same_equivariance")
 TARGETS = {"ops_invariance": 8, "ops_default": 16, "invariance_over_floor": 1.5, "default_over_floor": 2.0}
-PARTS = ("compile", "ops", "speed", "host", "dynamo", "fresh", "native", "channels_last", "traffic", "pairs")
+PARTS = ("compile", "ops", "speed", "host", "dynamo", "fresh", "native", "channels_last", "traffic", "pairs",
+         "guards")
 
 
 @contextlib.contextmanager
@@ -564,6 +570,67 @@ def pairs_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int
     return with_ratios(probe, timed(methods, reps, name))
 
 
+@contextlib.contextmanager
+def served_first(on: bool) -> Iterator[None]:
+    """With ``on`` (as measure() runs), the graph that served the same sizes of arguments is checked first; off,
+    the graphs are checked in the order they were stored."""
+    from tm_tensorboard import fused
+
+    sizes = fused._sizes
+    fused._sizes = sizes if on else (lambda args: None)
+    try:
+        yield
+    finally:
+        fused._sizes = sizes
+
+
+def guard_checks(reps: int) -> dict:
+    """Item 10: guard checks per compiled call and measure()'s time, the served graph checked first or not."""
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+    from tm_tensorboard import fused
+
+    torch.manual_seed(0)
+    model = ResNet18Style(3, 10, width=0.25).eval()
+    probe = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tset = tm.transforms.rotations(T)
+    methods: dict[str, Callable[[], Any]] = {}
+    for label, on in (("served_first", True), ("in_stored_order", False)):
+        def run(on=on) -> None:
+            with served_first(on):
+                tm.measure(model, probe, tset, measures=DEFAULT, batch_size=4, compile=True, error_bars=False,
+                           dedupe_batchnorm=False)
+        methods[label] = run
+    counts = {"checks": 0, "calls": 0}
+    check, lookup = AOTCompiledFunction.guard_check, fused.FusedFunction._ahead_of_time
+
+    def counted_check(graph, *args, **kwargs):
+        counts["checks"] += 1
+        return check(graph, *args, **kwargs)
+
+    def counted_lookup(function, args):
+        counts["calls"] += 1
+        return lookup(function, args)
+
+    per_call = {}
+    with cpu_kernels(False):
+        for run in methods.values():
+            run()  # compiled (or loaded from the store) first
+        AOTCompiledFunction.guard_check, fused.FusedFunction._ahead_of_time = counted_check, counted_lookup
+        try:
+            for label, run in methods.items():
+                counts.update(checks=0, calls=0)
+                run()
+                per_call[label] = counts["checks"] / counts["calls"]
+        finally:
+            AOTCompiledFunction.guard_check, fused.FusedFunction._ahead_of_time = check, lookup
+        timings = timed(methods, reps, "guards")
+    median, all_s = timings["median_s"], timings["all_s"]
+    return {"N": len(probe), "batch_size": 4, "guard_checks_per_call": per_call,
+            "served_first_over_stored_order": median["served_first"] / median["in_stored_order"],
+            "paired_ratio": statistics.median(a / b for a, b in zip(all_s["served_first"], all_s["in_stored_order"])),
+            **timings}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -599,6 +666,11 @@ def main() -> None:
             figures["host"] = host_per_layer_chunk(max(args.reps, 7))
         print("host µs per layer and chunk:", json.dumps({k: round(v) for k, v in figures["host"]["us_per_layer_chunk"].items()}),
               "per invariance update call:", json.dumps({k: round(v) for k, v in figures["host"]["us_per_invariance_update_call"].items()}), flush=True)
+    if "guards" in args.parts:
+        figures["guards"] = guard_checks(max(args.reps, 7))
+        guards = figures["guards"]
+        print("guard checks per compiled call:", json.dumps(guards["guard_checks_per_call"]),
+              "measure() served first / stored order:", round(guards["served_first_over_stored_order"], 3), flush=True)
     if "dynamo" in args.parts:
         figures["ahead_of_time_against_dynamo"] = ahead_of_time_against_dynamo(args.reps)
     if "native" in args.parts:
