@@ -205,6 +205,7 @@ class TransformationSet(Sequence[Transformation]):
         self._items = tuple(transformations)
         if not self._items:
             raise ValueError("a transformation set needs at least one transformation")
+        self._spatial = any(op.kind in _GEOMETRIC and not op.is_identity for t in self._items for op in t.ops)
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {interpolation!r}; allowed: {', '.join(INTERPOLATIONS)}")
         if padding not in PADDINGS:
@@ -242,7 +243,8 @@ class TransformationSet(Sequence[Transformation]):
 
     @property
     def is_spatial(self) -> bool:
-        return any(op.kind in _GEOMETRIC and not op.is_identity for t in self._items for op in t.ops)
+        """Whether some transformation moves pixels (known when made: asked at every layer and chunk)."""
+        return self._spatial
 
     def interpolates(self, height: int, width: int) -> bool:
         """Whether some transformation of an image of this size is not a pixel permutation, so that pixels
@@ -378,12 +380,13 @@ class TransformationSet(Sequence[Transformation]):
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """The taps of the inverse warps on h×w maps (``warps.tap_table``): sources into a sample's T·h·w
         pixel-major rows and weights, [T·h·w, k] each; made once per size, device and dtype."""
-        key = ("taps", height, width, str(device), dtype)
-        if key not in self._warp_cache:
+        key = ("taps", height, width, device, dtype)
+        taps = self._warp_cache.get(key)
+        if taps is None:
             table = warps.tap_table(self._sampling_matrices(height, width, inverse=True), height, width,
                                     self.interpolation, self.padding)
-            self._warp_cache[key] = warps.table_tensors(*table, device, dtype)
-        return self._warp_cache[key]
+            taps = self._warp_cache[key] = warps.table_tensors(*table, device, dtype)
+        return taps
 
     def invert_features_at(self, y: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``invert_features(y)`` (eager) read only at ``positions`` ([C, K] flat h·w indices per channel, on
