@@ -1038,11 +1038,12 @@ def move_back(maps: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor, 
     n, channels, height, width = maps.shape
     pixels = height * width
     T, k = sources.shape[0] // max(pixels, 1), sources.shape[1]
-    channels_last = not maps.is_contiguous() and lies_channels_last(maps)
+    contiguous = maps.is_contiguous()
+    channels_last = not contiguous and lies_channels_last(maps)
     if not (maps.is_cpu and sources.is_cpu and weights.is_cpu and out.is_cpu
             and maps.dtype is torch.float32 and out.dtype is torch.float32 and weights.dtype is torch.float32
             and sources.dtype is torch.int64 and not maps.requires_grad
-            and (channels_last or maps.is_contiguous()) and sources.is_contiguous() and weights.is_contiguous()
+            and (contiguous or channels_last) and sources.is_contiguous() and weights.is_contiguous()
             and out.is_contiguous() and n > 0 and pixels > 0 and T > 0 and sources.shape[0] == T * pixels
             and n % T == 0 and weights.shape == sources.shape and out.numel() == maps.numel()):
         return False

@@ -466,7 +466,7 @@ class TransformationSet(Sequence[Transformation]):
     def _rows_and_plan(self, x: torch.Tensor, inverse: bool) -> tuple[int, tuple, tuple]:
         """For maps x [b·T, C, h, w]: b, the plan's key and the warp plan (ValueError unless whole T-groups)."""
         height, width = x.shape[-2:]
-        key = (height, width, inverse, str(x.device), x.dtype)
+        key = (height, width, inverse, x.device, x.dtype)
         return self._samples(x.shape[0]), key, self._warp_plan(key, height, width, inverse, x.device, x.dtype)
 
     def _samples(self, rows: int) -> int:
