@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 import tm_tensorboard as tm
-from tm_tensorboard import kept_states
+from tm_tensorboard import kept_states, native
 from tm_tensorboard.engine import Measurement
 from tm_tensorboard.kept_states import MIN_BYTES, KeptStates
 from tm_tensorboard.probe import as_probe
@@ -62,6 +62,29 @@ def test_a_second_measurement_reuses_the_first_ones_state_memory_with_the_same_n
     fresh = tm.measure(model, images, tm.transforms.rotations(4), measures=MEASURES, batch_size=8,
                        error_bars=2, compile=False)
     assert_same(arrays(fresh), before)
+
+
+
+def test_reused_blocks_are_zeroed_by_the_streaming_kernel_with_the_same_numbers(monkeypatch):
+    """Where the CPU kernels are at hand, a kept block is zeroed by native.zero_fill (streaming stores), and
+    the eager updates that read their states then give the numbers of fresh states."""
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "1")
+    native._ZERO.get()
+    zeroed = []
+
+    def zero_fill(block):
+        zeroed.append(native_zero_fill(block))
+        return zeroed[-1]
+
+    native_zero_fill = native.zero_fill
+    monkeypatch.setattr(native, "zero_fill", zero_fill)
+    model, images = model_and_probe()
+    measurement = session(model)
+    first = arrays(measurement.run(as_probe(images)))
+    assert not zeroed  # nothing kept yet
+    second = arrays(measurement.run(as_probe(images)))
+    assert len(zeroed) == measurement.kept_states.reused and all(zeroed)
+    assert_same(second, first)
 
 
 def test_blocks_the_last_measurement_did_not_use_are_let_go():

@@ -672,6 +672,32 @@ _LATER_PROCESS = textwrap.dedent(
 )
 
 
+
+@pytest.mark.parametrize("size, offset", [(1 << 20, 0), ((1 << 20) + 7, 3), (33, 15), (5, 1), (0, 0)])
+def test_zero_fill_zeroes_every_byte_of_the_block_and_none_around_it(size, offset):
+    """native.zero_fill: the block's bytes all zero whatever its alignment and length (the streaming stores'
+    16-byte body, a head and a tail written apart), the bytes either side of it as they were."""
+    native._ZERO.get()
+    buffer = torch.full((offset + size + 9,), 0xAB, dtype=torch.uint8)
+    block = buffer[offset: offset + size]
+    assert native.zero_fill(block)
+    assert not block.any()
+    assert (buffer[:offset] == 0xAB).all() and (buffer[offset + size:] == 0xAB).all()
+    states = torch.full((16, 16384), float("nan"), dtype=torch.float64)  # 2 MB, split between the threads
+    assert native.zero_fill(states)
+    assert torch.equal(states, torch.zeros_like(states))
+
+
+def test_zero_fill_declines_what_it_does_not_apply_to_and_touches_nothing(monkeypatch):
+    native._ZERO.get()
+    strided = torch.ones(64, 64, dtype=torch.float64).t()
+    assert not native.zero_fill(strided) and strided.all()
+    assert not native.zero_fill(torch.ones(8, device="meta"))
+    block = torch.ones(1024, dtype=torch.float64)
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0")
+    assert not native.zero_fill(block) and block.all()
+
+
 def test_a_later_process_loads_the_kernels_built_here_without_inductor():
     """Building a kernel records where its library is; a later process on this machine loads every kernel from
     there without importing Inductor (its ~1.6 s: its import, the CPU's instructions probed), computes the

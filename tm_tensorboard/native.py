@@ -1,7 +1,8 @@
 """Hand-written CPU kernels for the hottest per-chunk updates, compiled at run time by the C++ toolchain
 Inductor uses: invariance's (and same-equivariance's, on the maps moved back) and ``per_transformation``'s (and
 the equivariance error's, the same squared differences from maps moved back), same-equivariance's inverse
-warp, and the error bars' replicates of both variance groups and of ``per_transformation``.
+warp, the error bars' replicates of both variance groups and of ``per_transformation``, and the zeroing of
+the state memory a measurement keeps for the next (``kept_states``).
 
 Inductor compiles invariance's update into two loop nests, one per reduction axis (the spread over
 transformations, the moments over samples), that each read the chunk from memory, and its reductions over
@@ -66,7 +67,8 @@ import torch
 from . import caller
 
 __all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "moved_errors_update", "both_update",
-           "lies_channels_last", "move_back", "variance_replicates", "errors_replicates", "enabled", "available",
+           "lies_channels_last", "move_back", "variance_replicates", "errors_replicates", "zero_fill", "enabled",
+           "available",
            "stored", "build_all", "record_directory", "report_failure", "build_seconds"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
@@ -836,6 +838,35 @@ class _Kernel:
         return self._call
 
 
+_ZERO_SOURCE = _PRELUDE + r"""
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+// `bytes` bytes from `p` set to zero on every thread; on x86 by streaming (non-temporal) stores, which neither
+// read each line before writing it nor keep it in the caches: the kept states they zero are written, not read,
+// by the kernels' first chunk, and are far larger than the caches (benchmarks/README.md: ~3x torch's zero_).
+extern "C" void kernel(char* p, const int64_t bytes) {
+#if defined(__SSE2__)
+  const int64_t misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % 16);
+  const int64_t head = std::min<int64_t>(bytes, misaligned ? 16 - misaligned : 0);
+  const int64_t vectors = (bytes - head) / 16;
+  std::memset(p, 0, head);
+  std::memset(p + head + vectors * 16, 0, bytes - head - vectors * 16);
+  __m128i* body = reinterpret_cast<__m128i*>(p + head);
+  #pragma omp parallel
+  {
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < vectors; i++) _mm_stream_si128(body + i, _mm_setzero_si128());
+    _mm_sfence();  // this thread's streaming stores ordered before what follows the region
+  }
+#else
+  std::memset(p, 0, bytes);
+#endif
+}
+"""
+
+
 _STATE_ARGUMENTS = ["const float*", "double*", "int64_t*", "double*", "double*", "int64_t*"]
 _VARIANCE = _Kernel("invariance update", _VARIANCE_SOURCE,
                     _STATE_ARGUMENTS[:1] + _STATE_ARGUMENTS + ["const int64_t"] * 5)
@@ -849,7 +880,8 @@ _REPLICATES_ARGUMENTS = _STATE_ARGUMENTS[1:] + ["const int64_t*", "const double*
 _REPLICATES = _Kernel("error bars' replicates", _REPLICATES_SOURCE, _REPLICATES_ARGUMENTS)
 _ERRORS_REPLICATES = _Kernel("per-transformation error bars' replicates", _ERRORS_REPLICATES_SOURCE,
                              _REPLICATES_ARGUMENTS)
-_KERNELS = (_VARIANCE, _ERRORS, _BOTH, _WARP, _REPLICATES, _ERRORS_REPLICATES)
+_ZERO = _Kernel("zeroing of kept states", _ZERO_SOURCE, ["char*", "const int64_t"])
+_KERNELS = (_VARIANCE, _ERRORS, _BOTH, _WARP, _REPLICATES, _ERRORS_REPLICATES, _ZERO)
 
 
 def enabled() -> bool:
@@ -1053,6 +1085,19 @@ def move_back(maps: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor, 
     threads = max(1, min(torch.get_num_threads(), n))
     work = out if channels_last else buffer(threads * pixels * channels)  # (the kernel reads no buffer then)
     kernel(maps, sources, weights, out, work, n, T, channels, pixels, k, threads, int(channels_last))
+    return True
+
+
+def zero_fill(block: torch.Tensor) -> bool:
+    """``block`` (contiguous, on CPU) set to zero by streaming stores (``_ZERO_SOURCE``), where the kernels are
+    at hand on this machine: this one is built with the others (``build_all``) or once invariance's is, never
+    for zeroing alone. False (nothing done) where not."""
+    if not (block.is_cpu and block.is_contiguous() and enabled() and (_ZERO.stored() or _VARIANCE.stored())):
+        return False
+    call = _ZERO.get()
+    if call is None:
+        return False
+    call(block, block.numel() * block.element_size())
     return True
 
 
