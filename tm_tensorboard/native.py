@@ -610,6 +610,7 @@ extern "C" void kernel(double* spread_total, int64_t* spread_count, double* mean
       }
       for (int64_t k = 0; k < K; k++) {
         const Rest rest(merged.samples, shards.count(k, 4));
+        const bool dof = rest.dof > 0;  // √M2 summed, divided by √dof once below; else √(M2 / 0): inf, NaN for 0
         const double* mu_k = shards.state(k, 2) + t * U + u0;
         const double* q_k = shards.state(k, 3) + t * U + u0;
         double* acc = roots + k * TILE;
@@ -619,10 +620,11 @@ extern "C" void kernel(double* spread_total, int64_t* spread_count, double* mean
           const VD delta = mk - rest_mean;
           const VD m2_r = qq - VD::loadu(q_k + u) - delta * delta * VD(rest.w_m2);
           const VD kept = VD::blendv(m2_r, VD(0.0), m2_r <= qq * VD(r));  // NaN stays (the comparison is false)
-          (VD::loadu(acc + u) + (kept / VD(rest.dof)).sqrt()).store(acc + u);
+          (VD::loadu(acc + u) + (dof ? kept.sqrt() : (kept / VD(0.0)).sqrt())).store(acc + u);
         }
         for (int64_t u = whole; u < width; u++) {
-          acc[u] += std::sqrt(rest.m2(mu[u], q[u], mu_k[u], q_k[u], r) / rest.dof);
+          const double m2_r = rest.m2(mu[u], q[u], mu_k[u], q_k[u], r);
+          acc[u] += dof ? std::sqrt(m2_r) : std::sqrt(m2_r / 0.0);
         }
       }
       for (int64_t u = 0; merge && u < width; u++) {
@@ -641,9 +643,11 @@ extern "C" void kernel(double* spread_total, int64_t* spread_count, double* mean
       const double rest_samples = static_cast<double>(merged.sum_samples - shards.count(k, 1));
       double* tv = out + (2 * k) * U + u0;
       double* sv = out + (2 * k + 1) * U + u0;
+      const double dof = Rest(merged.samples, shards.count(k, 4)).dof;
+      const double scale = (dof > 0 ? std::sqrt(dof) : 1.0) * static_cast<double>(T);
       for (int64_t u = 0; u < width; u++) {
         tv[u] = sum_without(total[u], total_k[u], r) / rest_samples;
-        sv[u] = roots[k * TILE + u] / static_cast<double>(T);
+        sv[u] = roots[k * TILE + u] / scale;  // (the std's 1 / √dof taken out of the sum over transformations)
       }
     }
     for (int64_t u = 0; merge && u < width; u++) spread_total[u0 + u] = total[u];
