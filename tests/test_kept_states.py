@@ -64,7 +64,6 @@ def test_a_second_measurement_reuses_the_first_ones_state_memory_with_the_same_n
     assert_same(arrays(fresh), before)
 
 
-
 def test_reused_blocks_are_zeroed_by_the_streaming_kernel_with_the_same_numbers(monkeypatch):
     """Where the CPU kernels are at hand, a kept block is zeroed by native.zero_fill (streaming stores), and
     the eager updates that read their states then give the numbers of fresh states."""
@@ -85,6 +84,20 @@ def test_reused_blocks_are_zeroed_by_the_streaming_kernel_with_the_same_numbers(
     second = arrays(measurement.run(as_probe(images)))
     assert len(zeroed) == measurement.kept_states.reused and all(zeroed)
     assert_same(second, first)
+
+
+def test_a_compiled_warm_up_readies_the_zeroing_kernel(monkeypatch):
+    """A Monitor's warm-up (compiled, CPU) builds or loads the kept states' zeroing kernel, so that its first
+    measurement, which reuses the warm-up's blocks, does not wait on it."""
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "1")
+    unready = native._Kernel(native._ZERO.name, native._ZERO.source, native._ZERO.arguments)
+    monkeypatch.setattr(native, "_ZERO", unready)
+    model, images = model_and_probe()
+    measurement = Measurement(model, tm.transforms.rotations(4), measures=("invariance",), batch_size=8,
+                              compile=True)
+    assert unready._call is None
+    measurement.warm_up(as_probe(images))
+    assert unready._call is not None
 
 
 def test_blocks_the_last_measurement_did_not_use_are_let_go():

@@ -672,7 +672,6 @@ _LATER_PROCESS = textwrap.dedent(
 )
 
 
-
 @pytest.mark.parametrize("size, offset", [(1 << 20, 0), ((1 << 20) + 7, 3), (33, 15), (5, 1), (0, 0)])
 def test_zero_fill_zeroes_every_byte_of_the_block_and_none_around_it(size, offset):
     """native.zero_fill: the block's bytes all zero whatever its alignment and length (the streaming stores'
@@ -696,6 +695,18 @@ def test_zero_fill_declines_what_it_does_not_apply_to_and_touches_nothing(monkey
     block = torch.ones(1024, dtype=torch.float64)
     monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0")
     assert not native.zero_fill(block) and block.all()
+
+
+def test_the_kernels_count_as_stored_without_the_zeroings(monkeypatch):
+    """``native.stored()`` (which lets compile=None run the kernels) asks for the kernels a measurement's chunks
+    run, not for the kept states' zeroing: a machine whose update kernels were built before it existed keeps
+    running them."""
+    for kernel in native._UPDATES:
+        assert kernel.get() is not None
+    unbuilt = native._Kernel("zeroing, never built", native._ZERO.source + "// another source", native._ZERO.arguments)
+    monkeypatch.setattr(native, "_ZERO", unbuilt)
+    monkeypatch.setattr(native, "_KERNELS", (*native._UPDATES, unbuilt))
+    assert not unbuilt.stored() and native.stored()
 
 
 def test_a_later_process_loads_the_kernels_built_here_without_inductor():

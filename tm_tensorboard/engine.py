@@ -909,6 +909,8 @@ class Measurement:
             with self._keeping_states(self.device(probe).type == "cpu"):  # (the first measurement reuses them)
                 self.finalize(*self._stream_planned(sample, None, True, shards=shards), len(sample), None)
         heap.release_freed_memory()  # the warm-up's states: a whole measurement's, for two samples
+        if self.device(probe).type == "cpu" and self.memory_budget is None:  # (kept states: not under a budget)
+            native.prepare_zero_fill()
         return fused.compiled_seconds() - before + pool
 
     def native_covered(self, device: torch.device) -> bool:

@@ -5,10 +5,10 @@ states. On CPU they came fresh from the operating system each time, page by page
 2-core VM 0.2-1.2 s per GB, and with error bars (K + 1 sets when that was measured; K now where the CPU
 kernels finalize) that is ~1 GB on the reference case with the default measures, +1.1 s a measurement
 (``benchmarks/README.md``, "Roofline"). ``KeptStates`` serves a session's measurement the blocks its
-previous measurement used, zeroed in place (resident memory: streaming stores), and holds them in between: what a
-Monitor holds between steps is its last measurement's states, and blocks that measurement did not use
-again are let go. A GPU needs none of this: PyTorch's caching allocator already keeps freed blocks, where
-training can use them too.
+previous measurement used, zeroed in place (resident memory: streaming stores where the CPU kernels are at
+hand), and holds them in between: what a Monitor holds between steps is its last measurement's states, and
+blocks that measurement did not use again are let go. A GPU needs none of this: PyTorch's caching allocator
+already keeps freed blocks, where training can use them too.
 
 One-off measurements (``measure()``) share one ``KeptStates`` per process (``one_off``): a call on the same
 model object, on samples of the same shape, reuses the state memory of the calls before it, as a session's

@@ -67,9 +67,9 @@ import torch
 from . import caller
 
 __all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "moved_errors_update", "both_update",
-           "lies_channels_last", "move_back", "variance_replicates", "errors_replicates", "zero_fill", "enabled",
-           "available",
-           "stored", "build_all", "record_directory", "report_failure", "build_seconds"]
+           "lies_channels_last", "move_back", "variance_replicates", "errors_replicates", "zero_fill",
+           "prepare_zero_fill", "enabled", "available", "stored", "build_all", "record_directory", "report_failure",
+           "build_seconds"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
 TILE = 512  # most units per tile: b·T rows of 2 KB, in L2 for the moments' pass (bench_native.py)
@@ -884,8 +884,9 @@ _REPLICATES_ARGUMENTS = _STATE_ARGUMENTS[1:] + ["const int64_t*", "const double*
 _REPLICATES = _Kernel("error bars' replicates", _REPLICATES_SOURCE, _REPLICATES_ARGUMENTS)
 _ERRORS_REPLICATES = _Kernel("per-transformation error bars' replicates", _ERRORS_REPLICATES_SOURCE,
                              _REPLICATES_ARGUMENTS)
+_UPDATES = (_VARIANCE, _ERRORS, _BOTH, _WARP, _REPLICATES, _ERRORS_REPLICATES)  # what a measurement's chunks run
 _ZERO = _Kernel("zeroing of kept states", _ZERO_SOURCE, ["char*", "const int64_t"])
-_KERNELS = (_VARIANCE, _ERRORS, _BOTH, _WARP, _REPLICATES, _ERRORS_REPLICATES, _ZERO)
+_KERNELS = (*_UPDATES, _ZERO)
 
 
 def enabled() -> bool:
@@ -914,8 +915,9 @@ def record_directory() -> Path:
 
 
 def stored() -> bool:
-    """Whether every kernel is at hand without compiling (allowed, and loaded or built on this machine before)."""
-    return enabled() and all(kernel.stored() for kernel in _KERNELS)
+    """Whether every kernel a measurement's chunks run is at hand without compiling (allowed, and loaded or built
+    on this machine before). (Not the zeroing's, which only serves kept states where it is: ``zero_fill``.)"""
+    return enabled() and all(kernel.stored() for kernel in _UPDATES)
 
 
 def report_failure(instead: str = "the compiled kernels") -> None:
@@ -1093,9 +1095,9 @@ def move_back(maps: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor, 
 
 
 def zero_fill(block: torch.Tensor) -> bool:
-    """``block`` (contiguous, on CPU) set to zero by streaming stores (``_ZERO_SOURCE``), where the kernels are
-    at hand on this machine: this one is built with the others (``build_all``) or once invariance's is, never
-    for zeroing alone. False (nothing done) where not."""
+    """``block`` (contiguous, on CPU) set to zero by streaming stores (``_ZERO_SOURCE``) where that kernel is at
+    hand: built (or loaded) with the others (``build_all``), by a Monitor's warm-up (``prepare_zero_fill``), or
+    here once invariance's update is built on this machine. False (nothing done) where not."""
     if not (block.is_cpu and block.is_contiguous() and enabled() and (_ZERO.stored() or _VARIANCE.stored())):
         return False
     call = _ZERO.get()
@@ -1103,6 +1105,13 @@ def zero_fill(block: torch.Tensor) -> bool:
         return False
     call(block, block.numel() * block.element_size())
     return True
+
+
+def prepare_zero_fill() -> None:
+    """Build (or load) ``zero_fill``'s kernel now where the kernels are allowed: a compiled measurement's warm-up,
+    so that the first measurement to reuse kept states does not wait on it."""
+    if enabled():
+        _ZERO.get()
 
 
 def variance_replicates(spread_total: torch.Tensor, spread_count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
