@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -377,6 +378,7 @@ def test_a_kernel_that_does_not_build_warns_once_and_the_graphs_measure(monkeypa
     broken = native._Kernel("invariance update", native._VARIANCE_SOURCE.replace('extern "C"', "not C++"),
                             native._VARIANCE.arguments)
     monkeypatch.setattr(native, "_VARIANCE", broken)
+    monkeypatch.setattr(native, "_UPDATES", (broken, native._ERRORS))
     monkeypatch.setattr(native, "_KERNELS", (broken, native._ERRORS))
     with pytest.warns(RuntimeWarning, match="CPU kernel of the invariance update could not be built") as caught:
         first = run()
@@ -707,6 +709,22 @@ def test_the_kernels_count_as_stored_without_the_zeroings(monkeypatch):
     monkeypatch.setattr(native, "_ZERO", unbuilt)
     monkeypatch.setattr(native, "_KERNELS", (*native._UPDATES, unbuilt))
     assert not unbuilt.stored() and native.stored()
+
+
+def test_a_zeroing_kernel_that_does_not_build_leaves_the_other_kernels_on(monkeypatch):
+    """The zeroing kernel failing to build: zero_fill declines (the caller zeroes with torch), the update kernels
+    stay available to compile=None and nothing warns of it."""
+    for kernel in native._UPDATES:
+        assert kernel.get() is not None
+    broken = native._Kernel("zeroing, broken", native._PRELUDE + "this is not C++", native._ZERO.arguments)
+    monkeypatch.setattr(native, "_ZERO", broken)
+    monkeypatch.setattr(native, "_KERNELS", (*native._UPDATES, broken))
+    block = torch.ones(1024, dtype=torch.float64)
+    assert not native.zero_fill(block) and block.all()
+    assert broken.failed is not None and native.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        native.report_failure()
 
 
 def test_a_later_process_loads_the_kernels_built_here_without_inductor():

@@ -898,8 +898,9 @@ def enabled() -> bool:
 
 
 def available() -> bool:
-    """False once building a kernel failed in this process."""
-    return all(kernel.failed is None for kernel in _KERNELS)
+    """False once building a kernel a measurement's chunks run failed in this process (the zeroing's failing
+    leaves ``zero_fill`` to ``zero_``: the same zeros)."""
+    return all(kernel.failed is None for kernel in _UPDATES)
 
 
 def build_all() -> tuple["_Kernel", ...]:
@@ -924,7 +925,7 @@ def report_failure(instead: str = "the compiled kernels") -> None:
     """Warn once of each kernel that could not be built: called after a compiled graph ran, so that a
     missing compiler (which fails both) warns once, of the compiled kernels (``fused.py``); or where the
     kernels run without the graphs (``fused.NATIVE``), saying that ``instead`` runs."""
-    for kernel in _KERNELS:
+    for kernel in _UPDATES:
         if kernel.failed is not None and not kernel.reported:
             kernel.reported = True
             warnings.warn(
@@ -1097,7 +1098,8 @@ def move_back(maps: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor, 
 def zero_fill(block: torch.Tensor) -> bool:
     """``block`` (contiguous, on CPU) set to zero by streaming stores (``_ZERO_SOURCE``) where that kernel is at
     hand: built (or loaded) with the others (``build_all``), by a Monitor's warm-up (``prepare_zero_fill``), or
-    here once invariance's update is built on this machine. False (nothing done) where not."""
+    here once invariance's update is built on this machine. False (nothing done) where not, or where it failed to
+    build (the caller's ``zero_`` then: the same zeros, not worth a warning of its own)."""
     if not (block.is_cpu and block.is_contiguous() and enabled() and (_ZERO.stored() or _VARIANCE.stored())):
         return False
     call = _ZERO.get()
