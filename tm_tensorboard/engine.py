@@ -900,16 +900,17 @@ class Measurement:
         if self.compile is False or not fused.compile_available():
             return pool
         before = fused.compiled_seconds()
+        on_cpu = self.device(probe).type == "cpu"
         count = self.shards(probe, self.classes(probe))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "(NaN|inf) in the measures", RuntimeWarning)  # of a few samples
             size = max(count, 2)
             sample = Probe(probe.images[:size], None if probe.labels is None else probe.labels[:size])
             shards = [(k, k + 1) for k in range(count)] if count > 1 else None
-            with self._keeping_states(self.device(probe).type == "cpu"):  # (the first measurement reuses them)
+            with self._keeping_states(on_cpu):  # (the first measurement reuses them)
                 self.finalize(*self._stream_planned(sample, None, True, shards=shards), len(sample), None)
         heap.release_freed_memory()  # the warm-up's states: a whole measurement's, for two samples
-        if self.device(probe).type == "cpu" and self.memory_budget is None:  # (kept states: not under a budget)
+        if on_cpu and self.memory_budget is None:  # (kept states: not under a budget)
             native.prepare_zero_fill()
         return fused.compiled_seconds() - before + pool
 

@@ -60,7 +60,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -610,7 +610,7 @@ extern "C" void kernel(double* spread_total, int64_t* spread_count, double* mean
       }
       for (int64_t k = 0; k < K; k++) {
         const Rest rest(merged.samples, shards.count(k, 4));
-        const bool dof = rest.dof > 0;  // √M2 summed, divided by √dof once below; else √(M2 / 0): inf, NaN for 0
+        const bool scaled = rest.dof > 0;  // √M2 summed, divided by √dof once below; else √(M2 / 0): inf, NaN for 0
         const double* mu_k = shards.state(k, 2) + t * U + u0;
         const double* q_k = shards.state(k, 3) + t * U + u0;
         double* acc = roots + k * TILE;
@@ -620,11 +620,11 @@ extern "C" void kernel(double* spread_total, int64_t* spread_count, double* mean
           const VD delta = mk - rest_mean;
           const VD m2_r = qq - VD::loadu(q_k + u) - delta * delta * VD(rest.w_m2);
           const VD kept = VD::blendv(m2_r, VD(0.0), m2_r <= qq * VD(r));  // NaN stays (the comparison is false)
-          (VD::loadu(acc + u) + (dof ? kept.sqrt() : (kept / VD(0.0)).sqrt())).store(acc + u);
+          (VD::loadu(acc + u) + (scaled ? kept.sqrt() : (kept / VD(0.0)).sqrt())).store(acc + u);
         }
         for (int64_t u = whole; u < width; u++) {
           const double m2_r = rest.m2(mu[u], q[u], mu_k[u], q_k[u], r);
-          acc[u] += dof ? std::sqrt(m2_r) : std::sqrt(m2_r / 0.0);
+          acc[u] += scaled ? std::sqrt(m2_r) : std::sqrt(m2_r / 0.0);
         }
       }
       for (int64_t u = 0; merge && u < width; u++) {
@@ -951,10 +951,11 @@ def _takes_rows(rows: torch.Tensor, T: int, units: int) -> bool:
     return numel > 0 and numel % (T * units) == 0
 
 
-def _states(states: tuple[torch.Tensor, ...], numel: int) -> bool:
-    """Whether a kernel takes these states: float64, contiguous, on CPU, ``numel`` values each."""
+def _states(states: Sequence[torch.Tensor], numel: int | None = None) -> bool:
+    """Whether a kernel takes these states: float64, contiguous, on CPU, ``numel`` values each (if given)."""
     for state in states:
-        if not (state.is_cpu and state.dtype is torch.float64 and state.is_contiguous() and state.numel() == numel):
+        if not (state.is_cpu and state.dtype is torch.float64 and state.is_contiguous()
+                and (numel is None or state.numel() == numel)):
             return False
     return True
 
@@ -1165,8 +1166,8 @@ def _replicates(kernel: _Kernel, whole: tuple[torch.Tensor, ...], shards: tuple[
     CPU states, int64 counts. False (nothing done) where not."""
     states = [whole[0], whole[2], whole[3], *shards[0], *shards[2], *shards[3], out]
     counts = [whole[1], whole[4], *shards[1], *shards[4]]
-    if not (enabled() and all(s.device.type == "cpu" and s.dtype == torch.float64 and s.is_contiguous() for s in states)
-            and all(c.device.type == "cpu" and c.dtype == torch.int64 and c.numel() == 1 for c in counts)):
+    if not (enabled() and _states(states)
+            and all(c.is_cpu and c.dtype is torch.int64 and c.numel() == 1 for c in counts)):
         return False
     call = kernel.get()
     if call is None:
