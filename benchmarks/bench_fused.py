@@ -13,7 +13,10 @@
    2 threads: the reference case of bench_engine.py (13 layers, N = 256) and ResNet18Style(width=0.25) at
    32 px (59 layers, N = 128), T = 16 rotations, batch_size 4 and 16; invariance compiled (on CPU with
    native.py's kernel) and eager, the default measures compiled, all with error bars as by default
-   (8 shards) and the compiled ones also without (``error_bars=False``).
+   (8 shards) and the compiled ones also without (``error_bars=False``). ``--layers default`` measures as
+   measure() does by default (ResNet18Style's 20 eval-mode BatchNorms of convolutions derived from their
+   inputs' states, ``derived.py``: the result still holds all 59 layers), ``--layers all`` with
+   ``dedupe_batchnorm=False`` (every layer hooked and measured, as the records before stop 58).
    Every method runs once per repetition, in turn; medians of ``--reps``, and the median of each repetition's
    ratio to the floor run just before (``paired_ratios``). The kernels are compiled
    before the timed part (that cost is item 3).
@@ -256,9 +259,11 @@ def speed_cases() -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
     }
 
 
-def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int) -> dict:
-    """Interleaved wall times of the floors and measure() variants of one model."""
+def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int, layers: str = "default") -> dict:
+    """Interleaved wall times of the floors and measure() variants of one model (``layers``: "default", the
+    BatchNorms derived as measure() does by default, or "all", every layer measured)."""
     tset = tm.transforms.rotations(T)
+    dedupe = None if layers == "default" else False
     methods: dict[str, Callable[[], Any]] = {}
     for batch_size in (4, 16):
         methods[f"floor_b{batch_size}"] = forward_floor(model, [tset.apply(chunk) for chunk in probe.split(batch_size)])
@@ -268,14 +273,17 @@ def speed_case(name: str, model: torch.nn.Module, probe: torch.Tensor, reps: int
         for label, measures, compile, bars in variants:  # error_bars None: the default (on where they fit)
             methods[f"{label}_b{batch_size}"] = (
                 lambda m=measures, c=compile, b=batch_size, e=bars: tm.measure(
-                    model, probe, tset, measures=m, batch_size=b, compile=c, error_bars=e, dedupe_batchnorm=False)
+                    model, probe, tset, measures=m, batch_size=b, compile=c, error_bars=e, dedupe_batchnorm=dedupe)
             )
     timings = timed(methods, reps, name)
     median = timings["median_s"]
     ratios = {f"{m}_over_floor": ratio for m, ratio in over_floor(median).items()}
+    result = tm.measure(model, probe[:2], tset, measures=INVARIANCE, dedupe_batchnorm=dedupe)
     return {
         "N": len(probe),
-        "layers": len(tm.measure(model, probe[:2], tset, measures=INVARIANCE, dedupe_batchnorm=False).layers),
+        "layers_option": layers,
+        "layers": len(result.layers),
+        "layers_measured": len(result.layers) - len(result.derived),
         "min_s": {m: min(ts) for m, ts in timings["all_s"].items()},
         "ratios": ratios,
         "paired_ratios": {f"{m}_over_floor": ratio for m, ratio in paired_over_floor(timings["all_s"]).items()},
@@ -643,6 +651,9 @@ def main() -> None:
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="run some parts; the others' figures already in --output are kept")
+    parser.add_argument("--layers", choices=("default", "all"), default="default",
+                        help="the speed part: measure()'s default (BatchNorms derived from their inputs) or every "
+                             "layer measured (dedupe_batchnorm=False)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     warm_allocator()
@@ -698,7 +709,7 @@ def main() -> None:
         return
 
     figures["speed"] = {
-        case: speed_case(label, model, probe, args.reps)
+        case: speed_case(label, model, probe, args.reps, args.layers)
         for (case, (model, probe)), label in zip(speed_cases().items(), ("reference", "resnet"))
     }
     for case, value in figures["speed"].items():

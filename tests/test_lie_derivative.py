@@ -264,7 +264,7 @@ def test_monitor_logs_it_and_the_plugin_lists_it(tmp_path):
         assert run.means["lie_rotation"][layer].values[0] == pytest.approx(value, rel=1e-6)
     definitions = {m["name"]: m["description"] for m in run.config["measures"]}
     assert "radians" in definitions["lie_rotation"] and "Lie derivative" in definitions["lie_brightness"]
-    assert set(run.config["actions"]) == {"0", "1", "2", "3", "5", "6"}  # feature maps (BatchNorm "4" left out)
+    assert set(run.config["actions"]) == {"0", "1", "2", "3", "4", "5", "6"}  # feature maps (BatchNorm "4" derived)
     listed = get_json(client_for(tmp_path), "/runs")["runs"][0]["measures"]
     assert listed == ["tvi", "svi", "nvi", "lie_rotation", "lie_brightness"]
 

@@ -17,6 +17,7 @@ from tm_tensorboard.examples.models import ResNet50, SimpleCNN
 from tm_tensorboard.layer_measures import GROUPS, LayerMeasure
 from tm_tensorboard.memory import format_bytes, parse_bytes
 from tm_tensorboard.positions import AUTO_POSITIONS
+from tm_tensorboard.probe import as_probe
 from tm_tensorboard.statistics import StreamingState
 from models import randomize_batchnorm, small_cnn
 
@@ -306,10 +307,11 @@ def _batchnorm_inputs(model: ResNet50) -> dict[str, str]:
     return pairs
 
 
-def test_eval_batchnorm_has_its_inputs_nvi_and_is_left_out():
+def test_eval_batchnorm_has_its_inputs_nvi_and_is_derived_from_it():
     """Random running statistics and affine parameters, a third of the γ negative: every BatchNorm's
     per-element nvi equals its convolution's, and by default (as with dedupe_batchnorm=True) all 53 are left
-    out of the 158 layers; dedupe_batchnorm=False measures them."""
+    out of the forward's 158 observed layers and derived from their convolutions' (``derived.py``: the same
+    158 layers and values in the result); dedupe_batchnorm=False measures them."""
     torch.manual_seed(0)
     model = ResNet50(3, 10, width=0.125).double()
     randomize_batchnorm(model)
@@ -330,11 +332,19 @@ def test_eval_batchnorm_has_its_inputs_nvi_and_is_left_out():
         scale = full.get("tvi", bn, per="element") / full.get("tvi", conv, per="element")
         assert np.nanstd(scale) > 0.1  # not the identity: the BatchNorm scales each channel by its own |γ|/σ
     deduped = tm.measure(model, images, tset, **keywords)  # the default
-    assert deduped.layers == [name for name in full.layers if name not in pairs] and len(deduped.layers) == 105
-    assert tm.measure(model, images, tset, dedupe_batchnorm=True, **keywords).layers == deduped.layers
+    assert deduped.layers == full.layers and deduped.derived == pairs and full.derived == {}
+    measurement = Measurement(model, tset, measures=("invariance",), batch_size=3, error_bars=False)
+    assert [info.name for info in measurement.discover(as_probe(images))] == [
+        name for name in full.layers if name not in pairs]  # 105 layers observed
+    assert tm.measure(model, images, tset, dedupe_batchnorm=True, **keywords).derived == pairs
     for layer in deduped.layers:
-        np.testing.assert_array_equal(deduped.get("nvi", layer), full.get("nvi", layer))
-    assert [deduped.layer_info(name).index for name in deduped.layers] == list(range(105))
+        if layer in pairs:
+            for measure in ("tvi", "svi", "nvi"):
+                np.testing.assert_allclose(deduped.get(measure, layer, per="element"),
+                                           full.get(measure, layer, per="element"), rtol=1e-9, err_msg=layer)
+        else:
+            np.testing.assert_array_equal(deduped.get("nvi", layer), full.get("nvi", layer))
+    assert [deduped.layer_info(name).index for name in deduped.layers] == list(range(158))
     explicit = tm.measure(model, images, tset, layers=["stem.0", "stem.1"], **keywords)  # on request
     assert explicit.layers == ["stem.0", "stem.1"]
     with pytest.raises(ValueError, match="dedupe_batchnorm=True thins the default layer selection"):
@@ -361,9 +371,9 @@ def test_dedupe_is_refused_where_a_batchnorm_measures_differ_from_its_inputs():
     for name in ("nvse", "ee"):  # with border padding they are equal, and the BatchNorm is left out
         np.testing.assert_allclose(border.get(name, "4", per="element"), border.get(name, "3", per="element"),
                                    rtol=1e-9)
-    assert "4" not in tm.measure(model, images, T.rotations(5), measures=("same_equivariance",),
-                                 dedupe_batchnorm=True).layers
-    assert "4" not in tm.measure(model, images, T.rotations(5), measures=("same_equivariance",)).layers
+    assert tm.measure(model, images, T.rotations(5), measures=("same_equivariance",),
+                      dedupe_batchnorm=True).derived == {"4": "3"}
+    assert tm.measure(model, images, T.rotations(5), measures=("same_equivariance",)).derived == {"4": "3"}
 
 
 def test_a_batchnorm_under_a_grouped_feature_action_is_kept():
@@ -378,9 +388,13 @@ def test_a_batchnorm_under_a_grouped_feature_action_is_kept():
     for dedupe in (None, True):
         result = tm.measure(model, images, T.rot90(), measures=("invariance", "equivariance_error"), actions=shift,
                             error_bars=False, dedupe_batchnorm=dedupe)
-        assert "4" in result.layers
+        assert "4" in result.layers and result.derived == {}
         assert not np.allclose(result.get("ee", "4", per="element"), result.get("ee", "3", per="element"))
-    assert "4" not in tm.measure(model, images, T.rot90(), measures=("invariance",), actions=shift).layers
+    assert tm.measure(model, images, T.rot90(), measures=("invariance",), actions=shift).derived == {"4": "3"}
+    only = {"3": tm.actions.cyclic_shift(4)}  # the convolution's action alone: its BatchNorm's is the identity's
+    result = tm.measure(model, images, T.rot90(), measures=("equivariance_error",), actions=only, error_bars=False)
+    assert result.derived == {}
+    assert not np.allclose(result.get("ee", "4", per="element"), result.get("ee", "3", per="element"))
 
 
 class _Kept(nn.Module):
@@ -406,7 +420,8 @@ class _Kept(nn.Module):
 def test_only_batchnorms_of_an_unaltered_observed_output_are_left_out():
     model = _Kept()
     result = tm.measure(model, _images(4), T.rot90(), measures=("invariance",), dedupe_batchnorm=True)
-    assert result.layers == ["conv", "after_sum", "batch_statistics", "after_inplace"]
+    assert result.layers == ["conv", "after_sum", "batch_statistics", "plain", "after_inplace"]
+    assert result.derived == {"plain": "conv"}
 
 
 def test_a_budget_is_met_with_float32_states_then_sampled_positions():

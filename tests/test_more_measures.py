@@ -49,10 +49,11 @@ def ee_reference(A: np.ndarray, identity: int, per: str) -> np.ndarray:
 def test_equivariance_error_identity_action_equals_brute_force(probe, chunk):
     model = small_cnn()
     tset = T.rot90()
-    A = brute(model, probe, tset, ["0", "3", "5"], undo=lambda fm, t: torch.rot90(fm, -t, dims=(2, 3)))
+    A = brute(model, probe, tset, ["0", "3", "4", "5"], undo=lambda fm, t: torch.rot90(fm, -t, dims=(2, 3)))
     result = tm.measure(model, probe, tset, measures=("equivariance_error",), batch_size=chunk)
-    assert result.layers_of("ee") == ["0", "1", "2", "3", "5", "6"]  # the BatchNorm "4" of "3" is left out
-    for layer in ("0", "3", "5"):
+    assert result.layers_of("ee") == ["0", "1", "2", "3", "4", "5", "6"]
+    assert result.derived == {"4": "3"}  # the BatchNorm "4" of "3": derived from its states, not measured
+    for layer in ("0", "3", "4", "5"):
         for per in ("element", "channel"):
             # float32 forward passes of different batch sizes round differently; tiny variances magnify it
             np.testing.assert_allclose(result.get("ee", layer, per=per), ee_reference(A[layer], 0, per), rtol=1e-4, atol=1e-9)

@@ -178,7 +178,8 @@ def test_stratified_needs_two_samples_per_class():
 
 
 def test_host_transfers_once_per_layer_and_no_item_calls(monkeypatch):
-    """The only device-to-host copies are the final ones: one per layer, one for accuracy."""
+    """The only device-to-host copies are the final ones: one per measured layer, one for accuracy, one for the
+    scales of the BatchNorms derived from their inputs."""
     counts = {"cpu": 0, "item": 0, "numpy": 0, "to_cpu": 0}
     original_cpu, original_item, original_to = torch.Tensor.cpu, torch.Tensor.item, torch.Tensor.to
 
@@ -204,7 +205,8 @@ def test_host_transfers_once_per_layer_and_no_item_calls(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", to)
     result = session.run(probe)
     assert counts["item"] == 0 and counts["to_cpu"] == 0
-    assert counts["cpu"] == len(result.layers) + 1
+    assert result.derived == {"4": "3"}
+    assert counts["cpu"] == len(result.layers) - len(result.derived) + 2
 
 
 def test_streaming_runs_on_the_meta_device():

@@ -2,9 +2,10 @@
 
 Layers are chosen by module name (as in ``model.named_modules()``), glob pattern or module type; the
 default is every leaf module except no-op ones (dropout, identity, flatten), and attention modules as a
-whole. (By default, ``dedupe_batchnorm``, the measurement also leaves out of the default the eval-mode
-BatchNorms that only rescale another observed output per channel: ``AffineBatchNorms`` finds them in the
-discovery pass, as only running the model shows what feeds what.) A module called several times in one
+whole. (By default, ``dedupe_batchnorm``, the measurement also leaves out of the forward's hooks the
+eval-mode BatchNorms that only rescale another observed output per channel, and derives their measures from
+that output's: ``AffineBatchNorms`` finds them in the discovery pass, as only running the model shows what
+feeds what.) A module called several times in one
 forward (a shared ReLU) yields one activation per call: ``name``, ``name#2``, ...
 
 A layer is measured on its output tensor, or on the first element of a tuple output (attention's
@@ -232,36 +233,47 @@ class AffineBatchNorms:
     y.) Such a BatchNorm is found by the identity of its input tensor with a recorded output of an observed
     module and the tensor's version counter (an in-place change in between breaks the match): a
     BatchNorm fed a view, a sum or anything computed outside the observed modules is kept. ``redundant``:
-    the names of the BatchNorms whose every call was such a map.
+    the names of the BatchNorms whose every call was such a map; ``sources``: for each of their calls, the
+    activation it mapped (activations named as ``Capture`` names them: ``name``, ``name#2``, ...), from which
+    ``derived.py`` gives the BatchNorm's measures without measuring it.
     """
 
     def __init__(self, modules: Iterable[tuple[str, nn.Module]]):
         self._modules = list(modules)
         self._handles: list = []
-        self._outputs: dict[int, tuple[weakref.ref, int]] = {}  # id(tensor) -> (weak reference, version)
+        # id(tensor) -> (weak reference, version, the activation's name)
+        self._outputs: dict[int, tuple[weakref.ref, int, str]] = {}
         self._affine: dict[str, bool] = {}  # BatchNorm name -> every call so far mapped an observed output
+        self._calls: dict[str, int] = {}  # module name -> calls so far (the activations' names)
+        self.sources: dict[str, str] = {}  # a BatchNorm's activation -> the observed activation it mapped
 
     @property
     def redundant(self) -> list[str]:
         return [name for name, affine in self._affine.items() if affine]
 
-    def _observed(self, tensor: object) -> bool:
+    def _observed(self, tensor: object) -> str | None:
+        """The name of the observed activation ``tensor`` is, unchanged since; None if it is none."""
         if not isinstance(tensor, torch.Tensor):
-            return False
+            return None
         entry = self._outputs.get(id(tensor))
-        return entry is not None and entry[0]() is tensor and entry[1] == tensor._version
+        return entry[2] if entry is not None and entry[0]() is tensor and entry[1] == tensor._version else None
 
     def _hook_for(self, name: str):
         def hook(module: nn.Module, inputs, output) -> None:
+            calls = self._calls[name] = self._calls.get(name, 0) + 1
+            activation = name if calls == 1 else f"{name}#{calls}"
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                source = self._observed(inputs[0]) if inputs else None
                 affine = not module.training and module.running_mean is not None and module.running_var is not None \
-                    and bool(inputs) and self._observed(inputs[0])
+                    and source is not None
                 self._affine[name] = self._affine.get(name, True) and affine
+                if affine:
+                    self.sources[activation] = source
             try:
                 tensor = output_tensor(output)
             except TypeError:
                 return
-            self._outputs[id(tensor)] = (weakref.ref(tensor), tensor._version)
+            self._outputs[id(tensor)] = (weakref.ref(tensor), tensor._version, activation)
 
         return hook
 

@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import nn
 
-from . import block_pool, caller, distributed, fused, heap, kept_states, lie, memory, native
+from . import block_pool, caller, derived, distributed, fused, heap, kept_states, lie, memory, native
 from .actions import FeatureAction, identity
 from .capture import (
     AffineBatchNorms,
@@ -161,12 +161,15 @@ def measure(
     the measurement takes float32 states (``state_dtype=None``), then sampled positions (``positions="auto"``),
     saying so in a warning; layers whose states still do not fit together are measured in several passes over
     the probe (the same numbers, more forwards), and a layer that does not fit alone is a ValueError naming
-    the largest layers and what to change. ``dedupe_batchnorm`` leaves out of the default layers the eval-mode
-    BatchNorms that only rescale another observed layer's output per channel: their measures equal their
-    input's (nvi per element and per channel, ``capture.AffineBatchNorms``). None (the default) does so
-    wherever that is exact and silently measures them otherwise (with ``layers=``, Goodfellow's measures,
-    moving measures under padding="zeros", or a non-identity feature action for the equivariance error /
-    Lie derivatives); True does so too but makes the first three a ValueError; False measures them all.
+    the largest layers and what to change. ``dedupe_batchnorm`` leaves out of the forward's hooks the eval-mode
+    BatchNorms that only rescale another observed layer's output per channel (``capture.AffineBatchNorms``) and
+    derives their measures from their input's states instead (``derived.py``: each component scaled by a
+    power of |γ| / σ; nvi per element and per channel is the input's): the result holds them as measured, at
+    no cost, and ``result.derived`` names them. None (the default) does so wherever that is exact and
+    silently measures them otherwise (with ``layers=``, Goodfellow's measures, moving measures under
+    padding="zeros", a non-identity feature action for the equivariance error / Lie derivatives, or a
+    BatchNorm that reads its input's units otherwise); True does so too but makes the first three a
+    ValueError; False measures them all.
     ``positions=K`` keeps the states of K random positions per channel (fixed by ``positions_seed`` and the
     layer) on layers with more, so per-channel values are estimates of known error at K / (H·W) the state
     memory; no per-element values there, and only the invariance, same-equivariance, per-transformation
@@ -489,12 +492,16 @@ class Measurement:
         self.error_bars = None if error_bars is None else DEFAULT_SHARDS if error_bars is True else max(int(error_bars), 1)
         self._shards: dict[tuple, int] = {}  # the automatic choice per probe shape and classes
         self.modules, self.explicit = select_modules(self.model, layers)
+        self._selected = self.modules  # (``discover`` leaves out the BatchNorms it derives)
         self.memory_budget = None if memory_budget is None else memory.parse_bytes(memory_budget)
         self.kept_states = KeptStates()  # this session's last measurement's states, for its next (CPU, no budget)
         # None: wherever exact; the discovery pass that finds them runs only when there is a BatchNorm to leave out
         self.dedupe_batchnorm = dedupe_batchnorm is not False and refusal is None and any(
             isinstance(module, nn.modules.batchnorm._BatchNorm) for _, module in self.modules)
-        self._layers: tuple[tuple, list[LayerInfo]] | None = None  # (probe sample shape, dtype), discovered layers
+        self._layers: tuple[tuple, list[LayerInfo]] | None = None  # (probe sample shape, dtype), measured layers
+        # a BatchNorm's activation -> (the activation its measures derive from, its module type): ``discover``
+        self._derived: dict[str, tuple[str, str]] = {}
+        self._order: dict[str, int] = {}  # every discovered activation -> its place in the network's order
         self._passes_warned = False  # the warning about several passes is given once
         self._working_bytes: int | None = None  # one chunk's working memory as planned (``passes``), under a budget
         self._fits = False  # set once the model ran on a probe batch
@@ -520,12 +527,12 @@ class Measurement:
             )
         return None
 
-    def _same_as_input(self, name: str) -> bool:
-        """Whether a BatchNorm that rescales an observed output per channel also measures what it does under
-        its feature action: not a grouped one (orientation pooling or cyclic shifts mix channels with different
-        scales) for the equivariance error or a Lie derivative."""
+    def _same_as_input(self, name: str, source: str) -> bool:
+        """Whether a BatchNorm that rescales the observed output ``source`` per channel measures what it does
+        under their feature actions: the identity's on both for the equivariance error or a Lie derivative (a
+        grouped one, orientation pooling or cyclic shifts, mixes channels with different scales)."""
         moving = any(g == "equivariance_error" or g in lie.GENERATORS for g in self.groups)
-        return not moving or type(self.options.actions(name)) is FeatureAction
+        return not moving or all(type(self.options.actions(n)) is FeatureAction for n in (name, source))
 
     def use_labels(self, probe: Probe) -> None:
         """With the default measures, a probe with labels adds accuracy; explicit measures that leave the
@@ -637,12 +644,14 @@ class Measurement:
             )
 
     def discover(self, probe: Probe) -> list[LayerInfo]:
-        """Run one probe sample through the model to check that everything fits and learn the layers (once
-        per probe sample shape and dtype). With ``dedupe_batchnorm``, the BatchNorms that only rescale
-        another observed output per channel (``capture.AffineBatchNorms``) leave the observed modules."""
+        """Run one probe sample through the model to check that everything fits and learn the layers it
+        measures (once per probe sample shape and dtype). With ``dedupe_batchnorm``, the BatchNorms that only
+        rescale another observed output per channel (``capture.AffineBatchNorms``) leave the observed modules:
+        their measures are derived from their inputs' (``derived.py``, ``finalize``)."""
         key = (tuple(probe.images.shape[1:]), probe.images.dtype)
         if self._layers is not None and self._layers[0] == key:
             return self._layers[1]
+        self.modules = self._selected
         observers: dict[str, _Observer] = {}
         tracing = AffineBatchNorms(self.modules) if self.dedupe_batchnorm else contextlib.nullcontext()
         with warnings.catch_warnings(), tracing as trace:
@@ -650,13 +659,37 @@ class Measurement:
             first = Probe(probe.images[:1], None if probe.labels is None else probe.labels[:1])
             self.stream(first, None, TRANSFORMED, observers, None, groups=(), all_labels=probe.labels)
         layers = [o.info for o in observers.values()]
+        derived: dict[str, str] = {}
         if trace is not None:
-            redundant = {name for name in trace.redundant if self._same_as_input(name)}
-            self.modules = [(name, module) for name, module in self.modules if name not in redundant]
-            kept = [info for info in layers if info.name.split("#")[0] not in redundant]
-            layers = [dataclasses.replace(info, index=index) for index, info in enumerate(kept)]
-        self._layers = (key, layers)
-        return layers
+            derived = self._derivable(layers, trace)
+            left_out = {name.split("#")[0] for name in derived}
+            self.modules = [(name, module) for name, module in self.modules if name not in left_out]
+        self._derived = {name: (source, observers[name].info.module_type) for name, source in derived.items()}
+        self._order = {name: index for index, name in enumerate(observers)}
+        measured = [info for info in layers if info.name not in derived]
+        self._layers = (key, [dataclasses.replace(info, index=index) for index, info in enumerate(measured)])
+        return self._layers[1]
+
+    def result_layers(self, probe: Probe) -> list[LayerInfo]:
+        """The layers a result on ``probe`` holds, in the network's order: those ``discover`` measures and the
+        BatchNorms derived from them."""
+        return self._with_derived({info.name: info for info in self.discover(probe)}, {}, {})[0]
+
+    def _derivable(self, layers: list[LayerInfo], trace: AffineBatchNorms) -> dict[str, str]:
+        """{BatchNorm activation: the activation it maps} for the BatchNorms whose every call maps an observed
+        output whose measures give its own (``_same_as_input``), read the same way (units, channels first)."""
+        infos = {info.name: info for info in layers}
+        alike = {
+            activation: source for activation, source in trace.sources.items()
+            if activation in infos and source in infos and self._same_as_input(activation, source)
+            and (infos[activation].unit_shape, infos[activation].tokens, infos[activation].grid)
+            == (infos[source].unit_shape, infos[source].tokens, infos[source].grid)
+        }
+        calls: dict[str, list[str]] = {}
+        for info in layers:
+            calls.setdefault(info.name.split("#")[0], []).append(info.name)
+        return {activation: source for activation, source in alike.items()
+                if all(call in alike for call in calls[activation.split("#")[0]])}
 
     def estimate_memory(self, probe: Probe, classes: list[int] | None, shards: int | None = None) -> memory.MemoryReport:
         """The memory this measurement needs on ``probe`` (``memory.py``; the discovery pass runs first, and
@@ -1262,8 +1295,9 @@ class Measurement:
                 what = "inf" if layers is inf_layers else "NaN"
                 warnings.warn(f"{what} in the measures of layer(s) {', '.join(layers)}: {why}", RuntimeWarning,
                               stacklevel=caller.stacklevel())
+        layers, derived_from = self._with_derived({name: o.info for name, o in observers.items()}, components, shards)
         return MeasureResult(
-            [o.info for o in observers.values()],
+            layers,
             self.transformations,
             num_samples,
             components,
@@ -1271,7 +1305,31 @@ class Measurement:
             classes,
             masked_groups=self.masked_groups,
             shards={g: layers for g, layers in shards.items() if layers},
+            derived=derived_from,
         )
+
+    def _with_derived(self, infos: dict[str, LayerInfo], components: dict[str, dict], shards: dict[str, dict]
+                      ) -> tuple[list[LayerInfo], dict[str, str]]:
+        """Add the BatchNorms ``discover`` left out to ``components`` and ``shards``, derived from their inputs'
+        (``derived.py``); every layer in the network's order, and {BatchNorm: its input} of those added."""
+        added: dict[str, str] = {}
+        for name, (source, module_type) in self._derived.items():  # in the network's order: a source first
+            if source in infos:  # (else its input did not run)
+                infos[name] = dataclasses.replace(infos[source], name=name, module_type=module_type)
+                added[name] = source
+        modules = dict(self._selected)
+        scales = derived.scales([modules[name.split("#")[0]] for name in added]) if components else []
+        for (name, source), s in zip(added.items(), scales):
+            for group, layers in components.items():
+                if source in layers:
+                    names, values = layers[source]
+                    values, replicates = derived.derive(names, values, shards[group].get(source), s,
+                                                        len(self.transformations))
+                    layers[name] = (names, values)
+                    if replicates is not None:
+                        shards[group][name] = replicates
+        ordered = sorted(infos.values(), key=lambda info: self._order.get(info.name, len(self._order)))
+        return [dataclasses.replace(info, index=index) for index, info in enumerate(ordered)], added
 
     @property
     def masked_groups(self) -> tuple[str, ...]:

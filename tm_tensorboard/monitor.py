@@ -134,8 +134,9 @@ class Monitor:
     rounding. ``error_bars`` is measure()'s too (by default on where they fit): with
     them, each layer mean is logged with its jackknife standard error over interleaved shards of the probe. ``state_dtype``, ``memory_budget`` and
     ``dedupe_batchnorm`` are measure()'s (by default an eval-mode BatchNorm that only rescales another
-    observed layer's output is left out where that is exact; False measures it): a budget too small for a
-    layer's states is a ValueError here. ``positions`` and ``positions_seed`` are measure()'s too: the same
+    observed layer's output is derived from that output's states where that is exact; False measures it): a
+    budget too small for a layer's states is a ValueError here. ``positions`` and ``positions_seed`` are
+    measure()'s too: the same
     sampled positions at every step. On CPU without a ``memory_budget``, the Monitor keeps its last
     measurement's states between steps, so that the next one does not page them in anew (``kept_states.py``).
     """
@@ -211,9 +212,10 @@ class Monitor:
         self._classes = self._measurement.classes(samples)
         self._probe = samples.to(self._measurement.device(samples))  # moved once, not every step
         self._measurement.passes(self._probe, self._classes)  # a memory_budget too small fails here, not at a step
-        self.layers: list[LayerInfo] = self._measurement.discover(self._probe)  # (with the positions fit chose)
+        measured = self._measurement.discover(self._probe)  # (with the positions fit chose)
+        self.layers: list[LayerInfo] = self._measurement.result_layers(self._probe)  # (and the derived BatchNorms)
         if self._measurement.compile is None:  # decide now: compiling pays over the many measurements to come
-            values = self._measurement.values_per_measurement(self.layers, len(samples))
+            values = self._measurement.values_per_measurement(measured, len(samples))
             self._measurement.compile = self._measurement.choose_kernels(
                 values, self._measurement.device(self._probe), MEASUREMENTS_EXPECTED)
         self.compile_seconds = self._measurement.warm_up(self._probe)  # 0 if already compiled, eager or the CPU kernels

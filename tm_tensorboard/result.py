@@ -47,6 +47,7 @@ class MeasureResult:
         classes: Sequence[int] | None = None,
         masked_groups: Sequence[str] = (),
         shards: dict[str, dict[str, np.ndarray]] | None = None,
+        derived: dict[str, str] | None = None,
     ):
         self._layers = {info.name: info for info in layers}
         self.transformations = transformations
@@ -59,6 +60,14 @@ class MeasureResult:
         self.classes = list(classes) if classes is not None else None
         # group -> layer -> float64 [K, classes, components, channels]: the components without each shard
         self._shards = shards or {}
+        self._derived = dict(derived or {})
+
+    @property
+    def derived(self) -> dict[str, str]:
+        """{BatchNorm layer: the layer whose measures gave its own} for the eval-mode BatchNorms measured from
+        their inputs' states instead of their outputs (``dedupe_batchnorm``, ``derived.py``): equal up to the
+        float rounding of the BatchNorm's output, which measuring it directly adds."""
+        return dict(self._derived)
 
     @property
     def layers(self) -> list[str]:
