@@ -34,7 +34,7 @@ def scales(modules: list[nn.modules.batchnorm._BatchNorm]) -> list[np.ndarray]:
         parts = [t.detach().reshape(-1) for m in modules
                  for t in (m.running_var, m.weight if m.weight is not None else torch.ones_like(m.running_var))]
         dtype = functools.reduce(torch.promote_types, [t.dtype for t in parts])
-        host = torch.cat([t.to(dtype) for t in parts]).cpu().numpy().astype(np.float64)
+        host = torch.cat([t.to(dtype) for t in parts]).cpu().to(torch.float64).numpy()  # (bfloat16: no numpy dtype)
     out, start = [], 0
     for m in modules:
         channels = m.running_var.numel()
