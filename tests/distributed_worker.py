@@ -46,6 +46,9 @@ def run(scenario: str, rank: int, world: int, out: Path) -> None:
     model = small_cnn(seed=3)
     if scenario == "measure":
         images, labels = probe(13)
+        if rank:  # this rank's own BatchNorm statistics: the ranks measure (and derive "4" from "3") with rank 0's
+            with torch.no_grad():
+                model[4].running_var.fill_(4.0)
         both = ("invariance", "same_equivariance", "accuracy")
         # batch_size=1: the same forward batches as the single-process reference (float32 convolutions
         # round differently for different batch compositions, by ~1e-7 of the activations)

@@ -996,7 +996,9 @@ class Measurement:
         # 2. Under a memory budget, once per pass over the probe (every rank plans the same passes).
         observers, accuracy = self._in_passes(probe, classes, None, lambda compiled: self._stream_distributed(
             probe, classes, rank, world, compiled))
-        return self.finalize(observers, accuracy, len(probe), classes)
+        # the derived BatchNorms' scales from the running statistics the ranks measured with: rank 0's
+        with distributed.rank0_buffers(self.model) if self._derived else contextlib.nullcontext():
+            return self.finalize(observers, accuracy, len(probe), classes)
 
     def _stream_distributed(self, probe: Probe, classes: list[int] | None, rank: int, world: int,
                             compiled: bool | None) -> tuple[dict[str, "_Observer"], AccuracyState | None]:
