@@ -12,6 +12,7 @@ from torch import nn
 import tm_tensorboard as tm
 from tm_tensorboard import transforms as T
 from tm_tensorboard.engine import Measurement
+from tm_tensorboard.examples.models import P4BatchNorm2d
 from tm_tensorboard.probe import as_probe
 from models import randomize_batchnorm
 
@@ -178,3 +179,13 @@ def test_derived_batchnorms_under_sampled_positions_use_their_inputs(positions):
     np.testing.assert_allclose(result.get("nvi", "bn"), result.get("nvi", "conv"), rtol=1e-9)
     scale = (model.bn.weight.abs() / torch.sqrt(model.bn.running_var + model.bn.eps)).detach().numpy()
     np.testing.assert_allclose(result.get("tvi", "bn"), result.get("tvi", "conv") * scale, rtol=1e-12)
+
+
+def test_a_batchnorm_subclass_with_its_own_forward_is_measured():
+    """P4BatchNorm2d shares one (γ, σ) pair among a filter's 4 orientation channels through a forward of its
+    own: which channel each pair scales is the subclass's to say, so it is measured, not derived."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), P4BatchNorm2d(2), nn.BatchNorm2d(8)).double().eval()
+    randomize_batchnorm(model)
+    result = tm.measure(model, _probe(8), T.rot90(), measures=("invariance",), error_bars=False)
+    assert result.layers == ["0", "1", "2"] and result.derived == {"2": "1"}

@@ -216,6 +216,11 @@ class Capture:
 
 
 
+# BatchNorm forwards that are the per-channel map above in eval mode (a subclass's own forward may be anything:
+# e.g. one (γ, σ) pair shared by a group of channels, examples.models.P4BatchNorm2d).
+_AFFINE_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
 class AffineBatchNorms:
     """Context manager around a forward pass of the measurement (eval mode): which of ``modules``' BatchNorms
     only rescale another observed output per channel, and so measure nothing new.
@@ -232,7 +237,8 @@ class AffineBatchNorms:
     s; ``Measurement`` keeps the BatchNorms there. A channel with γ = 0 is constant, dead, in
     y.) Such a BatchNorm is found by the identity of its input tensor with a recorded output of an observed
     module and the tensor's version counter (an in-place change in between breaks the match): a
-    BatchNorm fed a view, a sum or anything computed outside the observed modules is kept. ``redundant``:
+    BatchNorm fed a view, a sum or anything computed outside the observed modules is kept, and so is a
+    subclass with a forward of its own. ``redundant``:
     the names of the BatchNorms whose every call was such a map; ``sources``: for each of their calls, the
     activation it mapped (activations named as ``Capture`` names them: ``name``, ``name#2``, ...), from which
     ``derived.py`` gives the BatchNorm's measures without measuring it.
@@ -265,7 +271,7 @@ class AffineBatchNorms:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 source = self._observed(inputs[0]) if inputs else None
                 affine = not module.training and module.running_mean is not None and module.running_var is not None \
-                    and source is not None
+                    and type(module).forward in _AFFINE_FORWARDS and source is not None
                 self._affine[name] = self._affine.get(name, True) and affine
                 if affine:
                     self.sources[activation] = source

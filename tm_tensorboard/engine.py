@@ -167,9 +167,9 @@ def measure(
     power of |γ| / σ; nvi per element and per channel is the input's): the result holds them as measured, at
     no cost, and ``result.derived`` names them. None (the default) does so wherever that is exact and
     silently measures them otherwise (with ``layers=``, Goodfellow's measures, moving measures under
-    padding="zeros", a non-identity feature action for the equivariance error / Lie derivatives, or a
-    BatchNorm that reads its input's units otherwise); True does so too but makes the first three a
-    ValueError; False measures them all.
+    padding="zeros", a non-identity feature action for the equivariance error / Lie derivatives, a
+    BatchNorm that reads its input's units otherwise or a subclass with a forward of its own); True does so
+    too but makes the first three a ValueError; False measures them all.
     ``positions=K`` keeps the states of K random positions per channel (fixed by ``positions_seed`` and the
     layer) on layers with more, so per-channel values are estimates of known error at K / (H·W) the state
     memory; no per-element values there, and only the invariance, same-equivariance, per-transformation
@@ -678,12 +678,13 @@ class Measurement:
     def _derivable(self, layers: list[LayerInfo], trace: AffineBatchNorms) -> dict[str, str]:
         """{BatchNorm activation: the activation it maps} for the BatchNorms whose every call maps an observed
         output whose measures give its own (``_same_as_input``), read the same way (units, channels first)."""
-        infos = {info.name: info for info in layers}
+        infos, modules = {info.name: info for info in layers}, dict(self.modules)
         alike = {
             activation: source for activation, source in trace.sources.items()
             if activation in infos and source in infos and self._same_as_input(activation, source)
             and (infos[activation].unit_shape, infos[activation].tokens, infos[activation].grid)
             == (infos[source].unit_shape, infos[source].tokens, infos[source].grid)
+            and infos[activation].num_channels == modules[activation.split("#")[0]].running_var.numel()
         }
         calls: dict[str, list[str]] = {}
         for info in layers:
