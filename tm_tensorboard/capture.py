@@ -5,8 +5,8 @@ default is every leaf module except no-op ones (dropout, identity, flatten), and
 whole. (By default, ``dedupe_batchnorm``, the measurement also leaves out of the forward's hooks the
 eval-mode BatchNorms that only rescale another observed output per channel, and derives their measures from
 that output's: ``AffineBatchNorms`` finds them in the discovery pass, as only running the model shows what
-feeds what.) A module called several times in one
-forward (a shared ReLU) yields one activation per call: ``name``, ``name#2``, ...
+feeds what.) A module called several times in one forward (a shared ReLU) yields one activation per call:
+``name``, ``name#2``, ...
 
 A layer is measured on its output tensor, or on the first element of a tuple output (attention's
 ``(output, weights)``). How its axes are read: ``[C]``, ``[C, L]`` and ``[C, H, W]`` put channels first;
@@ -238,10 +238,10 @@ class AffineBatchNorms:
     y.) Such a BatchNorm is found by the identity of its input tensor with a recorded output of an observed
     module and the tensor's version counter (an in-place change in between breaks the match): a
     BatchNorm fed a view, a sum or anything computed outside the observed modules is kept, and so is a
-    subclass with a forward of its own. ``redundant``:
-    the names of the BatchNorms whose every call was such a map; ``sources``: for each of their calls, the
-    activation it mapped (activations named as ``Capture`` names them: ``name``, ``name#2``, ...), from which
-    ``derived.py`` gives the BatchNorm's measures without measuring it.
+    subclass with a forward of its own. ``redundant``: the names of the BatchNorms whose every call was such
+    a map; ``sources``: for each of their calls, the activation it mapped (activations named as ``Capture``
+    names them: ``name``, ``name#2``, ...), from which ``derived.py`` gives the BatchNorm's measures without
+    measuring it.
     """
 
     def __init__(self, modules: Iterable[tuple[str, nn.Module]]):

@@ -136,9 +136,9 @@ class Monitor:
     ``dedupe_batchnorm`` are measure()'s (by default an eval-mode BatchNorm that only rescales another
     observed layer's output is derived from that output's states where that is exact; False measures it): a
     budget too small for a layer's states is a ValueError here. ``positions`` and ``positions_seed`` are
-    measure()'s too: the same
-    sampled positions at every step. On CPU without a ``memory_budget``, the Monitor keeps its last
-    measurement's states between steps, so that the next one does not page them in anew (``kept_states.py``).
+    measure()'s too: the same sampled positions at every step. On CPU without a ``memory_budget``, the
+    Monitor keeps its last measurement's states between steps, so that the next one does not page them in
+    anew (``kept_states.py``).
     """
 
     def __init__(
