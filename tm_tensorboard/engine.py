@@ -1313,24 +1313,23 @@ class Measurement:
 
     def _with_derived(self, infos: dict[str, LayerInfo], components: dict[str, dict], shards: dict[str, dict]
                       ) -> tuple[list[LayerInfo], dict[str, str]]:
-        """Add the BatchNorms ``discover`` left out to ``components`` and ``shards``, derived from their inputs'
-        (``derived.py``); every layer in the network's order, and {BatchNorm: its input} of those added."""
+        """Add the BatchNorms ``discover`` left out to ``components`` and ``shards`` (``derived.Derived``: each one's
+        |s| kept, its input's components scaled when read); every layer in the network's order, and {BatchNorm:
+        its input} of those added."""
         added: dict[str, str] = {}
         for name, (source, module_type) in self._derived.items():  # in the network's order: a source first
             if source in infos:  # (else its input did not run)
                 infos[name] = dataclasses.replace(infos[source], name=name, module_type=module_type)
                 added[name] = source
-        modules = dict(self._selected)
-        scales = derived.scales([modules[name.split("#")[0]] for name in added]) if components else []
-        for (name, source), s in zip(added.items(), scales):
-            for group, layers in components.items():
-                if source in layers:
-                    names, values = layers[source]
-                    values, replicates = derived.derive(names, values, shards[group].get(source), s,
-                                                        len(self.transformations))
-                    layers[name] = (names, values)
-                    if replicates is not None:
-                        shards[group][name] = replicates
+        if components and added:
+            modules = dict(self._selected)
+            scales = derived.scales([modules[name.split("#")[0]] for name in added])
+            scaled = {name: (source, s) for (name, source), s in zip(added.items(), scales)}
+            T = len(self.transformations)
+            for group in components:
+                names = GROUPS[group].components
+                components[group] = derived.Derived(components[group], scaled, names, T)
+                shards[group] = derived.Derived(shards[group], scaled, names, T, replicates=True)
         ordered = sorted(infos.values(), key=lambda info: self._order.get(info.name, len(self._order)))
         return [dataclasses.replace(info, index=index) for index, info in enumerate(ordered)], added
 

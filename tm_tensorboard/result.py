@@ -210,7 +210,7 @@ class MeasureResult:
         if found is None:
             why = "error_bars=False or a probe under two shards of samples" if not self._shards else "its group has none"
             raise KeyError(f"no standard error for {measure} of layer {layer!r}: {why}")
-        names = self._components[group][layer][0]
+        names = next(iter(self._components[group].values()))[0]  # (a group's components, the same in each layer)
         if label is not None:
             found = found[:, self.classes.index(label) : self.classes.index(label) + 1]
         spec = SPECS[measure]
