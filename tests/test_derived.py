@@ -189,3 +189,33 @@ def test_a_batchnorm_subclass_with_its_own_forward_is_measured():
     randomize_batchnorm(model)
     result = tm.measure(model, _probe(8), T.rot90(), measures=("invariance",), error_bars=False)
     assert result.layers == ["0", "1", "2"] and result.derived == {"2": "1"}
+
+
+def _held_bytes(obj, seen: set | None = None) -> int:
+    """Bytes of the numpy arrays reachable from ``obj`` through containers and the package's objects."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_held_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_held_bytes(v, seen) for v in obj)
+    if type(obj).__module__.startswith("tm_tensorboard"):
+        return _held_bytes(vars(obj), seen)
+    return 0
+
+
+def test_a_result_holds_no_values_of_its_derived_batchnorms():
+    """Their values are made from their inputs' when read: the result holds what measuring the other layers
+    holds, plus |s| (a few floats per channel), against the BatchNorms' own values when measured."""
+    model, probe = _model(), _probe()
+    keywords = dict(measures=("invariance", "same_equivariance"), batch_size=8)
+    derived = tm.measure(model, probe, T.rot90(), **keywords)
+    measured = tm.measure(model, probe, T.rot90(), dedupe_batchnorm=False, **keywords)
+    batchnorms = sum(_held_bytes(measured._components[g][layer]) + _held_bytes(measured._shards[g][layer])
+                     for g in measured.groups for layer in DERIVED)
+    assert batchnorms > 10_000
+    assert _held_bytes(derived) <= _held_bytes(measured) - batchnorms + 4 * 6 * 8
