@@ -81,8 +81,8 @@ def test_writes_into_the_tensorboard_loggers_run_and_the_plugin_serves_it(tmp_pa
     runs = {entry["run"]: entry for entry in get_json(client, "/runs")["runs"]}
     assert set(runs) == {run}
     assert runs[run]["max_step"] == 12
-    assert [layer["name"] for layer in runs[run]["layers"]] == [  # (the BatchNorm net.4 of net.3 left out)
-        "net.0", "net.1", "net.2", "net.3", "net.5", "net.6", "net.9"]
+    assert [layer["name"] for layer in runs[run]["layers"]] == [  # (the BatchNorm net.4 derived from net.3)
+        "net.0", "net.1", "net.2", "net.3", "net.4", "net.5", "net.6", "net.9"]
     means = get_json(client, "/layer_means", run=run, namespace="invariance", measure="nvi")
     assert means["steps"] == [0, 5, 10, 12]
     final = tm.measure(model, probe(), tm.transforms.rotations(4))  # the fitted weights, measured afresh

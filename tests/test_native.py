@@ -337,7 +337,8 @@ def test_a_layer_with_both_groups_is_updated_once_per_chunk_with_the_numbers_of_
 
         calls.clear()
         both = run(("invariance", "per_transformation"))
-        layers, chunks = len(both.layers), 40 // 5  # (stratified: each class's 20 samples in 4 chunks)
+        layers, chunks = len(both.layers) - len(both.derived), 40 // 5  # (stratified: each class's 20 in 4 chunks)
+        assert both.derived == {"4": "3"}  # measured layers only: the BatchNorm "4" is derived from "3"
         assert len(calls) == layers * chunks, (len(calls), layers, chunks)
         alone = {"nvi": run(("invariance",)), "ie_t": run(("per_transformation",))}
         for measure, result in alone.items():
