@@ -368,7 +368,7 @@ def test_dedupe_is_refused_where_a_batchnorm_measures_differ_from_its_inputs():
             tm.measure(model, images, tset, measures=measures, dedupe_batchnorm=True)
     border = tm.measure(model, images, T.rotations(5), measures=("same_equivariance", "equivariance_error"),
                         error_bars=False, dedupe_batchnorm=False)
-    for name in ("nvse", "ee"):  # with border padding they are equal, and the BatchNorm is left out
+    for name in ("nvse", "ee"):  # with border padding they are equal, and the BatchNorm is derived
         np.testing.assert_allclose(border.get(name, "4", per="element"), border.get(name, "3", per="element"),
                                    rtol=1e-9)
     assert tm.measure(model, images, T.rotations(5), measures=("same_equivariance",),
@@ -378,8 +378,8 @@ def test_dedupe_is_refused_where_a_batchnorm_measures_differ_from_its_inputs():
 
 def test_a_batchnorm_under_a_grouped_feature_action_is_kept():
     """A cyclic shift of orientation channels mixes channels the BatchNorm scales differently: its
-    equivariance error is not its convolution's, so neither the default nor dedupe_batchnorm=True leaves it
-    out (the invariance measures alone still would)."""
+    equivariance error is not its convolution's, so neither the default nor dedupe_batchnorm=True derives it
+    (the invariance measures alone still do), nor where the convolution alone has the shift."""
     torch.manual_seed(0)
     model = small_cnn().double()  # layer "4" is a BatchNorm of the convolution "3" (8 channels: 2 groups of 4)
     randomize_batchnorm(model)

@@ -14,7 +14,7 @@ host memory than without it.
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
