@@ -173,6 +173,11 @@ def select_modules(model: nn.Module, layers: LayerSelector = None) -> tuple[list
     return [(n, m) for n, m in named if n in keep], True
 
 
+def activation_name(module: str, call: int) -> str:
+    """The name of a module's output at its ``call``-th call in a forward (from 1): ``name``, ``name#2``, ..."""
+    return module if call == 1 else f"{module}#{call}"
+
+
 class Capture:
     """Context manager: forward hooks calling ``callback(activation_name, module, output)``.
 
@@ -193,7 +198,7 @@ class Capture:
         def hook(module: nn.Module, inputs, output) -> None:
             n = self._calls.get(name, 0) + 1
             self._calls[name] = n
-            self._callback(name if n == 1 else f"{name}#{n}", module, output)
+            self._callback(activation_name(name, n), module, output)
 
         return hook
 
@@ -238,10 +243,10 @@ class AffineBatchNorms:
     y.) Such a BatchNorm is found by the identity of its input tensor with a recorded output of an observed
     module and the tensor's version counter (an in-place change in between breaks the match): a
     BatchNorm fed a view, a sum or anything computed outside the observed modules is kept, and so is a
-    subclass with a forward of its own. ``redundant``: the names of the BatchNorms whose every call was such
-    a map; ``sources``: for each of their calls, the activation it mapped (activations named as ``Capture``
-    names them: ``name``, ``name#2``, ...), from which ``derived.py`` gives the BatchNorm's measures without
-    measuring it.
+    subclass with a forward of its own. ``sources``: for each call that was such a map, the activation it
+    mapped (named by ``activation_name``, as ``Capture`` names them), from which ``derived.py``
+    gives the BatchNorm's measures without measuring it (``Measurement.discover``: where every call of the
+    BatchNorm is in it).
     """
 
     def __init__(self, modules: Iterable[tuple[str, nn.Module]]):
@@ -249,13 +254,8 @@ class AffineBatchNorms:
         self._handles: list = []
         # id(tensor) -> (weak reference, version, the activation's name)
         self._outputs: dict[int, tuple[weakref.ref, int, str]] = {}
-        self._affine: dict[str, bool] = {}  # BatchNorm name -> every call so far mapped an observed output
         self._calls: dict[str, int] = {}  # module name -> calls so far (the activations' names)
         self.sources: dict[str, str] = {}  # a BatchNorm's activation -> the observed activation it mapped
-
-    @property
-    def redundant(self) -> list[str]:
-        return [name for name, affine in self._affine.items() if affine]
 
     def _observed(self, tensor: object) -> str | None:
         """The name of the observed activation ``tensor`` is, unchanged since; None if it is none."""
@@ -267,13 +267,11 @@ class AffineBatchNorms:
     def _hook_for(self, name: str):
         def hook(module: nn.Module, inputs, output) -> None:
             calls = self._calls[name] = self._calls.get(name, 0) + 1
-            activation = name if calls == 1 else f"{name}#{calls}"
+            activation = activation_name(name, calls)
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 source = self._observed(inputs[0]) if inputs else None
-                affine = not module.training and module.running_mean is not None and module.running_var is not None \
-                    and type(module).forward in _AFFINE_FORWARDS and source is not None
-                self._affine[name] = self._affine.get(name, True) and affine
-                if affine:
+                if not module.training and module.running_mean is not None and module.running_var is not None \
+                        and type(module).forward in _AFFINE_FORWARDS and source is not None:
                     self.sources[activation] = source
             try:
                 tensor = output_tensor(output)
