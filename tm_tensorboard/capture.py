@@ -179,15 +179,18 @@ def activation_name(module: str, call: int) -> str:
 
 
 class Capture:
-    """Context manager: forward hooks calling ``callback(activation_name, module, output)``.
+    """Context manager: forward hooks calling ``callback(activation_name, module, output)`` (with ``with_inputs``,
+    ``callback(activation_name, module, output, inputs)``: the positional inputs the module took).
 
     ``start_forward()`` must be called before each model call so repeated calls of a module are
     numbered consistently. Hooks are removed on exit, also when an exception propagates.
     """
 
-    def __init__(self, modules: Iterable[tuple[str, nn.Module]], callback: Callable[[str, nn.Module, object], None]):
+    def __init__(self, modules: Iterable[tuple[str, nn.Module]], callback: Callable[..., None],
+                 with_inputs: bool = False):
         self._modules = list(modules)
         self._callback = callback
+        self._with_inputs = with_inputs
         self._handles: list = []
         self._calls: dict[str, int] = {}
 
@@ -198,7 +201,10 @@ class Capture:
         def hook(module: nn.Module, inputs, output) -> None:
             n = self._calls.get(name, 0) + 1
             self._calls[name] = n
-            self._callback(activation_name(name, n), module, output)
+            if self._with_inputs:
+                self._callback(activation_name(name, n), module, output, inputs)
+            else:
+                self._callback(activation_name(name, n), module, output)
 
         return hook
 

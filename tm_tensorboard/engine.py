@@ -43,6 +43,7 @@ from .positions import AUTO, AUTO_POSITIONS, build_measure, check_positions, sam
 from .preserve import preserved_rng_state, preserved_training_state
 from .probe import Probe, as_probe, border_variation
 from .result import MeasureResult
+from .relu_pairs import ReluPairs
 from .shards import AUTOMATIC_ERROR_BAR_BYTES, DEFAULT_SHARDS, interleave, shard_count
 from .statistics import STATE_DTYPES, AccuracyState, Scratch
 from .transforms import Op, Transformation, TransformationSet
@@ -1104,7 +1105,7 @@ class Measurement:
         chunk: Chunk | None = None
         scratch = Scratch()
 
-        def on_output(name: str, module: nn.Module | None, output: object) -> None:
+        def on_output(name: str, module: nn.Module | None, output: object, inputs: tuple = ()) -> None:
             if name in skipped:
                 return
             observer = observers.get(name)
@@ -1142,7 +1143,7 @@ class Measurement:
             if activation.dtype not in (torch.float32, torch.float64):
                 activation = activation.float()
             with fused.call_settings(chunk.compiled):
-                observer.update(phase, activation, chunk)
+                relus.update(name, module, inputs, observer, phase, activation, chunk)
 
         images, n = probe.images, len(probe)
         shards = shards or [(0, n)]
@@ -1155,7 +1156,8 @@ class Measurement:
         work = images.dtype if dtype is None else torch.promote_types(images.dtype, dtype)
         forward = _eager_call(model)
         generator = lie.GENERATORS.get(phase)  # a forward-mode pass: the inputs carry d/dt g_t x as tangents
-        with preserved_training_state(model), Capture(self.modules, on_output) as capture, \
+        relus = ReluPairs()
+        with preserved_training_state(model), Capture(self.modules, on_output, with_inputs=True) as capture, \
                 (lie.forward_mode(model) if generator else contextlib.nullcontext()) as running:
             first = True
             for shard, (start, end) in enumerate(shards):
@@ -1201,6 +1203,8 @@ class Measurement:
                             self._check_logits(output, batch.shape[0])
                         if "accuracy" in self.measures:  # (unless the default accuracy was just left out)
                             self._check_labels(all_labels, output.shape[1])
+                    with fused.call_settings(chunk.compiled):
+                        relus.flush(phase)
                     for observer in observers.values():
                         observer.after_forward(phase, chunk)
                     if accuracy is not None and phase == TRANSFORMED and "accuracy" in self.measures:

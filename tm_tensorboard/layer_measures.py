@@ -352,6 +352,22 @@ class VarianceMeasure(LayerMeasure):
                 scratch=chunk.scratch,
             )
 
+    def update_with_relu(self, relu: "VarianceMeasure", activation: torch.Tensor, relu_activation: torch.Tensor,
+                         chunk: Chunk) -> None:
+        """Update with a chunk's ``activation``, and ``relu`` (the measure of a ReLU that took it) with
+        ``relu_activation``, its output: block by block by one CPU kernel call that reads ``activation`` only
+        (``relu_pairs.py``; one class, units as they lie), else as two updates."""
+        for (_, rows), (_, relu_rows) in zip(chunk.rows(activation), chunk.rows(relu_activation)):
+            mine, theirs = self._kernel_states(), relu._kernel_states()
+            if not native.relu_update(rows, self.T, mine, theirs):
+                _variance_update(chunk.compiled, rows, self.T, *mine, scratch=chunk.scratch)
+                _variance_update(chunk.compiled, relu_rows, relu.T, *theirs, scratch=chunk.scratch)
+
+    def _kernel_states(self) -> tuple[torch.Tensor, ...]:
+        """The one class's states as the update kernels take them: spread total and count, mean, m2, count."""
+        spread, moments = self.per_class[0]["spread"], self.per_class[0]["moments"]
+        return spread.total, spread.count, moments.mean, moments.m2, moments.count
+
     def update_pair(self, phase, held, held_chunk, activation, chunk):
         if not self._fold_pair(self.as_it_lies(held), self.as_it_lies(activation)):
             super().update_pair(phase, held, held_chunk, activation, chunk)
@@ -359,9 +375,7 @@ class VarianceMeasure(LayerMeasure):
     def _fold_pair(self, held: torch.Tensor, rows: torch.Tensor) -> bool:
         """The rows of two chunks, ``held`` then ``rows``, folded into the states by one call of the CPU kernel
         (as two calls would fold them: the same numbers); False where it does not take them (nothing done)."""
-        spread, moments = self.per_class[0]["spread"], self.per_class[0]["moments"]
-        return native.variance_update(rows, self.T, spread.total, spread.count, moments.mean, moments.m2,
-                                      moments.count, held=held)
+        return native.variance_update(rows, self.T, *self._kernel_states(), held=held)
 
     def compute_class(self, states, compiled):
         spread, moments = states["spread"], states["moments"]

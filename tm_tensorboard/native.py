@@ -18,7 +18,9 @@ merged by Chan's formula, squared differences in the activations' precision summ
 samples yet (with error bars, every shard's first chunk) are written without being read. A call may also take
 the rows of the chunk before, kept for it (pairs of chunks of a few samples: ``layer_measures.Chunk.hold``):
 tile by tile, those first and then the chunk's, as two calls would fold them (the same numbers), each tile of
-the states read from memory and written back once for both.
+the states read from memory and written back once for both. A layer and the ReLU that takes its output
+(``relu_pairs.py``) are folded by one call too: each vector of the layer's rows, read once, folded as it is and
+as its ReLU (max(v, 0) as torch's ReLU takes it), the ReLU's output never read (the same numbers as two calls).
 
 The inverse warp (``warps.py``) compiles to two passes over the chunk: maps laid out pixel-major, then
 each output row gathered from its taps' rows. Its kernel lays one map at a time out pixel-major in a
@@ -66,8 +68,8 @@ import torch
 
 from . import caller
 
-__all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "errors_update", "moved_errors_update", "both_update",
-           "lies_channels_last", "move_back", "variance_replicates", "errors_replicates", "zero_fill",
+__all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "relu_update", "errors_update", "moved_errors_update",
+           "both_update", "lies_channels_last", "move_back", "variance_replicates", "errors_replicates", "zero_fill",
            "prepare_zero_fill", "enabled", "available", "stored", "build_all", "record_directory", "report_failure",
            "build_seconds"]
 
@@ -94,61 +96,83 @@ constexpr int64_t ND = VD::size();
 #define ALWAYS_INLINE inline
 #endif
 
+// A vector, or one value, of rows as they lie, or (RELU) of their ReLU as torch's takes it (max(v, 0), NaN kept,
+// -0 kept): the states of a ReLU of an observed output folded from that output (``relu_update``).
+template <bool RELU>
+static ALWAYS_INLINE VF load(const float* p) {
+  if constexpr (RELU) return at::vec::clamp_min(VF::loadu(p), VF(0.0f));
+  return VF::loadu(p);
+}
+template <bool RELU>
+static ALWAYS_INLINE float load1(const float* p) {
+  if constexpr (RELU) return std::isnan(*p) || *p >= 0.0f ? *p : 0.0f;
+  return *p;
+}
+
 // Fold b samples of n units (rows `stride` floats apart, in cache) into float64 mean and m2 of n_a samples:
-// deviations from the first sample as float64 differences, the chunk's moments merged by Chan's formula.
+// deviations from the first sample as float64 differences, the chunk's moments merged by Chan's formula
+// (`fold_vector`: NF units from u; `fold_unit`: unit u; w: the chunk's share of the merge, nw: n_a·w).
 // A state of no samples yet is written, not read: what the merge into zeros gives (but for the sign of a
 // zero mean), without reading the states (with error bars the first chunk of every shard is such a chunk).
-static inline void fold_moments(const float* rows, int64_t stride, int64_t b, int64_t n, double* mean,
-                                double* m2, double n_a) {
-  const double w = static_cast<double>(b) / (n_a + static_cast<double>(b));  // the chunk's share of the merge
-  const double nw = n_a * w;
-  const bool fresh = n_a == 0.0;
-  const int64_t whole = n / NF * NF;
-  for (int64_t u = 0; u < whole; u += NF) {
-    const auto z = at::vec::convert<double, 2, float, 1>(VF::loadu(rows + u));  // the shift: sample 0
-    VD s[2] = {VD(0.0), VD(0.0)}, q[2] = {VD(0.0), VD(0.0)};
-    for (int64_t i = 1; i < b; i++) {
-      const auto v = at::vec::convert<double, 2, float, 1>(VF::loadu(rows + i * stride + u));
-      for (int h = 0; h < 2; h++) {
-        const VD e = v[h] - z[h];
-        s[h] = s[h] + e;
-        q[h] = q[h] + e * e;
-      }
-    }
+template <bool RELU>
+static ALWAYS_INLINE void fold_vector(const float* rows, int64_t stride, int64_t b, int64_t u, double* mean,
+                                      double* m2, double w, double nw, bool fresh) {
+  const auto z = at::vec::convert<double, 2, float, 1>(load<RELU>(rows + u));  // the shift: sample 0
+  VD s[2] = {VD(0.0), VD(0.0)}, q[2] = {VD(0.0), VD(0.0)};
+  for (int64_t i = 1; i < b; i++) {
+    const auto v = at::vec::convert<double, 2, float, 1>(load<RELU>(rows + i * stride + u));
     for (int h = 0; h < 2; h++) {
-      double* mp = mean + u + h * ND;
-      double* qp = m2 + u + h * ND;
-      const VD chunk_mean = s[h] / VD(static_cast<double>(b));
-      const VD chunk_m2 = q[h] - s[h] * chunk_mean;
-      if (fresh) {
-        chunk_m2.store(qp);
-        (z[h] + chunk_mean).store(mp);
-        continue;
-      }
-      const VD old = VD::loadu(mp);
-      const VD delta = (old - z[h]) - chunk_mean;
-      (VD::loadu(qp) + chunk_m2 + delta * delta * VD(nw)).store(qp);
-      (old - delta * VD(w)).store(mp);
+      const VD e = v[h] - z[h];
+      s[h] = s[h] + e;
+      q[h] = q[h] + e * e;
     }
   }
-  for (int64_t u = whole; u < n; u++) {
-    const double z = rows[u];
-    double s = 0.0, q = 0.0;
-    for (int64_t i = 1; i < b; i++) {
-      const double e = static_cast<double>(rows[i * stride + u]) - z;
-      s += e;
-      q += e * e;
-    }
-    const double chunk_mean = s / static_cast<double>(b), chunk_m2 = q - s * chunk_mean;
+  for (int h = 0; h < 2; h++) {
+    double* mp = mean + u + h * ND;
+    double* qp = m2 + u + h * ND;
+    const VD chunk_mean = s[h] / VD(static_cast<double>(b));
+    const VD chunk_m2 = q[h] - s[h] * chunk_mean;
     if (fresh) {
-      m2[u] = chunk_m2;
-      mean[u] = z + chunk_mean;
+      chunk_m2.store(qp);
+      (z[h] + chunk_mean).store(mp);
       continue;
     }
-    const double delta = (mean[u] - z) - chunk_mean;
-    m2[u] += chunk_m2 + delta * delta * nw;
-    mean[u] -= delta * w;
+    const VD old = VD::loadu(mp);
+    const VD delta = (old - z[h]) - chunk_mean;
+    (VD::loadu(qp) + chunk_m2 + delta * delta * VD(nw)).store(qp);
+    (old - delta * VD(w)).store(mp);
   }
+}
+
+template <bool RELU>
+static inline void fold_unit(const float* rows, int64_t stride, int64_t b, int64_t u, double* mean, double* m2,
+                             double w, double nw, bool fresh) {
+  const double z = load1<RELU>(rows + u);
+  double s = 0.0, q = 0.0;
+  for (int64_t i = 1; i < b; i++) {
+    const double e = static_cast<double>(load1<RELU>(rows + i * stride + u)) - z;
+    s += e;
+    q += e * e;
+  }
+  const double chunk_mean = s / static_cast<double>(b), chunk_m2 = q - s * chunk_mean;
+  if (fresh) {
+    m2[u] = chunk_m2;
+    mean[u] = z + chunk_mean;
+    return;
+  }
+  const double delta = (mean[u] - z) - chunk_mean;
+  m2[u] += chunk_m2 + delta * delta * nw;
+  mean[u] -= delta * w;
+}
+
+template <bool RELU = false>
+static inline void fold_moments(const float* rows, int64_t stride, int64_t b, int64_t n, double* mean,
+                                double* m2, double n_a) {
+  const double w = static_cast<double>(b) / (n_a + static_cast<double>(b)), nw = n_a * w;
+  const bool fresh = n_a == 0.0;
+  const int64_t whole = n / NF * NF;
+  for (int64_t u = 0; u < whole; u += NF) fold_vector<RELU>(rows, stride, b, u, mean, m2, w, nw, fresh);
+  for (int64_t u = whole; u < n; u++) fold_unit<RELU>(rows, stride, b, u, mean, m2, w, nw, fresh);
 }
 """
 
@@ -196,11 +220,12 @@ static inline const float* packed_rows(const float* x, int64_t rows, int64_t U, 
 }
 
 // One sample's std over transformations of NF units (its T rows at v, `stride` floats apart) added to spread.
+template <bool RELU = false>
 static inline void add_spread(const float* v, int64_t stride, int64_t T, double* spread) {
   const float t_count = static_cast<float>(T), t_dof = static_cast<float>(T - 1);  // divided by, as torch does
-  const VF mu = sum_over_transformations<VF>(T, [&](int64_t t) { return VF::loadu(v + t * stride); }) / VF(t_count);
+  const VF mu = sum_over_transformations<VF>(T, [&](int64_t t) { return load<RELU>(v + t * stride); }) / VF(t_count);
   const VF q = sum_over_transformations<VF>(T, [&](int64_t t) {
-    const VF d = VF::loadu(v + t * stride) - mu;
+    const VF d = load<RELU>(v + t * stride) - mu;
     return d * d;
   });
   const auto sd = at::vec::convert<double, 2, float, 1>((q / VF(t_dof)).sqrt());
@@ -208,13 +233,26 @@ static inline void add_spread(const float* v, int64_t stride, int64_t T, double*
   (VD::loadu(spread + ND) + sd[1]).store(spread + ND);
 }
 
+// One sample's std over transformations of one unit (its T values at v, `stride` floats apart), as `add_spread`'s.
+template <bool RELU>
+static inline double unit_spread(const float* v, int64_t stride, int64_t T) {
+  const float t_count = static_cast<float>(T), t_dof = static_cast<float>(T - 1);
+  const float mu = sum_over_transformations<float>(T, [&](int64_t t) { return load1<RELU>(v + t * stride); }) / t_count;
+  const float q = sum_over_transformations<float>(T, [&](int64_t t) {
+    const float d = load1<RELU>(v + t * stride) - mu;
+    return d * d;
+  });
+  return static_cast<double>(std::sqrt(q / t_dof));
+}
+
 // `add_spread` of the units [u, u + 2 NF) of a sample's T rows at xi, R floats apart: each row's 2 NF floats
 // (an L1 line at least) loaded once into `line` (T rows of 2 NF floats), the two passes made there.
+template <bool RELU>
 static inline void spread_through_lines(const float* xi, int64_t R, int64_t T, int64_t u, float* line,
                                         double* spread) {
   for (int64_t t = 0; t < T; t++) {
-    VF::loadu(xi + t * R + u).store(line + t * 2 * NF);
-    VF::loadu(xi + t * R + u + NF).store(line + t * 2 * NF + NF);
+    load<RELU>(xi + t * R + u).store(line + t * 2 * NF);
+    load<RELU>(xi + t * R + u + NF).store(line + t * 2 * NF + NF);
   }
   add_spread(line, 2 * NF, T, spread + u);
   add_spread(line + NF, 2 * NF, T, spread + u + NF);
@@ -224,42 +262,79 @@ static inline void spread_through_lines(const float* xi, int64_t R, int64_t T, i
 // each): each sample's std over transformations (T sequential streams over the tile) summed into spread (n doubles,
 // a work buffer) and then spread_total; per transformation, the moments over samples (the tile now in cache)
 // merged into mean, m2 (rows of the states U doubles apart). `lines`: the spread through `spread_through_lines`.
+template <bool RELU>
 static inline void variance_rows(const float* x, int64_t R, bool lines, double* spread, double* spread_total,
                                  double* mean, double* m2, double n_a, int64_t b, int64_t T, int64_t U, int64_t n) {
   const int64_t TR = T * R, whole = n / NF * NF;
-  const float t_count = static_cast<float>(T), t_dof = static_cast<float>(T - 1);  // divided by, as torch does
   alignas(64) float line[LINE_T * 2 * NF];
   for (int64_t u = 0; u < n; u++) spread[u] = 0.0;
   for (int64_t i = 0; i < b; i++) {
     const float* xi = x + i * TR;
     int64_t u = 0;
     if (lines) {
-      for (; u + 2 * NF <= whole; u += 2 * NF) spread_through_lines(xi, R, T, u, line, spread);
+      for (; u + 2 * NF <= whole; u += 2 * NF) spread_through_lines<RELU>(xi, R, T, u, line, spread);
     }
-    for (; u < whole; u += NF) add_spread(xi + u, R, T, spread + u);
-    for (; u < n; u++) {
-      const float mu = sum_over_transformations<float>(T, [&](int64_t t) { return xi[t * R + u]; }) / t_count;
-      const float q = sum_over_transformations<float>(T, [&](int64_t t) {
-        const float d = xi[t * R + u] - mu;
-        return d * d;
-      });
-      spread[u] += static_cast<double>(std::sqrt(q / t_dof));
-    }
+    for (; u < whole; u += NF) add_spread<RELU>(xi + u, R, T, spread + u);
+    for (; u < n; u++) spread[u] += unit_spread<RELU>(xi + u, R, T);
   }
   for (int64_t u = 0; u < n; u++) spread_total[u] += spread[u];
   for (int64_t t = 0; t < T; t++) {
-    fold_moments(x + t * R, TR, b, n, mean + t * U, m2 + t * U, n_a);
+    fold_moments<RELU>(x + t * R, TR, b, n, mean + t * U, m2 + t * U, n_a);
   }
 }
 
-// Invariance's update of the units [u0, u0 + n) of x [b, T, U] (float32, contiguous): `variance_rows` on the
-// chunk's rows, or on a packed copy of them (`packs`), or through lines where they are `aliased` otherwise.
+// Invariance's update of the units [u0, u0 + n) of x [b, T, U] (float32, contiguous), or (RELU) of its ReLU:
+// `variance_rows` on the chunk's rows, or on a packed copy of them (`packs`), or through lines where they are
+// `aliased` otherwise.
+template <bool RELU = false>
 static inline void variance_tile(const float* x, double* spread, double* spread_total, double* mean, double* m2,
                                  double n_a, int64_t b, int64_t T, int64_t U, int64_t u0, int64_t n) {
   const bool pack = packs(b, T, U, n), lines = !pack && aliased(U) && T <= LINE_T;
   const float* rows = pack ? packed_rows(x + u0, b * T, U, n) : x + u0;
-  variance_rows(rows, pack ? packed_stride(n) : U, lines, spread, spread_total + u0, mean + u0, m2 + u0, n_a, b, T,
-                U, n);
+  variance_rows<RELU>(rows, pack ? packed_stride(n) : U, lines, spread, spread_total + u0, mean + u0, m2 + u0, n_a, b,
+                      T, U, n);
+}
+
+// `variance_rows` of x's rows (R floats apart, as they lie) and of their ReLU at once (states relu_*), unit by unit:
+// each vector of a sample's T rows, and of a transformation's b rows, read once for both.
+static inline void variance_rows_and_relu(const float* x, int64_t R, double* spread, double* relu_spread,
+                                          double* spread_total, double* relu_spread_total, double* mean, double* m2,
+                                          double* relu_mean, double* relu_m2, double n_a, double relu_n_a, int64_t b,
+                                          int64_t T, int64_t U, int64_t n) {
+  const int64_t TR = T * R, whole = n / NF * NF;
+  for (int64_t u = 0; u < n; u++) spread[u] = relu_spread[u] = 0.0;
+  for (int64_t i = 0; i < b; i++) {
+    const float* xi = x + i * TR;
+    int64_t u = 0;
+    for (; u < whole; u += NF) {
+      add_spread<false>(xi + u, R, T, spread + u);
+      add_spread<true>(xi + u, R, T, relu_spread + u);
+    }
+    for (; u < n; u++) {
+      spread[u] += unit_spread<false>(xi + u, R, T);
+      relu_spread[u] += unit_spread<true>(xi + u, R, T);
+    }
+  }
+  for (int64_t u = 0; u < n; u++) {
+    spread_total[u] += spread[u];
+    relu_spread_total[u] += relu_spread[u];
+  }
+  const double B = static_cast<double>(b), w = B / (n_a + B), nw = n_a * w;
+  const double rw = B / (relu_n_a + B), rnw = relu_n_a * rw;
+  const bool fresh = n_a == 0.0, relu_fresh = relu_n_a == 0.0;
+  for (int64_t t = 0; t < T; t++) {
+    const float* rows = x + t * R;
+    double *mt = mean + t * U, *qt = m2 + t * U, *rmt = relu_mean + t * U, *rqt = relu_m2 + t * U;
+    int64_t u = 0;
+    for (; u < whole; u += NF) {
+      fold_vector<false>(rows, TR, b, u, mt, qt, w, nw, fresh);
+      fold_vector<true>(rows, TR, b, u, rmt, rqt, rw, rnw, relu_fresh);
+    }
+    for (; u < n; u++) {
+      fold_unit<false>(rows, TR, b, u, mt, qt, w, nw, fresh);
+      fold_unit<true>(rows, TR, b, u, rmt, rqt, rw, rnw, relu_fresh);
+    }
+  }
 }
 
 // The squared differences of H vectors of units [u, u + H·NF) of b samples' rows (sample i's at xt and ref + i·TU)
@@ -351,6 +426,39 @@ extern "C" void kernel(const float* x, const float* kept, double* spread_total, 
   }
   *spread_count += held + b;
   *count += held + b;
+}
+"""
+
+_RELU_SOURCE = _TILES + r"""
+// Invariance's update of x [b, T, U] float32 (contiguous) and of its ReLU (relu_*: the states of a ReLU that took x),
+// tile by tile, each vector read once for both (where the rows are packed or read through lines, `aliased`: the
+// tile's update, then the ReLU's from the rows it brought into cache): x is read from memory once, and the ReLU's
+// output not at all. States as in the invariance kernel.
+extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_count, double* mean, double* m2,
+                       int64_t* count, double* relu_spread_total, int64_t* relu_spread_count, double* relu_mean,
+                       double* relu_m2, int64_t* relu_count, const int64_t b, const int64_t T, const int64_t U,
+                       const int64_t tile) {
+  const double n_a = static_cast<double>(*count), relu_n_a = static_cast<double>(*relu_count);
+  const int64_t tiles = (U + tile - 1) / tile;
+  #pragma omp parallel
+  {
+    alignas(64) double spread[1024], relu_spread[1024];  // tile <= MAX_TILE
+    #pragma omp for schedule(static)
+    for (int64_t k = 0; k < tiles; k++) {
+      const int64_t u0 = k * tile, n = std::min(tile, U - u0);
+      if (aliased(U)) {
+        variance_tile(x, spread, spread_total, mean, m2, n_a, b, T, U, u0, n);
+        variance_tile<true>(x, spread, relu_spread_total, relu_mean, relu_m2, relu_n_a, b, T, U, u0, n);
+      } else {
+        variance_rows_and_relu(x + u0, U, spread, relu_spread, spread_total + u0, relu_spread_total + u0, mean + u0,
+                               m2 + u0, relu_mean + u0, relu_m2 + u0, n_a, relu_n_a, b, T, U, n);
+      }
+    }
+  }
+  *spread_count += b;
+  *count += b;
+  *relu_spread_count += b;
+  *relu_count += b;
 }
 """
 
@@ -874,6 +982,8 @@ extern "C" void kernel(char* p, const int64_t bytes) {
 _STATE_ARGUMENTS = ["const float*", "double*", "int64_t*", "double*", "double*", "int64_t*"]
 _VARIANCE = _Kernel("invariance update", _VARIANCE_SOURCE,
                     _STATE_ARGUMENTS[:1] + _STATE_ARGUMENTS + ["const int64_t"] * 5)
+_RELU = _Kernel("invariance update of a layer and its ReLU", _RELU_SOURCE,
+                _STATE_ARGUMENTS[:1] + _STATE_ARGUMENTS[1:] * 2 + ["const int64_t"] * 4)
 _ERRORS = _Kernel("per-transformation and equivariance-error update", _ERRORS_SOURCE,
                   _STATE_ARGUMENTS[:1] * 3 + _STATE_ARGUMENTS + ["const int64_t"] * 6)
 _BOTH = _Kernel("invariance and per-transformation update", _BOTH_SOURCE,
@@ -884,7 +994,7 @@ _REPLICATES_ARGUMENTS = _STATE_ARGUMENTS[1:] + ["const int64_t*", "const double*
 _REPLICATES = _Kernel("error bars' replicates", _REPLICATES_SOURCE, _REPLICATES_ARGUMENTS)
 _ERRORS_REPLICATES = _Kernel("per-transformation error bars' replicates", _ERRORS_REPLICATES_SOURCE,
                              _REPLICATES_ARGUMENTS)
-_UPDATES = (_VARIANCE, _ERRORS, _BOTH, _WARP, _REPLICATES, _ERRORS_REPLICATES)  # what a measurement's chunks run
+_UPDATES = (_VARIANCE, _RELU, _ERRORS, _BOTH, _WARP, _REPLICATES, _ERRORS_REPLICATES)  # what a measurement's chunks run
 _ZERO = _Kernel("zeroing of kept states", _ZERO_SOURCE, ["char*", "const int64_t"])
 _KERNELS = (*_UPDATES, _ZERO)
 
@@ -999,6 +1109,23 @@ def variance_update(output: torch.Tensor, T: int, spread_total: torch.Tensor, sp
         return False
     kernel(output, output if held is None else held, spread_total, spread_count, mean, m2, count,
            output.numel() // (T * units), kept, T, units, _tile(units))
+    return True
+
+
+def relu_update(output: torch.Tensor, T: int, states: Sequence[torch.Tensor],
+                relu_states: Sequence[torch.Tensor]) -> bool:
+    """Fold a chunk ``output`` [b·T, ...] into invariance's ``states`` (spread total and count, mean, m2, count) and
+    its ReLU (torch.relu of it) into ``relu_states``, the same five of a ReLU layer that took ``output``: the same
+    numbers as two ``variance_update`` calls, the second on the ReLU's own output, from one read of ``output``
+    (``relu_pairs.py``). False (nothing done) where the kernel does not apply or is unavailable."""
+    units = states[0].numel()
+    if not (_applies(output, T, tuple(states[2:4]), states[:1]) and _states(relu_states[2:4], T * units)
+            and _states(relu_states[:1], units)):
+        return False
+    kernel = _RELU.get()
+    if kernel is None:
+        return False
+    kernel(output, *states, *relu_states, output.numel() // (T * units), T, units, _tile(units))
     return True
 
 
