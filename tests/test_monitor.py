@@ -299,3 +299,42 @@ def test_layer_means_over_live_units_unless_asked(tmp_path, include_dead):
     logs = tm.read(tmp_path)
     assert logs["run"].means["nvi"]["1"].values[0] == np.float32(expected)
     assert logs["run"].config["means_include_dead"] is include_dead
+
+
+class _DoublesItsInput(nn.Module):
+    """Doubles the batch it takes in place, then a small CNN: a batch kept from a measurement before must not be
+    taken again."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = small_cnn()
+
+    def forward(self, x):
+        return self.net(x.mul_(2))
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["model", "model_changing_its_input"])
+def test_the_transformed_probe_is_kept_between_measurements_with_the_same_numbers(tmp_path, in_place):
+    """A Monitor transforms its probe's chunks once and takes them again at its next measurement (on CPU, up to
+    kept_batches.MAX_BYTES): the numbers of a Monitor that transforms them every time; a model that changes its
+    input in place gets new ones."""
+    torch.manual_seed(0)
+    model = _DoublesItsInput() if in_place else small_cnn()
+    images = torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # 2 shards of 4 chunks
+    results, made = [], []
+    for keep in (True, False):
+        monitor = tm.Monitor(model, images, tm.transforms.rotations(4), logdir=tmp_path / str(keep), every=1,
+                             batch_size=5, measures=("invariance",), error_bars=2)
+        if not keep:
+            monitor._measurement.kept_batches = None
+        apply = monitor._measurement.transformations.apply
+        monitor._measurement.transformations.apply = lambda x: made.append(keep) or apply(x)
+        results.append([monitor.step(step) for step in (1, 2, 3)])
+        monitor.close()
+    chunks = 40 // 5
+    assert made.count(False) == 3 * chunks
+    assert made.count(True) == (3 if in_place else 1) * chunks
+    for kept, fresh in zip(*results):
+        for layer in kept.layers:
+            np.testing.assert_array_equal(kept.get("nvi", layer), fresh.get("nvi", layer))
+            np.testing.assert_array_equal(kept.stderr("nvi", layer), fresh.stderr("nvi", layer))

@@ -35,6 +35,7 @@ from .capture import (
     select_modules,
     unwrap,
 )
+from .kept_batches import KeptBatches
 from .kept_states import KeptStates
 from .layer_measures import (GROUPS, LIE_PHASES, PAIRED_SAMPLES, TRANSFORMED, UNTRANSFORMED_PHASES, Chunk,
                              MeasureOptions, update_together)
@@ -496,6 +497,8 @@ class Measurement:
         self._selected = self.modules  # (``discover`` leaves out the BatchNorms it derives)
         self.memory_budget = None if memory_budget is None else memory.parse_bytes(memory_budget)
         self.kept_states = KeptStates()  # this session's last measurement's states, for its next (CPU, no budget)
+        self.kept_batches: KeptBatches | None = None  # a Monitor's: the probe's transformed batches, for its next
+        self._interleaved: tuple[Probe, int, tuple] | None = None  # with kept batches: the last probe, shuffled
         # None: wherever exact; the discovery pass that finds them runs only when there is a BatchNorm to leave out
         self.dedupe_batchnorm = dedupe_batchnorm is not False and refusal is None and any(
             isinstance(module, nn.modules.batchnorm._BatchNorm) for _, module in self.modules)
@@ -858,8 +861,13 @@ class Measurement:
         count = self.shards(probe, classes)
         if count < 2:
             return probe, None
+        if self._interleaved is not None and self._interleaved[0] is probe and self._interleaved[1] == count:
+            return self._interleaved[2]  # (the same probe object as the last measurement's: its batches kept)
         order, bounds = interleave(len(probe), count)
-        return Probe(probe.images[order], None if probe.labels is None else probe.labels[order]), bounds
+        shuffled = Probe(probe.images[order], None if probe.labels is None else probe.labels[order]), bounds
+        if self.kept_batches is not None:
+            self._interleaved = (probe, count, shuffled)
+        return shuffled
 
     def _stream_phases(self, probe: Probe, classes: list[int] | None, compiled: bool | None = None,
                        shards: list[tuple[int, int]] | None = None):
@@ -1157,6 +1165,8 @@ class Measurement:
         forward = _eager_call(model)
         generator = lie.GENERATORS.get(phase)  # a forward-mode pass: the inputs carry d/dt g_t x as tangents
         relus = ReluPairs()
+        kept = (self.kept_batches if phase == TRANSFORMED and device.type == "cpu" and self.memory_budget is None
+                else None)
         with preserved_training_state(model), Capture(self.modules, on_output, with_inputs=True) as capture, \
                 (lie.forward_mode(model) if generator else contextlib.nullcontext()) as running:
             first = True
@@ -1164,19 +1174,22 @@ class Measurement:
                 held = False
                 for lo in range(start, end, self.batch_size):
                     hi = min(lo + self.batch_size, end)
-                    x = images[lo:hi].to(device, work, non_blocking=True)
                     use_compiled = compiled if compiled is not None else self._compiled(n, observers, device)
                     use_compiled = use_compiled if device.type != "meta" else False  # shapes only: nothing to run
                     pairing = self._pairs(phase, device, use_compiled, class_index, hi - lo)
                     held = pairing and not held and hi < end
                     chunk = Chunk(hi - lo, self._groups(labels, lo, hi, class_index, device), scratch, use_compiled,
-                                  tuple(x.shape[-2:]) if x.dim() == 4 else None, hold=held, pairing=pairing)
-                    batch = transformations.apply(x)
-                    if generator is not None:
-                        t = self.transformations
-                        batch = forward_ad.make_dual(batch, generator.input_tangent(batch, t.interpolation, t.padding))
-                    if dtype is not None and batch.dtype != dtype:
-                        batch = batch.to(dtype)
+                                  tuple(images.shape[-2:]) if images.dim() == 4 else None, hold=held, pairing=pairing)
+
+                    def transformed(lo: int = lo, hi: int = hi) -> torch.Tensor:
+                        batch = transformations.apply(images[lo:hi].to(device, work, non_blocking=True))
+                        if generator is not None:
+                            t = self.transformations
+                            batch = forward_ad.make_dual(batch, generator.input_tangent(batch, t.interpolation,
+                                                                                        t.padding))
+                        return batch.to(dtype) if dtype is not None and batch.dtype != dtype else batch
+
+                    batch = kept.batch(images, lo, hi, transformed) if kept is not None else transformed()
                     if self.noise_floor:
                         on_output(INPUT_LAYER, None, batch)
                     capture.start_forward()

@@ -22,6 +22,7 @@ from . import caller, distributed, metadata
 from .background_writer import BackgroundWriter, close_at_exit
 from .capture import LayerInfo, LayerSelector
 from .engine import Actions, Measurement
+from .kept_batches import KeptBatches
 from .preserve import preserved_rng_state
 from .probe import as_probe
 from .result import MeasureResult
@@ -211,6 +212,7 @@ class Monitor:
         self._measurement.check_probe(samples)
         self._classes = self._measurement.classes(samples)
         self._probe = samples.to(self._measurement.device(samples))  # moved once, not every step
+        self._measurement.kept_batches = KeptBatches()  # and transformed once (on CPU, up to kept_batches.MAX_BYTES)
         self._measurement.passes(self._probe, self._classes)  # a memory_budget too small fails here, not at a step
         measured = self._measurement.discover(self._probe)  # (with the positions fit chose)
         self.layers: list[LayerInfo] = self._measurement.result_layers(self._probe)  # (and the derived BatchNorms)
