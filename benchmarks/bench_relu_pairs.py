@@ -103,11 +103,11 @@ def alternating(measure: Callable[[], None], floor: Callable[[], None], reps: in
 
 def monitor_measurement(reps: int) -> dict:
     torch.manual_seed(0)
-    images, _ = make_shapes(256, 32, seed=2)
-    model = SimpleCNN(1, 5, width=0.5)
+    probe = make_shapes(256, 32, seed=2)  # (images, labels): accuracy too
+    images, model = probe[0], SimpleCNN(1, 5, width=0.5)
     tset = tm.transforms.rotations(T)
     with tempfile.TemporaryDirectory() as tmp:
-        monitor = tm.Monitor(model, images, tset, logdir=tmp, every=1, measures=("invariance", "accuracy"),
+        monitor = tm.Monitor(model, probe, tset, logdir=tmp, every=1, measures=("invariance", "accuracy"),
                              batch_size=16)
         steps = iter(range(1, 10**6))
         model.eval()
