@@ -1,6 +1,6 @@
 """A layer and the ReLU after it folded by one kernel call (relu_pairs.py) against each updated alone.
 
-    python benchmarks/bench_relu_pairs.py          # ~4 min on an idle 2-core machine
+    python benchmarks/bench_relu_pairs.py          # ~6 min on an idle 2-core machine
 
 1. The update alone: a chunk [b·T, U] float32 (T = 16) and its ReLU folded into two sets of invariance's float64
    states, by ``native.relu_update`` (one read of the chunk) and by two ``native.variance_update`` calls (the chunk,
@@ -9,8 +9,9 @@
 2. In a measurement, folding on and off alternating in one process (off: every layer updated alone, as before
    relu_pairs.py), medians of ``--reps``, with the forward floor: bench_monitor.py's Monitor (SimpleCNN(1, 5,
    width 0.5), 256 glyphs × rotations(16), batch_size 16, invariance + accuracy; its ``monitor.step``), and
-   ``measure()`` on the reference case (bench_engine.py's Net, 256 images, rotations(16), invariance, batch_size 16;
-   at 4 its chunks are kept in pairs, where nothing is folded).
+   ``measure()`` on the reference case (bench_engine.py's Net, 256 images, rotations(16), batch_size 16, invariance
+   and invariance + per_transformation, error bars as by default; at 4 its chunks are kept in pairs, where nothing
+   is folded).
 """
 from __future__ import annotations
 
@@ -117,11 +118,11 @@ def monitor_measurement(reps: int) -> dict:
     return out
 
 
-def reference_measure(reps: int) -> dict:
+def reference_measure(reps: int, measures: tuple[str, ...]) -> dict:
     case = Case()
     tset = tm.transforms.rotations(T)
     floor = forward_floor(case.model, [tset.apply(chunk) for chunk in case.probe.split(16)])
-    return alternating(lambda: tm.measure(case.model, case.probe, tset, measures=("invariance",), batch_size=16,
+    return alternating(lambda: tm.measure(case.model, case.probe, tset, measures=measures, batch_size=16,
                                           compile=True), floor, reps)
 
 
@@ -139,8 +140,11 @@ def main() -> None:
         print(row, flush=True)
     figures["monitor"] = monitor_measurement(args.reps)
     print("monitor", {k: v for k, v in figures["monitor"].items() if k != "all_s"}, flush=True)
-    figures["reference_case_b16"] = reference_measure(args.reps)
-    print("reference", {k: v for k, v in figures["reference_case_b16"].items() if k != "all_s"}, flush=True)
+    groups = (("invariance", ("invariance",)), ("per_transformation", ("invariance", "per_transformation")))
+    for name, measures in groups:
+        key = f"reference_case_b16_{name}"
+        figures[key] = reference_measure(args.reps, measures)
+        print(key, {k: v for k, v in figures[key].items() if k != "all_s"}, flush=True)
     save_results(figures, args.output)
 
 

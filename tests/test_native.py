@@ -322,14 +322,16 @@ def test_both_at_once_decline_what_either_does_not_take_and_touch_nothing():
 
 
 def test_a_layer_with_both_groups_is_updated_once_per_chunk_with_the_numbers_of_each_alone(monkeypatch):
-    """measure() with invariance and per_transformation runs the one-pass kernel on every layer and chunk
-    and gives exactly what each group measured alone gives, stratified and with error bars too."""
+    """measure() with invariance and per_transformation runs the one-pass kernel on every layer and chunk (a
+    layer and the ReLU after it in one call, relu_pairs.py) and gives exactly what each group measured alone gives,
+    stratified and with error bars too."""
     model, images = small_cnn(), torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     labels = torch.arange(40) % 2
     tset = T.rotations(8, padding="zeros")
     calls = []
-    both_update = native.both_update
+    both_update, relu_both_update = native.both_update, native.relu_both_update
     monkeypatch.setattr(native, "both_update", lambda *a, **k: calls.append(1) or both_update(*a, **k))
+    monkeypatch.setattr(native, "relu_both_update", lambda *a, **k: calls.extend([1, 1]) or relu_both_update(*a, **k))
     for stratified in (False, True):
         def run(groups):
             return tm.measure(model, (images, labels) if stratified else images, tset, measures=groups, batch_size=5,
@@ -812,7 +814,8 @@ def test_measure_runs_the_stored_kernels_where_compiling_does_not_pay(monkeypatc
     assert graphs == []
     assert set(calls) == {"invariance and per-transformation update", "inverse warp", "error bars' replicates",
                           "invariance update", "per-transformation and equivariance-error update",
-                          "per-transformation error bars' replicates"}
+                          "per-transformation error bars' replicates",
+                          "invariance and per-transformation update of a layer and its ReLU"}  # (Linear → ReLU)
     for measure in ("nvi", "nvse", "ie_t", "ee_t"):
         for layer in ours.layers_of(measure):
             np.testing.assert_allclose(ours.get(measure, layer), compiled.get(measure, layer), rtol=1e-6, atol=1e-9)

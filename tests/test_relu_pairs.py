@@ -24,27 +24,56 @@ def _states(T: int, units: int) -> list[torch.Tensor]:
             torch.zeros(T, units, dtype=torch.float64), counts[1]]
 
 
+def _rows(size: int, T: int, units: int, generator: torch.Generator) -> torch.Tensor:
+    """A chunk [size·T, units] with negative values, -0, NaN and ±inf among them."""
+    rows = torch.randn(size * T, units, generator=generator) * 3 + 0.5
+    flat = rows.view(-1)
+    flat[::7] = -0.0
+    flat[3::101] = float("nan")
+    flat[5::211] = float("inf")
+    flat[6::223] = float("-inf")
+    return rows
+
+
 @pytest.mark.parametrize("T, units, sizes", [(2, 5, [1, 3]), (4, 517, [3, 5, 2]), (16, 4096, [16, 16]),
                                              (16, 1024 + 33, [9, 4])])
 def test_one_pass_gives_the_states_of_the_layer_and_of_its_relu_output_bit_for_bit(T, units, sizes):
-    """Negative values, -0, NaN and ±inf among them: the layer's states as ``variance_update`` makes them, and the
-    ReLU's as ``variance_update`` makes them from ``torch.relu`` of the rows."""
+    """The layer's states as ``variance_update`` makes them, and the ReLU's as ``variance_update`` makes them from
+    ``torch.relu`` of the rows."""
     generator = torch.Generator().manual_seed(units)
     ours, layer, relu = _states(T, units), _states(T, units), _states(T, units)
     relu_ours = _states(T, units)
     for size in sizes:
-        rows = torch.randn(size * T, units, generator=generator) * 3 + 0.5
-        flat = rows.view(-1)
-        flat[::7] = -0.0
-        flat[3::101] = float("nan")
-        flat[5::211] = float("inf")
-        flat[6::223] = float("-inf")
+        rows = _rows(size, T, units, generator)
         assert native.relu_update(rows, T, ours, relu_ours)
         assert native.variance_update(rows, T, *layer)
         assert native.variance_update(torch.relu(rows), T, *relu)
     for mine, theirs in zip(ours + relu_ours, layer + relu):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(relu_ours[3]).any() and not torch.isnan(relu_ours[3]).all()
+
+
+def _both_states(T: int, units: int) -> list[torch.Tensor]:
+    """Invariance's five states, then per_transformation's: squared total [T, units] and count, mean, m2, count."""
+    counts = torch.zeros(2, dtype=torch.int64)
+    return _states(T, units) + [torch.zeros(T, units, dtype=torch.float64), counts[0],
+                                torch.zeros(units, dtype=torch.float64), torch.zeros(units, dtype=torch.float64),
+                                counts[1]]
+
+
+@pytest.mark.parametrize("T, units, sizes, identity", [(2, 5, [1, 3], 1), (4, 517, [3, 5, 2], 2),
+                                                       (16, 4096, [16, 16], 0), (16, 1024 + 33, [9, 4], 0)])
+def test_with_per_transformation_one_pass_gives_both_updates_of_the_layer_and_of_its_relu(T, units, sizes, identity):
+    generator = torch.Generator().manual_seed(units)
+    ours, relu_ours, layer, relu = (_both_states(T, units) for _ in range(4))
+    for size in sizes:
+        rows = _rows(size, T, units, generator)
+        assert native.relu_both_update(rows, T, identity, ours, relu_ours)
+        assert native.both_update(rows, T, identity, *layer)
+        assert native.both_update(torch.relu(rows), T, identity, *relu)
+    for mine, theirs in zip(ours + relu_ours, layer + relu):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0, equal_nan=True)
+    assert not native.relu_both_update(rows, T, T, ours, relu_ours)  # no such identity: declined
 
 
 def test_it_declines_what_it_does_not_take_and_touches_nothing():
@@ -105,6 +134,29 @@ def test_measure_folds_the_plain_relus_and_gives_the_numbers_of_every_layer_alon
     assert not folded
     assert ours.layers == alone.layers and "relu4" in ours.layers
     for measure in ("nvi", "tvi", "svi"):
+        for layer in ours.layers:
+            np.testing.assert_array_equal(ours.get(measure, layer), alone.get(measure, layer))
+            np.testing.assert_array_equal(ours.stderr(measure, layer), alone.stderr(measure, layer))
+
+
+def test_with_per_transformation_too_the_pairs_fold_with_the_numbers_of_every_layer_alone(monkeypatch):
+    """Invariance and per_transformation (one joint kernel per layer): relu1 and relu4 folded with their layers by
+    one call, the same values and standard errors as every layer updated alone."""
+    torch.manual_seed(0)
+    model, images = _Pairs().eval(), torch.rand(40, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    folded = []
+    both = native.relu_both_update
+    monkeypatch.setattr(native, "relu_both_update",
+                        lambda rows, T, identity, states, relus: folded.append(states[0].numel())
+                        or both(rows, T, identity, states, relus))
+    groups = ("invariance", "per_transformation")
+    run = lambda: tm.measure(model, images, T.rotations(8, padding="zeros"), measures=groups,  # noqa: E731
+                             batch_size=5, compile=True, error_bars=2)
+    ours = run()
+    assert sorted(set(folded)) == [6, 8 * 12 * 12] and len(folded) == 2 * (8 - relu_pairs.WATCHED_FORWARDS)
+    _separately(monkeypatch)
+    alone = run()
+    for measure in ("nvi", "ie_t"):
         for layer in ours.layers:
             np.testing.assert_array_equal(ours.get(measure, layer), alone.get(measure, layer))
             np.testing.assert_array_equal(ours.stderr(measure, layer), alone.stderr(measure, layer))

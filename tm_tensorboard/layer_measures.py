@@ -599,10 +599,15 @@ class InvarianceErrorMeasure(LayerMeasure):
         _fold_differences_from_identity(self, self.as_it_lies(activation), chunk)
 
     def update_pair(self, phase, held, held_chunk, activation, chunk):
-        squared, reference = self.per_class[0]["squared"], self.per_class[0]["reference"]
-        if not native.errors_update(self.as_it_lies(activation), self.T, self.identity, squared.total, squared.count,
-                                    reference.mean, reference.m2, reference.count, held=self.as_it_lies(held)):
+        if not native.errors_update(self.as_it_lies(activation), self.T, self.identity, *self._kernel_states(),
+                                    held=self.as_it_lies(held)):
             super().update_pair(phase, held, held_chunk, activation, chunk)
+
+    def _kernel_states(self) -> tuple[torch.Tensor, ...]:
+        """The one class's states as the update kernels take them: squared total and count, the untransformed
+        rows' mean, m2, count."""
+        squared, reference = self.per_class[0]["squared"], self.per_class[0]["reference"]
+        return squared.total, squared.count, reference.mean, reference.m2, reference.count
 
     def compute_class(self, states, compiled):
         squared, reference = states["squared"], states["reference"]
@@ -665,6 +670,28 @@ def update_together(measures: dict[str, LayerMeasure], phase: str, activation: t
         _invariance_error_update(chunk.compiled, rows, errors.T, errors.identity, squared.total, squared.count,
                                  reference.mean, reference.m2, reference.count, scratch=chunk.scratch)
     return ("invariance", "per_transformation")
+
+
+def update_together_with_relu(measures: dict[str, LayerMeasure], relu_measures: dict[str, LayerMeasure],
+                              activation: torch.Tensor, relu_activation: torch.Tensor, chunk: Chunk) -> bool:
+    """A layer's invariance and per_transformation (``update_together``'s joint kernel), and the same two of a ReLU
+    that took ``activation`` (``relu_activation``, its output), by one kernel call per block that reads
+    ``activation`` only (``relu_pairs.py``; one class, units as they lie). False where the kernel does not take
+    the chunk (nothing done)."""
+    invariance, errors = measures["invariance"], measures["per_transformation"]
+    relu_invariance, relu_errors = relu_measures["invariance"], relu_measures["per_transformation"]
+    for block, ((_, rows), (_, relu_rows)) in enumerate(zip(chunk.rows(activation), chunk.rows(relu_activation))):
+        mine = (*invariance._kernel_states(), *errors._kernel_states())
+        theirs = (*relu_invariance._kernel_states(), *relu_errors._kernel_states())
+        if native.relu_both_update(rows, invariance.T, errors.identity, mine, theirs):
+            continue
+        if block == 0:  # (the kernel takes all of a chunk's blocks or none)
+            return False
+        for states, values in ((mine, rows), (theirs, relu_rows)):
+            _variance_update(chunk.compiled, values, invariance.T, *states[:5], scratch=chunk.scratch)
+            _invariance_error_update(chunk.compiled, values, errors.T, errors.identity, *states[5:],
+                                     scratch=chunk.scratch)
+    return True
 
 
 def _central_disk(unit_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:

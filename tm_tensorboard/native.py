@@ -68,10 +68,10 @@ import torch
 
 from . import caller
 
-__all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "relu_update", "errors_update", "moved_errors_update",
-           "both_update", "lies_channels_last", "move_back", "variance_replicates", "errors_replicates", "zero_fill",
-           "prepare_zero_fill", "enabled", "available", "stored", "build_all", "record_directory", "report_failure",
-           "build_seconds"]
+__all__ = ["ENVIRONMENT_VARIABLE", "TILE", "variance_update", "relu_update", "relu_both_update", "errors_update",
+           "moved_errors_update", "both_update", "lies_channels_last", "move_back", "variance_replicates",
+           "errors_replicates", "zero_fill", "prepare_zero_fill", "enabled", "available", "stored", "build_all",
+           "record_directory", "report_failure", "build_seconds"]
 
 ENVIRONMENT_VARIABLE = "TM_TENSORBOARD_NATIVE"
 TILE = 512  # most units per tile: b·T rows of 2 KB, in L2 for the moments' pass (bench_native.py)
@@ -340,11 +340,11 @@ static inline void variance_rows_and_relu(const float* x, int64_t R, double* spr
 // The squared differences of H vectors of units [u, u + H·NF) of b samples' rows (sample i's at xt and ref + i·TU)
 // summed into st, even and odd samples apart (written, not read, with `fresh_sums`): H = 2 reads a line of each row
 // at a time where vectors are half a line, in the same order per unit as H = 1.
-template <int H>
+template <int H, bool RELU = false>
 static ALWAYS_INLINE void add_squared(const float* xt, const float* ref, int64_t TU, int64_t b, int64_t u,
                                       bool fresh_sums, double* st) {
   const auto squared = [&](int64_t i, int h) {
-    const VF d = VF::loadu(xt + i * TU + u + h * NF) - VF::loadu(ref + i * TU + u + h * NF);
+    const VF d = load<RELU>(xt + i * TU + u + h * NF) - load<RELU>(ref + i * TU + u + h * NF);
     return at::vec::convert<double, 2, float, 1>(d * d);
   };
   VD sums[H][4];  // per vector: the even samples' low and high halves, then the odd ones'
@@ -379,24 +379,25 @@ static ALWAYS_INLINE void add_squared(const float* xt, const float* ref, int64_t
 // read, while it sums no samples yet: `fresh_sums`), even and odd samples in two sums added at the end (one
 // chain of dependent additions per unit took 15-30 % longer at batch 4: benchmarks/README.md, "CPU kernels").
 // Its 2·b rows at one offset evict one another where `aliased`: from PACKED_SAMPLES samples each row is read a
-// line at a time there (at 4 samples that gained nothing in a measurement).
+// line at a time there (at 4 samples that gained nothing in a measurement). RELU: of the ReLU of x and r.
+template <bool RELU = false>
 static inline void errors_tile(const float* x, const float* r, double* squared_total, bool fresh_sums, double* mean,
                                double* m2, double n_a, int64_t b, int64_t T, int64_t U, int64_t identity, int64_t u0,
                                int64_t n) {
   const int64_t TU = T * U, whole = n / NF * NF;
   const float* ref = r + identity * U + u0;  // sample i's untransformed row: ref + i * TU
-  fold_moments(ref, TU, b, n, mean + u0, m2 + u0, n_a);
+  fold_moments<RELU>(ref, TU, b, n, mean + u0, m2 + u0, n_a);
   const bool lines = aliased(U) && b >= PACKED_SAMPLES;  // a line of each row at a time: the same sums, same order
   for (int64_t t = 0; t < T; t++) {
     const float* xt = x + t * U + u0;
     double* st = squared_total + t * U + u0;
     int64_t u = 0;
-    for (; lines && u + 2 * NF <= whole; u += 2 * NF) add_squared<2>(xt, ref, TU, b, u, fresh_sums, st);
-    for (; u < whole; u += NF) add_squared<1>(xt, ref, TU, b, u, fresh_sums, st);
+    for (; lines && u + 2 * NF <= whole; u += 2 * NF) add_squared<2, RELU>(xt, ref, TU, b, u, fresh_sums, st);
+    for (; u < whole; u += NF) add_squared<1, RELU>(xt, ref, TU, b, u, fresh_sums, st);
     for (; u < n; u++) {  // (u is whole here)
       double even = 0.0, odd = 0.0;
       for (int64_t i = 0; i < b; i++) {
-        const float d = xt[i * TU + u] - ref[i * TU + u];
+        const float d = load1<RELU>(xt + i * TU + u) - load1<RELU>(ref + i * TU + u);
         (i % 2 == 0 ? even : odd) += static_cast<double>(d * d);
       }
       st[u] = fresh_sums ? even + odd : st[u] + (even + odd);
@@ -429,16 +430,50 @@ extern "C" void kernel(const float* x, const float* kept, double* spread_total, 
 }
 """
 
-_RELU_SOURCE = _TILES + r"""
-// Invariance's update of x [b, T, U] float32 (contiguous) and of its ReLU (relu_*: the states of a ReLU that took x),
-// tile by tile, each vector read once for both (where the rows are packed or read through lines, `aliased`: the
-// tile's update, then the ReLU's from the rows it brought into cache): x is read from memory once, and the ReLU's
-// output not at all. States as in the invariance kernel.
-extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_count, double* mean, double* m2,
-                       int64_t* count, double* relu_spread_total, int64_t* relu_spread_count, double* relu_mean,
-                       double* relu_m2, int64_t* relu_count, const int64_t b, const int64_t T, const int64_t U,
-                       const int64_t tile) {
-  const double n_a = static_cast<double>(*count), relu_n_a = static_cast<double>(*relu_count);
+_RELU_TILE = r"""
+// Invariance's update of the units [u0, u0 + n) of x [b, T, U] and of its ReLU, each vector read once for both
+// (where the rows are packed or read through lines, `aliased`: the tile's update, then the ReLU's from the rows it
+// brought into cache).
+static inline void variance_tile_and_relu(const float* x, double* spread, double* relu_spread, double* spread_total,
+                                          double* mean, double* m2, double n_a, double* relu_spread_total,
+                                          double* relu_mean, double* relu_m2, double relu_n_a, int64_t b, int64_t T,
+                                          int64_t U, int64_t u0, int64_t n) {
+  if (aliased(U)) {
+    variance_tile(x, spread, spread_total, mean, m2, n_a, b, T, U, u0, n);
+    variance_tile<true>(x, spread, relu_spread_total, relu_mean, relu_m2, relu_n_a, b, T, U, u0, n);
+  } else {
+    variance_rows_and_relu(x + u0, U, spread, relu_spread, spread_total + u0, relu_spread_total + u0, mean + u0,
+                           m2 + u0, relu_mean + u0, relu_m2 + u0, n_a, relu_n_a, b, T, U, n);
+  }
+}
+"""
+
+_RELU_TILE += r"""
+struct VarianceStates {  // invariance's: spread total [U] and count, mean and m2 [T, U], count
+  double* spread_total;
+  int64_t* spread_count;
+  double* mean;
+  double* m2;
+  int64_t* count;
+};
+struct ErrorStates {  // per_transformation's: squared total [T, U] and count, the untransformed rows' mean, m2, count
+  double* squared_total;
+  int64_t* squared_count;
+  double* mean;
+  double* m2;
+  int64_t* count;
+};
+
+// Invariance's update of x [b, T, U] float32 (contiguous) and of its ReLU (relu: the states of a ReLU that took x),
+// tile by tile (`variance_tile_and_relu`), and (ERRORS) per_transformation's of both from the rows invariance's
+// brought into cache: x is read from memory once, and the ReLU's output not at all.
+template <bool ERRORS>
+static inline void fold_with_relu(const float* x, VarianceStates v, VarianceStates relu, ErrorStates e,
+                                  ErrorStates relu_e, int64_t b, int64_t T, int64_t U, int64_t identity, int64_t tile) {
+  const double n_a = static_cast<double>(*v.count), relu_n_a = static_cast<double>(*relu.count);
+  const double e_n_a = ERRORS ? static_cast<double>(*e.count) : 0.0;
+  const double relu_e_n_a = ERRORS ? static_cast<double>(*relu_e.count) : 0.0;
+  const bool fresh_sums = ERRORS && *e.squared_count == 0, relu_fresh_sums = ERRORS && *relu_e.squared_count == 0;
   const int64_t tiles = (U + tile - 1) / tile;
   #pragma omp parallel
   {
@@ -446,19 +481,49 @@ extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_cou
     #pragma omp for schedule(static)
     for (int64_t k = 0; k < tiles; k++) {
       const int64_t u0 = k * tile, n = std::min(tile, U - u0);
-      if (aliased(U)) {
-        variance_tile(x, spread, spread_total, mean, m2, n_a, b, T, U, u0, n);
-        variance_tile<true>(x, spread, relu_spread_total, relu_mean, relu_m2, relu_n_a, b, T, U, u0, n);
-      } else {
-        variance_rows_and_relu(x + u0, U, spread, relu_spread, spread_total + u0, relu_spread_total + u0, mean + u0,
-                               m2 + u0, relu_mean + u0, relu_m2 + u0, n_a, relu_n_a, b, T, U, n);
+      variance_tile_and_relu(x, spread, relu_spread, v.spread_total, v.mean, v.m2, n_a, relu.spread_total, relu.mean,
+                             relu.m2, relu_n_a, b, T, U, u0, n);
+      if constexpr (ERRORS) {
+        errors_tile(x, x, e.squared_total, fresh_sums, e.mean, e.m2, e_n_a, b, T, U, identity, u0, n);
+        errors_tile<true>(x, x, relu_e.squared_total, relu_fresh_sums, relu_e.mean, relu_e.m2, relu_e_n_a, b, T, U,
+                          identity, u0, n);
       }
     }
   }
-  *spread_count += b;
-  *count += b;
-  *relu_spread_count += b;
-  *relu_count += b;
+  for (int64_t* c : {v.spread_count, v.count, relu.spread_count, relu.count}) *c += b;
+  if constexpr (ERRORS) {
+    for (int64_t* c : {e.squared_count, e.count, relu_e.squared_count, relu_e.count}) *c += b;
+  }
+}
+"""
+
+_RELU_SOURCE = _TILES + _RELU_TILE + r"""
+// Invariance's update of x [b, T, U] and of its ReLU (relu_*), by `fold_with_relu`. States as in the invariance
+// kernel.
+extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_count, double* mean, double* m2,
+                       int64_t* count, double* relu_spread_total, int64_t* relu_spread_count, double* relu_mean,
+                       double* relu_m2, int64_t* relu_count, const int64_t b, const int64_t T, const int64_t U,
+                       const int64_t tile) {
+  fold_with_relu<false>(x, {spread_total, spread_count, mean, m2, count},
+                        {relu_spread_total, relu_spread_count, relu_mean, relu_m2, relu_count}, {}, {}, b, T, U, 0,
+                        tile);
+}
+"""
+
+_BOTH_RELU_SOURCE = _TILES + _RELU_TILE + r"""
+// Both updates (invariance's and per_transformation's, as the joint kernel makes them) of x [b, T, U] and of its
+// ReLU (relu_*), by `fold_with_relu`. States as in the two kernels.
+extern "C" void kernel(const float* x, double* spread_total, int64_t* spread_count, double* mean, double* m2,
+                       int64_t* count, double* squared_total, int64_t* squared_count, double* ref_mean,
+                       double* ref_m2, int64_t* ref_count, double* relu_spread_total, int64_t* relu_spread_count,
+                       double* relu_mean, double* relu_m2, int64_t* relu_count, double* relu_squared_total,
+                       int64_t* relu_squared_count, double* relu_ref_mean, double* relu_ref_m2, int64_t* relu_ref_count,
+                       const int64_t b, const int64_t T, const int64_t U, const int64_t identity, const int64_t tile) {
+  fold_with_relu<true>(x, {spread_total, spread_count, mean, m2, count},
+                       {relu_spread_total, relu_spread_count, relu_mean, relu_m2, relu_count},
+                       {squared_total, squared_count, ref_mean, ref_m2, ref_count},
+                       {relu_squared_total, relu_squared_count, relu_ref_mean, relu_ref_m2, relu_ref_count}, b, T, U,
+                       identity, tile);
 }
 """
 
@@ -984,6 +1049,8 @@ _VARIANCE = _Kernel("invariance update", _VARIANCE_SOURCE,
                     _STATE_ARGUMENTS[:1] + _STATE_ARGUMENTS + ["const int64_t"] * 5)
 _RELU = _Kernel("invariance update of a layer and its ReLU", _RELU_SOURCE,
                 _STATE_ARGUMENTS[:1] + _STATE_ARGUMENTS[1:] * 2 + ["const int64_t"] * 4)
+_BOTH_RELU = _Kernel("invariance and per-transformation update of a layer and its ReLU", _BOTH_RELU_SOURCE,
+                     _STATE_ARGUMENTS[:1] + _STATE_ARGUMENTS[1:] * 4 + ["const int64_t"] * 5)
 _ERRORS = _Kernel("per-transformation and equivariance-error update", _ERRORS_SOURCE,
                   _STATE_ARGUMENTS[:1] * 3 + _STATE_ARGUMENTS + ["const int64_t"] * 6)
 _BOTH = _Kernel("invariance and per-transformation update", _BOTH_SOURCE,
@@ -994,7 +1061,8 @@ _REPLICATES_ARGUMENTS = _STATE_ARGUMENTS[1:] + ["const int64_t*", "const double*
 _REPLICATES = _Kernel("error bars' replicates", _REPLICATES_SOURCE, _REPLICATES_ARGUMENTS)
 _ERRORS_REPLICATES = _Kernel("per-transformation error bars' replicates", _ERRORS_REPLICATES_SOURCE,
                              _REPLICATES_ARGUMENTS)
-_UPDATES = (_VARIANCE, _RELU, _ERRORS, _BOTH, _WARP, _REPLICATES, _ERRORS_REPLICATES)  # what a measurement's chunks run
+# what a measurement's chunks run
+_UPDATES = (_VARIANCE, _RELU, _ERRORS, _BOTH, _BOTH_RELU, _WARP, _REPLICATES, _ERRORS_REPLICATES)
 _ZERO = _Kernel("zeroing of kept states", _ZERO_SOURCE, ["char*", "const int64_t"])
 _KERNELS = (*_UPDATES, _ZERO)
 
@@ -1126,6 +1194,23 @@ def relu_update(output: torch.Tensor, T: int, states: Sequence[torch.Tensor],
     if kernel is None:
         return False
     kernel(output, *states, *relu_states, output.numel() // (T * units), T, units, _tile(units))
+    return True
+
+
+def relu_both_update(output: torch.Tensor, T: int, identity: int, states: Sequence[torch.Tensor],
+                     relu_states: Sequence[torch.Tensor]) -> bool:
+    """``relu_update`` for a layer measured for invariance and ``per_transformation`` (``both_update``'s): states
+    and relu_states are each invariance's five, then per_transformation's (squared total and count, the
+    untransformed mean, m2, count). False (nothing done) where the kernel does not apply or is unavailable."""
+    units = states[0].numel()
+    takes = [_applies(output, T, (group[2], group[3], group[5]), (group[0], group[7], group[8]))
+             for group in (states, relu_states)]
+    if not (0 <= identity < T and all(takes)):
+        return False
+    kernel = _BOTH_RELU.get()
+    if kernel is None:
+        return False
+    kernel(output, *states, *relu_states, output.numel() // (T * units), T, units, identity, _tile(units))
     return True
 
 

@@ -1,13 +1,14 @@
-"""A ReLU right after an observed layer: its invariance folded from that layer's output in the same pass (CPU).
+"""A ReLU right after an observed layer: its states folded from that layer's output in the same pass (CPU).
 
 Convolution then ReLU is the commonest pair of observed layers, and invariance's CPU kernel spends much of its time
 reading each output from memory (``native.py``). A ReLU's output is max(x, 0) of its input: where an ``nn.ReLU``
 (not in place, no hooks but the measurement's) takes, unchanged, the output the observed layer before it just gave,
-that layer's update waits for the ReLU's hook, and one kernel call folds both (``native.relu_update``: the same
-numbers as two calls, the ReLU's own output never read). A pair is folded so once it was seen in WATCHED_FORWARDS
-chunks; an output then changed in place before its ReLU took it raises (the update that waited would read other
-values). Only layers whose one measure group is invariance, where the CPU kernels run, with one class and chunks
-not kept in pairs (``Chunk.hold``): elsewhere every layer updates as before (benchmarks/README.md, "ReLU pairs").
+that layer's update waits for the ReLU's hook, and one kernel call folds both (``native.relu_update``, or
+``relu_both_update`` with per_transformation: the same numbers as two calls, the ReLU's own output never read). A
+pair is folded so once it was seen in WATCHED_FORWARDS chunks; an output then changed in place before its ReLU took
+it raises (the update that waited would read other values). Only layers measured for invariance, or invariance and
+per_transformation, where the CPU kernels run, with one class and chunks not kept in pairs (``Chunk.hold``):
+elsewhere every layer updates as before (benchmarks/README.md, "ReLU pairs").
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from . import native
-from .layer_measures import TRANSFORMED, Chunk, VarianceMeasure
+from .layer_measures import TRANSFORMED, Chunk, InvarianceErrorMeasure, VarianceMeasure, update_together_with_relu
 
 __all__ = ["WATCHED_FORWARDS", "ReluPairs"]
 
@@ -54,7 +55,7 @@ class ReluPairs:
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
             if self._takes(waiting, module, inputs, observer, activation):
-                _fold(waiting, observer, activation, chunk)
+                _fold(waiting, observer, activation, chunk, phase)
                 return
             _release(waiting, phase)
         last, self._last = self._last, None
@@ -89,15 +90,20 @@ class ReluPairs:
                 and not module._forward_pre_hooks and not nn.modules.module._global_forward_hooks
                 and not nn.modules.module._global_forward_pre_hooks and len(inputs) == 1
                 and output is not None and inputs[0] is output and output._version == before.version
+                and observer.measures.keys() == before.observer.measures.keys()
                 and _foldable_measure(observer, activation))
 
 
+_FOLDED = {"invariance": VarianceMeasure, "per_transformation": InvarianceErrorMeasure}
+
+
 def _foldable_measure(observer: Any, activation: torch.Tensor) -> bool:
-    """Whether the observer's one measure group is plain invariance, one class, reading ``activation``'s units as
-    they lie (``as_it_lies``, which chooses their order on a layer's first chunk)."""
-    measure = observer.measures.get("invariance")
-    return (len(observer.measures) == 1 and type(measure) is VarianceMeasure and len(measure.per_class) == 1
-            and measure.as_it_lies(activation) is activation)
+    """Whether the observer's measure groups are invariance, or invariance and per_transformation (measured
+    together: ``layer_measures.update_together``), of one class, reading ``activation``'s units as they lie
+    (``as_it_lies``, which chooses their order on a layer's first chunk)."""
+    measures = observer.measures
+    return ("invariance" in measures and all(type(m) is _FOLDED.get(g) for g, m in measures.items())
+            and all(len(m.per_class) == 1 and m.as_it_lies(activation) is activation for m in measures.values()))
 
 
 def _foldable(observer: Any, phase: str, activation: torch.Tensor, chunk: Chunk) -> bool:
@@ -108,11 +114,15 @@ def _foldable(observer: Any, phase: str, activation: torch.Tensor, chunk: Chunk)
             and _foldable_measure(observer, activation) and native.enabled())
 
 
-def _fold(waiting: _Output, observer: Any, activation: torch.Tensor, chunk: Chunk) -> None:
-    """The waiting layer's invariance and its ReLU's (``observer``, its output ``activation``) updated together."""
+def _fold(waiting: _Output, observer: Any, activation: torch.Tensor, chunk: Chunk, phase: str) -> None:
+    """The waiting layer's updates and its ReLU's (``observer``, its output ``activation``) made together."""
     waiting.observer.compiled = observer.compiled = chunk.compiled  # (as ``_Observer.update`` records)
-    leader, relu = waiting.observer.measures["invariance"], observer.measures["invariance"]
-    leader.update_with_relu(relu, waiting.output(), activation, chunk)
+    mine, theirs, output = waiting.observer.measures, observer.measures, waiting.output()
+    if len(mine) == 1:
+        mine["invariance"].update_with_relu(theirs["invariance"], output, activation, chunk)
+    elif not update_together_with_relu(mine, theirs, output, activation, chunk):
+        waiting.observer.update(phase, output, chunk)
+        observer.update(phase, activation, chunk)
 
 
 def _release(waiting: _Output, phase: str) -> None:
