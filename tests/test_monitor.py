@@ -338,3 +338,23 @@ def test_the_transformed_probe_is_kept_between_measurements_with_the_same_number
         for layer in kept.layers:
             np.testing.assert_array_equal(kept.get("nvi", layer), fresh.get("nvi", layer))
             np.testing.assert_array_equal(kept.stderr("nvi", layer), fresh.stderr("nvi", layer))
+
+
+def test_a_probe_changed_in_place_between_measurements_is_measured_as_it_is_now(tmp_path):
+    """The Monitor's probe shares your tensor's memory: change it in place and the next measurement transforms it
+    anew (nothing kept from before), as a Monitor made on it now measures it."""
+    torch.manual_seed(0)
+    model = small_cnn()
+    images = torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(every=1, batch_size=5, measures=("invariance",), error_bars=2)
+    monitor = tm.Monitor(model, images, tm.transforms.rotations(4), logdir=tmp_path / "kept", **kwargs)
+    before = monitor.step(1)
+    images.mul_(0.5).add_(0.25)
+    after = monitor.step(2)
+    monitor.close()
+    fresh = tm.Monitor(model, images, tm.transforms.rotations(4), logdir=tmp_path / "fresh", **kwargs)
+    now = fresh.step(1)
+    fresh.close()
+    assert any(not np.array_equal(before.get("nvi", layer), after.get("nvi", layer)) for layer in before.layers)
+    for layer in now.layers:
+        np.testing.assert_array_equal(after.get("nvi", layer), now.get("nvi", layer))

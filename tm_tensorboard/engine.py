@@ -498,7 +498,8 @@ class Measurement:
         self.memory_budget = None if memory_budget is None else memory.parse_bytes(memory_budget)
         self.kept_states = KeptStates()  # this session's last measurement's states, for its next (CPU, no budget)
         self.kept_batches: KeptBatches | None = None  # a Monitor's: the probe's transformed batches, for its next
-        self._interleaved: tuple[Probe, int, tuple] | None = None  # with kept batches: the last probe, shuffled
+        # with kept batches: the last probe, its images' version, its shard count, the probe shuffled into shards
+        self._interleaved: tuple[Probe, int, int, tuple] | None = None
         # None: wherever exact; the discovery pass that finds them runs only when there is a BatchNorm to leave out
         self.dedupe_batchnorm = dedupe_batchnorm is not False and refusal is None and any(
             isinstance(module, nn.modules.batchnorm._BatchNorm) for _, module in self.modules)
@@ -861,12 +862,13 @@ class Measurement:
         count = self.shards(probe, classes)
         if count < 2:
             return probe, None
-        if self._interleaved is not None and self._interleaved[0] is probe and self._interleaved[1] == count:
-            return self._interleaved[2]  # (the same probe object as the last measurement's: its batches kept)
+        key = (probe, probe.images._version, count)
+        if self._interleaved is not None and self._interleaved[0] is probe and self._interleaved[1:3] == key[1:]:
+            return self._interleaved[3]  # (the same probe, unchanged, as the last measurement's: its batches kept)
         order, bounds = interleave(len(probe), count)
         shuffled = Probe(probe.images[order], None if probe.labels is None else probe.labels[order]), bounds
         if self.kept_batches is not None:
-            self._interleaved = (probe, count, shuffled)
+            self._interleaved = (*key, shuffled)
         return shuffled
 
     def _stream_phases(self, probe: Probe, classes: list[int] | None, compiled: bool | None = None,
