@@ -446,9 +446,7 @@ static inline void variance_tile_and_relu(const float* x, double* spread, double
                            m2 + u0, relu_mean + u0, relu_m2 + u0, n_a, relu_n_a, b, T, U, n);
   }
 }
-"""
 
-_RELU_TILE += r"""
 struct VarianceStates {  // invariance's: spread total [U] and count, mean and m2 [T, U], count
   double* spread_total;
   int64_t* spread_count;
