@@ -346,26 +346,11 @@ class VarianceMeasure(LayerMeasure):
 
     def update(self, phase, activation, chunk):
         for k, rows in chunk.rows(self.values(activation, chunk)):
-            spread, moments = self.per_class[k]["spread"], self.per_class[k]["moments"]
-            _variance_update(
-                chunk.compiled, rows, self.T, spread.total, spread.count, moments.mean, moments.m2, moments.count,
-                scratch=chunk.scratch,
-            )
+            _variance_update(chunk.compiled, rows, self.T, *self._kernel_states(k), scratch=chunk.scratch)
 
-    def update_with_relu(self, relu: "VarianceMeasure", activation: torch.Tensor, relu_activation: torch.Tensor,
-                         chunk: Chunk) -> None:
-        """Update with a chunk's ``activation``, and ``relu`` (the measure of a ReLU that took it) with
-        ``relu_activation``, its output: block by block by one CPU kernel call that reads ``activation`` only
-        (``relu_pairs.py``; one class, units as they lie), else as two updates."""
-        for (_, rows), (_, relu_rows) in zip(chunk.rows(activation), chunk.rows(relu_activation)):
-            mine, theirs = self._kernel_states(), relu._kernel_states()
-            if not native.relu_update(rows, self.T, mine, theirs):
-                _variance_update(chunk.compiled, rows, self.T, *mine, scratch=chunk.scratch)
-                _variance_update(chunk.compiled, relu_rows, relu.T, *theirs, scratch=chunk.scratch)
-
-    def _kernel_states(self) -> tuple[torch.Tensor, ...]:
-        """The one class's states as the update kernels take them: spread total and count, mean, m2, count."""
-        spread, moments = self.per_class[0]["spread"], self.per_class[0]["moments"]
+    def _kernel_states(self, k: int = 0) -> tuple[torch.Tensor, ...]:
+        """Class k's states as the update kernels take them: spread total and count, mean, m2, count."""
+        spread, moments = self.per_class[k]["spread"], self.per_class[k]["moments"]
         return spread.total, spread.count, moments.mean, moments.m2, moments.count
 
     def update_pair(self, phase, held, held_chunk, activation, chunk):
@@ -603,10 +588,10 @@ class InvarianceErrorMeasure(LayerMeasure):
                                     held=self.as_it_lies(held)):
             super().update_pair(phase, held, held_chunk, activation, chunk)
 
-    def _kernel_states(self) -> tuple[torch.Tensor, ...]:
-        """The one class's states as the update kernels take them: squared total and count, the untransformed
-        rows' mean, m2, count."""
-        squared, reference = self.per_class[0]["squared"], self.per_class[0]["reference"]
+    def _kernel_states(self, k: int = 0) -> tuple[torch.Tensor, ...]:
+        """Class k's states as the update kernels take them: squared total and count, the untransformed rows'
+        mean, m2, count."""
+        squared, reference = self.per_class[k]["squared"], self.per_class[k]["reference"]
         return squared.total, squared.count, reference.mean, reference.m2, reference.count
 
     def compute_class(self, states, compiled):
@@ -650,11 +635,8 @@ def update_together(measures: dict[str, LayerMeasure], phase: str, activation: t
 
     def fold_both(k: int, rows: torch.Tensor, before: torch.Tensor | None = None) -> bool:
         """Class k's states of both groups updated by the joint kernel (after ``before``); False: not taken."""
-        spread, moments = invariance.per_class[k]["spread"], invariance.per_class[k]["moments"]
-        squared, reference = errors.per_class[k]["squared"], errors.per_class[k]["reference"]
-        return native.both_update(rows, invariance.T, errors.identity, spread.total, spread.count, moments.mean,
-                                  moments.m2, moments.count, squared.total, squared.count, reference.mean,
-                                  reference.m2, reference.count, held=before)
+        return native.both_update(rows, invariance.T, errors.identity, *invariance._kernel_states(k),
+                                  *errors._kernel_states(k), held=before)
 
     if held is not None:
         return ("invariance", "per_transformation") if fold_both(0, laid_out, invariance.as_it_lies(held)) else ()
@@ -663,34 +645,37 @@ def update_together(measures: dict[str, LayerMeasure], phase: str, activation: t
             continue
         if block == 0:  # the kernel does not take this chunk (it takes all of a chunk's blocks or none)
             return ()
-        spread, moments = invariance.per_class[k]["spread"], invariance.per_class[k]["moments"]
-        squared, reference = errors.per_class[k]["squared"], errors.per_class[k]["reference"]
-        _variance_update(chunk.compiled, rows, invariance.T, spread.total, spread.count, moments.mean, moments.m2,
-                         moments.count, scratch=chunk.scratch)
-        _invariance_error_update(chunk.compiled, rows, errors.T, errors.identity, squared.total, squared.count,
-                                 reference.mean, reference.m2, reference.count, scratch=chunk.scratch)
+        _fold_alone(invariance, errors, rows, (*invariance._kernel_states(k), *errors._kernel_states(k)), chunk)
     return ("invariance", "per_transformation")
 
 
-def update_together_with_relu(measures: dict[str, LayerMeasure], relu_measures: dict[str, LayerMeasure],
-                              activation: torch.Tensor, relu_activation: torch.Tensor, chunk: Chunk) -> bool:
-    """A layer's invariance and per_transformation (``update_together``'s joint kernel), and the same two of a ReLU
-    that took ``activation`` (``relu_activation``, its output), by one kernel call per block that reads
+def _fold_alone(invariance: LayerMeasure, errors: LayerMeasure | None, rows: torch.Tensor,
+                states: tuple[torch.Tensor, ...], chunk: Chunk) -> None:
+    """A block of rows folded into invariance's ``states`` (its five) and, with ``errors``, per_transformation's
+    (the five after them) by each group's own update."""
+    _variance_update(chunk.compiled, rows, invariance.T, *states[:5], scratch=chunk.scratch)
+    if errors is not None:
+        _invariance_error_update(chunk.compiled, rows, errors.T, errors.identity, *states[5:], scratch=chunk.scratch)
+
+
+def update_with_relu(measures: dict[str, LayerMeasure], relu_measures: dict[str, LayerMeasure],
+                     activation: torch.Tensor, relu_activation: torch.Tensor, chunk: Chunk) -> bool:
+    """A layer's invariance (and per_transformation, by ``update_together``'s joint kernel), and the same groups of a
+    ReLU that took ``activation`` (``relu_activation``, its output), by one kernel call per block that reads
     ``activation`` only (``relu_pairs.py``; one class, units as they lie). False where the kernel does not take
     the chunk (nothing done)."""
-    invariance, errors = measures["invariance"], measures["per_transformation"]
-    relu_invariance, relu_errors = relu_measures["invariance"], relu_measures["per_transformation"]
+    invariance, errors = measures["invariance"], measures.get("per_transformation")
+    relu_invariance, relu_errors = relu_measures["invariance"], relu_measures.get("per_transformation")
     for block, ((_, rows), (_, relu_rows)) in enumerate(zip(chunk.rows(activation), chunk.rows(relu_activation))):
-        mine = (*invariance._kernel_states(), *errors._kernel_states())
-        theirs = (*relu_invariance._kernel_states(), *relu_errors._kernel_states())
-        if native.relu_both_update(rows, invariance.T, errors.identity, mine, theirs):
+        mine = (*invariance._kernel_states(), *(errors._kernel_states() if errors is not None else ()))
+        theirs = (*relu_invariance._kernel_states(), *(relu_errors._kernel_states() if relu_errors is not None else ()))
+        if (native.relu_update(rows, invariance.T, mine, theirs) if errors is None
+                else native.relu_both_update(rows, invariance.T, errors.identity, mine, theirs)):
             continue
         if block == 0:  # (the kernel takes all of a chunk's blocks or none)
             return False
-        for states, values in ((mine, rows), (theirs, relu_rows)):
-            _variance_update(chunk.compiled, values, invariance.T, *states[:5], scratch=chunk.scratch)
-            _invariance_error_update(chunk.compiled, values, errors.T, errors.identity, *states[5:],
-                                     scratch=chunk.scratch)
+        _fold_alone(invariance, errors, rows, mine, chunk)
+        _fold_alone(relu_invariance, relu_errors, relu_rows, theirs, chunk)
     return True
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import native
-from .layer_measures import TRANSFORMED, Chunk, InvarianceErrorMeasure, VarianceMeasure, update_together_with_relu
+from .layer_measures import TRANSFORMED, Chunk, InvarianceErrorMeasure, VarianceMeasure, update_with_relu
 
 __all__ = ["WATCHED_FORWARDS", "ReluPairs"]
 
@@ -117,10 +117,8 @@ def _foldable(observer: Any, phase: str, activation: torch.Tensor, chunk: Chunk)
 def _fold(waiting: _Output, observer: Any, activation: torch.Tensor, chunk: Chunk, phase: str) -> None:
     """The waiting layer's updates and its ReLU's (``observer``, its output ``activation``) made together."""
     waiting.observer.compiled = observer.compiled = chunk.compiled  # (as ``_Observer.update`` records)
-    mine, theirs, output = waiting.observer.measures, observer.measures, waiting.output()
-    if len(mine) == 1:
-        mine["invariance"].update_with_relu(theirs["invariance"], output, activation, chunk)
-    elif not update_together_with_relu(mine, theirs, output, activation, chunk):
+    output = waiting.output()
+    if not update_with_relu(waiting.observer.measures, observer.measures, output, activation, chunk):
         waiting.observer.update(phase, output, chunk)
         observer.update(phase, activation, chunk)
 
