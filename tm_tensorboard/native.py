@@ -462,9 +462,75 @@ struct ErrorStates {  // per_transformation's: squared total [T, U] and count, t
   int64_t* count;
 };
 
+// `add_squared<1>` of x's rows and of their ReLU (into relu_st) at once: each vector read once for both, each sum
+// added in the same order as two calls add it.
+static ALWAYS_INLINE void add_squared_and_relu(const float* xt, const float* ref, int64_t TU, int64_t b, int64_t u,
+                                               bool fresh_sums, double* st, bool relu_fresh_sums, double* relu_st) {
+  VD sums[4], relu_sums[4];  // as add_squared's: the even samples' low and high halves, then the odd ones'
+  for (int j = 0; j < 4; j++) sums[j] = relu_sums[j] = VD(0.0);
+  const auto add = [&](int64_t i, int parity) {
+    const VF a = VF::loadu(xt + i * TU + u), r = VF::loadu(ref + i * TU + u);
+    const VF d = a - r, relu_d = load<true>(xt + i * TU + u) - load<true>(ref + i * TU + u);
+    const auto squared = at::vec::convert<double, 2, float, 1>(d * d);
+    const auto relu_squared = at::vec::convert<double, 2, float, 1>(relu_d * relu_d);
+    for (int h = 0; h < 2; h++) {
+      sums[2 * parity + h] = sums[2 * parity + h] + squared[h];
+      relu_sums[2 * parity + h] = relu_sums[2 * parity + h] + relu_squared[h];
+    }
+  };
+  int64_t i = 0;
+  for (; i + 2 <= b; i += 2) {
+    add(i, 0);
+    add(i + 1, 1);
+  }
+  if (i < b) add(i, 0);
+  const auto store = [](const VD* s, bool fresh, double* sh) {
+    const VD lo = s[0] + s[2], hi = s[1] + s[3];
+    (fresh ? lo : VD::loadu(sh) + lo).store(sh);
+    (fresh ? hi : VD::loadu(sh + ND) + hi).store(sh + ND);
+  };
+  store(sums, fresh_sums, st + u);
+  store(relu_sums, relu_fresh_sums, relu_st + u);
+}
+
+// `errors_tile` of x (r: x itself) and `errors_tile<true>` at once, where rows are not read a line at a time
+// (`aliased`, from PACKED_SAMPLES: the two calls there): each vector of the T·b rows read once for both.
+static inline void errors_tile_and_relu(const float* x, ErrorStates e, bool fresh_sums, double n_a, ErrorStates relu_e,
+                                        bool relu_fresh_sums, double relu_n_a, int64_t b, int64_t T, int64_t U,
+                                        int64_t identity, int64_t u0, int64_t n) {
+  if (aliased(U) && b >= PACKED_SAMPLES) {
+    errors_tile(x, x, e.squared_total, fresh_sums, e.mean, e.m2, n_a, b, T, U, identity, u0, n);
+    errors_tile<true>(x, x, relu_e.squared_total, relu_fresh_sums, relu_e.mean, relu_e.m2, relu_n_a, b, T, U,
+                      identity, u0, n);
+    return;
+  }
+  const int64_t TU = T * U, whole = n / NF * NF;
+  const float* ref = x + identity * U + u0;
+  fold_moments(ref, TU, b, n, e.mean + u0, e.m2 + u0, n_a);
+  fold_moments<true>(ref, TU, b, n, relu_e.mean + u0, relu_e.m2 + u0, relu_n_a);
+  for (int64_t t = 0; t < T; t++) {
+    const float* xt = x + t * U + u0;
+    double* st = e.squared_total + t * U + u0;
+    double* relu_st = relu_e.squared_total + t * U + u0;
+    int64_t u = 0;
+    for (; u < whole; u += NF) add_squared_and_relu(xt, ref, TU, b, u, fresh_sums, st, relu_fresh_sums, relu_st);
+    for (; u < n; u++) {
+      double even = 0.0, odd = 0.0, relu_even = 0.0, relu_odd = 0.0;
+      for (int64_t i = 0; i < b; i++) {
+        const float d = xt[i * TU + u] - ref[i * TU + u];
+        const float relu_d = load1<true>(xt + i * TU + u) - load1<true>(ref + i * TU + u);
+        (i % 2 == 0 ? even : odd) += static_cast<double>(d * d);
+        (i % 2 == 0 ? relu_even : relu_odd) += static_cast<double>(relu_d * relu_d);
+      }
+      st[u] = fresh_sums ? even + odd : st[u] + (even + odd);
+      relu_st[u] = relu_fresh_sums ? relu_even + relu_odd : relu_st[u] + (relu_even + relu_odd);
+    }
+  }
+}
+
 // Invariance's update of x [b, T, U] float32 (contiguous) and of its ReLU (relu: the states of a ReLU that took x),
 // tile by tile (`variance_tile_and_relu`), and (ERRORS) per_transformation's of both from the rows invariance's
-// brought into cache: x is read from memory once, and the ReLU's output not at all.
+// brought into cache (`errors_tile_and_relu`): x is read from memory once, and the ReLU's output not at all.
 template <bool ERRORS>
 static inline void fold_with_relu(const float* x, VarianceStates v, VarianceStates relu, ErrorStates e,
                                   ErrorStates relu_e, int64_t b, int64_t T, int64_t U, int64_t identity, int64_t tile) {
@@ -482,9 +548,7 @@ static inline void fold_with_relu(const float* x, VarianceStates v, VarianceStat
       variance_tile_and_relu(x, spread, relu_spread, v.spread_total, v.mean, v.m2, n_a, relu.spread_total, relu.mean,
                              relu.m2, relu_n_a, b, T, U, u0, n);
       if constexpr (ERRORS) {
-        errors_tile(x, x, e.squared_total, fresh_sums, e.mean, e.m2, e_n_a, b, T, U, identity, u0, n);
-        errors_tile<true>(x, x, relu_e.squared_total, relu_fresh_sums, relu_e.mean, relu_e.m2, relu_e_n_a, b, T, U,
-                          identity, u0, n);
+        errors_tile_and_relu(x, e, fresh_sums, e_n_a, relu_e, relu_fresh_sums, relu_e_n_a, b, T, U, identity, u0, n);
       }
     }
   }
