@@ -98,9 +98,10 @@ constexpr int64_t ND = VD::size();
 
 // A vector, or one value, of rows as they lie, or (RELU) of their ReLU as torch's takes it (max(v, 0), NaN kept,
 // -0 kept): the states of a ReLU of an observed output folded from that output (``relu_update``).
+static ALWAYS_INLINE VF relu_of(const VF& v) { return at::vec::clamp_min(v, VF(0.0f)); }
 template <bool RELU>
 static ALWAYS_INLINE VF load(const float* p) {
-  if constexpr (RELU) return at::vec::clamp_min(VF::loadu(p), VF(0.0f));
+  if constexpr (RELU) return relu_of(VF::loadu(p));
   return VF::loadu(p);
 }
 template <bool RELU>
@@ -470,7 +471,7 @@ static ALWAYS_INLINE void add_squared_and_relu(const float* xt, const float* ref
   for (int j = 0; j < 4; j++) sums[j] = relu_sums[j] = VD(0.0);
   const auto add = [&](int64_t i, int parity) {
     const VF a = VF::loadu(xt + i * TU + u), r = VF::loadu(ref + i * TU + u);
-    const VF d = a - r, relu_d = load<true>(xt + i * TU + u) - load<true>(ref + i * TU + u);
+    const VF d = a - r, relu_d = relu_of(a) - relu_of(r);
     const auto squared = at::vec::convert<double, 2, float, 1>(d * d);
     const auto relu_squared = at::vec::convert<double, 2, float, 1>(relu_d * relu_d);
     for (int h = 0; h < 2; h++) {
