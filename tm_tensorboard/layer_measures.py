@@ -666,9 +666,9 @@ def update_with_relu(measures: dict[str, LayerMeasure], relu_measures: dict[str,
     the chunk (nothing done)."""
     invariance, errors = measures["invariance"], measures.get("per_transformation")
     relu_invariance, relu_errors = relu_measures["invariance"], relu_measures.get("per_transformation")
+    mine = (*invariance._kernel_states(), *(errors._kernel_states() if errors is not None else ()))
+    theirs = (*relu_invariance._kernel_states(), *(relu_errors._kernel_states() if relu_errors is not None else ()))
     for block, ((_, rows), (_, relu_rows)) in enumerate(zip(chunk.rows(activation), chunk.rows(relu_activation))):
-        mine = (*invariance._kernel_states(), *(errors._kernel_states() if errors is not None else ()))
-        theirs = (*relu_invariance._kernel_states(), *(relu_errors._kernel_states() if relu_errors is not None else ()))
         if (native.relu_update(rows, invariance.T, mine, theirs) if errors is None
                 else native.relu_both_update(rows, invariance.T, errors.identity, mine, theirs)):
             continue

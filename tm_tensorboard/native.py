@@ -373,6 +373,19 @@ static ALWAYS_INLINE void add_squared(const float* xt, const float* ref, int64_t
   }
 }
 
+// The squared differences of one unit u (past the vectors) of b samples' rows summed into st[u] as `add_squared`
+// sums a vector's.
+template <bool RELU = false>
+static inline void add_squared_unit(const float* xt, const float* ref, int64_t TU, int64_t b, int64_t u,
+                                    bool fresh_sums, double* st) {
+  double even = 0.0, odd = 0.0;
+  for (int64_t i = 0; i < b; i++) {
+    const float d = load1<RELU>(xt + i * TU + u) - load1<RELU>(ref + i * TU + u);
+    (i % 2 == 0 ? even : odd) += static_cast<double>(d * d);
+  }
+  st[u] = fresh_sums ? even + odd : st[u] + (even + odd);
+}
+
 // per_transformation's update of the units [u0, u0 + n) of x [b, T, U]: the moments over samples of the
 // untransformed rows (transformation `identity` of r [b, T, U]: x itself, or the equivariance error's
 // features before moving back) merged into mean, m2 [U]; per transformation, the squared differences of x
@@ -395,14 +408,7 @@ static inline void errors_tile(const float* x, const float* r, double* squared_t
     int64_t u = 0;
     for (; lines && u + 2 * NF <= whole; u += 2 * NF) add_squared<2, RELU>(xt, ref, TU, b, u, fresh_sums, st);
     for (; u < whole; u += NF) add_squared<1, RELU>(xt, ref, TU, b, u, fresh_sums, st);
-    for (; u < n; u++) {  // (u is whole here)
-      double even = 0.0, odd = 0.0;
-      for (int64_t i = 0; i < b; i++) {
-        const float d = load1<RELU>(xt + i * TU + u) - load1<RELU>(ref + i * TU + u);
-        (i % 2 == 0 ? even : odd) += static_cast<double>(d * d);
-      }
-      st[u] = fresh_sums ? even + odd : st[u] + (even + odd);
-    }
+    for (; u < n; u++) add_squared_unit<RELU>(xt, ref, TU, b, u, fresh_sums, st);  // (u is whole here)
   }
 }
 """
@@ -515,16 +521,9 @@ static inline void errors_tile_and_relu(const float* x, ErrorStates e, bool fres
     double* relu_st = relu_e.squared_total + t * U + u0;
     int64_t u = 0;
     for (; u < whole; u += NF) add_squared_and_relu(xt, ref, TU, b, u, fresh_sums, st, relu_fresh_sums, relu_st);
-    for (; u < n; u++) {
-      double even = 0.0, odd = 0.0, relu_even = 0.0, relu_odd = 0.0;
-      for (int64_t i = 0; i < b; i++) {
-        const float d = xt[i * TU + u] - ref[i * TU + u];
-        const float relu_d = load1<true>(xt + i * TU + u) - load1<true>(ref + i * TU + u);
-        (i % 2 == 0 ? even : odd) += static_cast<double>(d * d);
-        (i % 2 == 0 ? relu_even : relu_odd) += static_cast<double>(relu_d * relu_d);
-      }
-      st[u] = fresh_sums ? even + odd : st[u] + (even + odd);
-      relu_st[u] = relu_fresh_sums ? relu_even + relu_odd : relu_st[u] + (relu_even + relu_odd);
+    for (; u < n; u++) {  // (a few units: each tail read twice)
+      add_squared_unit(xt, ref, TU, b, u, fresh_sums, st);
+      add_squared_unit<true>(xt, ref, TU, b, u, relu_fresh_sums, relu_st);
     }
   }
 }
@@ -1266,9 +1265,11 @@ def relu_both_update(output: torch.Tensor, T: int, identity: int, states: Sequen
     and relu_states are each invariance's five, then per_transformation's (squared total and count, the
     untransformed mean, m2, count). False (nothing done) where the kernel does not apply or is unavailable."""
     units = states[0].numel()
-    takes = [_applies(output, T, (group[2], group[3], group[5]), (group[0], group[7], group[8]))
-             for group in (states, relu_states)]
-    if not (0 <= identity < T and all(takes)):
+    per_transformation, per_unit = (2, 3, 5), (0, 7, 8)  # mean, m2, squared total; spread and the untransformed's
+    if not (0 <= identity < T and _applies(output, T, tuple(states[i] for i in per_transformation),
+                                           tuple(states[i] for i in per_unit))
+            and _states([relu_states[i] for i in per_transformation], T * units)
+            and _states([relu_states[i] for i in per_unit], units)):
         return False
     kernel = _BOTH_RELU.get()
     if kernel is None:
