@@ -64,6 +64,8 @@ def _both_states(T: int, units: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("T, units, sizes, identity", [(2, 5, [1, 3], 1), (4, 517, [3, 5, 2], 2),
                                                        (16, 4096, [16, 16], 0), (16, 1024 + 33, [9, 4], 0)])
 def test_with_per_transformation_one_pass_gives_both_updates_of_the_layer_and_of_its_relu(T, units, sizes, identity):
+    """The joint kernel's states of the layer and of its ReLU as ``both_update`` makes them from the rows and from
+    ``torch.relu`` of them, bit for bit (vectors and scalar tails, a first chunk and the ones after it)."""
     generator = torch.Generator().manual_seed(units)
     ours, relu_ours, layer, relu = (_both_states(T, units) for _ in range(4))
     for size in sizes:
