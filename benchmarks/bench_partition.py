@@ -135,8 +135,9 @@ def hooked_floor(model: torch.nn.Module, chunks: list[torch.Tensor], variant: st
     def state_sets(module: torch.nn.Module, units: int) -> list[list[torch.Tensor]]:
         if module not in states:
             f64, i64 = torch.float64, torch.int64
-            states[module] = [[torch.zeros(units, dtype=f64), torch.zeros((), dtype=i64), torch.zeros(T, units, dtype=f64),
-                               torch.zeros(T, units, dtype=f64), torch.zeros((), dtype=i64)] for _ in range(SHARDS)]
+            states[module] = [[torch.zeros(units, dtype=f64), torch.zeros((), dtype=i64),
+                               torch.zeros(T, units, dtype=f64), torch.zeros(T, units, dtype=f64),
+                               torch.zeros((), dtype=i64)] for _ in range(SHARDS)]
         return states[module]
 
     def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
