@@ -6,7 +6,7 @@ Inside measure() the model's own operators run slower than in its forward floor 
 batch_size 4: ~0.1 s a measurement, as much as invariance's update kernels). This separates the causes on the
 floor itself: ResNet18Style(width=0.25) at 32 px, N = 128, T = 16 rotations, batch 4 (32 forwards of 64 images),
 the C heap as a measurement sets it, with a forward hook on every leaf layer's 4-D output but the convolutions'
-(40 layers) doing, per variant:
+(43: the BatchNorms, ReLUs, identity shortcuts and the pooling) doing, per variant:
 
 - ``none``: nothing (the floor with hooks);
 - ``kernel``: invariance's CPU kernel (``native.variance_update``) on the output, into 8 sets of states cycled every 4
