@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 from pathlib import Path
@@ -112,8 +113,11 @@ _STORES_KERNEL = native._Kernel("lines stored back", _STORES, ["float*", "const 
 _PING_PONG_KERNEL = native._Kernel("ping-pong", _PING_PONG, ["double*", "const int64_t"])
 
 
-def round_trip_ns(rounds: int = 200_000, repeats: int = 5) -> float:
-    """Nanoseconds for a cache line to go from one thread of a two-thread team to the other and back (median)."""
+def round_trip_ns(rounds: int = 200_000, repeats: int = 5) -> float | None:
+    """Nanoseconds for a cache line to go from one thread of a two-thread team to the other and back (median);
+    None with fewer than two cores (the two threads would spin on one)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        return None
     call = _PING_PONG_KERNEL.get()
     assert call is not None, _PING_PONG_KERNEL.failed
     seconds = torch.zeros(1, dtype=torch.float64)
@@ -195,13 +199,13 @@ def main() -> None:
         "case": {"model": "ResNet18Style(width=0.25)", "pixels": 32, "N": len(probe), "T": T, "batch": BATCH,
                  "hooked_layers": "every leaf layer's 4-D output but the convolutions'", "state_sets": SHARDS,
                  "threads": torch.get_num_threads(), "reps": args.reps},
-        "round_trip_ns": round(round_trip_ns(), 1),
+        "round_trip_ns": None if (trip := round_trip_ns()) is None else round(trip, 1),
         "seconds": {v: {"median": round(statistics.median(s), 4), "runs": [round(x, 4) for x in s]}
                     for v, s in seconds.items()},
         "operator_seconds": operators,
     }
     save_results(figures, args.output)
-    print(f"cache line round trip between the two threads: {figures['round_trip_ns']} ns")
+    print(f"cache line round trip between the two threads: {figures['round_trip_ns']} ns (None: one core)")
     for variant in variants:
         print(f"{variant:20s} {figures['seconds'][variant]['median']:.3f} s  operators {operators[variant]}")
 
