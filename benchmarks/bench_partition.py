@@ -37,12 +37,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tm_tensorboard as tm
-from tm_tensorboard import heap, native
-from bench_fused import speed_cases
+from tm_tensorboard import native
+import bench_native
+from bench_fused import forward_floor, speed_cases
 from provenance import environment, save_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "partition.json"
-T, BATCH, SHARDS = 16, 4, 8
+T, BATCH, SHARDS = bench_native.T, 4, 8  # (bench_native's states are T's)
 OPERATORS = {"aten::mkldnn_convolution": "convolutions", "aten::native_batch_norm": "batch_norms",
              "aten::clamp_min": "relus", "aten::add": "additions"}
 
@@ -134,35 +135,24 @@ def hooked_floor(model: torch.nn.Module, chunks: list[torch.Tensor], variant: st
     assert reads is not None and stores is not None, (_READS_KERNEL.failed, _STORES_KERNEL.failed)
     states: dict[torch.nn.Module, list[list[torch.Tensor]]] = {}
     sink = torch.zeros(64)
-    chunk = [0]
-
-    def state_sets(module: torch.nn.Module, units: int) -> list[list[torch.Tensor]]:
-        if module not in states:
-            f64, i64 = torch.float64, torch.int64
-            states[module] = [[torch.zeros(units, dtype=f64), torch.zeros((), dtype=i64),
-                               torch.zeros(T, units, dtype=f64), torch.zeros(T, units, dtype=f64),
-                               torch.zeros((), dtype=i64)] for _ in range(SHARDS)]
-        return states[module]
+    chunk = [-1]  # the chunk being forwarded, counted over passes (a pass is a whole number of state cycles)
 
     def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         units = output[0].numel()
         if variant in ("kernel", "kernel_then_stores"):
-            assert native.variance_update(output, T, *state_sets(module, units)[chunk[0] // 4 % SHARDS])
+            if module not in states:
+                states[module] = [bench_native._states(units) for _ in range(SHARDS)]
+            assert native.variance_update(output, T, *states[module][chunk[0] // 4 % SHARDS])
             if variant == "kernel_then_stores":
                 stores(output, output.numel())
         elif variant in ("reads_by_units", "reads_by_rows"):
             reads(output, sink, output.shape[0], units, native._tile(units), int(variant == "reads_by_rows"))
 
+    model.register_forward_pre_hook(lambda m, i: chunk.__setitem__(0, chunk[0] + 1))
     for module in model.modules():
         if not list(module.children()) and not isinstance(module, torch.nn.Conv2d):
             module.register_forward_hook(lambda m, i, o: hook(m, i, o) if o.dim() == 4 else None)
-
-    def forward() -> None:
-        with torch.no_grad(), heap.freed_memory_kept():
-            for index, images in enumerate(chunks):
-                chunk[0] = index
-                model(images)
-    return forward
+    return forward_floor(model, chunks)
 
 
 def operator_times(forward: Callable[[], None]) -> dict[str, float]:
@@ -205,7 +195,8 @@ def main() -> None:
         "operator_seconds": operators,
     }
     save_results(figures, args.output)
-    print(f"cache line round trip between the two threads: {figures['round_trip_ns']} ns (None: one core)")
+    trip = figures["round_trip_ns"]
+    print("cache line round trip between the two threads: " + ("none (one core)" if trip is None else f"{trip} ns"))
     for variant in variants:
         print(f"{variant:20s} {figures['seconds'][variant]['median']:.3f} s  operators {operators[variant]}")
 
