@@ -80,6 +80,7 @@ MIN_TILE, MAX_TILE = 64, 1024  # (MAX_TILE: the variance kernel's per-thread buf
 _PRELUDE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
 #include <omp.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -751,6 +752,14 @@ struct Shards {
   int64_t K;
   const double* state(int64_t k, int64_t field) const { return reinterpret_cast<const double*>(table[5 * k + field]); }
   int64_t count(int64_t k, int64_t field) const { return *reinterpret_cast<const int64_t*>(table[5 * k + field]); }
+  // shard k's row t of a state [T, U] from unit u0, and the row read after it (to prefetch): the next shard's row
+  // t, or the first shard's row t + 1, or (the last) itself
+  const double* row(int64_t k, int64_t field, int64_t t, int64_t U, int64_t u0) const {
+    return state(k, field) + t * U + u0;
+  }
+  const double* row_after(int64_t k, int64_t field, int64_t t, int64_t T, int64_t U, int64_t u0) const {
+    return k + 1 < K ? row(k + 1, field, t, U, u0) : t + 1 < T ? row(0, field, t + 1, U, u0) : row(k, field, t, U, u0);
+  }
 };
 
 // With `merge`: the weights of Chan's merge of each shard into the whole probe's moments, shard after shard
@@ -776,6 +785,22 @@ struct Merge {
     mu += delta * w_mean[k];
     q += q_k + delta * delta * w_m2[k];
   }
+  // `width` units of shard k's moments merged into the whole probe's (rows of the thread's), the lines of the rows
+  // read next (next_mu, next_q: the next shard's, or the first shard's of the next transformation) prefetched a
+  // row ahead: rows of 4 KB, each a page of its own, which the hardware's prefetchers start anew every row (the
+  // replicates read at a third of the memory's bandwidth without: benchmarks/README.md, "Error bars' replicates")
+  void row(int64_t k, double* mu, double* q, const double* mu_k, const double* q_k, int64_t width,
+           const double* next_mu, const double* next_q) const {
+    const int64_t whole = width / ND * ND;
+    for (int64_t u = 0; u < whole; u += ND) {
+      __builtin_prefetch(next_mu + u);
+      __builtin_prefetch(next_q + u);
+      const VD m = VD::loadu(mu + u), delta = VD::loadu(mu_k + u) - m;
+      (m + delta * VD(w_mean[k])).store(mu + u);
+      (VD::loadu(q + u) + (VD::loadu(q_k + u) + delta * delta * VD(w_m2[k]))).store(q + u);
+    }
+    for (int64_t u = whole; u < width; u++) unit(k, mu[u], q[u], mu_k[u], q_k[u]);
+  }
 };
 
 // The whole probe's moments without a shard (shards.moments_without) of `samples_k` of its `samples`: the
@@ -796,6 +821,13 @@ struct Rest {
     const double rest = q - q_k - delta * delta * w_m2;
     return rest <= q * r ? 0.0 : rest;
   }
+  // the same of ND units
+  VD m2(const VD& mu, const VD& q, const VD& mu_k, const VD& q_k, double r) const {
+    const VD rest_mean = (mu + (mu - mu_k) * VD(w_mean)) * VD(keep);
+    const VD delta = mu_k - rest_mean;
+    const VD rest = q - q_k - delta * delta * VD(w_m2);
+    return VD::blendv(rest, VD(0.0), rest <= q * VD(r));
+  }
 };
 
 // A sum over samples without a shard (shards.sum_without): 0 within `r` of the whole probe's.
@@ -803,10 +835,52 @@ static inline double sum_without(double total, double total_k, double r) {
   const double rest = total - total_k;
   return std::abs(rest) <= std::abs(total) * r ? 0.0 : rest;
 }
+
+// `sum_without` of `width` units divided by `samples` into out.
+static inline void sums_without(const double* total, const double* total_k, double r, double samples, double* out,
+                                int64_t width) {
+  const int64_t whole = width / ND * ND;
+  for (int64_t u = 0; u < whole; u += ND) {
+    const VD all = VD::loadu(total + u), rest = all - VD::loadu(total_k + u);
+    (VD::blendv(rest, VD(0.0), rest.abs() <= all.abs() * VD(r)) / VD(samples)).store(out + u);
+  }
+  for (int64_t u = whole; u < width; u++) out[u] = sum_without(total[u], total_k[u], r) / samples;
+}
+
+// `width` doubles of `rows` added into sum (rows of the thread's), the next row's lines prefetched.
+static inline void add_row(double* sum, const double* rows, int64_t width, const double* next) {
+  const int64_t whole = width / ND * ND;
+  for (int64_t u = 0; u < whole; u += ND) {
+    __builtin_prefetch(next + u);
+    (VD::loadu(sum + u) + VD::loadu(rows + u)).store(sum + u);
+  }
+  for (int64_t u = whole; u < width; u++) sum[u] += rows[u];
+}
 """
 
 _REPLICATES_SOURCE = _SHARDS + r"""
 constexpr int64_t TILE = 512;  // units per tile: the K sums of square roots (K · 4 KB) and rows of 4 KB
+
+// The square roots of `width` units of the rest's M2 without a shard (its moments mu_k, q_k) added to acc; PREFETCH:
+// the lines of the rows read next (next_mu, next_q) prefetched, where the shard's rows are not in cache already.
+template <bool PREFETCH>
+static inline void add_roots(const Rest& rest, const double* mu, const double* q, const double* mu_k, const double* q_k,
+                             double r, bool scaled, int64_t width, double* acc, const double* next_mu,
+                             const double* next_q) {
+  const int64_t whole = width / ND * ND;
+  for (int64_t u = 0; u < whole; u += ND) {
+    if constexpr (PREFETCH) {
+      __builtin_prefetch(next_mu + u);
+      __builtin_prefetch(next_q + u);
+    }
+    const VD kept = rest.m2(VD::loadu(mu + u), VD::loadu(q + u), VD::loadu(mu_k + u), VD::loadu(q_k + u), r);
+    (VD::loadu(acc + u) + (scaled ? kept.sqrt() : (kept / VD(0.0)).sqrt())).store(acc + u);
+  }
+  for (int64_t u = whole; u < width; u++) {
+    const double m2_r = rest.m2(mu[u], q[u], mu_k[u], q_k[u], r);
+    acc[u] += scaled ? std::sqrt(m2_r) : std::sqrt(m2_r / 0.0);
+  }
+}
 
 // The whole probe's invariance states (spread_total [U], mean and m2 [T, U], counts) and K shards' (table:
 // per shard the addresses of its spread_total, spread_count, mean, m2, count); out [K, 2, U] := TV and SV
@@ -828,64 +902,44 @@ extern "C" void kernel(double* spread_total, int64_t* spread_count, double* mean
   #pragma omp for schedule(static)
   for (int64_t tile = 0; tile < tiles; tile++) {
     const int64_t u0 = tile * TILE, width = std::min(TILE, U - u0), whole = width / ND * ND;
-    for (int64_t i = 0; i < K * TILE; i++) roots[i] = 0.0;
+    std::fill(roots, roots + K * TILE, 0.0);
     for (int64_t t = 0; t < T; t++) {
       double* mu = merge ? rows.data() : mean + t * U + u0;
       double* q = merge ? rows.data() + TILE : m2 + t * U + u0;
-      for (int64_t u = 0; merge && u < width; u++) mu[u] = q[u] = 0.0;
+      if (merge) std::fill(rows.data(), rows.data() + 2 * TILE, 0.0);
       for (int64_t k = 0; merge && k < K; k++) {
-        const double* mu_k = shards.state(k, 2) + t * U + u0;
-        const double* q_k = shards.state(k, 3) + t * U + u0;
-        for (int64_t u = 0; u < whole; u += ND) {
-          const VD m = VD::loadu(mu + u), delta = VD::loadu(mu_k + u) - m;
-          (m + delta * VD(merged.w_mean[k])).store(mu + u);
-          (VD::loadu(q + u) + (VD::loadu(q_k + u) + delta * delta * VD(merged.w_m2[k]))).store(q + u);
-        }
-        for (int64_t u = whole; u < width; u++) merged.unit(k, mu[u], q[u], mu_k[u], q_k[u]);
+        merged.row(k, mu, q, shards.row(k, 2, t, U, u0), shards.row(k, 3, t, U, u0), width,
+                   shards.row_after(k, 2, t, T, U, u0), shards.row_after(k, 3, t, T, U, u0));
       }
       for (int64_t k = 0; k < K; k++) {
         const Rest rest(merged.samples, shards.count(k, 4));
         const bool scaled = rest.dof > 0;  // √M2 summed, divided by √dof once below; else √(M2 / 0): inf, NaN for 0
-        const double* mu_k = shards.state(k, 2) + t * U + u0;
-        const double* q_k = shards.state(k, 3) + t * U + u0;
+        const double *mu_k = shards.row(k, 2, t, U, u0), *q_k = shards.row(k, 3, t, U, u0);
+        const double *next_mu = shards.row_after(k, 2, t, T, U, u0), *next_q = shards.row_after(k, 3, t, T, U, u0);
         double* acc = roots + k * TILE;
-        for (int64_t u = 0; u < whole; u += ND) {
-          const VD m = VD::loadu(mu + u), qq = VD::loadu(q + u), mk = VD::loadu(mu_k + u);
-          const VD rest_mean = (m + (m - mk) * VD(rest.w_mean)) * VD(rest.keep);
-          const VD delta = mk - rest_mean;
-          const VD m2_r = qq - VD::loadu(q_k + u) - delta * delta * VD(rest.w_m2);
-          const VD kept = VD::blendv(m2_r, VD(0.0), m2_r <= qq * VD(r));  // NaN stays (the comparison is false)
-          (VD::loadu(acc + u) + (scaled ? kept.sqrt() : (kept / VD(0.0)).sqrt())).store(acc + u);
-        }
-        for (int64_t u = whole; u < width; u++) {
-          const double m2_r = rest.m2(mu[u], q[u], mu_k[u], q_k[u], r);
-          acc[u] += scaled ? std::sqrt(m2_r) : std::sqrt(m2_r / 0.0);
-        }
+        if (merge) add_roots<false>(rest, mu, q, mu_k, q_k, r, scaled, width, acc, next_mu, next_q);  // rows in cache
+        else add_roots<true>(rest, mu, q, mu_k, q_k, r, scaled, width, acc, next_mu, next_q);
       }
-      for (int64_t u = 0; merge && u < width; u++) {
-        mean[t * U + u0 + u] = mu[u];
-        m2[t * U + u0 + u] = q[u];
+      if (merge) {  // (after the rest: the whole probe's states may be shard 0's)
+        std::copy(mu, mu + width, mean + t * U + u0);
+        std::copy(q, q + width, m2 + t * U + u0);
       }
     }
     double* total = merge ? rows.data() + 2 * TILE : spread_total + u0;
-    for (int64_t u = 0; merge && u < width; u++) total[u] = 0.0;
+    if (merge) std::fill(total, total + width, 0.0);
     for (int64_t k = 0; merge && k < K; k++) {
-      const double* total_k = shards.state(k, 0) + u0;
-      for (int64_t u = 0; u < width; u++) total[u] += total_k[u];
+      add_row(total, shards.row(k, 0, 0, U, u0), width, shards.row_after(k, 0, 0, 1, U, u0));
     }
     for (int64_t k = 0; k < K; k++) {
-      const double* total_k = shards.state(k, 0) + u0;
       const double rest_samples = static_cast<double>(merged.sum_samples - shards.count(k, 1));
-      double* tv = out + (2 * k) * U + u0;
-      double* sv = out + (2 * k + 1) * U + u0;
+      sums_without(total, shards.state(k, 0) + u0, r, rest_samples, out + (2 * k) * U + u0, width);
       const double dof = Rest(merged.samples, shards.count(k, 4)).dof;
-      const double scale = (dof > 0 ? std::sqrt(dof) : 1.0) * static_cast<double>(T);
-      for (int64_t u = 0; u < width; u++) {
-        tv[u] = sum_without(total[u], total_k[u], r) / rest_samples;
-        sv[u] = roots[k * TILE + u] / scale;  // (the std's 1 / √dof taken out of the sum over transformations)
-      }
+      const double scale = (dof > 0 ? std::sqrt(dof) : 1.0) * static_cast<double>(T);  // (the std's 1 / √dof)
+      double* sv = out + (2 * k + 1) * U + u0;
+      for (int64_t u = 0; u < whole; u += ND) (VD::loadu(roots + k * TILE + u) / VD(scale)).store(sv + u);
+      for (int64_t u = whole; u < width; u++) sv[u] = roots[k * TILE + u] / scale;
     }
-    for (int64_t u = 0; merge && u < width; u++) spread_total[u0 + u] = total[u];
+    if (merge) std::copy(total, total + width, spread_total + u0);
   }
   }
   *count = merged.samples;
@@ -916,40 +970,40 @@ extern "C" void kernel(double* squared_total, int64_t* squared_count, double* me
   std::vector<double> rows(2 * TILE);
   #pragma omp for schedule(static)
   for (int64_t tile = 0; tile < tiles; tile++) {
-    const int64_t u0 = tile * TILE, width = std::min(TILE, U - u0);
+    const int64_t u0 = tile * TILE, width = std::min(TILE, U - u0), whole = width / ND * ND;
     double* mu = merge ? rows.data() : mean + u0;
     double* q = merge ? rows.data() + TILE : m2 + u0;
-    for (int64_t u = 0; merge && u < width; u++) mu[u] = q[u] = 0.0;
+    if (merge) std::fill(rows.data(), rows.data() + 2 * TILE, 0.0);
     for (int64_t k = 0; merge && k < K; k++) {
-      const double* mu_k = shards.state(k, 2) + u0;
-      const double* q_k = shards.state(k, 3) + u0;
-      for (int64_t u = 0; u < width; u++) merged.unit(k, mu[u], q[u], mu_k[u], q_k[u]);
+      merged.row(k, mu, q, shards.row(k, 2, 0, U, u0), shards.row(k, 3, 0, U, u0), width,
+                 shards.row_after(k, 2, 0, 1, U, u0), shards.row_after(k, 3, 0, 1, U, u0));
     }
     for (int64_t k = 0; k < K; k++) {
       const Rest rest(merged.samples, shards.count(k, 4));
       const double* mu_k = shards.state(k, 2) + u0;
       const double* q_k = shards.state(k, 3) + u0;
       double* var2 = out + (k * (T + 1) + T) * U + u0;
-      for (int64_t u = 0; u < width; u++) var2[u] = 2.0 * (rest.m2(mu[u], q[u], mu_k[u], q_k[u], r) / rest.dof);
+      for (int64_t u = 0; u < whole; u += ND) {
+        const VD m2_r = rest.m2(VD::loadu(mu + u), VD::loadu(q + u), VD::loadu(mu_k + u), VD::loadu(q_k + u), r);
+        (VD(2.0) * (m2_r / VD(rest.dof))).store(var2 + u);
+      }
+      for (int64_t u = whole; u < width; u++) var2[u] = 2.0 * (rest.m2(mu[u], q[u], mu_k[u], q_k[u], r) / rest.dof);
     }
-    for (int64_t u = 0; merge && u < width; u++) {
-      mean[u0 + u] = mu[u];
-      m2[u0 + u] = q[u];
+    if (merge) {  // (after the rest: the whole probe's states may be shard 0's)
+      std::copy(mu, mu + width, mean + u0);
+      std::copy(q, q + width, m2 + u0);
     }
     for (int64_t t = 0; t < T; t++) {
       double* total = merge ? rows.data() : squared_total + t * U + u0;
-      for (int64_t u = 0; merge && u < width; u++) total[u] = 0.0;
+      if (merge) std::fill(total, total + width, 0.0);
       for (int64_t k = 0; merge && k < K; k++) {
-        const double* total_k = shards.state(k, 0) + t * U + u0;
-        for (int64_t u = 0; u < width; u++) total[u] += total_k[u];
+        add_row(total, shards.row(k, 0, t, U, u0), width, shards.row_after(k, 0, t, T, U, u0));
       }
       for (int64_t k = 0; k < K; k++) {
-        const double* total_k = shards.state(k, 0) + t * U + u0;
         const double rest_samples = static_cast<double>(merged.sum_samples - shards.count(k, 1));
-        double* mse = out + (k * (T + 1) + t) * U + u0;
-        for (int64_t u = 0; u < width; u++) mse[u] = sum_without(total[u], total_k[u], r) / rest_samples;
+        sums_without(total, shards.state(k, 0) + t * U + u0, r, rest_samples, out + (k * (T + 1) + t) * U + u0, width);
       }
-      for (int64_t u = 0; merge && u < width; u++) squared_total[t * U + u0 + u] = total[u];
+      if (merge) std::copy(total, total + width, squared_total + t * U + u0);
     }
   }
   }
