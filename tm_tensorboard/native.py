@@ -933,7 +933,7 @@ extern "C" void kernel(double* spread_total, int64_t* spread_count, double* mean
     }
     for (int64_t k = 0; k < K; k++) {
       const double rest_samples = static_cast<double>(merged.sum_samples - shards.count(k, 1));
-      sums_without(total, shards.state(k, 0) + u0, r, rest_samples, out + (2 * k) * U + u0, width);
+      sums_without(total, shards.row(k, 0, 0, U, u0), r, rest_samples, out + (2 * k) * U + u0, width);
       const double dof = Rest(merged.samples, shards.count(k, 4)).dof;
       const double scale = (dof > 0 ? std::sqrt(dof) : 1.0) * static_cast<double>(T);  // (the std's 1 / √dof)
       double* sv = out + (2 * k + 1) * U + u0;
@@ -981,8 +981,7 @@ extern "C" void kernel(double* squared_total, int64_t* squared_count, double* me
     }
     for (int64_t k = 0; k < K; k++) {
       const Rest rest(merged.samples, shards.count(k, 4));
-      const double* mu_k = shards.state(k, 2) + u0;
-      const double* q_k = shards.state(k, 3) + u0;
+      const double *mu_k = shards.row(k, 2, 0, U, u0), *q_k = shards.row(k, 3, 0, U, u0);
       double* var2 = out + (k * (T + 1) + T) * U + u0;
       for (int64_t u = 0; u < whole; u += ND) {
         const VD m2_r = rest.m2(VD::loadu(mu + u), VD::loadu(q + u), VD::loadu(mu_k + u), VD::loadu(q_k + u), r);
@@ -1002,7 +1001,7 @@ extern "C" void kernel(double* squared_total, int64_t* squared_count, double* me
       }
       for (int64_t k = 0; k < K; k++) {
         const double rest_samples = static_cast<double>(merged.sum_samples - shards.count(k, 1));
-        sums_without(total, shards.state(k, 0) + t * U + u0, r, rest_samples, out + (k * (T + 1) + t) * U + u0, width);
+        sums_without(total, shards.row(k, 0, t, U, u0), r, rest_samples, out + (k * (T + 1) + t) * U + u0, width);
       }
       if (merge) std::copy(total, total + width, squared_total + t * U + u0);
     }
