@@ -52,7 +52,8 @@ def kernels_alone(units: int, kind: str, reps: int) -> dict[str, Any]:
     """One pass of a replicates' kernel over enough layers of ``units`` that their shards' states leave the caches."""
     errors = kind == "per_transformation"
     call = native.errors_replicates if errors else native.variance_replicates
-    read = K * (T * units + 2 * (units if errors else T * units)) * 8  # a layer's shards' states, bytes
+    sums, moments = (T * units, units) if errors else (units, T * units)
+    read = K * (sums + 2 * moments) * 8  # a layer's shards' states, bytes
     g = torch.Generator().manual_seed(units)
     layers = []
     for _ in range(max(1, STATE_BYTES // read)):
