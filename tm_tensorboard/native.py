@@ -788,8 +788,8 @@ struct Merge {
   // `width` units of shard k's moments merged into the whole probe's (rows of the thread's), the lines of the rows
   // read next (next_mu, next_q: the next shard's, or the first shard's of the next transformation) prefetched a
   // row ahead: rows of 4 KB, each a page of its own, which the hardware's prefetchers start anew every row (with
-  // the loops written with vectors, large layers' shards read half again as fast: benchmarks/README.md, "Error
-  // bars' replicates")
+  // the loops written with vectors, large layers' shards read a third faster: benchmarks/README.md, "Error bars'
+  // replicates")
   void row(int64_t k, double* mu, double* q, const double* mu_k, const double* q_k, int64_t width,
            const double* next_mu, const double* next_q) const {
     const int64_t whole = width / ND * ND;
