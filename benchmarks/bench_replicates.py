@@ -26,40 +26,40 @@ import torch
 
 import tm_tensorboard as tm
 from tm_tensorboard import native
+import bench_native
 from bench_engine import warm_allocator
 from bench_fused import DEFAULT, INVARIANCE, THREADS, speed_cases
 from provenance import environment, save_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "replicates.json"
-T, K, BATCH = 16, 8, 4
+T, K, BATCH = bench_native.T, 8, 4  # (bench_native's states are T's)
 STATE_BYTES = 256 << 20  # shards' states a pass reads: more than this machine's caches hold
 
 
-def _shards(units: int, per_unit_moments: bool, g: torch.Generator) -> tuple[list, list[list[torch.Tensor]]]:
-    """The whole probe's zero states and K shards' of 16 samples each: invariance's (a sum [U], moments [T, U]) or
-    per_transformation's (sums [T, U], moments [U]); m2 positive and the rests well away from 0."""
-    f64 = torch.float64
-    sums, moments = ((T, units), (units,)) if per_unit_moments else ((units,), (T, units))
-    shards = [[torch.rand(sums, generator=g, dtype=f64) + 1, torch.tensor(16),
-               torch.randn(moments, generator=g, dtype=f64), torch.rand(moments, generator=g, dtype=f64) + 1,
-               torch.tensor(16)] for _ in range(K)]
-    whole = [torch.zeros(sums, dtype=f64), torch.tensor(0), torch.zeros(moments, dtype=f64),
-             torch.zeros(moments, dtype=f64), torch.tensor(0)]
-    return whole, shards
+def _layer(units: int, errors: bool, g: torch.Generator) -> tuple[list, list[list[torch.Tensor]], torch.Tensor]:
+    """A layer's whole-probe zero states (bench_native's: invariance's, or per_transformation's with ``errors``), K
+    shards' of 16 samples each in the kernel's columns (each state's K tensors), and the replicates to fill. The
+    shards' sums and m2 in [1, 2), their means standard normal: the rests well away from 0."""
+    states = bench_native._error_states if errors else bench_native._states
+    shards = [states(units) for _ in range(K)]
+    for total, total_count, mean, m2, count in shards:
+        total.uniform_(1, 2, generator=g)
+        mean.normal_(generator=g)
+        m2.uniform_(1, 2, generator=g)
+        total_count.fill_(16)
+        count.fill_(16)
+    out = torch.empty(K, T + 1 if errors else 2, units, dtype=torch.float64)
+    return states(units), [[shard[i] for shard in shards] for i in range(5)], out
 
 
 def kernels_alone(units: int, kind: str, reps: int) -> dict[str, Any]:
     """One pass of a replicates' kernel over enough layers of ``units`` that their shards' states leave the caches."""
     errors = kind == "per_transformation"
     call = native.errors_replicates if errors else native.variance_replicates
-    sums, moments = (T * units, units) if errors else (units, T * units)
-    read = K * (sums + 2 * moments) * 8  # a layer's shards' states, bytes
     g = torch.Generator().manual_seed(units)
-    layers = []
-    for _ in range(max(1, STATE_BYTES // read)):
-        whole, shards = _shards(units, errors, g)
-        out = torch.empty(K, T + 1 if errors else 2, units, dtype=torch.float64)
-        layers.append((whole, [[shard[i] for shard in shards] for i in range(5)], out))
+    layers = [_layer(units, errors, g)]
+    read = sum(t.nbytes for column in layers[0][1] for t in column if t.is_floating_point())  # its shards' bytes
+    layers += [_layer(units, errors, g) for _ in range(max(1, STATE_BYTES // read) - 1)]
 
     def one_pass() -> None:  # (the whole probe's states need no zeroing: the merge writes them unread)
         for whole, columns, out in layers:
